@@ -1,0 +1,71 @@
+//! Operator-facing HTTP: liveness (`/_health`) and readiness (`/_ready`); the admin page and its
+//! JSON API join here.
+//!
+//! Owns: what the appliance reports about itself over HTTP.
+//! Must never: block on the sink or hold a write transaction; reports read atomics and one
+//! short read transaction.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::pipeline::PipelineStatus;
+use crate::store::Store;
+
+pub struct AdminState {
+    pub store: Store,
+    pub sink_name: &'static str,
+    pub pipeline: Arc<PipelineStatus>,
+    /// Set once shutdown has begun: readiness then answers 503 so balancers move away.
+    pub stopping: Arc<AtomicBool>,
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/_health", get(health))
+        .route("/_ready", get(ready))
+        .with_state(state)
+}
+
+/// The routes served while idle.
+pub fn idle_router() -> Router {
+    Router::new()
+        .route("/_health", get(health))
+        .route("/_ready", get(|| async { Json(json!({"status": "idle"})) }))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<Arc<AdminState>>) -> Response {
+    let store = state.store.clone();
+    let queue = match tokio::task::spawn_blocking(move || store.ingest_stats()).await {
+        Ok(Ok(stats)) => json!(stats),
+        Ok(Err(e)) => json!({"error": e.to_string()}),
+        Err(e) => json!({"error": e.to_string()}),
+    };
+    let sink = state.pipeline.report(state.sink_name);
+    let stopping = state.stopping.load(Ordering::Relaxed);
+    let status = match (stopping, sink.healthy) {
+        (true, _) => "stopping",
+        (false, true) => "ready",
+        (false, false) => "degraded",
+    };
+    let code = if stopping {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (
+        code,
+        Json(json!({"status": status, "queue": queue, "sink": sink})),
+    )
+        .into_response()
+}

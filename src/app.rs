@@ -1,0 +1,193 @@
+//! Start-up and shutdown of the whole appliance: builds each part from the configuration,
+//! wires them together, and stops them in the order that loses nothing.
+//!
+//! Owns: the lifecycle. Start: store → sink (migrated) → ingest writer → pipeline → HTTP.
+//! Stop (SIGTERM/SIGINT): HTTP stops accepting and drains in-flight requests → the ingest
+//! writer commits what it holds and exits when the last handle is gone → the pipeline flushes
+//! the queue to the sink until it is empty or `SHUTDOWN_TIMEOUT_SECS` passes → exit 0.
+//! Must never: exit 0 before the ingest writer has answered every request it accepted.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+use crate::admin::{self, AdminState};
+use crate::capture::{self, CaptureState, TeamDirectory};
+use crate::config::Config;
+use crate::ingest;
+use crate::pipeline::{Pipeline, PipelineStatus};
+use crate::sinks::sqlite::SqliteSink;
+use crate::sinks::{Sink, SinkError};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Runs the appliance until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), AppError> {
+    if config.idle {
+        return run_idle(&config).await;
+    }
+    let store = Store::open(&config.data_dir)?;
+    if let Some(team) = store.ensure_default_team()? {
+        println!(
+            "created team {} ({}) with project token {}",
+            team.id, team.name, team.api_token
+        );
+    }
+    let sink: Arc<dyn Sink> = Arc::new(SqliteSink::open(&config.sqlite_path)?);
+    tracing::info!(
+        state = %store.path().display(),
+        events = %config.sqlite_path.display(),
+        "storage opened"
+    );
+    for note in config.unbuilt_components() {
+        tracing::warn!("{note}");
+    }
+
+    let wake = Arc::new(Notify::new());
+    let (ingest, writer) = ingest::start(
+        store.clone(),
+        config.ingest_channel_capacity,
+        config.ingest_commit_max_requests,
+        wake.clone(),
+    )
+    .map_err(|source| AppError::Io {
+        context: "cannot start the ingest writer",
+        source,
+    })?;
+
+    let status = Arc::new(PipelineStatus::default());
+    let (drain_tx, drain_rx) = watch::channel(None);
+    let pipeline = tokio::spawn(
+        Pipeline {
+            store: store.clone(),
+            sink: sink.clone(),
+            batch_events: config.sink_batch_events,
+            status: status.clone(),
+            wake,
+        }
+        .run(drain_rx),
+    );
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    if config.web_enabled {
+        let app = capture::router(Arc::new(CaptureState {
+            ingest,
+            teams: TeamDirectory::new(store.clone()),
+            limits: config.capture,
+            trust_proxy: config.trust_proxy,
+        }))
+        .merge(admin::router(Arc::new(AdminState {
+            store: store.clone(),
+            sink_name: sink.name(),
+            pipeline: status,
+            stopping: stopping.clone(),
+        })));
+        serve(&config, app, stopping).await?;
+    } else {
+        tracing::warn!("DISABLE_WEB is set: no capture endpoint; draining what is queued");
+        drop(ingest);
+        shutdown_signal().await;
+    }
+
+    // Every request handler has finished, so every ingest handle is gone: the writer commits
+    // what it holds, answers, and exits.
+    if tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .is_err()
+    {
+        tracing::error!("the ingest writer thread panicked");
+    }
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+    let _ = drain_tx.send(Some(deadline));
+    if let Err(e) = pipeline.await {
+        tracing::error!(error = %e, "the pipeline task failed");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve(
+    config: &Config,
+    app: axum::Router,
+    stopping: Arc<AtomicBool>,
+) -> Result<(), AppError> {
+    let addr = SocketAddr::new(config.web_host, config.web_port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| AppError::Listen { addr, source })?;
+    // Tests and scripts read this line to find a port chosen with WEB_PORT=0.
+    println!("listening on http://{bound}");
+    tracing::info!(%bound, "serving capture and health endpoints");
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        stopping.store(true, Ordering::Relaxed);
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+    })
+    .await
+    .map_err(|source| AppError::Io {
+        context: "the HTTP server failed",
+        source,
+    })
+}
+
+/// `--idle`: answers health checks and nothing else; opens no storage.
+async fn run_idle(config: &Config) -> Result<(), AppError> {
+    tracing::warn!("idle mode: no events are processed");
+    if !config.web_enabled {
+        shutdown_signal().await;
+        return Ok(());
+    }
+    let app = capture::idle_router().merge(admin::idle_router());
+    serve(config, app, Arc::new(AtomicBool::new(false))).await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the appliance");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

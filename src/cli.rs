@@ -1,0 +1,242 @@
+//! The command line: the seed's modes as flags (`--help`, `--version`, `--healthcheck`,
+//! `--migrate`, `--idle`, in that order of precedence) and the operator's subcommands.
+//!
+//! Owns: argument parsing (clap), turning every error into one line on stderr and an exit code
+//! (78 for configuration, 1 for anything else), and the small commands that do not need the
+//! server (`team create`, `team list`).
+//! Must never: contain the server's behaviour; `run` hands over to `app`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, Subcommand};
+
+use crate::config::{settings_help, Config};
+use crate::sinks::sqlite;
+use crate::store::Store;
+
+/// Exit status for a configuration error (sysexits EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "appliance",
+    version,
+    about = "Self-hosted PostHog event ingestion in one binary: capture, durable queue, pipeline, storage.\n\
+             With no command, or `run`, it starts the server (capture, health and admin on WEB_HOSTNAME:WEB_PORT).",
+    disable_version_flag = true,
+    after_help = settings_help()
+)]
+pub struct Cli {
+    /// Print the version and exit
+    #[arg(short = 'v', long = "version", action = ArgAction::Version)]
+    version: Option<bool>,
+    /// Exit 0 if a running appliance answers healthy on WEB_HOSTNAME:WEB_PORT, 1 otherwise
+    #[arg(long)]
+    healthcheck: bool,
+    /// Apply the storage migrations and exit
+    #[arg(long)]
+    migrate: bool,
+    /// Start without processing anything (health endpoints only); same as PLUGIN_SERVER_IDLE=true
+    #[arg(long)]
+    idle: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start the server (the default)
+    Run,
+    /// Manage teams (PostHog projects) and their project tokens
+    Team {
+        #[command(subcommand)]
+        action: TeamCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TeamCommand {
+    /// Create a team and print its id and project token
+    Create {
+        /// A name for people to recognise the team by
+        name: String,
+        /// Use this project token instead of a random one (for example the one your SDKs
+        /// already send to PostHog)
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// List teams with their project tokens
+    List,
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("appliance: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(&config);
+    if cli.healthcheck {
+        return healthcheck(&config);
+    }
+    if cli.migrate {
+        return report(migrate(&config));
+    }
+    config.idle |= cli.idle;
+    match cli.command {
+        None | Some(Command::Run) => report(run_server(config)),
+        Some(Command::Team { action }) => report(team(&config, action)),
+    }
+}
+
+fn report(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("appliance: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn run_server(config: Config) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_concurrency)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime
+        .block_on(crate::app::run(config))
+        .map_err(|e| e.to_string())
+}
+
+fn migrate(config: &Config) -> Result<(), String> {
+    let store = Store::open(&config.data_dir).map_err(|e| e.to_string())?;
+    let applied = sqlite::migrate(&config.sqlite_path).map_err(|e| e.to_string())?;
+    println!(
+        "state store ready at {}; {} SQLite migration(s) applied to {}",
+        store.path().display(),
+        applied,
+        config.sqlite_path.display()
+    );
+    Ok(())
+}
+
+fn team(config: &Config, action: TeamCommand) -> Result<(), String> {
+    let store = Store::open(&config.data_dir).map_err(|e| e.to_string())?;
+    match action {
+        TeamCommand::Create { name, token } => {
+            let team = store
+                .create_team(&name, token.as_deref())
+                .map_err(|e| e.to_string())?;
+            println!(
+                "team {} ({}) created; project token {}",
+                team.id, team.name, team.api_token
+            );
+        }
+        TeamCommand::List => {
+            let teams = store.list_teams().map_err(|e| e.to_string())?;
+            println!(
+                "{:>4}  {:<24}  {:<48}  created",
+                "id", "name", "project token"
+            );
+            for t in teams {
+                println!(
+                    "{:>4}  {:<24}  {:<48}  {}",
+                    t.id,
+                    t.name,
+                    t.api_token,
+                    t.created_at.format("%Y-%m-%d %H:%M:%S UTC")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asks `/_health` of the instance configured by WEB_HOSTNAME/WEB_PORT.
+fn healthcheck(config: &Config) -> ExitCode {
+    let host = match config.web_host {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
+        ip if ip.is_unspecified() => "[::1]".to_owned(),
+        ip if ip.is_ipv6() => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let url = format!("http://{host}:{}/_health", config.web_port);
+    let check = async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {}", response.status()))
+        }
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(check));
+    match result {
+        Ok(()) => {
+            println!("healthy: {url}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_seed_modes_parse_as_flags() {
+        let cli = Cli::try_parse_from(["appliance", "--migrate"]).unwrap();
+        assert!(cli.migrate && !cli.idle);
+        let cli = Cli::try_parse_from(["appliance", "--idle", "run"]).unwrap();
+        assert!(cli.idle && matches!(cli.command, Some(Command::Run)));
+        let cli = Cli::try_parse_from([
+            "appliance",
+            "team",
+            "create",
+            "shop",
+            "--token",
+            "phc_x12345678",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Team {
+                action: TeamCommand::Create { .. }
+            })
+        ));
+    }
+}

@@ -1,0 +1,14 @@
+//! appliance: self-hosted PostHog event ingestion in one binary.
+//!
+//! See `ARCHITECTURE.md` for the flow of an event and the invariants each module keeps.
+
+pub mod admin;
+pub mod app;
+pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod ingest;
+pub mod pipeline;
+pub mod sinks;
+pub mod store;

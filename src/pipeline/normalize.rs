@@ -1,0 +1,215 @@
+//! Turning a captured event into the row a sink stores: PostHog's ingestion normalisation.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::timestamp::{event_timestamp, TimestampWarning};
+use crate::event::{IngestBatch, StoredEvent};
+
+/// PostHog truncates event names to this many characters.
+const MAX_EVENT_NAME_CHARS: usize = 200;
+
+/// What normalisation needs to know about the request an event came in.
+pub struct RequestContext<'a> {
+    pub received_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub ip: Option<&'a str>,
+    pub team_id: u64,
+    pub anonymize_ips: bool,
+}
+
+impl<'a> RequestContext<'a> {
+    pub fn of(batch: &'a IngestBatch, anonymize_ips: bool) -> RequestContext<'a> {
+        RequestContext {
+            received_at: batch.received_at,
+            sent_at: batch.sent_at,
+            ip: batch.ip.as_deref(),
+            team_id: batch.team_id,
+            anonymize_ips,
+        }
+    }
+}
+
+/// Normalises one event. Deterministic: the same input gives the same row, which is what makes
+/// a replay after a crash harmless.
+pub fn normalize(
+    ctx: &RequestContext<'_>,
+    mut event: Map<String, Value>,
+) -> (StoredEvent, Option<TimestampWarning>) {
+    let (timestamp, warning) = event_timestamp(ctx.received_at, ctx.sent_at, &event);
+    let mut properties = match event.remove("properties") {
+        Some(Value::Object(p)) => p,
+        _ => Map::new(),
+    };
+    // Top-level $set / $set_once (posthog-js, posthog-python set()) join those in properties;
+    // the top-level values win.
+    for key in ["$set", "$set_once"] {
+        if let Some(Value::Object(top)) = event.remove(key) {
+            match properties.get_mut(key) {
+                Some(Value::Object(existing)) => existing.extend(top),
+                _ => {
+                    properties.insert(key.to_owned(), Value::Object(top));
+                }
+            }
+        }
+    }
+    if ctx.anonymize_ips {
+        properties.remove("$ip");
+    } else if let Some(ip) = ctx.ip {
+        // A client's own `$ip`, even null, wins over the request's address.
+        properties
+            .entry("$ip")
+            .or_insert_with(|| Value::String(ip.to_owned()));
+    }
+    let elements_chain = match properties.remove("$elements") {
+        Some(Value::Array(elements)) => elements_to_chain(&elements),
+        Some(other) => {
+            properties.insert("$elements".into(), other);
+            String::new()
+        }
+        None => String::new(),
+    };
+    let elements_chain = match properties.get("$elements_chain").and_then(Value::as_str) {
+        Some(chain) if elements_chain.is_empty() => chain.to_owned(),
+        _ => elements_chain,
+    };
+    let name: String = text(event.get("event"))
+        .chars()
+        .take(MAX_EVENT_NAME_CHARS)
+        .collect();
+    let uuid = text(event.get("uuid")).parse::<Uuid>().unwrap_or_else(|_| {
+        Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            Value::Object(event.clone()).to_string().as_bytes(),
+        )
+    });
+    let stored = StoredEvent {
+        uuid,
+        event: name,
+        properties,
+        timestamp,
+        team_id: ctx.team_id,
+        distinct_id: text(event.get("distinct_id")).to_owned(),
+        elements_chain,
+    };
+    (stored, warning)
+}
+
+fn text(value: Option<&Value>) -> &str {
+    value.and_then(Value::as_str).unwrap_or_default()
+}
+
+/// posthog-js `$elements` (autocapture) in PostHog's `elements_chain` notation:
+/// `tag.class1.class2:attr="value"…` per element, joined by `;`, attributes sorted by name.
+fn elements_to_chain(elements: &[Value]) -> String {
+    let mut chain = Vec::with_capacity(elements.len());
+    for element in elements.iter().filter_map(Value::as_object) {
+        let mut out = text(element.get("tag_name")).to_owned();
+        if let Some(classes) = element.get("attr__class").and_then(Value::as_str) {
+            let mut classes: Vec<&str> = classes.split_whitespace().collect();
+            classes.sort_unstable();
+            for class in classes {
+                out.push('.');
+                out.push_str(&class.replace('"', ""));
+            }
+        }
+        let mut attributes: Vec<(String, String)> = Vec::new();
+        if let Some(t) = element
+            .get("$el_text")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+        {
+            attributes.push(("text".into(), t.to_owned()));
+        }
+        for (key, name) in [("nth_child", "nth-child"), ("nth_of_type", "nth-of-type")] {
+            let n = element.get(key).and_then(Value::as_i64).unwrap_or(0);
+            attributes.push((name.into(), n.to_string()));
+        }
+        if let Some(href) = element.get("attr__href").and_then(Value::as_str) {
+            attributes.push(("href".into(), href.to_owned()));
+        }
+        if let Some(id) = element.get("attr__id").and_then(Value::as_str) {
+            attributes.push(("attr_id".into(), id.to_owned()));
+        }
+        for (key, value) in element.iter().filter(|(k, _)| k.starts_with("attr__")) {
+            let value = value
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string());
+            attributes.push((key.clone(), value));
+        }
+        attributes.sort();
+        out.push(':');
+        for (key, value) in attributes {
+            out.push_str(&format!(
+                "{}=\"{}\"",
+                key.replace('"', "\\\""),
+                value.replace('"', "\\\"")
+            ));
+        }
+        chain.push(out);
+    }
+    chain.join(";")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx(anonymize_ips: bool) -> RequestContext<'static> {
+        RequestContext {
+            received_at: Utc::now(),
+            sent_at: None,
+            ip: Some("203.0.113.9"),
+            team_id: 7,
+            anonymize_ips,
+        }
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn set_and_ip_are_merged_into_properties() {
+        let e = obj(
+            json!({"event": "$identify", "distinct_id": "u", "uuid": "0190a0b0-0000-7000-8000-000000000001",
+            "$set": {"a": 1}, "$set_once": {"b": 2}, "properties": {"$set": {"a": 0, "c": 3}}}),
+        );
+        let (s, _) = normalize(&ctx(false), e);
+        assert_eq!(s.properties["$set"], json!({"a": 1, "c": 3}));
+        assert_eq!(s.properties["$set_once"], json!({"b": 2}));
+        assert_eq!(s.properties["$ip"], "203.0.113.9");
+        assert_eq!(s.team_id, 7);
+        assert_eq!(s.uuid.to_string(), "0190a0b0-0000-7000-8000-000000000001");
+    }
+
+    #[test]
+    fn a_clients_ip_wins_and_anonymize_removes_it() {
+        let e = obj(json!({"event": "e", "distinct_id": "u", "properties": {"$ip": null}}));
+        assert_eq!(
+            normalize(&ctx(false), e.clone()).0.properties["$ip"],
+            Value::Null
+        );
+        let e = obj(json!({"event": "e", "distinct_id": "u", "properties": {"$ip": "1.2.3.4"}}));
+        assert!(!normalize(&ctx(true), e).0.properties.contains_key("$ip"));
+    }
+
+    #[test]
+    fn autocapture_elements_become_an_elements_chain() {
+        let e = obj(
+            json!({"event": "$autocapture", "distinct_id": "u", "properties": {"$elements": [
+                {"tag_name": "button", "$el_text": "Buy", "attr__class": "btn primary", "nth_child": 2, "nth_of_type": 1, "attr__id": "buy"},
+                {"tag_name": "a", "attr__href": "/x", "nth_child": 1, "nth_of_type": 1}
+            ]}}),
+        );
+        let (s, _) = normalize(&ctx(false), e);
+        assert_eq!(
+            s.elements_chain,
+            "button.btn.primary:attr__class=\"btn primary\"attr__id=\"buy\"attr_id=\"buy\"nth-child=\"2\"nth-of-type=\"1\"text=\"Buy\";a:attr__href=\"/x\"href=\"/x\"nth-child=\"1\"nth-of-type=\"1\""
+        );
+        assert!(!s.properties.contains_key("$elements"));
+    }
+}

@@ -1,0 +1,152 @@
+//! The embedded SQLite sink: one file, WAL, one writer connection, `synchronous=FULL`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use chrono::{SecondsFormat, Utc};
+use rusqlite::{params, Connection};
+
+use super::{Sink, SinkError, SinkFuture};
+use crate::event::StoredEvent;
+
+mod embedded {
+    refinery::embed_migrations!("migrations/sqlite");
+}
+
+const NAME: &str = "sqlite";
+
+pub struct SqliteSink {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+fn open_error(path: &Path, e: impl std::fmt::Display) -> SinkError {
+    SinkError::Open {
+        sink: NAME,
+        target: path.display().to_string(),
+        detail: e.to_string(),
+    }
+}
+
+/// Opens the database file, creating its directory, and sets the pragmas the sink relies on.
+fn connect(path: &Path) -> Result<Connection, SinkError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| open_error(path, e))?;
+    }
+    let conn = Connection::open(path).map_err(|e| open_error(path, e))?;
+    // FULL: a committed batch survives power loss, which the queue trimmer relies on.
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=10000;",
+    )
+    .map_err(|e| open_error(path, e))?;
+    Ok(conn)
+}
+
+/// Applies the SQL migrations under `migrations/sqlite`; returns how many were applied now.
+pub fn migrate(path: &Path) -> Result<usize, SinkError> {
+    let mut conn = connect(path)?;
+    apply_migrations(&mut conn)
+}
+
+fn apply_migrations(conn: &mut Connection) -> Result<usize, SinkError> {
+    let report = embedded::migrations::runner()
+        .run(conn)
+        .map_err(|e| SinkError::Migrate {
+            sink: NAME,
+            detail: e.to_string(),
+        })?;
+    Ok(report.applied_migrations().len())
+}
+
+impl SqliteSink {
+    pub fn open(path: &Path) -> Result<SqliteSink, SinkError> {
+        let mut conn = connect(path)?;
+        apply_migrations(&mut conn)?;
+        Ok(SqliteSink {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` with the connection on the blocking pool.
+    fn with_conn<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> SinkFuture<'_, T> {
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            let fail = |detail: String| SinkError::Write { sink: NAME, detail };
+            tokio::task::spawn_blocking(move || {
+                let mut guard = conn
+                    .lock()
+                    .map_err(|_| fail("connection lock poisoned".into()))?;
+                work(&mut guard).map_err(|e| fail(e.to_string()))
+            })
+            .await
+            .map_err(|e| fail(e.to_string()))?
+        })
+    }
+}
+
+/// The stored text form of timestamps: fixed width, so text order is time order.
+fn timestamp_text(t: chrono::DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+impl Sink for SqliteSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn position(&self) -> SinkFuture<'_, u64> {
+        self.with_conn(|conn| {
+            let position: Option<i64> = conn
+                .query_row(
+                    "SELECT position FROM appliance_sink_position WHERE sink = ?1",
+                    [NAME],
+                    |row| row.get(0),
+                )
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })?;
+            Ok(position.unwrap_or(0) as u64)
+        })
+    }
+
+    fn write(&self, events: Vec<StoredEvent>, position: u64) -> SinkFuture<'_, ()> {
+        self.with_conn(move |conn| {
+            let created_at = timestamp_text(Utc::now());
+            let tx = conn.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO posthog_event (uuid, event, properties, elements_chain, timestamp, team_id, distinct_id, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT(uuid) DO NOTHING",
+                )?;
+                for e in &events {
+                    insert.execute(params![
+                        e.uuid.hyphenated().to_string(),
+                        e.event,
+                        serde_json::to_string(&e.properties).unwrap_or_default(),
+                        e.elements_chain,
+                        timestamp_text(e.timestamp),
+                        e.team_id as i64,
+                        e.distinct_id,
+                        created_at,
+                    ])?;
+                }
+                tx.execute(
+                    "INSERT INTO appliance_sink_position (sink, position) VALUES (?1, ?2)
+                     ON CONFLICT(sink) DO UPDATE SET position = excluded.position",
+                    params![NAME, position as i64],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+}

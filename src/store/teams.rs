@@ -1,0 +1,192 @@
+//! Teams (PostHog projects) and their project tokens.
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{meta_get, Store, StoreError, META};
+
+pub type TeamId = u64;
+
+/// Team records by id; values are versioned JSON ([`TeamRecord`]).
+const TEAMS: TableDefinition<u64, &[u8]> = TableDefinition::new("teams");
+/// Project token → team id.
+const TEAM_TOKENS: TableDefinition<&str, u64> = TableDefinition::new("team_tokens");
+const NEXT_TEAM_ID: &str = "next_team_id";
+const TEAM_FORMAT: u8 = 1;
+
+/// A team (PostHog calls it a project): events are stored under its id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Team {
+    pub id: TeamId,
+    pub name: String,
+    /// The public project token SDKs send (`phc_…`).
+    pub api_token: String,
+    pub created_at: DateTime<Utc>,
+    /// When set, the request IP is not recorded as `$ip`.
+    pub anonymize_ips: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TeamRecord {
+    v: u8,
+    #[serde(flatten)]
+    team: Team,
+}
+
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(TEAMS)?;
+    txn.open_table(TEAM_TOKENS)?;
+    Ok(())
+}
+
+/// A new random project token in PostHog's shape: `phc_` and 43 alphanumerics.
+pub fn generate_token() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let body: String = (0..43)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("phc_{body}")
+}
+
+/// Checks a token chosen by the operator (for example one kept from a PostHog install).
+pub fn validate_token(token: &str) -> Result<(), String> {
+    if token.starts_with("phx_") {
+        return Err("tokens starting with phx_ are personal API keys, not project tokens".into());
+    }
+    if token.len() < 8 || token.len() > 200 {
+        return Err("a project token must be 8 to 200 characters long".into());
+    }
+    if !token
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err("a project token may hold only letters, digits, '_' and '-'".into());
+    }
+    Ok(())
+}
+
+fn decode(bytes: &[u8]) -> Result<Team, StoreError> {
+    let record: TeamRecord = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what: "team",
+        detail: e.to_string(),
+    })?;
+    if record.v != TEAM_FORMAT {
+        return Err(StoreError::Corrupt {
+            what: "team",
+            detail: format!("unknown format version {}", record.v),
+        });
+    }
+    Ok(record.team)
+}
+
+impl Store {
+    /// Creates a team; a token is generated unless one is given.
+    pub fn create_team(&self, name: &str, token: Option<&str>) -> Result<Team, StoreError> {
+        let token = match token {
+            Some(t) => {
+                validate_token(t).map_err(StoreError::Conflict)?;
+                t.to_owned()
+            }
+            None => generate_token(),
+        };
+        let txn = self.db.begin_write()?;
+        let team = {
+            let mut tokens = txn.open_table(TEAM_TOKENS)?;
+            if let Some(existing) = tokens.get(token.as_str())? {
+                return Err(StoreError::Conflict(format!(
+                    "the token is already used by team {}",
+                    existing.value()
+                )));
+            }
+            let mut meta = txn.open_table(META)?;
+            let id = meta_get(&meta, NEXT_TEAM_ID)?.max(1);
+            meta.insert(NEXT_TEAM_ID, id + 1)?;
+            let team = Team {
+                id,
+                name: name.to_owned(),
+                api_token: token.clone(),
+                created_at: Utc::now(),
+                anonymize_ips: false,
+            };
+            let record = TeamRecord {
+                v: TEAM_FORMAT,
+                team: team.clone(),
+            };
+            let bytes = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
+                what: "team",
+                detail: e.to_string(),
+            })?;
+            txn.open_table(TEAMS)?.insert(id, bytes.as_slice())?;
+            tokens.insert(token.as_str(), id)?;
+            team
+        };
+        txn.commit()?;
+        Ok(team)
+    }
+
+    pub fn list_teams(&self) -> Result<Vec<Team>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(TEAMS)?;
+        let mut teams = Vec::new();
+        for row in table.iter()? {
+            let (_, value) = row?;
+            teams.push(decode(value.value())?);
+        }
+        Ok(teams)
+    }
+
+    pub fn team_by_token(&self, token: &str) -> Result<Option<Team>, StoreError> {
+        let txn = self.read()?;
+        let Some(id) = txn.open_table(TEAM_TOKENS)?.get(token)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let teams = txn.open_table(TEAMS)?;
+        let team = teams.get(id)?.map(|v| decode(v.value())).transpose()?;
+        Ok(team)
+    }
+
+    /// Creates the default team when there is none; returns it only if it was created now.
+    pub fn ensure_default_team(&self) -> Result<Option<Team>, StoreError> {
+        if !self.list_teams()?.is_empty() {
+            return Ok(None);
+        }
+        self.create_team("Default project", None).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn teams_are_created_listed_and_found_by_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let created = store
+            .ensure_default_team()
+            .unwrap()
+            .expect("first start creates one");
+        assert!(created.api_token.starts_with("phc_") && created.api_token.len() == 47);
+        assert!(store.ensure_default_team().unwrap().is_none());
+        let second = store
+            .create_team("shop", Some("phc_testProjectToken123"))
+            .unwrap();
+        assert_eq!(second.id, created.id + 1);
+        assert_eq!(
+            store.team_by_token("phc_testProjectToken123").unwrap(),
+            Some(second.clone())
+        );
+        assert_eq!(store.team_by_token("phc_nope").unwrap(), None);
+        let err = store
+            .create_team("again", Some("phc_testProjectToken123"))
+            .unwrap_err();
+        assert!(err.to_string().contains("already used"), "{err}");
+        assert!(store.create_team("bad", Some("phx_personal123")).is_err());
+        drop(store);
+        let reopened = Store::open(dir.path()).unwrap();
+        assert_eq!(reopened.list_teams().unwrap().len(), 2);
+    }
+}
