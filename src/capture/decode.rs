@@ -116,11 +116,12 @@ fn restore_plus(text: &str) -> Vec<u8> {
     text.replace(' ', "+").into_bytes()
 }
 
-/// True when the payload is not JSON and consists only of base64 characters.
+/// True when the payload does not start like JSON and consists only of base64 characters.
+/// (Base64 of a JSON document starts with a letter: `ey` for `{"`, `W` for `[`, `H4sI` for gzip.)
 fn looks_like_base64(payload: &[u8]) -> bool {
     let trimmed = payload.trim_ascii();
     !trimmed.is_empty()
-        && !matches!(trimmed[0], b'{' | b'[')
+        && trimmed[0].is_ascii_alphabetic()
         && trimmed.iter().all(|&b| {
             b.is_ascii_alphanumeric()
                 || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_' | b'\r' | b'\n')

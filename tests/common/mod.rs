@@ -1,0 +1,210 @@
+//! Starts the real `appliance` binary for integration tests and reads what it stored.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const TOKEN: &str = "phc_testProjectToken123";
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_appliance")
+}
+
+/// A command for the appliance binary with a data directory and a quiet log.
+pub fn command(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATA_DIR", data_dir)
+        .env("WEB_HOSTNAME", "127.0.0.1")
+        .env("WEB_PORT", "0")
+        .env("LOG_LEVEL", "warn");
+    cmd
+}
+
+/// Creates a team with a chosen token through the CLI, as an operator would.
+pub fn create_team(data_dir: &Path, name: &str, token: &str) -> u64 {
+    let out = command(data_dir)
+        .args(["team", "create", name, "--token", token])
+        .output()
+        .expect("run appliance team create");
+    assert!(
+        out.status.success(),
+        "team create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no team id in {text:?}"))
+}
+
+/// A running appliance process.
+pub struct Appliance {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Appliance {
+    /// Starts `appliance run` on 127.0.0.1 with a free port and waits until it listens.
+    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Appliance {
+        let mut cmd = command(data_dir);
+        cmd.arg("run").stdout(Stdio::piped()).stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn the appliance binary");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (addr_tx, addr_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on http://") {
+                    let _ = addr_tx.send(addr.to_owned());
+                }
+            }
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = err_tx.send(line);
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a.parse().expect("a socket address"),
+            Err(_) => {
+                let _ = child.kill();
+                let log: Vec<String> = err_rx.try_iter().collect();
+                panic!(
+                    "the appliance did not start listening within 60 s; stderr:\n{}",
+                    log.join("\n")
+                );
+            }
+        };
+        Appliance {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+            stderr: err_rx,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.data_dir.join("events.sqlite3")
+    }
+
+    /// What the process has written to stderr so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends SIGTERM and waits for the exit status (at most 60 s).
+    pub fn terminate(mut self) -> ExitStatus {
+        use nix::sys::signal::{kill, Signal};
+        kill(nix::unistd::Pid::from_raw(self.pid()), Signal::SIGTERM).expect("send SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the appliance") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the appliance did not exit within 60 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL the appliance");
+        let _ = self.child.wait();
+    }
+
+    /// Waits until everything queued has reached the sink; returns the readiness report.
+    pub async fn wait_drained(&self) -> Value {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready: Value = client
+                .get(self.url("/_ready"))
+                .send()
+                .await
+                .expect("GET /_ready")
+                .json()
+                .await
+                .expect("/_ready answers JSON");
+            let last = ready["queue"]["last_seq"].as_u64().unwrap_or(u64::MAX);
+            if ready["sink"]["position"].as_u64() == Some(last) {
+                return ready;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue not drained within 60 s: {ready}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One stored event row.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub uuid: String,
+    pub event: String,
+    pub properties: Value,
+    pub elements_chain: String,
+    pub timestamp: String,
+    pub team_id: i64,
+    pub distinct_id: String,
+    pub created_at: String,
+}
+
+pub fn read_events(sqlite: &Path) -> Vec<Row> {
+    let conn =
+        rusqlite::Connection::open_with_flags(sqlite, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open the SQLite event store");
+    let mut stmt = conn
+        .prepare("SELECT uuid, event, properties, elements_chain, timestamp, team_id, distinct_id, created_at FROM posthog_event ORDER BY id")
+        .expect("the posthog_event table exists");
+    stmt.query_map([], |r| {
+        let props: String = r.get(2)?;
+        Ok(Row {
+            uuid: r.get(0)?,
+            event: r.get(1)?,
+            properties: serde_json::from_str(&props).expect("properties are JSON"),
+            elements_chain: r.get(3)?,
+            timestamp: r.get(4)?,
+            team_id: r.get(5)?,
+            distinct_id: r.get(6)?,
+            created_at: r.get(7)?,
+        })
+    })
+    .expect("query events")
+    .map(|r| r.expect("row"))
+    .collect()
+}
