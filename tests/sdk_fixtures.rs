@@ -98,6 +98,15 @@ fn events_of(f: &Fixture) -> (Vec<Map<String, Value>>, Option<DateTime<Utc>>) {
     }
 }
 
+/// An event as an SDK sent it, with its request's send time and the window in which the server
+/// received it.
+struct SentEvent {
+    event: Map<String, Value>,
+    sent_at: Option<DateTime<Utc>>,
+    before: DateTime<Utc>,
+    after: DateTime<Utc>,
+}
+
 fn is_flags_request(f: &Fixture) -> bool {
     f.path.starts_with("/decide") || f.path.starts_with("/flags")
 }
@@ -111,16 +120,7 @@ async fn every_recorded_sdk_request_is_accepted_and_stored_field_by_field() {
     let fixtures = fixtures();
     assert_eq!(fixtures.len(), 43, "all 43 recorded requests are replayed");
 
-    // Per event uuid: what was sent, the send time, and the window in which the server received it.
-    let mut sent: HashMap<
-        String,
-        (
-            Map<String, Value>,
-            Option<DateTime<Utc>>,
-            DateTime<Utc>,
-            DateTime<Utc>,
-        ),
-    > = HashMap::new();
+    let mut sent: HashMap<String, SentEvent> = HashMap::new();
     for f in &fixtures {
         let url = if f.query.is_empty() {
             app.url(&f.path)
@@ -191,7 +191,15 @@ async fn every_recorded_sdk_request_is_accepted_and_stored_field_by_field() {
         assert!(!events.is_empty(), "{}: the fixture carries events", f.name);
         for e in events {
             let uuid = e["uuid"].as_str().expect("SDKs send a uuid").to_owned();
-            sent.insert(uuid, (e, sent_at, before, after));
+            sent.insert(
+                uuid,
+                SentEvent {
+                    event: e,
+                    sent_at,
+                    before,
+                    after,
+                },
+            );
         }
     }
     app.wait_drained().await;
@@ -199,7 +207,12 @@ async fn every_recorded_sdk_request_is_accepted_and_stored_field_by_field() {
     let rows = read_events(&app.sqlite_path());
     assert_eq!(rows.len(), sent.len(), "every event is stored exactly once");
     for row in rows {
-        let (e, sent_at, before, after) = sent
+        let SentEvent {
+            event: e,
+            sent_at,
+            before,
+            after,
+        } = sent
             .get(&row.uuid)
             .unwrap_or_else(|| panic!("unexpected row {row:?}"));
         let ctx = format!("event {} ({})", row.uuid, row.event);
