@@ -1,67 +1,140 @@
-//! The shapes an event takes between modules: as captured and queued ([`IngestBatch`]) and as
-//! stored ([`StoredEvent`]).
+//! The shapes an event takes between modules: normalised and queued ([`IngestBatch`] of
+//! [`EventRow`]s), which is also what a sink stores.
 //!
-//! Owns: those types and the versioned encoding of an ingest batch in the queue.
+//! Owns: those types and the versioned binary encoding of an ingest batch in the queue.
 //! Must never: do I/O or hold behaviour beyond encoding; transformations live in `pipeline`.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::store::TeamId;
 
-/// Format version of an encoded [`IngestBatch`].
+/// Format version of an encoded [`IngestBatch`]: the first byte of every queue value.
 pub const INGEST_FORMAT: u8 = 1;
 
-/// The accepted events of one capture request (or one source message), exactly as they will be
-/// replayed after a crash: everything the pipeline needs is fixed here, so processing the same
-/// batch twice gives the same result.
+/// The normalised events of one capture request (or one source message), exactly as they will
+/// be replayed after a crash: everything is decided before the batch is durable, so writing it
+/// twice gives the same rows.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IngestBatch {
-    pub v: u8,
     pub team_id: TeamId,
     /// When the server received the request: the `now` of PostHog's timestamp rules.
+    #[serde(with = "micros")]
     pub received_at: DateTime<Utc>,
+    /// The client's send time, if it said (kept for plugins, which see PostHog's `sent_at`).
+    #[serde(with = "micros_opt")]
+    pub sent_at: Option<DateTime<Utc>>,
     /// The client IP of the request, if known.
     pub ip: Option<String>,
-    /// The client's send time (body `sent_at` or query `_`), for clock-skew correction.
-    pub sent_at: Option<DateTime<Utc>>,
-    /// Event objects as the client sent them, each with a valid `uuid` assigned.
-    pub events: Vec<Map<String, Value>>,
+    pub events: Vec<EventRow>,
+}
+
+/// An event in the columns of PostHog's event tables.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventRow {
+    pub uuid: Uuid,
+    pub event: String,
+    pub distinct_id: String,
+    /// The properties as JSON object text, ready to store.
+    pub properties: String,
+    #[serde(with = "micros")]
+    pub timestamp: DateTime<Utc>,
+    pub elements_chain: String,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("not a valid ingest batch: {0}")]
-    Json(#[from] serde_json::Error),
+    #[error("empty ingest batch value")]
+    Empty,
     #[error("ingest batch format {0} is unknown to this build (it knows {INGEST_FORMAT})")]
     Version(u8),
+    #[error("not a valid ingest batch: {0}")]
+    Body(#[from] postcard::Error),
 }
 
 impl IngestBatch {
     pub fn encode(&self) -> Vec<u8> {
-        // Serialising maps of JSON values cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        // postcard writes into a Vec without a size limit and cannot fail for these types.
+        postcard::to_extend(self, vec![INGEST_FORMAT]).unwrap_or_default()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<IngestBatch, DecodeError> {
-        let batch: IngestBatch = serde_json::from_slice(bytes)?;
-        if batch.v != INGEST_FORMAT {
-            return Err(DecodeError::Version(batch.v));
+        match bytes.split_first() {
+            None => Err(DecodeError::Empty),
+            Some((&INGEST_FORMAT, body)) => Ok(postcard::from_bytes(body)?),
+            Some((&other, _)) => Err(DecodeError::Version(other)),
         }
-        Ok(batch)
     }
 }
 
-/// An event as written to a sink: the columns of PostHog's event tables.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredEvent {
-    pub uuid: Uuid,
-    pub event: String,
-    pub properties: Map<String, Value>,
-    pub timestamp: DateTime<Utc>,
-    pub team_id: TeamId,
-    pub distinct_id: String,
-    pub elements_chain: String,
+/// Times as microseconds since the epoch: compact, and exact for what SDKs send.
+mod micros {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(t.timestamp_micros())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let n = i64::deserialize(d)?;
+        DateTime::from_timestamp_micros(n)
+            .ok_or_else(|| serde::de::Error::custom("time out of range"))
+    }
+}
+
+mod micros_opt {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_some(&t.timestamp_micros()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        match Option::<i64>::deserialize(d)? {
+            Some(n) => DateTime::from_timestamp_micros(n)
+                .map(Some)
+                .ok_or_else(|| serde::de::Error::custom("time out of range")),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_trip_and_unknown_versions_are_refused() {
+        let batch = IngestBatch {
+            team_id: 3,
+            received_at: DateTime::from_timestamp_micros(1_795_659_924_420_123).unwrap(),
+            sent_at: None,
+            ip: Some("::1".into()),
+            events: vec![EventRow {
+                uuid: Uuid::now_v7(),
+                event: "$pageview".into(),
+                distinct_id: "u".into(),
+                properties: r#"{"a":"\"quoted\""}"#.into(),
+                timestamp: DateTime::from_timestamp_micros(1_700_000_000_000_001).unwrap(),
+                elements_chain: String::new(),
+            }],
+        };
+        let bytes = batch.encode();
+        assert_eq!(bytes[0], INGEST_FORMAT);
+        assert_eq!(IngestBatch::decode(&bytes).unwrap(), batch);
+        let mut future = bytes.clone();
+        future[0] = 9;
+        assert!(matches!(
+            IngestBatch::decode(&future),
+            Err(DecodeError::Version(9))
+        ));
+        assert!(matches!(IngestBatch::decode(&[]), Err(DecodeError::Empty)));
+        assert!(IngestBatch::decode(&bytes[..bytes.len() - 3]).is_err());
+    }
 }

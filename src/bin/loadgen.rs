@@ -1,1 +1,348 @@
-fn main() {}
+//! Load generator and benchmark for capture: drives a real appliance over HTTP with many
+//! keep-alive connections and prints events/s and acknowledgement latency (p50/p99), for single
+//! events (`/e/`) and batches (`/batch/`), then the end-to-end rate at which events reach the
+//! sink. With no `--url` it starts `appliance` from its own directory on a temporary data dir.
+//!
+//! `cargo run --release --bin loadgen` runs every scenario with the defaults.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "phc_loadgenProjectToken000";
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Capture benchmark: throughput and acknowledgement latency over real HTTP")]
+struct Args {
+    /// Base URL of a running appliance; by default one is started on a temporary data directory
+    #[arg(long)]
+    url: Option<String>,
+    /// Project token to send (must exist on --url; created automatically otherwise)
+    #[arg(long, default_value = TOKEN)]
+    token: String,
+    /// Seconds each scenario runs
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Concurrent keep-alive connections
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Events per /batch/ request
+    #[arg(long, default_value_t = 50)]
+    batch_size: usize,
+    /// Run only these scenarios: single, batch (default both)
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+#[derive(Clone, Copy)]
+enum Shape {
+    Single,
+    Batch(usize),
+}
+
+struct Outcome {
+    requests: u64,
+    events: u64,
+    errors: u64,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+}
+
+impl Outcome {
+    fn print(&self, label: &str) {
+        let secs = self.elapsed.as_secs_f64();
+        let q = |p: f64| self.latency_us.value_at_quantile(p) as f64 / 1000.0;
+        println!(
+            "{label:<44} {:>9.0} req/s {:>10.0} events/s   p50 {:>6.2} ms   p99 {:>6.2} ms   max {:>7.2} ms   errors {}",
+            self.requests as f64 / secs,
+            self.events as f64 / secs,
+            q(0.50),
+            q(0.99),
+            self.latency_us.max() as f64 / 1000.0,
+            self.errors
+        );
+    }
+}
+
+fn event(n: u64) -> Value {
+    json!({
+        "event": "$pageview",
+        "properties": {
+            "distinct_id": format!("user-{}", n % 10_000),
+            "$current_url": "https://shop.example.com/products/42?utm_source=newsletter",
+            "$host": "shop.example.com",
+            "$pathname": "/products/42",
+            "$browser": "Chrome",
+            "$browser_version": 131,
+            "$os": "Linux",
+            "$device_type": "Desktop",
+            "$lib": "web",
+            "$lib_version": "1.449.2",
+            "$screen_height": 1080,
+            "$screen_width": 1920,
+            "$session_id": "01a215ac-0381-71a2-b97f-b6fc0eb1981e",
+            "$window_id": "01a215ac-0381-71a2-b97f-b6fd00000000",
+            "n": n
+        },
+        "timestamp": "2026-11-26T02:25:24.349Z"
+    })
+}
+
+fn body(shape: Shape, token: &str, n: u64) -> (String, u64, &'static str) {
+    match shape {
+        Shape::Single => {
+            let mut e = event(n);
+            e["properties"]["token"] = json!(token);
+            (e.to_string(), 1, "/e/")
+        }
+        Shape::Batch(size) => {
+            let batch: Vec<Value> = (0..size as u64)
+                .map(|i| event(n * size as u64 + i))
+                .collect();
+            let sent_at = chrono::Utc::now().to_rfc3339();
+            (
+                json!({"api_key": token, "batch": batch, "sent_at": sent_at}).to_string(),
+                size as u64,
+                "/batch/",
+            )
+        }
+    }
+}
+
+/// Runs one scenario. With `rate` (requests/s), requests are paced on a schedule and latency is
+/// measured from each request's scheduled time, so a stalled server cannot hide its queueing.
+async fn run(
+    base: &str,
+    token: &str,
+    shape: Shape,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> Outcome {
+    // Pre-built bodies: the generator should spend its CPU on HTTP, not on JSON.
+    let bodies: Arc<Vec<(bytes::Bytes, u64)>> = Arc::new(
+        (0..64)
+            .map(|n| {
+                let (text, events, _) = body(shape, token, n);
+                (bytes::Bytes::from(text), events)
+            })
+            .collect(),
+    );
+    let path = body(shape, token, 0).2;
+    let url = format!("{base}{path}");
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (url, bodies) = (url.clone(), bodies.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .expect("HTTP client");
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let (mut requests, mut events, mut errors) = (0u64, 0u64, 0u64);
+            let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
+            let mut next = start
+                + interval
+                    .map(|i| i.mul_f64(c as f64 / connections as f64))
+                    .unwrap_or_default();
+            let mut i = c;
+            while start.elapsed() < duration {
+                let scheduled = if let Some(interval) = interval {
+                    tokio::time::sleep_until(next.into()).await;
+                    let s = next;
+                    next += interval;
+                    s
+                } else {
+                    Instant::now()
+                };
+                let (payload, count) = bodies[i % bodies.len()].clone();
+                i += 1;
+                let ok = match client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(payload)
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                let _ = hist.record(scheduled.elapsed().as_micros().max(1) as u64);
+                requests += 1;
+                if ok {
+                    events += count;
+                } else {
+                    errors += 1;
+                }
+            }
+            (requests, events, errors, hist)
+        }));
+    }
+    let mut outcome = Outcome {
+        requests: 0,
+        events: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
+    };
+    for t in tasks {
+        let (r, e, err, h) = t.await.expect("load task");
+        outcome.requests += r;
+        outcome.events += e;
+        outcome.errors += err;
+        let _ = outcome.latency_us.add(h);
+    }
+    outcome.elapsed = start.elapsed();
+    outcome
+}
+
+async fn ready(client: &reqwest::Client, base: &str) -> Value {
+    match client.get(format!("{base}/_ready")).send().await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+/// Waits until the sink has everything the queue holds; returns when that happened.
+async fn wait_drained(client: &reqwest::Client, base: &str) -> Instant {
+    loop {
+        let r = ready(client, base).await;
+        if r["sink"]["position"].as_u64().is_some()
+            && r["sink"]["position"] == r["queue"]["last_seq"]
+        {
+            return Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An appliance started for the benchmark, stopped (SIGTERM via kill) on drop.
+struct Server {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_server() -> Result<(Server, String), String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .with_file_name("appliance");
+    if !exe.exists() {
+        return Err(format!(
+            "{} not found: build it first (cargo build --release)",
+            exe.display()
+        ));
+    }
+    let dir = std::env::temp_dir().join(format!("appliance-loadgen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let created = Command::new(&exe)
+        .env("DATA_DIR", &dir)
+        .args(["team", "create", "loadgen", "--token", TOKEN])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !created.status.success() {
+        return Err(String::from_utf8_lossy(&created.stderr).into_owned());
+    }
+    let mut child = Command::new(&exe)
+        .env("DATA_DIR", &dir)
+        .env("WEB_HOSTNAME", "127.0.0.1")
+        .env("WEB_PORT", "0")
+        .env("LOG_LEVEL", "warn")
+        .arg("run")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    break a.to_owned();
+                }
+            }
+            _ => return Err("the appliance exited before listening".into()),
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((Server { child, dir }, addr))
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let (_server, base) = match &args.url {
+        Some(url) => (None, url.trim_end_matches('/').to_owned()),
+        None => match start_server() {
+            Ok((server, addr)) => (Some(server), addr),
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                std::process::exit(1);
+            }
+        },
+    };
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let duration = Duration::from_secs(args.duration);
+    let client = reqwest::Client::new();
+    println!(
+        "capture benchmark against {base}: {} connections, {} s per scenario, {} cores",
+        args.connections,
+        args.duration,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    let mut scenarios = Vec::new();
+    if wanted("single") {
+        scenarios.push(("single events POST /e/".to_owned(), Shape::Single));
+    }
+    if wanted("batch") {
+        scenarios.push((
+            format!("batches of {} POST /batch/", args.batch_size),
+            Shape::Batch(args.batch_size),
+        ));
+    }
+    for (label, shape) in scenarios {
+        let before = ready(&client, &base).await;
+        let written_before = before["sink"]["events_written"].as_u64().unwrap_or(0);
+        let load_start = Instant::now();
+        let full = run(&base, &args.token, shape, args.connections, duration, None).await;
+        full.print(&format!("{label}, max load"));
+        let drained_at = wait_drained(&client, &base).await;
+        let after = ready(&client, &base).await;
+        let written = after["sink"]["events_written"].as_u64().unwrap_or(0) - written_before;
+        let e2e = drained_at.duration_since(load_start);
+        println!(
+            "{:<44} {:>10.0} events/s reached SQLite ({} events; sink caught up {:.2} s after capture ended)",
+            format!("{label}, end to end"),
+            written as f64 / e2e.as_secs_f64(),
+            written,
+            e2e.as_secs_f64() - full.elapsed.as_secs_f64()
+        );
+        let half_rate = full.requests as f64 / full.elapsed.as_secs_f64() / 2.0;
+        let half = run(
+            &base,
+            &args.token,
+            shape,
+            args.connections,
+            duration,
+            Some(half_rate),
+        )
+        .await;
+        half.print(&format!("{label}, half load ({half_rate:.0} req/s)"));
+        wait_drained(&client, &base).await;
+    }
+}

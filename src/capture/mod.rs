@@ -26,8 +26,9 @@ use serde_json::{json, Value};
 use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 
 use crate::config::CaptureLimits;
-use crate::event::{IngestBatch, INGEST_FORMAT};
+use crate::event::IngestBatch;
 use crate::ingest::{IngestError, IngestHandle};
+use crate::pipeline::normalize::{normalize, RequestContext};
 use crate::pipeline::timestamp::sent_at_from_query_millis;
 use crate::store::{Store, Team};
 use decode::{decode_payload, EncodedRequest};
@@ -300,18 +301,30 @@ async fn commit(
     if parsed.accepted.is_empty() {
         return Ok(parsed.rejected);
     }
-    let batch = IngestBatch {
-        v: INGEST_FORMAT,
-        team_id: team.id,
+    let ip = client_ip(headers, peer, state.trust_proxy).to_string();
+    let sent_at = parsed.sent_at.or_else(|| {
+        query
+            .sent_at_millis
+            .as_deref()
+            .and_then(sent_at_from_query_millis)
+    });
+    let ctx = RequestContext {
         received_at: Utc::now(),
-        ip: Some(client_ip(headers, peer, state.trust_proxy).to_string()),
-        sent_at: parsed.sent_at.or_else(|| {
-            query
-                .sent_at_millis
-                .as_deref()
-                .and_then(sent_at_from_query_millis)
-        }),
-        events: parsed.accepted,
+        sent_at,
+        ip: Some(&ip),
+        anonymize_ips: team.anonymize_ips,
+    };
+    let events = parsed
+        .accepted
+        .into_iter()
+        .map(|event| normalize(&ctx, event).0)
+        .collect();
+    let batch = IngestBatch {
+        team_id: team.id,
+        received_at: ctx.received_at,
+        sent_at,
+        ip: Some(ip.clone()),
+        events,
     };
     state
         .ingest

@@ -1,15 +1,15 @@
 //! The pipeline: drains the ingest queue into the sink.
 //!
-//! Owns: the loop that reads batches after the sink's committed position, normalises each event
-//! ([`normalize`], [`timestamp`]), hands the batch to the sink, and trims the queue behind it;
-//! retrying with backoff while the sink fails. Later steps (GeoIP, persons, the plugin chain,
-//! after-write deliveries) slot in between reading and writing.
+//! Owns: the rules that normalise an event ([`normalize`], [`timestamp`]; applied where events
+//! enter the queue), and the loop that reads batches after the sink's committed position, hands
+//! them to the sink, and trims the queue behind it, retrying with backoff while the sink fails.
+//! Later steps (GeoIP, persons, the plugin chain, after-write deliveries) slot in between
+//! reading and writing.
 //! Must never: trim a batch from the queue before the sink has durably committed it, or skip one.
 
 pub mod normalize;
 pub mod timestamp;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,10 +18,8 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::event::StoredEvent;
 use crate::sinks::Sink;
-use crate::store::{QueuedBatch, Store, StoreError, Team, TeamId};
-use normalize::{normalize, RequestContext};
+use crate::store::{Store, StoreError};
 
 /// How often the queue is trimmed behind the sink: each trim is an fsync, and the sink's own
 /// position makes a late trim harmless.
@@ -96,7 +94,6 @@ enum StepError {
 
 impl Pipeline {
     pub async fn run(self, mut drain: DrainSignal) {
-        let mut teams: HashMap<TeamId, Team> = HashMap::new();
         let mut position = self.initial_position().await;
         let mut trimmed = 0u64;
         let mut last_trim = Instant::now();
@@ -110,7 +107,7 @@ impl Pipeline {
                 );
                 break;
             }
-            match self.step(position, &mut teams).await {
+            match self.step(position).await {
                 Ok(Some(reached)) => {
                     position = reached;
                     backoff = RETRY_MIN;
@@ -166,41 +163,22 @@ impl Pipeline {
     }
 
     /// Moves one batch of events from the queue to the sink; `None` when the queue is empty.
-    async fn step(
-        &self,
-        position: u64,
-        teams: &mut HashMap<TeamId, Team>,
-    ) -> Result<Option<u64>, StepError> {
+    async fn step(&self, position: u64) -> Result<Option<u64>, StepError> {
         let store = self.store.clone();
         let max = self.batch_events;
-        let batches =
+        let queued =
             tokio::task::spawn_blocking(move || store.read_ingest_after(position, max)).await??;
-        let Some(last) = batches.last().map(|b| b.seq) else {
+        let Some(last) = queued.last().map(|q| q.seq) else {
             return Ok(None);
         };
-        self.load_teams(&batches, teams).await?;
-        let events = to_rows(batches, teams);
-        let count = events.len() as u64;
-        self.sink.write(events, last).await?;
+        let batches: Vec<_> = queued.into_iter().map(|q| q.batch).collect();
+        let count = batches.iter().map(|b| b.events.len() as u64).sum();
+        self.sink.write(batches, last).await?;
         self.status.position.store(last, Ordering::Relaxed);
         self.status
             .events_written
             .fetch_add(count, Ordering::Relaxed);
         Ok(Some(last))
-    }
-
-    async fn load_teams(
-        &self,
-        batches: &[QueuedBatch],
-        teams: &mut HashMap<TeamId, Team>,
-    ) -> Result<(), StepError> {
-        if batches.iter().all(|b| teams.contains_key(&b.batch.team_id)) {
-            return Ok(());
-        }
-        let store = self.store.clone();
-        let all = tokio::task::spawn_blocking(move || store.list_teams()).await??;
-        teams.extend(all.into_iter().map(|t| (t.id, t)));
-        Ok(())
     }
 
     /// Trims the queue through `position` if that is past what was trimmed; returns the new mark.
@@ -221,21 +199,4 @@ impl Pipeline {
             }
         }
     }
-}
-
-fn to_rows(batches: Vec<QueuedBatch>, teams: &HashMap<TeamId, Team>) -> Vec<StoredEvent> {
-    let mut rows = Vec::with_capacity(batches.iter().map(|b| b.batch.events.len()).sum());
-    for QueuedBatch { seq, mut batch } in batches {
-        let anonymize = teams.get(&batch.team_id).is_some_and(|t| t.anonymize_ips);
-        let events = std::mem::take(&mut batch.events);
-        let ctx = RequestContext::of(&batch, anonymize);
-        for event in events {
-            let (row, warning) = normalize(&ctx, event);
-            if let Some(w) = warning {
-                tracing::debug!(seq, uuid = %row.uuid, warning = ?w, "event timestamp adjusted");
-            }
-            rows.push(row);
-        }
-    }
-    rows
 }

@@ -1,11 +1,16 @@
-//! Turning a captured event into the row a sink stores: PostHog's ingestion normalisation.
+//! Turning a captured event into the row a sink stores: PostHog's ingestion normalisation
+//! (uuid, timestamp, `$ip`, `$set`/`$set_once`, elements chain).
+//!
+//! It runs where events enter the queue (capture, and later the Kafka and Celery sources), once
+//! per event: the result depends only on the event and its request, so it is fixed before the
+//! batch is durable and a replay writes identical rows.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::timestamp::{event_timestamp, TimestampWarning};
-use crate::event::{IngestBatch, StoredEvent};
+use crate::event::EventRow;
 
 /// PostHog truncates event names to this many characters.
 const MAX_EVENT_NAME_CHARS: usize = 200;
@@ -15,28 +20,15 @@ pub struct RequestContext<'a> {
     pub received_at: DateTime<Utc>,
     pub sent_at: Option<DateTime<Utc>>,
     pub ip: Option<&'a str>,
-    pub team_id: u64,
+    /// The team's "anonymize IPs" setting: no `$ip` is kept.
     pub anonymize_ips: bool,
 }
 
-impl<'a> RequestContext<'a> {
-    pub fn of(batch: &'a IngestBatch, anonymize_ips: bool) -> RequestContext<'a> {
-        RequestContext {
-            received_at: batch.received_at,
-            sent_at: batch.sent_at,
-            ip: batch.ip.as_deref(),
-            team_id: batch.team_id,
-            anonymize_ips,
-        }
-    }
-}
-
-/// Normalises one event. Deterministic: the same input gives the same row, which is what makes
-/// a replay after a crash harmless.
+/// Normalises one event. Deterministic: the same input gives the same row.
 pub fn normalize(
     ctx: &RequestContext<'_>,
     mut event: Map<String, Value>,
-) -> (StoredEvent, Option<TimestampWarning>) {
+) -> (EventRow, Option<TimestampWarning>) {
     let (timestamp, warning) = event_timestamp(ctx.received_at, ctx.sent_at, &event);
     let mut properties = match event.remove("properties") {
         Some(Value::Object(p)) => p,
@@ -84,16 +76,16 @@ pub fn normalize(
             Value::Object(event.clone()).to_string().as_bytes(),
         )
     });
-    let stored = StoredEvent {
+    let row = EventRow {
         uuid,
         event: name,
-        properties,
-        timestamp,
-        team_id: ctx.team_id,
         distinct_id: text(event.get("distinct_id")).to_owned(),
+        // Serialising a map of JSON values cannot fail.
+        properties: serde_json::to_string(&properties).unwrap_or_default(),
+        timestamp,
         elements_chain,
     };
-    (stored, warning)
+    (row, warning)
 }
 
 fn text(value: Option<&Value>) -> &str {
@@ -163,9 +155,12 @@ mod tests {
             received_at: Utc::now(),
             sent_at: None,
             ip: Some("203.0.113.9"),
-            team_id: 7,
             anonymize_ips,
         }
+    }
+
+    fn props(row: &EventRow) -> Map<String, Value> {
+        serde_json::from_str(&row.properties).unwrap()
     }
 
     fn obj(v: Value) -> Map<String, Value> {
@@ -179,22 +174,19 @@ mod tests {
             "$set": {"a": 1}, "$set_once": {"b": 2}, "properties": {"$set": {"a": 0, "c": 3}}}),
         );
         let (s, _) = normalize(&ctx(false), e);
-        assert_eq!(s.properties["$set"], json!({"a": 1, "c": 3}));
-        assert_eq!(s.properties["$set_once"], json!({"b": 2}));
-        assert_eq!(s.properties["$ip"], "203.0.113.9");
-        assert_eq!(s.team_id, 7);
+        let p = props(&s);
+        assert_eq!(p["$set"], json!({"a": 1, "c": 3}));
+        assert_eq!(p["$set_once"], json!({"b": 2}));
+        assert_eq!(p["$ip"], "203.0.113.9");
         assert_eq!(s.uuid.to_string(), "0190a0b0-0000-7000-8000-000000000001");
     }
 
     #[test]
     fn a_clients_ip_wins_and_anonymize_removes_it() {
         let e = obj(json!({"event": "e", "distinct_id": "u", "properties": {"$ip": null}}));
-        assert_eq!(
-            normalize(&ctx(false), e.clone()).0.properties["$ip"],
-            Value::Null
-        );
+        assert_eq!(props(&normalize(&ctx(false), e).0)["$ip"], Value::Null);
         let e = obj(json!({"event": "e", "distinct_id": "u", "properties": {"$ip": "1.2.3.4"}}));
-        assert!(!normalize(&ctx(true), e).0.properties.contains_key("$ip"));
+        assert!(!props(&normalize(&ctx(true), e).0).contains_key("$ip"));
     }
 
     #[test]
@@ -210,6 +202,6 @@ mod tests {
             s.elements_chain,
             "button.btn.primary:attr__class=\"btn primary\"attr__id=\"buy\"attr_id=\"buy\"nth-child=\"2\"nth-of-type=\"1\"text=\"Buy\";a:attr__href=\"/x\"href=\"/x\"nth-child=\"1\"nth-of-type=\"1\""
         );
-        assert!(!s.properties.contains_key("$elements"));
+        assert!(!props(&s).contains_key("$elements"));
     }
 }

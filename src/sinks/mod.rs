@@ -11,7 +11,7 @@ pub mod sqlite;
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::event::StoredEvent;
+use crate::event::IngestBatch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -36,7 +36,7 @@ pub trait Sink: Send + Sync {
     /// The last ingest-queue position this sink has durably committed (0 if none).
     fn position(&self) -> SinkFuture<'_, u64>;
 
-    /// Writes `events` and records `position` as reached, atomically where the store allows.
-    /// Events whose uuid is already stored are skipped.
-    fn write(&self, events: Vec<StoredEvent>, position: u64) -> SinkFuture<'_, ()>;
+    /// Writes the events of `batches` and records `position` as reached, atomically where the
+    /// store allows. Events whose uuid is already stored are skipped.
+    fn write(&self, batches: Vec<IngestBatch>, position: u64) -> SinkFuture<'_, ()>;
 }

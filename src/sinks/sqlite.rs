@@ -7,7 +7,7 @@ use chrono::{SecondsFormat, Utc};
 use rusqlite::{params, Connection};
 
 use super::{Sink, SinkError, SinkFuture};
-use crate::event::StoredEvent;
+use crate::event::IngestBatch;
 
 mod embedded {
     refinery::embed_migrations!("migrations/sqlite");
@@ -118,7 +118,7 @@ impl Sink for SqliteSink {
         })
     }
 
-    fn write(&self, events: Vec<StoredEvent>, position: u64) -> SinkFuture<'_, ()> {
+    fn write(&self, batches: Vec<IngestBatch>, position: u64) -> SinkFuture<'_, ()> {
         self.with_conn(move |conn| {
             let created_at = timestamp_text(Utc::now());
             let tx = conn.transaction()?;
@@ -128,17 +128,20 @@ impl Sink for SqliteSink {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                      ON CONFLICT(uuid) DO NOTHING",
                 )?;
-                for e in &events {
-                    insert.execute(params![
-                        e.uuid.hyphenated().to_string(),
-                        e.event,
-                        serde_json::to_string(&e.properties).unwrap_or_default(),
-                        e.elements_chain,
-                        timestamp_text(e.timestamp),
-                        e.team_id as i64,
-                        e.distinct_id,
-                        created_at,
-                    ])?;
+                let mut uuid_text = uuid::Uuid::encode_buffer();
+                for batch in &batches {
+                    for e in &batch.events {
+                        insert.execute(params![
+                            &*e.uuid.hyphenated().encode_lower(&mut uuid_text),
+                            e.event,
+                            e.properties,
+                            e.elements_chain,
+                            timestamp_text(e.timestamp),
+                            batch.team_id as i64,
+                            e.distinct_id,
+                            created_at,
+                        ])?;
+                    }
                 }
                 tx.execute(
                     "INSERT INTO appliance_sink_position (sink, position) VALUES (?1, ?2)

@@ -112,23 +112,24 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::Utc;
-    use serde_json::json;
+    use crate::event::EventRow;
     use std::collections::BTreeMap;
 
     fn batch(n: usize) -> IngestBatch {
+        let time = chrono::DateTime::from_timestamp_micros(1_795_659_924_420_123).unwrap();
         IngestBatch {
-            v: crate::event::INGEST_FORMAT,
             team_id: 1,
-            received_at: Utc::now(),
+            received_at: time,
             ip: Some("127.0.0.1".into()),
             sent_at: None,
             events: (0..n)
-                .map(|i| {
-                    json!({"event": "e", "n": i})
-                        .as_object()
-                        .cloned()
-                        .unwrap_or_default()
+                .map(|i| EventRow {
+                    uuid: uuid::Uuid::now_v7(),
+                    event: "e".into(),
+                    distinct_id: "u".into(),
+                    properties: format!("{{\"n\":{i}}}"),
+                    timestamp: time,
+                    elements_chain: String::new(),
                 })
                 .collect(),
         }
