@@ -82,6 +82,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             store: store.clone(),
             sink: sink.clone(),
             batch_events: config.sink_batch_events,
+            linger: config.sink_linger,
             status: status.clone(),
             wake,
         }

@@ -120,7 +120,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("CAPTURE_MAX_EVENT_BYTES", Some("1048576"), int(256, 1 << 30), "largest single event, in bytes of JSON; larger events are rejected"),
     setting("INGEST_CHANNEL_CAPACITY", Some("4096"), int(1, 1 << 20), "capture requests that may wait for the group commit before capture answers 503"),
     setting("INGEST_COMMIT_MAX_REQUESTS", Some("2048"), int(1, 1 << 20), "most capture requests folded into one redb commit"),
-    setting("SINK_BATCH_EVENTS", Some("5000"), int(1, 1 << 20), "most events the pipeline writes to the sink in one transaction"),
+    setting("SINK_BATCH_EVENTS", Some("20000"), int(1, 1 << 20), "most events the pipeline writes to the sink in one transaction"),
+    setting("SINK_LINGER_MS", Some("200"), int(0, 60_000), "how long the pipeline lets a part-filled batch fill before writing it (fewer, larger sink transactions)"),
     setting("SHUTDOWN_TIMEOUT_SECS", Some("30"), int(0, 3600), "on SIGTERM, how long to keep flushing the queue to the sink before exiting"),
 ];
 
@@ -149,6 +150,7 @@ pub struct Config {
     pub ingest_channel_capacity: usize,
     pub ingest_commit_max_requests: usize,
     pub sink_batch_events: usize,
+    pub sink_linger: Duration,
     pub shutdown_timeout: Duration,
     pub worker_concurrency: usize,
     /// Every setting's effective value, by name.
@@ -227,6 +229,7 @@ impl Config {
             ingest_channel_capacity: num("INGEST_CHANNEL_CAPACITY") as usize,
             ingest_commit_max_requests: num("INGEST_COMMIT_MAX_REQUESTS") as usize,
             sink_batch_events: num("SINK_BATCH_EVENTS") as usize,
+            sink_linger: Duration::from_millis(num("SINK_LINGER_MS")),
             shutdown_timeout: Duration::from_secs(num("SHUTDOWN_TIMEOUT_SECS")),
             worker_concurrency: match num("WORKER_CONCURRENCY") {
                 0 => cores,

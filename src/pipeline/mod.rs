@@ -77,6 +77,8 @@ pub struct Pipeline {
     pub store: Store,
     pub sink: Arc<dyn Sink>,
     pub batch_events: usize,
+    /// How long a part-filled batch may wait to fill before it is written.
+    pub linger: Duration,
     pub status: Arc<PipelineStatus>,
     /// Notified by the ingest writer after each commit.
     pub wake: Arc<Notify>,
@@ -108,13 +110,21 @@ impl Pipeline {
                 break;
             }
             match self.step(position).await {
-                Ok(Some(reached)) => {
+                Ok(Some((reached, events))) => {
                     position = reached;
                     backoff = RETRY_MIN;
                     self.status.set_error(None);
                     if last_trim.elapsed() >= TRIM_INTERVAL {
                         trimmed = self.trim(position, trimmed).await;
                         last_trim = Instant::now();
+                    }
+                    // A part-filled batch means the sink is keeping up: let the next batch fill
+                    // for a moment rather than commit (and fsync) a trickle of small ones.
+                    if events < self.batch_events && deadline.is_none() {
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.linger) => {}
+                            _ = drain.changed() => {}
+                        }
                     }
                 }
                 Ok(None) => {
@@ -162,8 +172,9 @@ impl Pipeline {
         }
     }
 
-    /// Moves one batch of events from the queue to the sink; `None` when the queue is empty.
-    async fn step(&self, position: u64) -> Result<Option<u64>, StepError> {
+    /// Moves one batch of events from the queue to the sink and returns the position reached and
+    /// the number of events; `None` when the queue is empty.
+    async fn step(&self, position: u64) -> Result<Option<(u64, usize)>, StepError> {
         let store = self.store.clone();
         let max = self.batch_events;
         let queued =
@@ -172,13 +183,13 @@ impl Pipeline {
             return Ok(None);
         };
         let batches: Vec<_> = queued.into_iter().map(|q| q.batch).collect();
-        let count = batches.iter().map(|b| b.events.len() as u64).sum();
+        let count: usize = batches.iter().map(|b| b.events.len()).sum();
         self.sink.write(batches, last).await?;
         self.status.position.store(last, Ordering::Relaxed);
         self.status
             .events_written
-            .fetch_add(count, Ordering::Relaxed);
-        Ok(Some(last))
+            .fetch_add(count as u64, Ordering::Relaxed);
+        Ok(Some((last, count)))
     }
 
     /// Trims the queue through `position` if that is past what was trimmed; returns the new mark.

@@ -34,9 +34,12 @@ fn connect(path: &Path) -> Result<Connection, SinkError> {
         std::fs::create_dir_all(dir).map_err(|e| open_error(path, e))?;
     }
     let conn = Connection::open(path).map_err(|e| open_error(path, e))?;
-    // FULL: a committed batch survives power loss, which the queue trimmer relies on.
+    // FULL: a committed batch survives power loss, which the queue trimmer relies on. A large
+    // page cache and memory-mapped reads keep index look-ups out of read(2) calls; checkpointing
+    // every 64 MiB of WAL instead of 4 MiB copies a page rewritten by many batches only once.
     conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=10000;",
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=10000;
+         PRAGMA cache_size=-65536; PRAGMA mmap_size=1073741824; PRAGMA wal_autocheckpoint=16384;",
     )
     .map_err(|e| open_error(path, e))?;
     Ok(conn)
