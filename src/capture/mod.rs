@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, on, MethodFilter};
+use axum::routing::{get, on, post, MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use chrono::Utc;
 use serde_json::{json, Value};
@@ -83,39 +83,35 @@ impl TeamDirectory {
 
 /// The capture routes, CORS included.
 pub fn router(state: Arc<CaptureState>) -> Router {
-    let mut router = Router::new();
-    for path in EVENT_PATHS {
-        router = router
-            .route(
-                path,
-                on(MethodFilter::GET.or(MethodFilter::POST), capture_classic),
-            )
-            .route(
-                &format!("{path}/"),
-                on(MethodFilter::GET.or(MethodFilter::POST), capture_classic),
-            );
-    }
-    router
-        .route("/i/v1/analytics/events", axum::routing::post(capture_v1))
-        .merge(flag_routes())
-        .with_state(state)
-        .layer(cors())
+    event_routes(
+        on(MethodFilter::GET.or(MethodFilter::POST), capture_classic),
+        post(capture_v1),
+    )
+    .with_state(state)
 }
 
 /// The routes answered while idle: the same paths, each a 503 that says why.
 pub fn idle_router() -> Router {
     let idle = || async { CaptureError::Idle };
+    event_routes(
+        on(MethodFilter::GET.or(MethodFilter::POST), idle),
+        post(idle),
+    )
+}
+
+/// Every path SDKs send events to, with and without the trailing slash, plus the flag routes.
+fn event_routes<S: Clone + Send + Sync + 'static>(
+    classic: MethodRouter<S>,
+    v1: MethodRouter<S>,
+) -> Router<S> {
     let mut router = Router::new();
     for path in EVENT_PATHS {
         router = router
-            .route(path, on(MethodFilter::GET.or(MethodFilter::POST), idle))
-            .route(
-                &format!("{path}/"),
-                on(MethodFilter::GET.or(MethodFilter::POST), idle),
-            );
+            .route(path, classic.clone())
+            .route(&format!("{path}/"), classic.clone());
     }
     router
-        .route("/i/v1/analytics/events", axum::routing::post(idle))
+        .route("/i/v1/analytics/events", v1)
         .merge(flag_routes())
         .layer(cors())
 }
