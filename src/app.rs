@@ -19,6 +19,7 @@ use crate::capture::{self, CaptureState, TeamDirectory};
 use crate::config::Config;
 use crate::ingest;
 use crate::pipeline::{Pipeline, PipelineStatus};
+use crate::plugins::{Chains, PluginError};
 use crate::sinks::sqlite::SqliteSink;
 use crate::sinks::{Sink, SinkError};
 use crate::store::{Store, StoreError};
@@ -29,6 +30,8 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -83,6 +86,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             sink: sink.clone(),
             batch_events: config.sink_batch_events,
             linger: config.sink_linger,
+            plugins: Arc::new(std::sync::Mutex::new(Chains::new(
+                Arc::new(plugin_runtime(&config)?),
+                store.clone(),
+                &config.data_dir,
+                config.plugin_allowed_hosts.clone(),
+            ))),
             status: status.clone(),
             wake,
         }
@@ -156,6 +165,12 @@ async fn serve(
         context: "the HTTP server failed",
         source,
     })
+}
+
+/// The plugin engine, with compiled components cached under the data directory.
+pub fn plugin_runtime(config: &Config) -> Result<crate::plugins::runtime::Runtime, PluginError> {
+    let cache = crate::plugins::plugin_dir(&config.data_dir).join("compiled");
+    crate::plugins::runtime::Runtime::new(&cache, config.plugin_limits)
 }
 
 /// `--idle`: answers health checks and nothing else; opens no storage.

@@ -53,6 +53,52 @@ enum Command {
         #[command(subcommand)]
         action: TeamCommand,
     },
+    /// Install plugins and enable them per team (changes apply to a running server at once)
+    Plugin {
+        #[command(subcommand)]
+        action: PluginCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PluginCommand {
+    /// Install the plugin in a folder holding plugin.json and its .wasm component
+    Install { path: std::path::PathBuf },
+    /// List installed plugins and their configs
+    List,
+    /// Enable a plugin for a team, with config values
+    Enable {
+        /// Team id
+        #[arg(long)]
+        team: u64,
+        /// Plugin name or id
+        plugin: String,
+        /// A config value, KEY=VALUE (repeatable)
+        #[arg(long = "config", value_parser = parse_key_value)]
+        config: Vec<(String, String)>,
+        /// Place in the team's chain (lower runs first)
+        #[arg(long)]
+        order: Option<i64>,
+    },
+    /// Disable a plugin for a team
+    Disable {
+        #[arg(long)]
+        team: u64,
+        plugin: String,
+    },
+    /// Show what a plugin config logged (its own lines and the host's about its failures)
+    Logs {
+        #[arg(long)]
+        team: u64,
+        plugin: String,
+    },
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,6 +137,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         None | Some(Command::Run) => report(run_server(config)),
         Some(Command::Team { action }) => report(team(&config, action)),
+        Some(Command::Plugin { action }) => report(plugin(&config, action)),
     }
 }
 
@@ -162,6 +209,103 @@ fn team(config: &Config, action: TeamCommand) -> Result<(), String> {
                     t.name,
                     t.api_token,
                     t.created_at.format("%Y-%m-%d %H:%M:%S UTC")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn plugin(config: &Config, action: PluginCommand) -> Result<(), String> {
+    let store = Store::open(&config.data_dir).map_err(|e| e.to_string())?;
+    let find = |name_or_id: &str| -> Result<crate::store::PluginRecord, String> {
+        let plugins = store.list_plugins().map_err(|e| e.to_string())?;
+        plugins
+            .into_iter()
+            .find(|p| p.name == name_or_id || p.id.to_string() == name_or_id)
+            .ok_or_else(|| {
+                format!(
+                    "no installed plugin is called {name_or_id:?} (see `appliance plugin list`)"
+                )
+            })
+    };
+    let team_exists = |team: u64| -> Result<(), String> {
+        let teams = store.list_teams().map_err(|e| e.to_string())?;
+        teams
+            .iter()
+            .any(|t| t.id == team)
+            .then_some(())
+            .ok_or_else(|| format!("no team {team} (see `appliance team list`)"))
+    };
+    match action {
+        PluginCommand::Install { path } => {
+            let runtime = crate::app::plugin_runtime(config).map_err(|e| e.to_string())?;
+            let record = crate::plugins::install(&store, &runtime, &config.data_dir, &path)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "plugin {} ({}) installed; component {}",
+                record.id, record.name, record.sha256
+            );
+        }
+        PluginCommand::List => {
+            let configs = store.list_plugin_configs().map_err(|e| e.to_string())?;
+            for p in store.list_plugins().map_err(|e| e.to_string())? {
+                println!(
+                    "plugin {} {} {}",
+                    p.id,
+                    p.name,
+                    p.manifest["version"].as_str().unwrap_or_default()
+                );
+                for c in configs.iter().filter(|c| c.plugin_id == p.id) {
+                    let state = if c.enabled { "enabled" } else { "disabled" };
+                    println!(
+                        "  config {} team {} {state} order {}",
+                        c.id, c.team_id, c.order
+                    );
+                }
+            }
+        }
+        PluginCommand::Enable {
+            team,
+            plugin,
+            config: given,
+            order,
+        } => {
+            team_exists(team)?;
+            let record = find(&plugin)?;
+            let manifest: crate::plugins::manifest::Manifest =
+                serde_json::from_value(record.manifest.clone()).map_err(|e| e.to_string())?;
+            let values = manifest
+                .validate_config(&given.into_iter().collect())
+                .map_err(|e| e.to_string())?;
+            let saved = store
+                .upsert_plugin_config(team, record.id, true, order, Some(values))
+                .map_err(|e| e.to_string())?;
+            println!(
+                "plugin config {} enabled: {} for team {} at order {}",
+                saved.id, record.name, team, saved.order
+            );
+        }
+        PluginCommand::Disable { team, plugin } => {
+            let record = find(&plugin)?;
+            let saved = store
+                .upsert_plugin_config(team, record.id, false, None, None)
+                .map_err(|e| e.to_string())?;
+            println!("plugin config {} disabled", saved.id);
+        }
+        PluginCommand::Logs { team, plugin } => {
+            let record = find(&plugin)?;
+            let configs = store.list_plugin_configs().map_err(|e| e.to_string())?;
+            let config = configs
+                .iter()
+                .find(|c| c.team_id == team && c.plugin_id == record.id)
+                .ok_or_else(|| format!("{} has no config for team {team}", record.name))?;
+            for entry in store.plugin_logs(config.id).map_err(|e| e.to_string())? {
+                println!(
+                    "{} {:5} {}",
+                    entry.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+                    entry.level,
+                    entry.message
                 );
             }
         }

@@ -122,6 +122,10 @@ pub const SETTINGS: &[Setting] = &[
     setting("INGEST_COMMIT_MAX_REQUESTS", Some("2048"), int(1, 1 << 20), "most capture requests folded into one redb commit"),
     setting("SINK_BATCH_EVENTS", Some("20000"), int(1, 1 << 20), "most events the pipeline writes to the sink in one transaction"),
     setting("SINK_LINGER_MS", Some("200"), int(0, 60_000), "how long the pipeline lets a part-filled batch fill before writing it (fewer, larger sink transactions)"),
+    setting("PLUGIN_MEMORY_MB", Some("64"), int(1, 4096), "memory limit of each plugin instance, in MiB"),
+    setting("PLUGIN_PROCESS_EVENT_TIMEOUT_MS", Some("500"), int(1, 600_000), "deadline of one process-event call (a batch of events) of one plugin"),
+    setting("PLUGIN_TASK_TIMEOUT_SECS", Some("30"), int(1, 86_400), "deadline of plugin setup, scheduled tasks, jobs and exports"),
+    setting("PLUGIN_ALLOWED_HOSTS", None, Kind::Text, "comma-separated hosts plugins may fetch from; unset: any host a plugin declares in its plugin.json"),
     setting("SHUTDOWN_TIMEOUT_SECS", Some("30"), int(0, 3600), "on SIGTERM, how long to keep flushing the queue to the sink before exiting"),
 ];
 
@@ -151,6 +155,9 @@ pub struct Config {
     pub ingest_commit_max_requests: usize,
     pub sink_batch_events: usize,
     pub sink_linger: Duration,
+    pub plugin_limits: crate::plugins::runtime::Limits,
+    /// Operator's allow-list for plugin HTTP; empty means whatever plugins declare.
+    pub plugin_allowed_hosts: Vec<String>,
     pub shutdown_timeout: Duration,
     pub worker_concurrency: usize,
     /// Every setting's effective value, by name.
@@ -230,6 +237,16 @@ impl Config {
             ingest_commit_max_requests: num("INGEST_COMMIT_MAX_REQUESTS") as usize,
             sink_batch_events: num("SINK_BATCH_EVENTS") as usize,
             sink_linger: Duration::from_millis(num("SINK_LINGER_MS")),
+            plugin_limits: crate::plugins::runtime::Limits {
+                memory_bytes: (num("PLUGIN_MEMORY_MB") as usize) << 20,
+                process_event: Duration::from_millis(num("PLUGIN_PROCESS_EVENT_TIMEOUT_MS")),
+                task: Duration::from_secs(num("PLUGIN_TASK_TIMEOUT_SECS")),
+            },
+            plugin_allowed_hosts: get("PLUGIN_ALLOWED_HOSTS")
+                .split(',')
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .collect(),
             shutdown_timeout: Duration::from_secs(num("SHUTDOWN_TIMEOUT_SECS")),
             worker_concurrency: match num("WORKER_CONCURRENCY") {
                 0 => cores,

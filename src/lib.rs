@@ -10,5 +10,6 @@ pub mod config;
 pub mod event;
 pub mod ingest;
 pub mod pipeline;
+pub mod plugins;
 pub mod sinks;
 pub mod store;

@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use crate::plugins::Chains;
 use crate::sinks::Sink;
 use crate::store::{Store, StoreError};
 
@@ -79,6 +80,8 @@ pub struct Pipeline {
     pub batch_events: usize,
     /// How long a part-filled batch may wait to fill before it is written.
     pub linger: Duration,
+    /// The teams' `process-event` plugin chains, run on each batch before the sink write.
+    pub plugins: Arc<Mutex<Chains>>,
     pub status: Arc<PipelineStatus>,
     /// Notified by the ingest writer after each commit.
     pub wake: Arc<Notify>,
@@ -182,7 +185,21 @@ impl Pipeline {
         let Some(last) = queued.last().map(|q| q.seq) else {
             return Ok(None);
         };
-        let batches: Vec<_> = queued.into_iter().map(|q| q.batch).collect();
+        let mut batches: Vec<_> = queued.into_iter().map(|q| q.batch).collect();
+        let chains = self.plugins.clone();
+        batches = tokio::task::spawn_blocking(move || {
+            let mut chains = chains.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Err(e) = chains.refresh() {
+                tracing::error!(error = %e, "cannot reload plugin configs; keeping the previous chains");
+            }
+            for batch in &mut batches {
+                if chains.has_chain(batch.team_id) {
+                    chains.process(batch);
+                }
+            }
+            batches
+        })
+        .await?;
         let count: usize = batches.iter().map(|b| b.events.len()).sum();
         self.sink.write(batches, last).await?;
         self.status.position.store(last, Ordering::Relaxed);

@@ -1,12 +1,14 @@
 //! The appliance's own durable state, in one redb file under the data directory.
 //!
 //! Owns: the redb `Database`, its table definitions and the encoding of every value kept there
-//! (each value carries a format version). Holds teams and their project tokens, and the ingest
-//! queue with its sequence counter; later the job queue, schedules and plugin storage.
+//! (each value carries a format version). Holds teams and their project tokens, the ingest
+//! queue with its sequence counter, installed plugins, plugin configs, plugin storage and logs;
+//! later the job queue and schedules.
 //! Must never: be bypassed. No other module opens the file or names a redb table; callers ask
 //! for typed operations ("append these batches", "read after this position").
 
 mod ingest;
+mod plugins;
 mod teams;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use redb::{ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 pub use ingest::{IngestStats, QueuedBatch};
+pub use plugins::{PluginConfig, PluginConfigId, PluginId, PluginLogEntry, PluginRecord};
 pub use teams::{Team, TeamId};
 
 /// Name of the redb file inside the data directory.
@@ -121,6 +124,7 @@ impl Store {
             }
             teams::create_tables(&txn)?;
             ingest::create_tables(&txn)?;
+            plugins::create_tables(&txn)?;
         }
         txn.commit()?;
         Ok(())

@@ -1,0 +1,436 @@
+//! Plugins: WebAssembly components, run by wasmtime, that transform events on the way in.
+//!
+//! Owns: the plugin contract's host side ([`host`]), the engine, compilation cache and limits
+//! ([`runtime`]), `plugin.json` ([`manifest`]), installing plugins, and each team's chain of
+//! `process-event` plugins ([`Chains`]), reloaded when plugin configs change.
+//! Must never: let a plugin's failure (trap, timeout, memory, garbage) stop the pipeline or touch
+//! another plugin config or team; a failing plugin is logged against its config with the event
+//! uuids, the events continue unchanged, and after many consecutive failures that one config is
+//! disabled, visibly.
+
+pub mod host;
+pub mod manifest;
+pub mod runtime;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use uuid::Uuid;
+
+use crate::event::{EventRow, IngestBatch};
+use crate::store::{PluginConfig, PluginConfigId, PluginRecord, Store, StoreError, TeamId};
+use host::{HostState, PluginScope, SharedCache};
+use manifest::{Manifest, ManifestError};
+use runtime::{CallError, Exports, Instance, Loaded, Runtime, WitEvent};
+
+/// Consecutive failing calls after which a plugin config is disabled.
+pub const DISABLE_AFTER_FAILURES: u32 = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin runtime: {0}")]
+    Runtime(String),
+    #[error("not a valid plugin component: {0}")]
+    InvalidComponent(String),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{0}")]
+    Io(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the plugin failed when loaded: {0}")]
+    Instantiate(String),
+}
+
+/// Where installed components are kept, by content hash.
+pub fn plugin_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("plugins")
+}
+
+/// Installs the plugin in `folder` (plugin.json and its component): checks the manifest,
+/// compiles the component against the contract, loads it once, and records it.
+pub fn install(
+    store: &Store,
+    runtime: &Runtime,
+    data_dir: &Path,
+    folder: &Path,
+) -> Result<PluginRecord, PluginError> {
+    let manifest_path = folder.join("plugin.json");
+    let text = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| PluginError::Io(format!("cannot read {}: {e}", manifest_path.display())))?;
+    let manifest = Manifest::parse(&text)?;
+    let wasm_path = folder.join(&manifest.main);
+    let wasm = std::fs::read(&wasm_path)
+        .map_err(|e| PluginError::Io(format!("cannot read {}: {e}", wasm_path.display())))?;
+    let loaded = runtime.load(&wasm)?;
+    // Load it once with its defaults so a plugin that cannot even start is refused now.
+    let scope = PluginScope {
+        config_id: 0,
+        config: manifest
+            .validate_config(&Default::default())
+            .unwrap_or_default(),
+        allowed_hosts: Vec::new(),
+        store: store.clone(),
+        cache: SharedCache::default(),
+    };
+    runtime
+        .instantiate(&loaded, HostState::new(scope, runtime.limits.memory_bytes))
+        .map_err(|e| PluginError::Instantiate(e.to_string()))?;
+    let dir = plugin_dir(data_dir);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| PluginError::Io(format!("{}: {e}", dir.display())))?;
+    let target = dir.join(format!("{}.wasm", loaded.sha256));
+    std::fs::write(&target, &wasm)
+        .map_err(|e| PluginError::Io(format!("{}: {e}", target.display())))?;
+    let manifest_json =
+        serde_json::to_value(&manifest).map_err(|e| PluginError::Io(e.to_string()))?;
+    Ok(store.install_plugin(&manifest.name, manifest_json, &loaded.sha256)?)
+}
+
+/// One plugin config in a team's chain.
+struct Slot {
+    config: PluginConfig,
+    plugin_name: String,
+    loaded: Loaded,
+    allowed_hosts: Vec<String>,
+    cache: SharedCache,
+    instance: Option<Instance>,
+    consecutive_failures: u32,
+}
+
+/// The `process-event` chains of every team, as the store describes them.
+pub struct Chains {
+    runtime: Arc<Runtime>,
+    store: Store,
+    data_dir: PathBuf,
+    /// Operator's allow-list for `http.fetch`; empty means any host a plugin declares.
+    operator_hosts: Vec<String>,
+    generation: Option<u64>,
+    teams: HashMap<TeamId, Vec<Slot>>,
+    compiled: HashMap<String, Loaded>,
+    caches: HashMap<PluginConfigId, SharedCache>,
+}
+
+impl Chains {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        store: Store,
+        data_dir: &Path,
+        operator_hosts: Vec<String>,
+    ) -> Chains {
+        Chains {
+            runtime,
+            store,
+            data_dir: data_dir.to_owned(),
+            operator_hosts,
+            generation: None,
+            teams: HashMap::new(),
+            compiled: HashMap::new(),
+            caches: HashMap::new(),
+        }
+    }
+
+    /// Rebuilds the chains if plugins or configs changed since the last look. Calls already made
+    /// finished on the old instances; the next batch uses the new ones.
+    pub fn refresh(&mut self) -> Result<(), PluginError> {
+        let generation = self.store.plugins_generation()?;
+        if self.generation == Some(generation) {
+            return Ok(());
+        }
+        let plugins: HashMap<_, _> = self
+            .store
+            .list_plugins()?
+            .into_iter()
+            .map(|p| (p.id, p))
+            .collect();
+        let mut configs: Vec<PluginConfig> = self
+            .store
+            .list_plugin_configs()?
+            .into_iter()
+            .filter(|c| c.enabled)
+            .collect();
+        configs.sort_by_key(|c| (c.team_id, c.order, c.id));
+        let mut old: HashMap<PluginConfigId, Slot> = self
+            .teams
+            .drain()
+            .flat_map(|(_, slots)| slots)
+            .map(|s| (s.config.id, s))
+            .collect();
+        for config in configs {
+            let Some(plugin) = plugins.get(&config.plugin_id) else {
+                continue;
+            };
+            let loaded = match self.compiled(&plugin.sha256) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(config = config.id, plugin = %plugin.name, error = %e, "cannot load plugin; it is skipped");
+                    continue;
+                }
+            };
+            // An unchanged config keeps its live instance (and its plugin's in-memory state).
+            let previous = old
+                .remove(&config.id)
+                .filter(|s| s.config == config && s.loaded.sha256 == loaded.sha256);
+            let slot = match previous {
+                Some(slot) => slot,
+                None => Slot {
+                    allowed_hosts: self.allowed_hosts(&plugin.manifest),
+                    plugin_name: plugin.name.clone(),
+                    cache: self.caches.entry(config.id).or_default().clone(),
+                    config: config.clone(),
+                    loaded,
+                    instance: None,
+                    consecutive_failures: 0,
+                },
+            };
+            self.teams.entry(config.team_id).or_default().push(slot);
+        }
+        self.generation = Some(generation);
+        Ok(())
+    }
+
+    fn compiled(&mut self, sha256: &str) -> Result<Loaded, PluginError> {
+        if let Some(l) = self.compiled.get(sha256) {
+            return Ok(l.clone());
+        }
+        let path = plugin_dir(&self.data_dir).join(format!("{sha256}.wasm"));
+        let wasm = std::fs::read(&path)
+            .map_err(|e| PluginError::Io(format!("{}: {e}", path.display())))?;
+        let loaded = self.runtime.load(&wasm)?;
+        self.compiled.insert(sha256.to_owned(), loaded.clone());
+        Ok(loaded)
+    }
+
+    fn allowed_hosts(&self, manifest: &serde_json::Value) -> Vec<String> {
+        let declared: Vec<String> = manifest["allowed_hosts"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|h| h.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if self.operator_hosts.is_empty() {
+            return declared;
+        }
+        declared
+            .into_iter()
+            .filter(|h| {
+                self.operator_hosts
+                    .iter()
+                    .any(|o| o.eq_ignore_ascii_case(h))
+            })
+            .collect()
+    }
+
+    /// True when a team has at least one enabled `process-event` plugin.
+    pub fn has_chain(&self, team_id: TeamId) -> bool {
+        self.teams
+            .get(&team_id)
+            .is_some_and(|slots| !slots.is_empty())
+    }
+
+    /// Runs the team's chain over one queued batch, in order. Failures leave events unchanged.
+    pub fn process(&mut self, batch: &mut IngestBatch) {
+        let Some(slots) = self.teams.get_mut(&batch.team_id) else {
+            return;
+        };
+        let mut disabled = Vec::new();
+        for slot in slots.iter_mut() {
+            if batch.events.is_empty() {
+                break;
+            }
+            run_slot(&self.runtime, &self.store, slot, batch);
+            if slot.consecutive_failures >= DISABLE_AFTER_FAILURES {
+                disabled.push(slot.config.clone());
+            }
+        }
+        for config in disabled {
+            self.disable(config);
+        }
+    }
+
+    fn disable(&mut self, config: PluginConfig) {
+        let message = format!("disabled after {DISABLE_AFTER_FAILURES} consecutive failures; fix the cause and enable it again");
+        tracing::error!(
+            config = config.id,
+            team = config.team_id,
+            "plugin config {message}"
+        );
+        if let Err(e) = self.store.append_plugin_logs(
+            config.id,
+            &[crate::store::PluginLogEntry {
+                at: Utc::now(),
+                level: "error".into(),
+                message: message.clone(),
+            }],
+        ) {
+            tracing::warn!(error = %e, "cannot log the plugin config's disabling");
+        }
+        if let Err(e) =
+            self.store
+                .upsert_plugin_config(config.team_id, config.plugin_id, false, None, None)
+        {
+            tracing::error!(error = %e, "cannot disable the failing plugin config");
+        }
+        if let Some(slots) = self.teams.get_mut(&config.team_id) {
+            slots.retain(|s| s.config.id != config.id);
+        }
+    }
+}
+
+fn run_slot(runtime: &Runtime, store: &Store, slot: &mut Slot, batch: &mut IngestBatch) {
+    let instance = match slot.instance.take() {
+        Some(i) => i,
+        None => {
+            let scope = PluginScope {
+                config_id: slot.config.id,
+                config: slot.config.config.clone(),
+                allowed_hosts: slot.allowed_hosts.clone(),
+                store: store.clone(),
+                cache: slot.cache.clone(),
+            };
+            let started = runtime
+                .instantiate(
+                    &slot.loaded,
+                    HostState::new(scope, runtime.limits.memory_bytes),
+                )
+                .and_then(|mut i| i.setup().map(|_| i));
+            match started {
+                Ok(i) => i,
+                Err(e) => {
+                    slot.consecutive_failures += 1;
+                    let _ = store.append_plugin_logs(
+                        slot.config.id,
+                        &[crate::store::PluginLogEntry {
+                            at: Utc::now(),
+                            level: "error".into(),
+                            message: format!("{} could not start: {e}", slot.plugin_name),
+                        }],
+                    );
+                    return;
+                }
+            }
+        }
+    };
+    let mut instance = instance;
+    if !instance
+        .info
+        .exports
+        .intersects(Exports::PROCESS_EVENT | Exports::PROCESS_EVENT_BATCH)
+    {
+        slot.instance = Some(instance);
+        return;
+    }
+    let inputs: Vec<WitEvent> = batch.events.iter().map(|e| to_wit(e, batch)).collect();
+    let uuids: Vec<String> = batch.events.iter().map(|e| e.uuid.to_string()).collect();
+    let outcome = instance.process_batch(inputs);
+    let keep_instance = match outcome {
+        Ok(results) if results.len() == batch.events.len() => {
+            slot.consecutive_failures = 0;
+            let mut kept = Vec::with_capacity(results.len());
+            for (original, result) in std::mem::take(&mut batch.events).into_iter().zip(results) {
+                match result {
+                    None => {}
+                    Some(changed) => match from_wit(changed, &original, batch.team_id) {
+                        Ok(row) => kept.push(row),
+                        Err(problem) => {
+                            instance.host().log(
+                                "error",
+                                format!("process-event returned an invalid event for {}: {problem}; the event continues unchanged", original.uuid),
+                            );
+                            kept.push(original);
+                        }
+                    },
+                }
+            }
+            batch.events = kept;
+            true
+        }
+        Ok(results) => {
+            slot.consecutive_failures += 1;
+            instance.host().log(
+                "error",
+                format!(
+                    "process-event-batch returned {} results for {} events ({}); the events continue unchanged",
+                    results.len(),
+                    uuids.len(),
+                    uuids.join(", ")
+                ),
+            );
+            true
+        }
+        Err(e) => {
+            slot.consecutive_failures += 1;
+            let fatal = matches!(
+                e,
+                CallError::Timeout(_) | CallError::OutOfMemory(_) | CallError::Trap(_)
+            );
+            instance.host().log(
+                "error",
+                format!(
+                    "process-event {e} on events {}; they continue unchanged",
+                    uuids.join(", ")
+                ),
+            );
+            !fatal
+        }
+    };
+    instance.host().flush_logs();
+    // After a trap, timeout or memory blow-up the instance's state is unknown: start afresh.
+    if keep_instance {
+        slot.instance = Some(instance);
+    }
+}
+
+fn timestamp_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn to_wit(row: &EventRow, batch: &IngestBatch) -> WitEvent {
+    WitEvent {
+        uuid: row.uuid.to_string(),
+        event: row.event.clone(),
+        distinct_id: row.distinct_id.clone(),
+        team_id: batch.team_id,
+        timestamp: timestamp_text(row.timestamp),
+        properties: row.properties.clone(),
+        elements_chain: row.elements_chain.clone(),
+        ip: batch.ip.clone(),
+    }
+}
+
+/// Accepts a plugin's changed event only if it is still a valid event of the same team and uuid.
+fn from_wit(e: WitEvent, original: &EventRow, team_id: TeamId) -> Result<EventRow, String> {
+    if e.uuid.parse::<Uuid>().ok() != Some(original.uuid) {
+        return Err(format!("the uuid changed to {:?}", e.uuid));
+    }
+    if e.team_id != team_id {
+        return Err(format!("the team changed to {}", e.team_id));
+    }
+    if e.event.trim().is_empty() {
+        return Err("the event name is empty".into());
+    }
+    if e.distinct_id.trim().is_empty() {
+        return Err("the distinct_id is empty".into());
+    }
+    let timestamp = DateTime::parse_from_rfc3339(&e.timestamp)
+        .map_err(|_| format!("the timestamp {:?} is not RFC 3339", e.timestamp))?
+        .with_timezone(&Utc);
+    match serde_json::from_str::<serde_json::Value>(&e.properties) {
+        Ok(serde_json::Value::Object(_)) => {}
+        _ => return Err("the properties are not a JSON object".into()),
+    }
+    Ok(EventRow {
+        uuid: original.uuid,
+        event: e.event,
+        distinct_id: e.distinct_id,
+        properties: e.properties,
+        timestamp,
+        elements_chain: e.elements_chain,
+    })
+}

@@ -1,0 +1,270 @@
+//! The wasmtime side: one `Engine` for the process (pooling allocator, epoch interruption),
+//! components compiled once and cached on disk by content hash, one `Store` per plugin config
+//! with its memory limit, and per-call deadlines.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use super::host::HostState;
+use super::PluginError;
+
+/// Host bindings of `wit/plugin.wit`.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        world: "plugin",
+        path: "wit",
+    });
+}
+
+pub use bindings::appliance::plugin::types::{
+    Event as WitEvent, Exports, PluginError as WitPluginError, PluginInfo,
+};
+use bindings::{Plugin, PluginPre};
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Limits applied to every plugin call.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub memory_bytes: usize,
+    /// Deadline of `process-event` calls (per batch call).
+    pub process_event: Duration,
+    /// Deadline of setup, scheduled tasks, jobs and exports.
+    pub task: Duration,
+}
+
+/// Why a call did not return a result.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("ran past its deadline of {0:?}")]
+    Timeout(Duration),
+    #[error("exceeded its memory limit of {0} bytes")]
+    OutOfMemory(usize),
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("asked to retry: {0}")]
+    Retry(String),
+    #[error("failed: {0}")]
+    Failed(String),
+}
+
+/// The process-wide engine, the linker with every host import, and the compiled-code cache.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache_dir: PathBuf,
+    pub limits: Limits,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A compiled plugin, ready to instantiate cheaply.
+#[derive(Clone)]
+pub struct Loaded {
+    pre: PluginPre<HostState>,
+    pub sha256: String,
+}
+
+impl Runtime {
+    pub fn new(cache_dir: &Path, limits: Limits) -> Result<Runtime, PluginError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true).epoch_interruption(true);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(1000)
+            .total_core_instances(2000)
+            .total_memories(1000)
+            .total_tables(2000)
+            .max_memory_size(limits.memory_bytes);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| PluginError::Runtime(e.to_string()))?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (ticking, stop) = (engine.clone(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticking.increment_epoch();
+                }
+            })
+            .map_err(|e| PluginError::Runtime(e.to_string()))?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| PluginError::Runtime(e.to_string()))?;
+        Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
+            .map_err(|e| PluginError::Runtime(e.to_string()))?;
+        std::fs::create_dir_all(cache_dir)
+            .map_err(|e| PluginError::Runtime(format!("{}: {e}", cache_dir.display())))?;
+        Ok(Runtime {
+            engine,
+            linker,
+            cache_dir: cache_dir.to_owned(),
+            limits,
+            ticker_stop,
+        })
+    }
+
+    /// Compiles a component (or takes the precompiled artifact from the cache) and links it.
+    pub fn load(&self, wasm: &[u8]) -> Result<Loaded, PluginError> {
+        let sha256 = format!("{:x}", Sha256::digest(wasm));
+        let cached = self.cache_dir.join(format!("{sha256}.cwasm"));
+        // SAFETY: the cache holds only artifacts this engine configuration wrote (the file name
+        // is the source's hash); wasmtime checks the artifact's engine compatibility on load.
+        let from_cache = cached
+            .exists()
+            .then(|| unsafe { Component::deserialize_file(&self.engine, &cached) }.ok())
+            .flatten();
+        let component = match from_cache {
+            Some(c) => c,
+            None => {
+                let component = Component::new(&self.engine, wasm)
+                    .map_err(|e| PluginError::InvalidComponent(format!("{e:#}")))?;
+                if let Ok(bytes) = component.serialize() {
+                    let tmp = cached.with_extension("tmp");
+                    if std::fs::write(&tmp, bytes).is_ok() {
+                        let _ = std::fs::rename(&tmp, &cached);
+                    }
+                }
+                component
+            }
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::InvalidComponent(format!("{e:#}")))?;
+        let pre =
+            PluginPre::new(pre).map_err(|e| PluginError::InvalidComponent(format!("{e:#}")))?;
+        Ok(Loaded { pre, sha256 })
+    }
+
+    /// A new instance with its own store and limits; asks the plugin what it implements.
+    pub fn instantiate(&self, loaded: &Loaded, state: HostState) -> Result<Instance, CallError> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        let mut instance = Instance {
+            plugin: None,
+            store,
+            info: PluginInfo {
+                exports: Exports::empty(),
+                jobs: Vec::new(),
+            },
+            limits: self.limits,
+        };
+        instance.arm(self.limits.task);
+        let limits = self.limits;
+        let plugin = loaded
+            .pre
+            .instantiate(&mut instance.store)
+            .map_err(|e| classify(&instance.store, &limits, e, limits.task))?;
+        instance.info = plugin
+            .call_info(&mut instance.store)
+            .map_err(|e| classify(&instance.store, &limits, e, limits.task))?;
+        instance.plugin = Some(plugin);
+        Ok(instance)
+    }
+}
+
+/// A live plugin instance: one per plugin config. After a trap it must be dropped.
+pub struct Instance {
+    plugin: Option<Plugin>,
+    store: Store<HostState>,
+    pub info: PluginInfo,
+    limits: Limits,
+}
+
+impl Instance {
+    fn arm(&mut self, deadline: Duration) {
+        let ticks = (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        self.store.set_epoch_deadline(ticks);
+    }
+
+    pub fn host(&mut self) -> &mut HostState {
+        self.store.data_mut()
+    }
+
+    pub fn setup(&mut self) -> Result<(), CallError> {
+        if !self.info.exports.contains(Exports::SETUP) {
+            return Ok(());
+        }
+        let deadline = self.limits.task;
+        self.arm(deadline);
+        let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
+        let result = plugin.call_setup(&mut self.store);
+        finish(&self.store, &self.limits, result, deadline)
+    }
+
+    /// Runs `process-event-batch` (or `process-event` per event) over `events`.
+    pub fn process_batch(
+        &mut self,
+        events: Vec<WitEvent>,
+    ) -> Result<Vec<Option<WitEvent>>, CallError> {
+        let deadline = self.limits.process_event;
+        self.arm(deadline);
+        let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
+        if self.info.exports.contains(Exports::PROCESS_EVENT_BATCH) {
+            let result = plugin.call_process_event_batch(&mut self.store, &events);
+            return finish(&self.store, &self.limits, result, deadline);
+        }
+        let mut out = Vec::with_capacity(events.len());
+        for event in &events {
+            let result = plugin.call_process_event(&mut self.store, event);
+            out.push(finish(&self.store, &self.limits, result, deadline)?);
+        }
+        Ok(out)
+    }
+}
+
+fn uninitialised() -> CallError {
+    CallError::Trap("the instance is not initialised".into())
+}
+
+fn classify(
+    store: &Store<HostState>,
+    limits: &Limits,
+    error: wasmtime::Error,
+    deadline: Duration,
+) -> CallError {
+    if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return CallError::Timeout(deadline);
+    }
+    if store.data().memory_limit_hit() {
+        return CallError::OutOfMemory(limits.memory_bytes);
+    }
+    let what = match error.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => error.root_cause().to_string(),
+    };
+    match store.data().stderr_tail() {
+        stderr if stderr.is_empty() => CallError::Trap(what),
+        stderr => CallError::Trap(format!("{what}; the plugin wrote: {stderr}")),
+    }
+}
+
+fn finish<T>(
+    store: &Store<HostState>,
+    limits: &Limits,
+    result: wasmtime::Result<Result<T, WitPluginError>>,
+    deadline: Duration,
+) -> Result<T, CallError> {
+    match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(WitPluginError::Retry(m))) => Err(CallError::Retry(m)),
+        Ok(Err(WitPluginError::Failed(m))) => Err(CallError::Failed(m)),
+        Err(e) => Err(classify(store, limits, e, deadline)),
+    }
+}

@@ -1,0 +1,268 @@
+//! Installed plugins, the plugin configs that enable them per team, and what plugins keep:
+//! their storage and their logs. Every change bumps a generation counter, which running
+//! pipelines watch to reload (hot reload).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::{meta_get, Store, StoreError, TeamId, META};
+
+const PLUGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("plugins");
+const PLUGIN_CONFIGS: TableDefinition<u64, &[u8]> = TableDefinition::new("plugin_configs");
+/// (plugin config, key) → value.
+const PLUGIN_STORAGE: TableDefinition<(u64, &str), &str> = TableDefinition::new("plugin_storage");
+/// (plugin config, sequence) → [`PluginLogEntry`] as JSON.
+const PLUGIN_LOGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("plugin_logs");
+const NEXT_PLUGIN_ID: &str = "next_plugin_id";
+const NEXT_PLUGIN_CONFIG_ID: &str = "next_plugin_config_id";
+const NEXT_LOG_SEQ: &str = "next_plugin_log_seq";
+const GENERATION: &str = "plugins_generation";
+const FORMAT: u8 = 1;
+
+pub type PluginId = u64;
+pub type PluginConfigId = u64;
+
+/// An installed plugin: its manifest and the hash of its component file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginRecord {
+    pub id: PluginId,
+    pub name: String,
+    /// plugin.json as installed.
+    pub manifest: serde_json::Value,
+    pub sha256: String,
+    pub installed_at: DateTime<Utc>,
+}
+
+/// A plugin enabled (or not) for a team, at a place in its chain, with config values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginConfig {
+    pub id: PluginConfigId,
+    pub team_id: TeamId,
+    pub plugin_id: PluginId,
+    pub enabled: bool,
+    pub order: i64,
+    pub config: BTreeMap<String, String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginLogEntry {
+    pub at: DateTime<Utc>,
+    pub level: String,
+    pub message: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Versioned<T> {
+    v: u8,
+    #[serde(flatten)]
+    value: T,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(&Versioned { v: FORMAT, value }).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    let record: Versioned<T> = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })?;
+    if record.v != FORMAT {
+        return Err(StoreError::Corrupt {
+            what,
+            detail: format!("unknown format version {}", record.v),
+        });
+    }
+    Ok(record.value)
+}
+
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(PLUGINS)?;
+    txn.open_table(PLUGIN_CONFIGS)?;
+    txn.open_table(PLUGIN_STORAGE)?;
+    txn.open_table(PLUGIN_LOGS)?;
+    Ok(())
+}
+
+fn bump_generation(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let next = meta_get(&meta, GENERATION)? + 1;
+    meta.insert(GENERATION, next)?;
+    Ok(())
+}
+
+fn next_id(txn: &WriteTransaction, key: &str) -> Result<u64, StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let id = meta_get(&meta, key)?.max(1);
+    meta.insert(key, id + 1)?;
+    Ok(id)
+}
+
+impl Store {
+    /// Changes whenever plugins or plugin configs change.
+    pub fn plugins_generation(&self) -> Result<u64, StoreError> {
+        let txn = self.read()?;
+        meta_get(&txn.open_table(META)?, GENERATION)
+    }
+
+    /// Records an installed plugin; installing a plugin of the same name replaces it in place
+    /// (same id, so its configs follow the new version).
+    pub fn install_plugin(
+        &self,
+        name: &str,
+        manifest: serde_json::Value,
+        sha256: &str,
+    ) -> Result<PluginRecord, StoreError> {
+        let existing = self.list_plugins()?.into_iter().find(|p| p.name == name);
+        let txn = self.db.begin_write()?;
+        let record = PluginRecord {
+            id: match &existing {
+                Some(p) => p.id,
+                None => next_id(&txn, NEXT_PLUGIN_ID)?,
+            },
+            name: name.to_owned(),
+            manifest,
+            sha256: sha256.to_owned(),
+            installed_at: Utc::now(),
+        };
+        txn.open_table(PLUGINS)?
+            .insert(record.id, encode(&record).as_slice())?;
+        bump_generation(&txn)?;
+        txn.commit()?;
+        Ok(record)
+    }
+
+    pub fn list_plugins(&self) -> Result<Vec<PluginRecord>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(PLUGINS)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            out.push(decode("plugin", row?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Creates or updates the team's config of a plugin.
+    pub fn upsert_plugin_config(
+        &self,
+        team_id: TeamId,
+        plugin_id: PluginId,
+        enabled: bool,
+        order: Option<i64>,
+        config: Option<BTreeMap<String, String>>,
+    ) -> Result<PluginConfig, StoreError> {
+        let current = self.list_plugin_configs()?;
+        let existing = current
+            .iter()
+            .find(|c| c.team_id == team_id && c.plugin_id == plugin_id)
+            .cloned();
+        let next_order = current
+            .iter()
+            .filter(|c| c.team_id == team_id)
+            .map(|c| c.order + 1)
+            .max()
+            .unwrap_or(1);
+        let txn = self.db.begin_write()?;
+        let record = PluginConfig {
+            id: match &existing {
+                Some(c) => c.id,
+                None => next_id(&txn, NEXT_PLUGIN_CONFIG_ID)?,
+            },
+            team_id,
+            plugin_id,
+            enabled,
+            order: order
+                .or(existing.as_ref().map(|c| c.order))
+                .unwrap_or(next_order),
+            config: config.or(existing.map(|c| c.config)).unwrap_or_default(),
+            updated_at: Utc::now(),
+        };
+        txn.open_table(PLUGIN_CONFIGS)?
+            .insert(record.id, encode(&record).as_slice())?;
+        bump_generation(&txn)?;
+        txn.commit()?;
+        Ok(record)
+    }
+
+    pub fn list_plugin_configs(&self) -> Result<Vec<PluginConfig>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(PLUGIN_CONFIGS)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            out.push(decode("plugin config", row?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn plugin_storage_get(
+        &self,
+        config: PluginConfigId,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(PLUGIN_STORAGE)?;
+        let value = table.get((config, key))?.map(|v| v.value().to_owned());
+        Ok(value)
+    }
+
+    pub fn plugin_storage_set(
+        &self,
+        config: PluginConfigId,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(PLUGIN_STORAGE)?;
+            match value {
+                Some(v) => {
+                    table.insert((config, key), v)?;
+                }
+                None => {
+                    table.remove((config, key))?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Appends log entries of a plugin config in one transaction.
+    pub fn append_plugin_logs(
+        &self,
+        config: PluginConfigId,
+        entries: &[PluginLogEntry],
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let mut seq = meta_get(&meta, NEXT_LOG_SEQ)?.max(1);
+            let mut table = txn.open_table(PLUGIN_LOGS)?;
+            for entry in entries {
+                let bytes = encode(entry);
+                table.insert((config, seq), bytes.as_slice())?;
+                seq += 1;
+            }
+            meta.insert(NEXT_LOG_SEQ, seq)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn plugin_logs(&self, config: PluginConfigId) -> Result<Vec<PluginLogEntry>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(PLUGIN_LOGS)?;
+        let mut out = Vec::new();
+        for row in table.range((config, 0)..=(config, u64::MAX))? {
+            out.push(decode("plugin log", row?.1.value())?);
+        }
+        Ok(out)
+    }
+}

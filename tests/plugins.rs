@@ -1,0 +1,431 @@
+//! WASM plugins end to end: installed and enabled through the CLI while the server runs, events
+//! sent through capture, results read from SQLite; and hostile plugins contained.
+//!
+//! The plugins are built from `plugins/` for wasm32-wasip2 (`.ci/run` does it first).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{command, create_team, read_events, Appliance, Row, TOKEN};
+use serde_json::{json, Value};
+
+/// A plugin folder as an author ships it: plugin.json beside the built component.
+fn plugin_folder(crate_dir: &str, wasm: &str) -> tempfile::TempDir {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    let built = root.join("target/wasm32-wasip2/release").join(wasm);
+    assert!(
+        built.exists(),
+        "{} is not built: run `cargo build --release --target wasm32-wasip2` in plugins/ (.ci/run does)",
+        built.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        root.join(crate_dir).join("plugin.json"),
+        dir.path().join("plugin.json"),
+    )
+    .unwrap();
+    std::fs::copy(&built, dir.path().join(wasm)).unwrap();
+    dir
+}
+
+fn cli(data_dir: &Path, args: &[&str]) -> String {
+    let out = command(data_dir).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "appliance {args:?} failed: {}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn cli_error(data_dir: &Path, args: &[&str]) -> String {
+    let out = command(data_dir).args(args).output().unwrap();
+    assert!(!out.status.success(), "appliance {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+async fn send(app: &Appliance, token: &str, events: Vec<Value>) {
+    let body = json!({"api_key": token, "batch": events});
+    let response = reqwest::Client::new()
+        .post(app.url("/batch/"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    app.wait_drained().await;
+}
+
+fn by_event<'a>(rows: &'a [Row], name: &str) -> &'a Row {
+    rows.iter()
+        .find(|r| r.event == name)
+        .unwrap_or_else(|| panic!("no event {name:?} stored"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_property_filter_is_installed_and_enabled_on_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "shop", TOKEN).to_string();
+    let app = Appliance::start(dir.path(), &[("SINK_LINGER_MS", "0")]);
+    let props = json!({"secret": "s3cr3t", "keep": 1, "$set": {"email": "a@b.c", "name": "Ann"}});
+
+    send(
+        &app,
+        TOKEN,
+        vec![json!({"event": "before", "distinct_id": "u", "properties": props})],
+    )
+    .await;
+    let folder = plugin_folder("examples/property-filter", "property_filter.wasm");
+    let installed = cli(
+        dir.path(),
+        &["plugin", "install", folder.path().to_str().unwrap()],
+    );
+    assert!(installed.contains("Property Filter"), "{installed}");
+    cli(
+        dir.path(),
+        &[
+            "plugin",
+            "enable",
+            "--team",
+            &team,
+            "Property Filter",
+            "--config",
+            "properties=secret,$set.email",
+        ],
+    );
+    send(
+        &app,
+        TOKEN,
+        vec![json!({"event": "after", "distinct_id": "u", "properties": props})],
+    )
+    .await;
+
+    let rows = read_events(&app.sqlite_path());
+    assert_eq!(
+        by_event(&rows, "before").properties["secret"],
+        "s3cr3t",
+        "events before enabling are untouched"
+    );
+    let after = &by_event(&rows, "after").properties;
+    assert!(after.get("secret").is_none(), "{after}");
+    assert!(after["$set"].get("email").is_none(), "{after}");
+    assert_eq!(after["$set"]["name"], "Ann");
+    assert_eq!(after["keep"], 1);
+
+    cli(
+        dir.path(),
+        &["plugin", "disable", "--team", &team, "Property Filter"],
+    );
+    send(
+        &app,
+        TOKEN,
+        vec![json!({"event": "disabled", "distinct_id": "u", "properties": props})],
+    )
+    .await;
+    let rows = read_events(&app.sqlite_path());
+    assert_eq!(
+        by_event(&rows, "disabled").properties["secret"],
+        "s3cr3t",
+        "disabling applies at once"
+    );
+}
+
+#[test]
+fn bad_plugins_and_bad_config_are_refused_with_precise_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "shop", TOKEN).to_string();
+    let not_a_component = tempfile::tempdir().unwrap();
+    std::fs::write(
+        not_a_component.path().join("plugin.json"),
+        r#"{"name": "junk", "main": "junk.wasm"}"#,
+    )
+    .unwrap();
+    std::fs::write(not_a_component.path().join("junk.wasm"), b"\0asm garbage").unwrap();
+    let error = cli_error(
+        dir.path(),
+        &[
+            "plugin",
+            "install",
+            not_a_component.path().to_str().unwrap(),
+        ],
+    );
+    assert!(error.contains("not a valid plugin component"), "{error}");
+
+    let broken_manifest = tempfile::tempdir().unwrap();
+    std::fs::write(
+        broken_manifest.path().join("plugin.json"),
+        r#"{"name": "x", "main": "#,
+    )
+    .unwrap();
+    let error = cli_error(
+        dir.path(),
+        &[
+            "plugin",
+            "install",
+            broken_manifest.path().to_str().unwrap(),
+        ],
+    );
+    assert!(error.contains("plugin.json does not parse"), "{error}");
+
+    let folder = plugin_folder("examples/property-filter", "property_filter.wasm");
+    cli(
+        dir.path(),
+        &["plugin", "install", folder.path().to_str().unwrap()],
+    );
+    let error = cli_error(
+        dir.path(),
+        &["plugin", "enable", "--team", &team, "Property Filter"],
+    );
+    assert!(
+        error.contains("config \"properties\": is required"),
+        "{error}"
+    );
+    let error = cli_error(
+        dir.path(),
+        &[
+            "plugin",
+            "enable",
+            "--team",
+            &team,
+            "Property Filter",
+            "--config",
+            "colour=red",
+            "--config",
+            "properties=x",
+        ],
+    );
+    assert!(error.contains("not in the plugin's schema"), "{error}");
+    let error = cli_error(
+        dir.path(),
+        &[
+            "plugin",
+            "enable",
+            "--team",
+            "99",
+            "Property Filter",
+            "--config",
+            "properties=x",
+        ],
+    );
+    assert!(error.contains("no team 99"), "{error}");
+}
+
+/// Each hostile mode runs for its own team, followed in the chain by the property filter, beside
+/// a well-behaved team: every event is stored, the next plugin still runs, and the failure is
+/// logged against the hostile plugin's config with the event's uuid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_plugins_are_contained_and_logged_against_their_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = plugin_folder("tests/hostile", "hostile.wasm");
+    let filter = plugin_folder("examples/property-filter", "property_filter.wasm");
+    cli(
+        dir.path(),
+        &["plugin", "install", hostile.path().to_str().unwrap()],
+    );
+    cli(
+        dir.path(),
+        &["plugin", "install", filter.path().to_str().unwrap()],
+    );
+    let app = Appliance::start(
+        dir.path(),
+        &[
+            ("SINK_LINGER_MS", "0"),
+            ("PLUGIN_PROCESS_EVENT_TIMEOUT_MS", "200"),
+            ("PLUGIN_MEMORY_MB", "16"),
+        ],
+    );
+    let health = app.url("/_health");
+    let undeclared = health.replace("127.0.0.1", "localhost");
+    let modes: Vec<(&str, Vec<String>, &str)> = vec![
+        ("loop", vec![], "ran past its deadline"),
+        ("memory", vec![], "exceeded its memory limit"),
+        ("trap", vec![], "this plugin traps on purpose"),
+        ("garbage", vec![], "returned an invalid event"),
+        (
+            "fetch",
+            vec![format!("url={undeclared}")],
+            "is not among the hosts this plugin may call",
+        ),
+    ];
+    let mut teams = Vec::new();
+    for (mode, extra, _) in &modes {
+        let token = format!("phc_hostile{mode}Token");
+        let team = create_team(dir.path(), mode, &token).to_string();
+        let mut args = vec![
+            "plugin", "enable", "--team", &team, "Hostile", "--order", "1", "--config",
+        ];
+        let mode_arg = format!("mode={mode}");
+        args.push(&mode_arg);
+        for e in extra {
+            args.push("--config");
+            args.push(e);
+        }
+        cli(dir.path(), &args);
+        cli(
+            dir.path(),
+            &[
+                "plugin",
+                "enable",
+                "--team",
+                &team,
+                "Property Filter",
+                "--order",
+                "2",
+                "--config",
+                "properties=secret",
+            ],
+        );
+        teams.push((team, token));
+    }
+    let good_token = "phc_wellBehavedTeam1";
+    let good = create_team(dir.path(), "good", good_token).to_string();
+    cli(
+        dir.path(),
+        &[
+            "plugin",
+            "enable",
+            "--team",
+            &good,
+            "Property Filter",
+            "--config",
+            "properties=secret",
+        ],
+    );
+    // A declared host works.
+    let fetcher_token = "phc_declaredFetcher1";
+    let fetcher = create_team(dir.path(), "fetcher", fetcher_token).to_string();
+    cli(
+        dir.path(),
+        &[
+            "plugin",
+            "enable",
+            "--team",
+            &fetcher,
+            "Hostile",
+            "--config",
+            "mode=fetch",
+            "--config",
+            &format!("url={health}"),
+        ],
+    );
+
+    let event = |name: &str, uuid: &str| json!({"event": name, "distinct_id": "u", "uuid": uuid, "properties": {"secret": 1, "kept": 2}});
+    for (i, (_, token)) in teams.iter().enumerate() {
+        send(
+            &app,
+            token,
+            vec![event(
+                modes[i].0,
+                &format!("0192a000-0000-7000-8000-00000000000{i}"),
+            )],
+        )
+        .await;
+    }
+    send(
+        &app,
+        good_token,
+        vec![event("good", "0192a000-0000-7000-8000-0000000000a0")],
+    )
+    .await;
+    send(
+        &app,
+        fetcher_token,
+        vec![event(
+            "declared fetch",
+            "0192a000-0000-7000-8000-0000000000b0",
+        )],
+    )
+    .await;
+
+    let rows = read_events(&app.sqlite_path());
+    for (i, (mode, _, logged)) in modes.iter().enumerate() {
+        let row = by_event(&rows, mode);
+        assert!(
+            row.properties.get("secret").is_none(),
+            "{mode}: the next plugin in the chain still ran: {}",
+            row.properties
+        );
+        assert_eq!(row.properties["kept"], 2, "{mode}");
+        let logs = cli(
+            dir.path(),
+            &["plugin", "logs", "--team", &teams[i].0, "Hostile"],
+        );
+        assert!(logs.contains(logged), "{mode}: logs say {logs:?}");
+        if *mode != "fetch" {
+            let uuid = format!("0192a000-0000-7000-8000-00000000000{i}");
+            assert!(
+                logs.contains(&uuid),
+                "{mode}: the log names the event: {logs}"
+            );
+        } else {
+            assert!(
+                row.properties["fetch"]["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("not among the hosts"),
+                "{}",
+                row.properties
+            );
+        }
+    }
+    assert!(by_event(&rows, "good").properties.get("secret").is_none());
+    assert_eq!(
+        by_event(&rows, "declared fetch").properties["fetch"]["status"],
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_keeps_failing_is_disabled_visibly() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "t", TOKEN).to_string();
+    let hostile = plugin_folder("tests/hostile", "hostile.wasm");
+    cli(
+        dir.path(),
+        &["plugin", "install", hostile.path().to_str().unwrap()],
+    );
+    cli(
+        dir.path(),
+        &[
+            "plugin",
+            "enable",
+            "--team",
+            &team,
+            "Hostile",
+            "--config",
+            "mode=trap",
+        ],
+    );
+    let app = Appliance::start(dir.path(), &[("SINK_LINGER_MS", "0")]);
+    for n in 0..appliance::plugins::DISABLE_AFTER_FAILURES {
+        send(
+            &app,
+            TOKEN,
+            vec![json!({"event": format!("e{n}"), "distinct_id": "u"})],
+        )
+        .await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = cli(dir.path(), &["plugin", "list"]);
+        if list.contains("disabled") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not disabled: {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = cli(dir.path(), &["plugin", "logs", "--team", &team, "Hostile"]);
+    assert!(
+        logs.contains("disabled after 20 consecutive failures"),
+        "{logs}"
+    );
+    assert_eq!(
+        read_events(&app.sqlite_path()).len(),
+        20,
+        "every event was stored all the same"
+    );
+}
