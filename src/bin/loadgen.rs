@@ -37,6 +37,10 @@ struct Args {
     /// Run only these scenarios: single, batch (default both)
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Enable a chain of three process-event plugins (property filter, two taggers) for the
+    /// team; needs the plugins built (`cd plugins && cargo build --release --target wasm32-wasip2`)
+    #[arg(long)]
+    plugin_chain: bool,
 }
 
 /// The targets on a 2-core machine; latency is also measured at half of each.
@@ -240,7 +244,74 @@ impl Drop for Server {
     }
 }
 
-fn start_server() -> Result<(Server, String), String> {
+/// Installs and enables three process-event plugins for team 1 in `dir`.
+fn install_plugin_chain(exe: &std::path::Path, dir: &std::path::Path) -> Result<(), String> {
+    let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    let built = plugins.join("target/wasm32-wasip2/release");
+    let chain: [(&str, &str, &str, &[&str]); 3] = [
+        (
+            "Property Filter",
+            "examples/property-filter",
+            "property_filter.wasm",
+            &["properties=secret"],
+        ),
+        (
+            "Tag A",
+            "tests/hostile",
+            "hostile.wasm",
+            &["mode=tag", "name=a"],
+        ),
+        (
+            "Tag B",
+            "tests/hostile",
+            "hostile.wasm",
+            &["mode=tag", "name=b"],
+        ),
+    ];
+    for (name, crate_dir, wasm, config) in chain {
+        let folder = dir.join(format!("plugin-{}", name.replace(' ', "-")));
+        std::fs::create_dir_all(&folder).map_err(|e| e.to_string())?;
+        let manifest_text = std::fs::read_to_string(plugins.join(crate_dir).join("plugin.json"))
+            .map_err(|e| e.to_string())?;
+        let mut manifest: Value =
+            serde_json::from_str(&manifest_text).map_err(|e| e.to_string())?;
+        manifest["name"] = json!(name);
+        std::fs::write(folder.join("plugin.json"), manifest.to_string())
+            .map_err(|e| e.to_string())?;
+        std::fs::copy(built.join(wasm), folder.join(wasm))
+            .map_err(|e| format!("{wasm}: {e} (build the plugins first)"))?;
+        let mut enable = vec![
+            "plugin".to_owned(),
+            "enable".into(),
+            "--team".into(),
+            "1".into(),
+            name.into(),
+        ];
+        for c in config {
+            enable.extend(["--config".to_owned(), (*c).to_owned()]);
+        }
+        for args in [
+            vec![
+                "plugin".to_owned(),
+                "install".into(),
+                folder.display().to_string(),
+            ],
+            enable,
+        ] {
+            let out = Command::new(exe)
+                .env("DATA_DIR", dir)
+                .args(&args)
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn start_server(plugin_chain: bool) -> Result<(Server, String), String> {
     let exe = std::env::current_exe()
         .map_err(|e| e.to_string())?
         .with_file_name("appliance");
@@ -259,6 +330,9 @@ fn start_server() -> Result<(Server, String), String> {
         .map_err(|e| e.to_string())?;
     if !created.status.success() {
         return Err(String::from_utf8_lossy(&created.stderr).into_owned());
+    }
+    if plugin_chain {
+        install_plugin_chain(&exe, &dir)?;
     }
     let mut child = Command::new(&exe)
         .env("DATA_DIR", &dir)
@@ -290,7 +364,7 @@ async fn main() {
     let args = Args::parse();
     let (_server, base) = match &args.url {
         Some(url) => (None, url.trim_end_matches('/').to_owned()),
-        None => match start_server() {
+        None => match start_server(args.plugin_chain) {
             Ok((server, addr)) => (Some(server), addr),
             Err(e) => {
                 eprintln!("loadgen: {e}");
@@ -302,12 +376,17 @@ async fn main() {
     let duration = Duration::from_secs(args.duration);
     let client = reqwest::Client::new();
     println!(
-        "capture benchmark against {base}: {} connections, {} s per scenario, {} cores",
+        "capture benchmark against {base}: {} connections, {} s per scenario, {} cores{}",
         args.connections,
         args.duration,
         std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(1)
+            .unwrap_or(1),
+        if args.plugin_chain {
+            ", chain of 3 process-event plugins"
+        } else {
+            ""
+        }
     );
     let mut scenarios = Vec::new();
     if wanted("single") {

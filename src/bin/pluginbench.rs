@@ -1,0 +1,154 @@
+//! Plugin benchmark: compile and instantiation time, and the cost per event of a
+//! `process-event` plugin when events cross the boundary one per call and in batches.
+//!
+//! `cargo run --release --bin pluginbench` (build the plugins first:
+//! `cd plugins && cargo build --release --target wasm32-wasip2`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appliance::config::Config;
+use appliance::event::{EventRow, IngestBatch};
+use appliance::plugins::{self, Chains};
+use appliance::store::Store;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("pluginbench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn event_row(n: u64) -> EventRow {
+    let properties = serde_json::json!({
+        "$current_url": "https://shop.example.com/products/42?utm_source=newsletter",
+        "$browser": "Chrome", "$os": "Linux", "$lib": "web", "$lib_version": "1.449.2",
+        "$session_id": "01a215ac-0381-71a2-b97f-b6fc0eb1981e", "secret": "s3cr3t", "n": n,
+        "$ip": "203.0.113.9"
+    });
+    EventRow {
+        uuid: uuid::Uuid::now_v7(),
+        event: "$pageview".into(),
+        distinct_id: format!("user-{}", n % 1000),
+        properties: properties.to_string(),
+        timestamp: chrono::Utc::now(),
+        elements_chain: String::new(),
+    }
+}
+
+fn batch(team_id: u64, size: u64) -> IngestBatch {
+    IngestBatch {
+        team_id,
+        received_at: chrono::Utc::now(),
+        sent_at: None,
+        ip: Some("203.0.113.9".into()),
+        events: (0..size).map(event_row).collect(),
+    }
+}
+
+fn run() -> Result<(), String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    let wasm = root.join("target/wasm32-wasip2/release/property_filter.wasm");
+    if !wasm.exists() {
+        return Err(format!(
+            "{} is missing: build the plugins first",
+            wasm.display()
+        ));
+    }
+    let data = std::env::temp_dir().join(format!("appliance-pluginbench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let config = Config::from_vars([("DATA_DIR".to_string(), data.display().to_string())])
+        .map_err(|e| e.to_string())?;
+    let store = Store::open(&data).map_err(|e| e.to_string())?;
+    let team = store
+        .create_team("bench", None)
+        .map_err(|e| e.to_string())?;
+
+    // Compile (cold), then load from the on-disk cache (warm), then instantiate.
+    let bytes = std::fs::read(&wasm).map_err(|e| e.to_string())?;
+    let runtime = Arc::new(appliance::app::plugin_runtime(&config).map_err(|e| e.to_string())?);
+    let started = Instant::now();
+    runtime.load(&bytes).map_err(|e| e.to_string())?;
+    let cold = started.elapsed();
+    let started = Instant::now();
+    let fresh = appliance::app::plugin_runtime(&config).map_err(|e| e.to_string())?;
+    fresh.load(&bytes).map_err(|e| e.to_string())?;
+    let warm = started.elapsed();
+    println!(
+        "compile {:.1} ms (cold), load from cache {:.1} ms (warm, new engine included)",
+        ms(cold),
+        ms(warm)
+    );
+
+    let folder = tempdir(&data, "property-filter");
+    std::fs::copy(
+        root.join("examples/property-filter/plugin.json"),
+        folder.join("plugin.json"),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::copy(&wasm, folder.join("property_filter.wasm")).map_err(|e| e.to_string())?;
+    let record = plugins::install(&store, &runtime, &data, &folder).map_err(|e| e.to_string())?;
+    let values = [("properties".to_string(), "secret".to_string())]
+        .into_iter()
+        .collect();
+    store
+        .upsert_plugin_config(team.id, record.id, true, None, Some(values))
+        .map_err(|e| e.to_string())?;
+
+    // Instantiation: a new chain instantiates on its first batch.
+    let rounds = 50;
+    let mut total = Duration::ZERO;
+    for _ in 0..rounds {
+        let mut chains = Chains::new(runtime.clone(), store.clone(), &data, Vec::new());
+        chains.refresh().map_err(|e| e.to_string())?;
+        let mut one = batch(team.id, 1);
+        let started = Instant::now();
+        chains.process(&mut one);
+        total += started.elapsed();
+    }
+    println!(
+        "instantiate + setup + first call: {:.3} ms mean over {rounds}",
+        ms(total) / rounds as f64
+    );
+
+    let mut chains = Chains::new(runtime.clone(), store.clone(), &data, Vec::new());
+    chains.refresh().map_err(|e| e.to_string())?;
+    chains.process(&mut batch(team.id, 1));
+    for (label, size, calls) in [
+        ("one event per call", 1u64, 20_000u64),
+        ("batches of 100", 100, 200),
+        ("batches of 1000", 1000, 20),
+    ] {
+        let mut batches: Vec<IngestBatch> = (0..calls).map(|_| batch(team.id, size)).collect();
+        let started = Instant::now();
+        for b in &mut batches {
+            chains.process(b);
+        }
+        let elapsed = started.elapsed();
+        let events = size * calls;
+        assert!(
+            batches
+                .iter()
+                .all(|b| b.events.iter().all(|e| !e.properties.contains("s3cr3t"))),
+            "the plugin ran"
+        );
+        println!(
+            "property filter, {label:<20} {:>7.2} µs per event ({:>9.0} events/s)",
+            elapsed.as_secs_f64() * 1e6 / events as f64,
+            events as f64 / elapsed.as_secs_f64()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn tempdir(parent: &std::path::Path, name: &str) -> PathBuf {
+    let dir = parent.join(name);
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
