@@ -168,9 +168,11 @@ async fn capture_classic(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Result<Response, CaptureError> {
-    let query = parse_query(request.uri().query());
-    let headers = request.headers().clone();
-    let body = read_body(request, state.limits.max_body_bytes).await?;
+    let Received {
+        query,
+        headers,
+        body,
+    } = receive(&state, request).await?;
     let parsed = decode_and_parse(&state, &headers, &query, body, query.token.clone()).await?;
     let accepted = parsed.accepted.len();
     let rejected = commit(&state, &headers, peer, &query, parsed).await?;
@@ -189,14 +191,16 @@ async fn capture_v1(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Result<Response, CaptureError> {
-    let query = parse_query(request.uri().query());
-    let headers = request.headers().clone();
+    let Received {
+        query,
+        headers,
+        body,
+    } = receive(&state, request).await?;
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
-    let body = read_body(request, state.limits.max_body_bytes).await?;
     let parsed = decode_and_parse(
         &state,
         &headers,
@@ -217,6 +221,24 @@ async fn capture_v1(
         results.insert(key, json!({"result": "drop", "details": r.error}));
     }
     Ok(Json(json!({ "results": results })).into_response())
+}
+
+/// The parts of a capture request the handlers use, the body read within the size limit.
+struct Received {
+    query: CaptureQuery,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+}
+
+async fn receive(state: &CaptureState, request: Request) -> Result<Received, CaptureError> {
+    let query = parse_query(request.uri().query());
+    let headers = request.headers().clone();
+    let body = read_body(request, state.limits.max_body_bytes).await?;
+    Ok(Received {
+        query,
+        headers,
+        body,
+    })
 }
 
 async fn read_body(request: Request, limit: usize) -> Result<bytes::Bytes, CaptureError> {
