@@ -429,3 +429,72 @@ async fn a_plugin_that_keeps_failing_is_disabled_visibly() {
         "every event was stored all the same"
     );
 }
+
+/// Storage persists across restarts and is private to each plugin config: the same person is
+/// "first" again for another team.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_time_event_tracker_marks_each_first_once_even_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let shop = create_team(dir.path(), "shop", TOKEN).to_string();
+    let blog = create_team(dir.path(), "blog", "phc_blogProjectToken1").to_string();
+    let folder = plugin_folder("examples/first-time-event", "first_time_event.wasm");
+    cli(
+        dir.path(),
+        &["plugin", "install", folder.path().to_str().unwrap()],
+    );
+    for team in [&shop, &blog] {
+        cli(
+            dir.path(),
+            &[
+                "plugin",
+                "enable",
+                "--team",
+                team,
+                "First Time Event Tracker",
+                "--config",
+                "events=signed up",
+            ],
+        );
+    }
+    let signed_up = |who: &str, n: u32| json!({"event": "signed up", "distinct_id": who, "properties": {"n": n}});
+    let app = Appliance::start(dir.path(), &[("SINK_LINGER_MS", "0")]);
+    send(
+        &app,
+        TOKEN,
+        vec![
+            signed_up("ann", 1),
+            signed_up("ann", 2),
+            signed_up("bob", 3),
+        ],
+    )
+    .await;
+    send(
+        &app,
+        TOKEN,
+        vec![json!({"event": "$pageview", "distinct_id": "ann", "properties": {"n": 4}})],
+    )
+    .await;
+    drop(app);
+    let app = Appliance::start(dir.path(), &[("SINK_LINGER_MS", "0")]);
+    send(&app, TOKEN, vec![signed_up("ann", 5)]).await;
+    send(&app, "phc_blogProjectToken1", vec![signed_up("ann", 6)]).await;
+
+    let rows = read_events(&app.sqlite_path());
+    let first = |n: i64| {
+        let row = rows
+            .iter()
+            .find(|r| r.properties["n"] == n)
+            .unwrap_or_else(|| panic!("event {n} stored"));
+        row.properties.get("$is_first_event").cloned()
+    };
+    assert_eq!(first(1), Some(json!(true)));
+    assert_eq!(first(2), Some(json!(false)));
+    assert_eq!(first(3), Some(json!(true)), "another person");
+    assert_eq!(first(4), None, "untracked events are untouched");
+    assert_eq!(first(5), Some(json!(false)), "remembered across a restart");
+    assert_eq!(
+        first(6),
+        Some(json!(true)),
+        "another team's config has its own storage"
+    );
+}
