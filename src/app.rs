@@ -78,6 +78,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         source,
     })?;
 
+    let runtime = Arc::new(plugin_runtime(&config)?);
+    let (api_token, api_token_created) = store.admin_api_token()?;
+    if api_token_created {
+        println!(
+            "created admin API token {api_token} (for /api/; `appliance api-token` shows it again)"
+        );
+    }
     let status = Arc::new(PipelineStatus::default());
     let (drain_tx, drain_rx) = watch::channel(None);
     let pipeline = tokio::spawn(
@@ -87,7 +94,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             batch_events: config.sink_batch_events,
             linger: config.sink_linger,
             plugins: Arc::new(std::sync::Mutex::new(Chains::new(
-                Arc::new(plugin_runtime(&config)?),
+                runtime.clone(),
                 store.clone(),
                 &config.data_dir,
                 config.plugin_allowed_hosts.clone(),
@@ -106,6 +113,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             limits: config.capture,
             trust_proxy: config.trust_proxy,
         }))
+        .merge(admin::api::router(Arc::new(admin::api::ApiState {
+            store: store.clone(),
+            runtime,
+            data_dir: config.data_dir.clone(),
+            token: api_token,
+        })))
         .merge(admin::router(Arc::new(AdminState {
             store: store.clone(),
             sink_name: sink.name(),

@@ -53,6 +53,8 @@ enum Command {
         #[command(subcommand)]
         action: TeamCommand,
     },
+    /// Print the admin API token that `/api/` requires (Authorization: Bearer …)
+    ApiToken,
     /// Install plugins and enable them per team (changes apply to a running server at once)
     Plugin {
         #[command(subcommand)]
@@ -138,6 +140,12 @@ pub fn main() -> ExitCode {
         None | Some(Command::Run) => report(run_server(config)),
         Some(Command::Team { action }) => report(team(&config, action)),
         Some(Command::Plugin { action }) => report(plugin(&config, action)),
+        Some(Command::ApiToken) => report(
+            Store::open(&config.data_dir)
+                .and_then(|store| store.admin_api_token())
+                .map(|(token, _)| println!("{token}"))
+                .map_err(|e| e.to_string()),
+        ),
     }
 }
 
@@ -217,30 +225,12 @@ fn team(config: &Config, action: TeamCommand) -> Result<(), String> {
 }
 
 fn plugin(config: &Config, action: PluginCommand) -> Result<(), String> {
+    use crate::plugins;
     let store = Store::open(&config.data_dir).map_err(|e| e.to_string())?;
-    let find = |name_or_id: &str| -> Result<crate::store::PluginRecord, String> {
-        let plugins = store.list_plugins().map_err(|e| e.to_string())?;
-        plugins
-            .into_iter()
-            .find(|p| p.name == name_or_id || p.id.to_string() == name_or_id)
-            .ok_or_else(|| {
-                format!(
-                    "no installed plugin is called {name_or_id:?} (see `appliance plugin list`)"
-                )
-            })
-    };
-    let team_exists = |team: u64| -> Result<(), String> {
-        let teams = store.list_teams().map_err(|e| e.to_string())?;
-        teams
-            .iter()
-            .any(|t| t.id == team)
-            .then_some(())
-            .ok_or_else(|| format!("no team {team} (see `appliance team list`)"))
-    };
     match action {
         PluginCommand::Install { path } => {
             let runtime = crate::app::plugin_runtime(config).map_err(|e| e.to_string())?;
-            let record = crate::plugins::install(&store, &runtime, &config.data_dir, &path)
+            let record = plugins::install(&store, &runtime, &config.data_dir, &path)
                 .map_err(|e| e.to_string())?;
             println!(
                 "plugin {} ({}) installed; component {}",
@@ -271,36 +261,20 @@ fn plugin(config: &Config, action: PluginCommand) -> Result<(), String> {
             config: given,
             order,
         } => {
-            team_exists(team)?;
-            let record = find(&plugin)?;
-            let manifest: crate::plugins::manifest::Manifest =
-                serde_json::from_value(record.manifest.clone()).map_err(|e| e.to_string())?;
-            let values = manifest
-                .validate_config(&given.into_iter().collect())
-                .map_err(|e| e.to_string())?;
-            let saved = store
-                .upsert_plugin_config(team, record.id, true, order, Some(values))
-                .map_err(|e| e.to_string())?;
+            let (record, saved) =
+                plugins::enable(&store, team, &plugin, &given.into_iter().collect(), order)
+                    .map_err(|e| e.to_string())?;
             println!(
                 "plugin config {} enabled: {} for team {} at order {}",
                 saved.id, record.name, team, saved.order
             );
         }
         PluginCommand::Disable { team, plugin } => {
-            let record = find(&plugin)?;
-            let saved = store
-                .upsert_plugin_config(team, record.id, false, None, None)
-                .map_err(|e| e.to_string())?;
+            let saved = plugins::disable(&store, team, &plugin).map_err(|e| e.to_string())?;
             println!("plugin config {} disabled", saved.id);
         }
         PluginCommand::Logs { team, plugin } => {
-            let record = find(&plugin)?;
-            let configs = store.list_plugin_configs().map_err(|e| e.to_string())?;
-            let config = configs
-                .iter()
-                .find(|c| c.team_id == team && c.plugin_id == record.id)
-                .ok_or_else(|| format!("{} has no config for team {team}", record.name))?;
-            for entry in store.plugin_logs(config.id).map_err(|e| e.to_string())? {
+            for entry in plugins::logs(&store, team, &plugin).map_err(|e| e.to_string())? {
                 println!(
                     "{} {:5} {}",
                     entry.at.format("%Y-%m-%d %H:%M:%S%.3f"),

@@ -498,3 +498,122 @@ async fn the_first_time_event_tracker_marks_each_first_once_even_across_restarts
         "another team's config has its own storage"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_does_what_the_cli_does_behind_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "shop", TOKEN);
+    let app = Appliance::start(dir.path(), &[("SINK_LINGER_MS", "0")]);
+    let token = cli(dir.path(), &["api-token"]).trim().to_owned();
+    assert!(token.starts_with("apa_"), "{token}");
+    let client = reqwest::Client::new();
+
+    let anonymous = client.get(app.url("/api/plugins")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let wrong = client
+        .get(app.url("/api/plugins"))
+        .bearer_auth("apa_wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("examples/property-filter/plugin.json")).unwrap(),
+    )
+    .unwrap();
+    let wasm = std::fs::read(root.join("target/wasm32-wasip2/release/property_filter.wasm"))
+        .expect("plugins are built");
+    use base64::Engine;
+    let upload = |wasm: &[u8]| json!({"manifest": manifest, "wasm_base64": base64::engine::general_purpose::STANDARD.encode(wasm)});
+
+    let junk = client
+        .post(app.url("/api/plugins"))
+        .bearer_auth(&token)
+        .json(&upload(b"\0asm junk"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(junk.status(), 422);
+    let body: Value = junk.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid plugin component"),
+        "{body}"
+    );
+
+    let installed = client
+        .post(app.url("/api/plugins"))
+        .bearer_auth(&token)
+        .json(&upload(&wasm))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(installed.status(), 201);
+    let plugin_url = app.url(&format!("/api/teams/{team}/plugins/Property%20Filter"));
+    let missing_config = client
+        .put(&plugin_url)
+        .bearer_auth(&token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing_config.status(), 422);
+    let enabled = client
+        .put(&plugin_url)
+        .bearer_auth(&token)
+        .json(&json!({"config": {"properties": "secret"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(enabled.status(), 200);
+    let unknown_team = client
+        .put(app.url("/api/teams/99/plugins/Property%20Filter"))
+        .bearer_auth(&token)
+        .json(&json!({"config": {"properties": "secret"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown_team.status(), 404);
+
+    send(
+        &app,
+        TOKEN,
+        vec![
+            json!({"event": "via api", "distinct_id": "u", "properties": {"secret": 1, "kept": 2}}),
+        ],
+    )
+    .await;
+    let rows = read_events(&app.sqlite_path());
+    assert!(by_event(&rows, "via api")
+        .properties
+        .get("secret")
+        .is_none());
+
+    let listed: Value = client
+        .get(app.url("/api/plugins"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["plugins"][0]["name"], "Property Filter");
+    assert_eq!(listed["plugins"][0]["configs"][0]["enabled"], true);
+    assert_eq!(
+        listed["plugins"][0]["configs"][0]["config"]["properties"],
+        "secret"
+    );
+    let logs = client
+        .get(format!("{plugin_url}/logs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logs.status(), 200);
+    assert!(logs.json::<Value>().await.unwrap()["logs"].is_array());
+}

@@ -1,9 +1,12 @@
-//! Operator-facing HTTP: liveness (`/_health`) and readiness (`/_ready`); the admin page and its
-//! JSON API join here.
+//! Operator-facing HTTP: liveness (`/_health`), readiness (`/_ready`), and the management API
+//! under `/api/` ([`api`]); the admin page joins here.
 //!
-//! Owns: what the appliance reports about itself over HTTP.
+//! Owns: what the appliance reports about itself over HTTP, and management over HTTP behind the
+//! admin API token.
 //! Must never: block on the sink or hold a write transaction; reports read atomics and one
 //! short read transaction.
+
+pub mod api;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

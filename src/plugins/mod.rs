@@ -51,8 +51,7 @@ pub fn plugin_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("plugins")
 }
 
-/// Installs the plugin in `folder` (plugin.json and its component): checks the manifest,
-/// compiles the component against the contract, loads it once, and records it.
+/// Installs the plugin in `folder` (plugin.json and its component).
 pub fn install(
     store: &Store,
     runtime: &Runtime,
@@ -66,8 +65,20 @@ pub fn install(
     let wasm_path = folder.join(&manifest.main);
     let wasm = std::fs::read(&wasm_path)
         .map_err(|e| PluginError::Io(format!("cannot read {}: {e}", wasm_path.display())))?;
-    let loaded = runtime.load(&wasm)?;
-    // Load it once with its defaults so a plugin that cannot even start is refused now.
+    install_parts(store, runtime, data_dir, manifest, &wasm)
+}
+
+/// Installs a plugin from its manifest and component bytes: compiles the component against the
+/// contract, loads it once (a plugin that cannot even start is refused now), keeps the component
+/// under the data directory by hash, and records the plugin.
+pub fn install_parts(
+    store: &Store,
+    runtime: &Runtime,
+    data_dir: &Path,
+    manifest: Manifest,
+    wasm: &[u8],
+) -> Result<PluginRecord, PluginError> {
+    let loaded = runtime.load(wasm)?;
     let scope = PluginScope {
         config_id: 0,
         config: manifest
@@ -84,11 +95,72 @@ pub fn install(
     std::fs::create_dir_all(&dir)
         .map_err(|e| PluginError::Io(format!("{}: {e}", dir.display())))?;
     let target = dir.join(format!("{}.wasm", loaded.sha256));
-    std::fs::write(&target, &wasm)
+    std::fs::write(&target, wasm)
         .map_err(|e| PluginError::Io(format!("{}: {e}", target.display())))?;
     let manifest_json =
         serde_json::to_value(&manifest).map_err(|e| PluginError::Io(e.to_string()))?;
     Ok(store.install_plugin(&manifest.name, manifest_json, &loaded.sha256)?)
+}
+
+/// An installed plugin by name or id.
+pub fn find(store: &Store, name_or_id: &str) -> Result<PluginRecord, PluginError> {
+    store
+        .list_plugins()?
+        .into_iter()
+        .find(|p| p.name == name_or_id || p.id.to_string() == name_or_id)
+        .ok_or_else(|| {
+            PluginError::NotFound(format!("no installed plugin is called {name_or_id:?}"))
+        })
+}
+
+/// Enables `plugin` for `team` with config values checked against its schema.
+pub fn enable(
+    store: &Store,
+    team: TeamId,
+    plugin: &str,
+    given: &std::collections::BTreeMap<String, String>,
+    order: Option<i64>,
+) -> Result<(PluginRecord, PluginConfig), PluginError> {
+    if !store.list_teams()?.iter().any(|t| t.id == team) {
+        return Err(PluginError::NotFound(format!("no team {team}")));
+    }
+    let record = find(store, plugin)?;
+    let manifest: Manifest = serde_json::from_value(record.manifest.clone())
+        .map_err(|e| PluginError::Manifest(ManifestError::Parse(e.to_string())))?;
+    let values = manifest.validate_config(given)?;
+    let config = store.upsert_plugin_config(team, record.id, true, order, Some(values))?;
+    Ok((record, config))
+}
+
+pub fn disable(store: &Store, team: TeamId, plugin: &str) -> Result<PluginConfig, PluginError> {
+    let record = find(store, plugin)?;
+    config_of(store, team, &record)?;
+    Ok(store.upsert_plugin_config(team, record.id, false, None, None)?)
+}
+
+/// What the team's config of `plugin` logged.
+pub fn logs(
+    store: &Store,
+    team: TeamId,
+    plugin: &str,
+) -> Result<Vec<crate::store::PluginLogEntry>, PluginError> {
+    let record = find(store, plugin)?;
+    let config = config_of(store, team, &record)?;
+    Ok(store.plugin_logs(config.id)?)
+}
+
+fn config_of(
+    store: &Store,
+    team: TeamId,
+    record: &PluginRecord,
+) -> Result<PluginConfig, PluginError> {
+    store
+        .list_plugin_configs()?
+        .into_iter()
+        .find(|c| c.team_id == team && c.plugin_id == record.id)
+        .ok_or_else(|| {
+            PluginError::NotFound(format!("{} has no config for team {team}", record.name))
+        })
 }
 
 /// One plugin config in a team's chain.

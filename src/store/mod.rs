@@ -9,6 +9,7 @@
 
 mod ingest;
 mod plugins;
+mod secrets;
 mod teams;
 
 use std::path::{Path, PathBuf};
@@ -125,6 +126,7 @@ impl Store {
             teams::create_tables(&txn)?;
             ingest::create_tables(&txn)?;
             plugins::create_tables(&txn)?;
+            secrets::create_tables(&txn)?;
         }
         txn.commit()?;
         Ok(())
@@ -133,6 +135,17 @@ impl Store {
     fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
         Ok(self.db.begin_read()?)
     }
+}
+
+/// A random token: `prefix` and 43 alphanumerics (PostHog's shape for project tokens).
+pub(crate) fn random_token(prefix: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let body: String = (0..43)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{prefix}{body}")
 }
 
 /// Reads a counter from `META`, or 0.

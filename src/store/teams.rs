@@ -1,7 +1,6 @@
 //! Teams (PostHog projects) and their project tokens.
 
 use chrono::{DateTime, Utc};
-use rand::Rng;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
@@ -43,12 +42,7 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
 
 /// A new random project token in PostHog's shape: `phc_` and 43 alphanumerics.
 pub fn generate_token() -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    let body: String = (0..43)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("phc_{body}")
+    super::random_token("phc_")
 }
 
 /// Checks a token chosen by the operator (for example one kept from a PostHog install).
