@@ -15,9 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
+use crate::event::IngestBatch;
 use crate::plugins::Chains;
 use crate::sinks::Sink;
 use crate::store::{Store, StoreError};
@@ -88,42 +89,62 @@ pub struct Pipeline {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum StepError {
+enum ReadError {
     #[error("{0}")]
     Store(#[from] StoreError),
-    #[error("{0}")]
-    Sink(#[from] crate::sinks::SinkError),
     #[error("blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
 
+/// Batches read from the queue and through the plugins, waiting for the sink.
+struct Prepared {
+    batches: Arc<Vec<IngestBatch>>,
+    /// Queue position of the last batch.
+    last: u64,
+    events: usize,
+}
+
+/// How many prepared batches may wait for the sink: enough to keep both stages busy.
+const PREPARED_AHEAD: usize = 2;
+
 impl Pipeline {
-    pub async fn run(self, mut drain: DrainSignal) {
-        let mut position = self.initial_position().await;
-        let mut trimmed = 0u64;
-        let mut last_trim = Instant::now();
+    /// Runs the two stages until drained: one reads the queue and runs the plugin chains, the
+    /// other writes to the sink, so a batch's plugins run while the previous batch is written.
+    pub async fn run(self, drain: DrainSignal) {
+        let this = Arc::new(self);
+        let start = this.initial_position().await;
+        let (prepared_tx, prepared_rx) = mpsc::channel(PREPARED_AHEAD);
+        let reader = tokio::spawn(this.clone().read_stage(start, prepared_tx, drain.clone()));
+        this.write_stage(start, prepared_rx, drain).await;
+        if let Err(e) = reader.await {
+            tracing::error!(error = %e, "the pipeline's read stage failed");
+        }
+    }
+
+    /// Reads batches after `position`, runs the plugin chains, and hands them on in order.
+    async fn read_stage(
+        self: Arc<Self>,
+        mut position: u64,
+        out: mpsc::Sender<Prepared>,
+        mut drain: DrainSignal,
+    ) {
         let mut backoff = RETRY_MIN;
         loop {
             let deadline = *drain.borrow();
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                tracing::warn!(
-                    position,
-                    "shutdown deadline reached; the rest stays queued for the next start"
-                );
                 break;
             }
-            match self.step(position).await {
-                Ok(Some((reached, events))) => {
-                    position = reached;
+            match self.prepare(position).await {
+                Ok(Some(prepared)) => {
                     backoff = RETRY_MIN;
-                    self.status.set_error(None);
-                    if last_trim.elapsed() >= TRIM_INTERVAL {
-                        trimmed = self.trim(position, trimmed).await;
-                        last_trim = Instant::now();
+                    position = prepared.last;
+                    let part_filled = prepared.events < self.batch_events;
+                    if out.send(prepared).await.is_err() {
+                        break;
                     }
-                    // A part-filled batch means the sink is keeping up: let the next batch fill
-                    // for a moment rather than commit (and fsync) a trickle of small ones.
-                    if events < self.batch_events && deadline.is_none() {
+                    // A part-filled batch means the pipeline is keeping up: let the next batch
+                    // fill for a moment rather than commit (and fsync) a trickle of small ones.
+                    if part_filled && deadline.is_none() {
                         tokio::select! {
                             _ = tokio::time::sleep(self.linger) => {}
                             _ = drain.changed() => {}
@@ -131,7 +152,6 @@ impl Pipeline {
                     }
                 }
                 Ok(None) => {
-                    trimmed = self.trim(position, trimmed).await;
                     if deadline.is_some() {
                         break;
                     }
@@ -142,7 +162,7 @@ impl Pipeline {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "pipeline step failed; retrying");
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reading the ingest queue failed; retrying");
                     self.status.set_error(Some(e.to_string()));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -150,6 +170,57 @@ impl Pipeline {
                     }
                     backoff = (backoff * 2).min(RETRY_MAX);
                 }
+            }
+        }
+    }
+
+    /// Writes prepared batches to the sink in order, retrying each until it is committed, and
+    /// trims the queue behind the sink.
+    async fn write_stage(
+        &self,
+        mut position: u64,
+        mut input: mpsc::Receiver<Prepared>,
+        mut drain: DrainSignal,
+    ) {
+        let mut trimmed = 0u64;
+        let mut last_trim = Instant::now();
+        'batches: while let Some(prepared) = input.recv().await {
+            let mut backoff = RETRY_MIN;
+            loop {
+                if drain.borrow().is_some_and(|d| Instant::now() >= d) {
+                    tracing::warn!(
+                        position,
+                        "shutdown deadline reached; the rest stays queued for the next start"
+                    );
+                    break 'batches;
+                }
+                match self
+                    .sink
+                    .write(prepared.batches.clone(), prepared.last)
+                    .await
+                {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "sink write failed; retrying");
+                        self.status.set_error(Some(e.to_string()));
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = drain.changed() => {}
+                        }
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                    }
+                }
+            }
+            position = prepared.last;
+            self.status.position.store(position, Ordering::Relaxed);
+            self.status
+                .events_written
+                .fetch_add(prepared.events as u64, Ordering::Relaxed);
+            self.status.set_error(None);
+            // Trim when caught up, and at least every TRIM_INTERVAL under load.
+            if input.is_empty() || last_trim.elapsed() >= TRIM_INTERVAL {
+                trimmed = self.trim(position, trimmed).await;
+                last_trim = Instant::now();
             }
         }
         self.trim(position, trimmed).await;
@@ -175,9 +246,9 @@ impl Pipeline {
         }
     }
 
-    /// Moves one batch of events from the queue to the sink and returns the position reached and
-    /// the number of events; `None` when the queue is empty.
-    async fn step(&self, position: u64) -> Result<Option<(u64, usize)>, StepError> {
+    /// Reads the batches after `position` and runs the plugin chains over them; `None` when the
+    /// queue holds nothing after `position`.
+    async fn prepare(&self, position: u64) -> Result<Option<Prepared>, ReadError> {
         let store = self.store.clone();
         let max = self.batch_events;
         let queued =
@@ -200,13 +271,12 @@ impl Pipeline {
             batches
         })
         .await?;
-        let count: usize = batches.iter().map(|b| b.events.len()).sum();
-        self.sink.write(batches, last).await?;
-        self.status.position.store(last, Ordering::Relaxed);
-        self.status
-            .events_written
-            .fetch_add(count as u64, Ordering::Relaxed);
-        Ok(Some((last, count)))
+        let events = batches.iter().map(|b| b.events.len()).sum();
+        Ok(Some(Prepared {
+            batches: Arc::new(batches),
+            last,
+            events,
+        }))
     }
 
     /// Trims the queue through `position` if that is past what was trimmed; returns the new mark.

@@ -10,6 +10,7 @@ pub mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use crate::event::IngestBatch;
 
@@ -38,5 +39,5 @@ pub trait Sink: Send + Sync {
 
     /// Writes the events of `batches` and records `position` as reached, atomically where the
     /// store allows. Events whose uuid is already stored are skipped.
-    fn write(&self, batches: Vec<IngestBatch>, position: u64) -> SinkFuture<'_, ()>;
+    fn write(&self, batches: Arc<Vec<IngestBatch>>, position: u64) -> SinkFuture<'_, ()>;
 }

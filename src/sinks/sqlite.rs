@@ -121,7 +121,7 @@ impl Sink for SqliteSink {
         })
     }
 
-    fn write(&self, batches: Vec<IngestBatch>, position: u64) -> SinkFuture<'_, ()> {
+    fn write(&self, batches: Arc<Vec<IngestBatch>>, position: u64) -> SinkFuture<'_, ()> {
         self.with_conn(move |conn| {
             let created_at = timestamp_text(Utc::now());
             let tx = conn.transaction()?;
@@ -132,7 +132,7 @@ impl Sink for SqliteSink {
                      ON CONFLICT(uuid) DO NOTHING",
                 )?;
                 let mut uuid_text = uuid::Uuid::encode_buffer();
-                for batch in &batches {
+                for batch in batches.iter() {
                     for e in &batch.events {
                         insert.execute(params![
                             &*e.uuid.hyphenated().encode_lower(&mut uuid_text),
