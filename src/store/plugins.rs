@@ -80,6 +80,18 @@ fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, St
     Ok(record.value)
 }
 
+/// Every record of a table of versioned JSON values, in id order.
+fn all_records<T: DeserializeOwned>(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    what: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        out.push(decode(what, row?.1.value())?);
+    }
+    Ok(out)
+}
+
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(PLUGINS)?;
     txn.open_table(PLUGIN_CONFIGS)?;
@@ -117,8 +129,11 @@ impl Store {
         manifest: serde_json::Value,
         sha256: &str,
     ) -> Result<PluginRecord, StoreError> {
-        let existing = self.list_plugins()?.into_iter().find(|p| p.name == name);
+        // Read and write in one transaction, so two installs cannot both create the plugin.
         let txn = self.db.begin_write()?;
+        let existing = all_records::<PluginRecord>(&txn.open_table(PLUGINS)?, "plugin")?
+            .into_iter()
+            .find(|p| p.name == name);
         let record = PluginRecord {
             id: match &existing {
                 Some(p) => p.id,
@@ -138,12 +153,7 @@ impl Store {
 
     pub fn list_plugins(&self) -> Result<Vec<PluginRecord>, StoreError> {
         let txn = self.read()?;
-        let table = txn.open_table(PLUGINS)?;
-        let mut out = Vec::new();
-        for row in table.iter()? {
-            out.push(decode("plugin", row?.1.value())?);
-        }
-        Ok(out)
+        all_records(&txn.open_table(PLUGINS)?, "plugin")
     }
 
     /// Creates or updates the team's config of a plugin.
@@ -155,7 +165,11 @@ impl Store {
         order: Option<i64>,
         config: Option<BTreeMap<String, String>>,
     ) -> Result<PluginConfig, StoreError> {
-        let current = self.list_plugin_configs()?;
+        // Read and write in one transaction, so concurrent changes (the CLI, the API, the pipeline
+        // disabling a failing config) cannot create two configs for one team and plugin.
+        let txn = self.db.begin_write()?;
+        let current: Vec<PluginConfig> =
+            all_records(&txn.open_table(PLUGIN_CONFIGS)?, "plugin config")?;
         let existing = current
             .iter()
             .find(|c| c.team_id == team_id && c.plugin_id == plugin_id)
@@ -166,7 +180,6 @@ impl Store {
             .map(|c| c.order + 1)
             .max()
             .unwrap_or(1);
-        let txn = self.db.begin_write()?;
         let record = PluginConfig {
             id: match &existing {
                 Some(c) => c.id,
@@ -190,12 +203,7 @@ impl Store {
 
     pub fn list_plugin_configs(&self) -> Result<Vec<PluginConfig>, StoreError> {
         let txn = self.read()?;
-        let table = txn.open_table(PLUGIN_CONFIGS)?;
-        let mut out = Vec::new();
-        for row in table.iter()? {
-            out.push(decode("plugin config", row?.1.value())?);
-        }
-        Ok(out)
+        all_records(&txn.open_table(PLUGIN_CONFIGS)?, "plugin config")
     }
 
     pub fn plugin_storage_get(
@@ -264,5 +272,83 @@ impl Store {
             out.push(decode("plugin log", row?.1.value())?);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugins_configs_storage_and_logs_are_kept_per_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let g0 = store.plugins_generation().unwrap();
+        let first = store
+            .install_plugin("Filter", serde_json::json!({"v": 1}), "aa")
+            .unwrap();
+        let again = store
+            .install_plugin("Filter", serde_json::json!({"v": 2}), "bb")
+            .unwrap();
+        assert_eq!(first.id, again.id, "reinstalling by name keeps the id");
+        assert_eq!(store.list_plugins().unwrap(), vec![again.clone()]);
+        assert!(
+            store.plugins_generation().unwrap() > g0,
+            "changes bump the generation"
+        );
+
+        let a = store
+            .upsert_plugin_config(
+                1,
+                again.id,
+                true,
+                None,
+                Some([("k".into(), "v".into())].into()),
+            )
+            .unwrap();
+        let b = store
+            .upsert_plugin_config(2, again.id, true, Some(5), None)
+            .unwrap();
+        let a2 = store
+            .upsert_plugin_config(1, again.id, false, None, None)
+            .unwrap();
+        assert_eq!(
+            (a2.id, a2.order, a2.config.clone(), a2.enabled),
+            (a.id, a.order, a.config.clone(), false)
+        );
+        assert_eq!(b.order, 5);
+        assert_eq!(store.list_plugin_configs().unwrap().len(), 2);
+
+        store
+            .plugin_storage_set(a.id, "key", Some("for a"))
+            .unwrap();
+        assert_eq!(
+            store.plugin_storage_get(a.id, "key").unwrap().as_deref(),
+            Some("for a")
+        );
+        assert_eq!(
+            store.plugin_storage_get(b.id, "key").unwrap(),
+            None,
+            "storage is per config"
+        );
+        store.plugin_storage_set(a.id, "key", None).unwrap();
+        assert_eq!(store.plugin_storage_get(a.id, "key").unwrap(), None);
+
+        let entry = |m: &str| PluginLogEntry {
+            at: Utc::now(),
+            level: "info".into(),
+            message: m.into(),
+        };
+        store
+            .append_plugin_logs(a.id, &[entry("a1"), entry("a2")])
+            .unwrap();
+        store.append_plugin_logs(b.id, &[entry("b1")]).unwrap();
+        let messages: Vec<String> = store
+            .plugin_logs(a.id)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(messages, vec!["a1", "a2"]);
     }
 }
