@@ -39,7 +39,9 @@ impl Plugin for FirstTimeEvent {
         }
         let key = format!("seen/{}/{}", event.event, event.distinct_id);
         let first = !seen_before(&key);
-        event.properties.insert("$is_first_event".into(), Value::Bool(first));
+        event
+            .properties
+            .insert("$is_first_event".into(), Value::Bool(first));
         Ok(Some(event))
     }
 }
