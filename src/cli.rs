@@ -25,6 +25,8 @@ pub const EXIT_CONFIG: u8 = 78;
     about = "Self-hosted PostHog event ingestion in one binary: capture, durable queue, pipeline, storage.\n\
              With no command, or `run`, it starts the server (capture, health and admin on WEB_HOSTNAME:WEB_PORT).",
     disable_version_flag = true,
+    // The settings table is laid out already; wrapping it to the terminal would break it.
+    term_width = 0,
     after_help = settings_help()
 )]
 pub struct Cli {

@@ -310,9 +310,9 @@ impl Config {
     }
 }
 
-/// The settings table as text, for `--help`.
+/// The settings table as text, for `--help`: each setting on a line with its default, and what it
+/// does on the next.
 pub fn settings_help() -> String {
-    let width = SETTINGS.iter().map(|s| s.name.len()).max().unwrap_or(0);
     let mut out = String::from("Settings (environment variables) and their defaults:\n");
     for s in SETTINGS {
         let default = s
@@ -320,8 +320,8 @@ pub fn settings_help() -> String {
             .map(|d| format!("'{d}'"))
             .unwrap_or_else(|| "unset".into());
         out.push_str(&format!(
-            "  {:width$}  {} [default: {}]\n",
-            s.name, s.help, default
+            "  {} [default: {}]\n      {}\n",
+            s.name, default, s.help
         ));
     }
     out

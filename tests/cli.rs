@@ -21,17 +21,16 @@ fn help_lists_every_setting_with_its_default() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
     assert!(help.contains("[default: '3008']"), "defaults are shown");
-    // Help text may be wrapped; read it as one line.
-    let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
-    let disable_web = flat
-        .split("DISABLE_WEB ")
-        .nth(1)
-        .and_then(|rest| rest.split("]").next())
-        .unwrap_or_default();
+    let lines: Vec<&str> = help.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with("DISABLE_WEB "))
+        .expect("DISABLE_WEB listed");
+    assert!(lines[at].ends_with("[default: 'false']"), "{}", lines[at]);
     assert!(
-        disable_web.contains("seed defaulted to true")
-            && disable_web.ends_with("[default: 'false'"),
-        "{disable_web}"
+        lines[at + 1].contains("seed defaulted to true"),
+        "{}",
+        lines[at + 1]
     );
 }
 
