@@ -43,6 +43,12 @@ pub struct EventRow {
     pub elements_chain: String,
 }
 
+/// The text form of a stored time: RFC 3339, UTC, microseconds, fixed width, so that text order
+/// is time order.
+pub fn timestamp_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("empty ingest batch value")]

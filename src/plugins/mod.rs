@@ -16,10 +16,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::event::{EventRow, IngestBatch};
+use crate::event::{timestamp_text, EventRow, IngestBatch};
 use crate::store::{PluginConfig, PluginConfigId, PluginRecord, Store, StoreError, TeamId};
 use host::{HostState, PluginScope, SharedCache};
 use manifest::{Manifest, ManifestError};
@@ -333,16 +333,7 @@ impl Chains {
             team = config.team_id,
             "plugin config {message}"
         );
-        if let Err(e) = self.store.append_plugin_logs(
-            config.id,
-            &[crate::store::PluginLogEntry {
-                at: Utc::now(),
-                level: "error".into(),
-                message: message.clone(),
-            }],
-        ) {
-            tracing::warn!(error = %e, "cannot log the plugin config's disabling");
-        }
+        log_error(&self.store, config.id, message);
         if let Err(e) =
             self.store
                 .upsert_plugin_config(config.team_id, config.plugin_id, false, None, None)
@@ -356,7 +347,7 @@ impl Chains {
 }
 
 fn run_slot(runtime: &Runtime, store: &Store, slot: &mut Slot, batch: &mut IngestBatch) {
-    let instance = match slot.instance.take() {
+    let mut instance = match slot.instance.take() {
         Some(i) => i,
         None => {
             let scope = PluginScope {
@@ -376,20 +367,16 @@ fn run_slot(runtime: &Runtime, store: &Store, slot: &mut Slot, batch: &mut Inges
                 Ok(i) => i,
                 Err(e) => {
                     slot.consecutive_failures += 1;
-                    let _ = store.append_plugin_logs(
+                    log_error(
+                        store,
                         slot.config.id,
-                        &[crate::store::PluginLogEntry {
-                            at: Utc::now(),
-                            level: "error".into(),
-                            message: format!("{} could not start: {e}", slot.plugin_name),
-                        }],
+                        format!("{} could not start: {e}", slot.plugin_name),
                     );
                     return;
                 }
             }
         }
     };
-    let mut instance = instance;
     if !instance
         .info
         .exports
@@ -459,8 +446,16 @@ fn run_slot(runtime: &Runtime, store: &Store, slot: &mut Slot, batch: &mut Inges
     }
 }
 
-fn timestamp_text(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+/// Records a line against a plugin config from outside a call (no instance to buffer it).
+fn log_error(store: &Store, config: PluginConfigId, message: String) {
+    let entry = crate::store::PluginLogEntry {
+        at: Utc::now(),
+        level: "error".into(),
+        message,
+    };
+    if let Err(e) = store.append_plugin_logs(config, &[entry]) {
+        tracing::warn!(config, error = %e, "cannot store a plugin log line");
+    }
 }
 
 fn to_wit(row: &EventRow, batch: &IngestBatch) -> WitEvent {

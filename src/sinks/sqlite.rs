@@ -3,11 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use chrono::{SecondsFormat, Utc};
+use chrono::Utc;
 use rusqlite::{params, Connection};
 
 use super::{Sink, SinkError, SinkFuture};
-use crate::event::IngestBatch;
+use crate::event::{timestamp_text, IngestBatch};
 
 mod embedded {
     refinery::embed_migrations!("migrations/sqlite");
@@ -93,11 +93,6 @@ impl SqliteSink {
             .map_err(|e| fail(e.to_string()))?
         })
     }
-}
-
-/// The stored text form of timestamps: fixed width, so text order is time order.
-fn timestamp_text(t: chrono::DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 impl Sink for SqliteSink {
