@@ -32,6 +32,46 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// appended by another process (a future source) are not left waiting.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
+/// Exponential backoff between the tries of a failing step.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff { next: RETRY_MIN }
+    }
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        self.next = RETRY_MIN;
+    }
+
+    /// Reports the failure (log and `/_ready`) and waits before the next try; a change of the
+    /// drain signal, if one is given, cuts the wait short.
+    async fn wait(
+        &mut self,
+        status: &PipelineStatus,
+        what: &str,
+        error: impl std::fmt::Display,
+        drain: Option<&mut DrainSignal>,
+    ) {
+        tracing::error!(error = %error, retry_in_ms = self.next.as_millis() as u64, "{what} failed; retrying");
+        status.set_error(Some(error.to_string()));
+        match drain {
+            Some(drain) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.next) => {}
+                    _ = drain.changed() => {}
+                }
+            }
+            None => tokio::time::sleep(self.next).await,
+        }
+        self.next = (self.next * 2).min(RETRY_MAX);
+    }
+}
+
 /// What `/_ready` shows about the pipeline; updated as it works.
 #[derive(Default)]
 pub struct PipelineStatus {
@@ -128,7 +168,7 @@ impl Pipeline {
         out: mpsc::Sender<Prepared>,
         mut drain: DrainSignal,
     ) {
-        let mut backoff = RETRY_MIN;
+        let mut backoff = Backoff::default();
         loop {
             let deadline = *drain.borrow();
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -136,7 +176,7 @@ impl Pipeline {
             }
             match self.prepare(position).await {
                 Ok(Some(prepared)) => {
-                    backoff = RETRY_MIN;
+                    backoff.reset();
                     position = prepared.last;
                     let part_filled = prepared.events < self.batch_events;
                     if out.send(prepared).await.is_err() {
@@ -162,13 +202,14 @@ impl Pipeline {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reading the ingest queue failed; retrying");
-                    self.status.set_error(Some(e.to_string()));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = drain.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(RETRY_MAX);
+                    backoff
+                        .wait(
+                            &self.status,
+                            "reading the ingest queue",
+                            e,
+                            Some(&mut drain),
+                        )
+                        .await
                 }
             }
         }
@@ -185,7 +226,7 @@ impl Pipeline {
         let mut trimmed = 0u64;
         let mut last_trim = Instant::now();
         'batches: while let Some(prepared) = input.recv().await {
-            let mut backoff = RETRY_MIN;
+            let mut backoff = Backoff::default();
             loop {
                 if drain.borrow().is_some_and(|d| Instant::now() >= d) {
                     tracing::warn!(
@@ -201,13 +242,9 @@ impl Pipeline {
                 {
                     Ok(()) => break,
                     Err(e) => {
-                        tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "sink write failed; retrying");
-                        self.status.set_error(Some(e.to_string()));
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = drain.changed() => {}
-                        }
-                        backoff = (backoff * 2).min(RETRY_MAX);
+                        backoff
+                            .wait(&self.status, "writing to the sink", e, Some(&mut drain))
+                            .await
                     }
                 }
             }
@@ -228,7 +265,7 @@ impl Pipeline {
 
     /// The sink's committed position, retried until the sink answers.
     async fn initial_position(&self) -> u64 {
-        let mut backoff = RETRY_MIN;
+        let mut backoff = Backoff::default();
         loop {
             match self.sink.position().await {
                 Ok(p) => {
@@ -237,10 +274,9 @@ impl Pipeline {
                     return p;
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot read the sink position; retrying");
-                    self.status.set_error(Some(e.to_string()));
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
+                    backoff
+                        .wait(&self.status, "reading the sink position", e, None)
+                        .await
                 }
             }
         }

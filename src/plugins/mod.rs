@@ -386,7 +386,6 @@ fn run_slot(runtime: &Runtime, store: &Store, slot: &mut Slot, batch: &mut Inges
         return;
     }
     let inputs: Vec<WitEvent> = batch.events.iter().map(|e| to_wit(e, batch)).collect();
-    let uuids: Vec<String> = batch.events.iter().map(|e| e.uuid.to_string()).collect();
     let outcome = instance.process_batch(inputs);
     let keep_instance = match outcome {
         Ok(results) if results.len() == batch.events.len() => {
@@ -417,8 +416,8 @@ fn run_slot(runtime: &Runtime, store: &Store, slot: &mut Slot, batch: &mut Inges
                 format!(
                     "process-event-batch returned {} results for {} events ({}); the events continue unchanged",
                     results.len(),
-                    uuids.len(),
-                    uuids.join(", ")
+                    batch.events.len(),
+                    uuid_list(batch)
                 ),
             );
             true
@@ -433,7 +432,7 @@ fn run_slot(runtime: &Runtime, store: &Store, slot: &mut Slot, batch: &mut Inges
                 "error",
                 format!(
                     "process-event {e} on events {}; they continue unchanged",
-                    uuids.join(", ")
+                    uuid_list(batch)
                 ),
             );
             !fatal
@@ -444,6 +443,12 @@ fn run_slot(runtime: &Runtime, store: &Store, slot: &mut Slot, batch: &mut Inges
     if keep_instance {
         slot.instance = Some(instance);
     }
+}
+
+/// The batch's event uuids, for a log line; built only when a call failed.
+fn uuid_list(batch: &IngestBatch) -> String {
+    let uuids: Vec<String> = batch.events.iter().map(|e| e.uuid.to_string()).collect();
+    uuids.join(", ")
 }
 
 /// Records a line against a plugin config from outside a call (no instance to buffer it).
