@@ -18,8 +18,11 @@ use crate::admin::{self, AdminState};
 use crate::capture::{self, CaptureState, TeamDirectory};
 use crate::config::Config;
 use crate::ingest;
-use crate::pipeline::{Pipeline, PipelineStatus};
-use crate::plugins::{Chains, PluginError};
+use crate::jobs::{self, JobQueue, Workers};
+use crate::pipeline::{Deliveries, Pipeline, PipelineStatus};
+use crate::plugins::tasks::{PluginRunner, PluginSchedules};
+use crate::plugins::{Catalog, Chains, PluginError};
+use crate::schedule::Scheduler;
 use crate::sinks::sqlite::SqliteSink;
 use crate::sinks::{Sink, SinkError};
 use crate::store::{Store, StoreError};
@@ -37,6 +40,8 @@ pub enum AppError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("another appliance server is already running on the data directory {0} (its lock file is held)")]
+    Locked(std::path::PathBuf),
     #[error("{context}: {source}")]
     Io {
         context: &'static str,
@@ -49,6 +54,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     if config.idle {
         return run_idle(&config).await;
     }
+    let _server_lock = lock_data_dir(&config.data_dir)?;
     let store = Store::open(&config.data_dir)?;
     if let Some(team) = store.ensure_default_team()? {
         println!(
@@ -85,6 +91,22 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             "created admin API token {api_token} (for /api/; `appliance api-token` shows it again)"
         );
     }
+    let queue = JobQueue::new(store.clone(), config.jobs);
+    let now = jobs::now_ms();
+    let recovered = store.recover_leases(now, now)?;
+    if recovered > 0 {
+        tracing::warn!(
+            recovered,
+            "jobs claimed by the previous run were not finished; they run again"
+        );
+    }
+    let catalog = Arc::new(Catalog::new(
+        runtime.clone(),
+        store.clone(),
+        &config.data_dir,
+        config.plugin_allowed_hosts.clone(),
+        Some(queue.clone()),
+    ));
     let status = Arc::new(PipelineStatus::default());
     let (drain_tx, drain_rx) = watch::channel(None);
     let pipeline = tokio::spawn(
@@ -93,14 +115,33 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             sink: sink.clone(),
             batch_events: config.sink_batch_events,
             linger: config.sink_linger,
-            plugins: Arc::new(std::sync::Mutex::new(Chains::new(
-                runtime.clone(),
-                store.clone(),
-                &config.data_dir,
-                config.plugin_allowed_hosts.clone(),
-            ))),
+            plugins: Arc::new(std::sync::Mutex::new(Chains::new(catalog.clone()))),
             status: status.clone(),
             wake,
+            deliveries: Some(Deliveries {
+                catalog: catalog.clone(),
+                queue: queue.clone(),
+            }),
+        }
+        .run(drain_rx.clone()),
+    );
+    let schedule_done = Arc::new(Notify::new());
+    let workers = tokio::spawn(
+        Workers {
+            queue: queue.clone(),
+            runner: Arc::new(PluginRunner {
+                catalog: catalog.clone(),
+            }),
+            schedule_done: Some(schedule_done.clone()),
+        }
+        .run(drain_rx.clone()),
+    );
+    let scheduler = tokio::spawn(
+        Scheduler {
+            queue: queue.clone(),
+            source: Arc::new(PluginSchedules { catalog }),
+            timeout: config.plugin_limits.task,
+            job_done: schedule_done,
         }
         .run(drain_rx),
     );
@@ -118,6 +159,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             runtime,
             data_dir: config.data_dir.clone(),
             token: api_token,
+            jobs: queue.clone(),
         })))
         .merge(admin::router(Arc::new(AdminState {
             store: store.clone(),
@@ -144,6 +186,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let _ = drain_tx.send(Some(deadline));
     if let Err(e) = pipeline.await {
         tracing::error!(error = %e, "the pipeline task failed");
+    }
+    if let Err(e) = workers.await {
+        tracing::error!(error = %e, "the job workers failed");
+    }
+    if let Err(e) = scheduler.await {
+        tracing::error!(error = %e, "the scheduler failed");
     }
     tracing::info!("stopped");
     Ok(())
@@ -178,6 +226,34 @@ async fn serve(
         context: "the HTTP server failed",
         source,
     })
+}
+
+/// Holds the data directory's server lock for as long as the returned file lives. One server
+/// per data directory: the job queue treats every claim it finds at start-up as left by a dead
+/// process, which is only true if no other server is running.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, AppError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| AppError::Io {
+        context: "cannot create the data directory",
+        source,
+    })?;
+    let path = data_dir.join("server.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| AppError::Io {
+            context: "cannot open the server lock file",
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AppError::Locked(data_dir.to_owned())),
+        Err(std::fs::TryLockError::Error(source)) => Err(AppError::Io {
+            context: "cannot lock the server lock file",
+            source,
+        }),
+    }
 }
 
 /// The plugin engine, with compiled components cached under the data directory.

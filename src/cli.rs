@@ -62,6 +62,54 @@ enum Command {
         #[command(subcommand)]
         action: PluginCommand,
     },
+    /// Inspect and steer the durable job queue (works while the server runs)
+    Jobs {
+        #[command(subcommand)]
+        action: JobsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JobsCommand {
+    /// List kept jobs (queued, waiting, running, retrying, dead letters, cancelled)
+    List {
+        /// Only jobs in this state: scheduled, waiting, running, retrying, dead, cancelled
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one job with its history, as JSON
+    Show { id: String },
+    /// Queue a plugin's job for a team
+    Enqueue {
+        #[arg(long)]
+        team: u64,
+        /// Plugin name or id
+        plugin: String,
+        /// Job name, as the plugin declares it
+        name: String,
+        /// JSON payload
+        #[arg(long, default_value = "null")]
+        payload: String,
+        /// Idempotency key: a job already queued with it (within the retention window) is not
+        /// queued again
+        #[arg(long)]
+        key: Option<String>,
+        /// Run after this many milliseconds
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Attempts before it becomes a dead letter
+        #[arg(long)]
+        max_attempts: Option<u32>,
+    },
+    /// Cancel a job: at once if it is not running, else it stops at its next checkpoint
+    /// (terminated if it has not stopped within 5 s)
+    Cancel { id: String },
+    /// Stop a job now, even in the middle of plugin code
+    Terminate { id: String },
+    /// Put a dead or cancelled job back in the queue with fresh attempts
+    Retry { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -92,6 +140,12 @@ enum PluginCommand {
     },
     /// Show what a plugin config logged (its own lines and the host's about its failures)
     Logs {
+        #[arg(long)]
+        team: u64,
+        plugin: String,
+    },
+    /// Show what a plugin config keeps in storage, KEY=VALUE per line
+    Storage {
         #[arg(long)]
         team: u64,
         plugin: String,
@@ -142,6 +196,7 @@ pub fn main() -> ExitCode {
         None | Some(Command::Run) => report(run_server(config)),
         Some(Command::Team { action }) => report(team(&config, action)),
         Some(Command::Plugin { action }) => report(plugin(&config, action)),
+        Some(Command::Jobs { action }) => report(jobs(&config, action)),
         Some(Command::ApiToken) => report(
             Store::open(&config.data_dir)
                 .and_then(|store| store.admin_api_token())
@@ -275,6 +330,13 @@ fn plugin(config: &Config, action: PluginCommand) -> Result<(), String> {
             let saved = plugins::disable(&store, team, &plugin).map_err(|e| e.to_string())?;
             println!("plugin config {} disabled", saved.id);
         }
+        PluginCommand::Storage { team, plugin } => {
+            for (key, value) in
+                plugins::storage(&store, team, &plugin).map_err(|e| e.to_string())?
+            {
+                println!("{key}={value}");
+            }
+        }
         PluginCommand::Logs { team, plugin } => {
             for entry in plugins::logs(&store, team, &plugin).map_err(|e| e.to_string())? {
                 println!(
@@ -284,6 +346,113 @@ fn plugin(config: &Config, action: PluginCommand) -> Result<(), String> {
                     entry.message
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+fn jobs(config: &Config, action: JobsCommand) -> Result<(), String> {
+    use crate::jobs::{now_ms, JobView};
+    use crate::store::{Control, JobId, JobState};
+    let store = Store::open(&config.data_dir).map_err(|e| e.to_string())?;
+    let parse_id = |id: &str| {
+        id.parse::<JobId>()
+            .map_err(|_| format!("{id:?} is not a job id"))
+    };
+    match action {
+        JobsCommand::List { state, limit } => {
+            let state = match state {
+                Some(s) => Some(JobState::parse(&s).ok_or_else(|| {
+                    format!("unknown state {s:?}: scheduled, waiting, running, retrying, dead or cancelled")
+                })?),
+                None => None,
+            };
+            let stats = store.job_stats().map_err(|e| e.to_string())?;
+            println!(
+                "{} queued, {} running, {} kept in all",
+                stats.queued, stats.running, stats.total
+            );
+            for job in store.list_jobs(state, limit).map_err(|e| e.to_string())? {
+                let view = JobView::from(&job);
+                println!(
+                    "{}  {:<9}  config {:<4}  {:<32}  attempts {}/{}  run at {}  {}",
+                    view.id,
+                    view.state,
+                    view.plugin_config
+                        .map(|c| c.to_string())
+                        .unwrap_or("-".into()),
+                    view.kind,
+                    view.attempts,
+                    view.max_attempts,
+                    view.run_at,
+                    view.last_error.unwrap_or_default()
+                );
+            }
+        }
+        JobsCommand::Show { id } => {
+            let job = store
+                .job(parse_id(&id)?)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no job {id} is kept (succeeded jobs are not kept)"))?;
+            let text =
+                serde_json::to_string_pretty(&JobView::from(&job)).map_err(|e| e.to_string())?;
+            println!("{text}");
+        }
+        JobsCommand::Enqueue {
+            team,
+            plugin,
+            name,
+            payload,
+            key,
+            delay_ms,
+            max_attempts,
+        } => {
+            let settings = config.jobs;
+            let enqueue = |jobs| {
+                store.enqueue_jobs(jobs, now_ms(), settings.key_retention.as_millis() as i64)
+            };
+            let id = crate::plugins::enqueue_job(
+                &enqueue,
+                &store,
+                team,
+                &plugin,
+                crate::plugins::JobRequest {
+                    name,
+                    payload,
+                    idempotency_key: key,
+                    delay_ms,
+                    max_attempts,
+                    timeout_ms: 0,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            println!("job {id} queued");
+        }
+        JobsCommand::Cancel { id } => {
+            let state = store
+                .control_job(parse_id(&id)?, Control::Cancel, now_ms())
+                .map_err(|e| e.to_string())?;
+            match state {
+                JobState::Running => {
+                    println!("job {id} is running; asked to stop at its next checkpoint")
+                }
+                _ => println!("job {id} cancelled"),
+            }
+        }
+        JobsCommand::Terminate { id } => {
+            let state = store
+                .control_job(parse_id(&id)?, Control::Terminate, now_ms())
+                .map_err(|e| e.to_string())?;
+            match state {
+                JobState::Running => println!("job {id} is running; it is being terminated"),
+                _ => println!("job {id} cancelled before it ran"),
+            }
+        }
+        JobsCommand::Retry { id } => {
+            store
+                .requeue_job(parse_id(&id)?, now_ms())
+                .map_err(|e| e.to_string())?;
+            println!("job {id} queued again");
         }
     }
     Ok(())

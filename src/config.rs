@@ -124,6 +124,9 @@ pub const SETTINGS: &[Setting] = &[
     setting("SINK_LINGER_MS", Some("200"), int(0, 60_000), "how long the pipeline lets a part-filled batch fill before writing it (fewer, larger sink transactions)"),
     setting("PLUGIN_MEMORY_MB", Some("64"), int(1, 4096), "memory limit of each plugin instance, in MiB"),
     setting("PLUGIN_PROCESS_EVENT_TIMEOUT_MS", Some("500"), int(1, 600_000), "deadline of one process-event call (a batch of events) of one plugin"),
+    setting("JOBS_PER_PLUGIN_CONFIG", Some("4"), POSITIVE, "jobs of one plugin config that may run at once, so one plugin cannot take every slot"),
+    setting("JOB_RETRY_BASE_MS", Some("1000"), int(1, 3_600_000), "delay before a failed job's first retry; doubled for each further one (with jitter), at most an hour"),
+    setting("JOB_KEY_RETENTION_HOURS", Some("24"), int(1, 8_760), "how long a job's idempotency key keeps deduplicating"),
     setting("PLUGIN_TASK_TIMEOUT_SECS", Some("30"), int(1, 86_400), "deadline of plugin setup, scheduled tasks, jobs and exports"),
     setting("PLUGIN_ALLOWED_HOSTS", None, Kind::Text, "comma-separated hosts plugins may fetch from; unset: any host a plugin declares in its plugin.json"),
     setting("SHUTDOWN_TIMEOUT_SECS", Some("30"), int(0, 3600), "on SIGTERM, how long to keep flushing the queue to the sink before exiting"),
@@ -160,6 +163,7 @@ pub struct Config {
     pub plugin_allowed_hosts: Vec<String>,
     pub shutdown_timeout: Duration,
     pub worker_concurrency: usize,
+    pub jobs: crate::jobs::JobSettings,
     /// Every setting's effective value, by name.
     raw: BTreeMap<&'static str, Option<String>>,
     /// Names set explicitly in the environment (not defaulted).
@@ -251,6 +255,15 @@ impl Config {
             worker_concurrency: match num("WORKER_CONCURRENCY") {
                 0 => cores,
                 n => n as usize,
+            },
+            jobs: crate::jobs::JobSettings {
+                slots: match num("WORKER_CONCURRENCY") {
+                    0 => cores,
+                    n => n as usize,
+                } * num("TASKS_PER_WORKER").max(1) as usize,
+                per_plugin_config: num("JOBS_PER_PLUGIN_CONFIG").max(1) as usize,
+                retry_base: Duration::from_millis(num("JOB_RETRY_BASE_MS")),
+                key_retention: Duration::from_secs(num("JOB_KEY_RETENTION_HOURS") * 3600),
             },
             raw: raw.clone(),
             explicit,

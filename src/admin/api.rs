@@ -6,20 +6,22 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::extract::Query;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::jobs::{now_ms, JobQueue, JobView};
 use crate::plugins::manifest::Manifest;
 use crate::plugins::runtime::Runtime;
 use crate::plugins::{self, PluginError};
-use crate::store::{Store, TeamId};
+use crate::store::{Control, JobId, JobState, Store, StoreError, TeamId};
 
 /// Largest plugin upload accepted (the component travels base64-encoded in JSON).
 const MAX_UPLOAD_BYTES: usize = 64 << 20;
@@ -29,6 +31,7 @@ pub struct ApiState {
     pub runtime: Arc<Runtime>,
     pub data_dir: PathBuf,
     pub token: String,
+    pub jobs: JobQueue,
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -36,6 +39,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/plugins", get(list_plugins).post(install_plugin))
         .route("/api/teams/{team}/plugins/{plugin}", put(configure_plugin))
         .route("/api/teams/{team}/plugins/{plugin}/logs", get(plugin_logs))
+        .route(
+            "/api/teams/{team}/plugins/{plugin}/storage",
+            get(plugin_storage),
+        )
+        .route("/api/teams/{team}/plugins/{plugin}/jobs", post(enqueue_job))
+        .route("/api/jobs", get(list_jobs))
+        .route("/api/jobs/{id}", get(show_job))
+        .route("/api/jobs/{id}/{action}", post(control_job))
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
@@ -51,6 +62,10 @@ enum ApiError {
     BadRequest(String),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -59,8 +74,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Plugin(PluginError::NotFound(_)) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) | ApiError::Plugin(PluginError::BadRequest(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::Plugin(PluginError::NotFound(_)) | ApiError::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Plugin(
                 PluginError::Manifest(_)
                 | PluginError::InvalidComponent(_)
@@ -69,6 +89,15 @@ impl IntoResponse for ApiError {
             ApiError::Plugin(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, Json(json!({"error": self.to_string()}))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Conflict(m) => ApiError::Conflict(m),
+            other => ApiError::Internal(other.to_string()),
+        }
     }
 }
 
@@ -228,6 +257,137 @@ async fn plugin_logs(
     blocking(move || {
         let logs = plugins::logs(&store, team, &plugin)?;
         Ok(Json(json!({ "logs": logs })))
+    })
+    .await
+}
+
+async fn plugin_storage(
+    State(state): State<Arc<ApiState>>,
+    Path((team, plugin)): Path<(TeamId, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let store = state.store.clone();
+    blocking(move || {
+        let entries: serde_json::Map<String, Value> = plugins::storage(&store, team, &plugin)?
+            .into_iter()
+            .map(|(k, v)| (k, json!(v)))
+            .collect();
+        Ok(Json(json!({ "storage": entries })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct EnqueueRequest {
+    name: String,
+    #[serde(default)]
+    payload: Value,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    delay_ms: u64,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+}
+
+async fn enqueue_job(
+    State(state): State<Arc<ApiState>>,
+    Path((team, plugin)): Path<(TeamId, String)>,
+    Json(request): Json<EnqueueRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (store, queue) = (state.store.clone(), state.jobs.clone());
+    blocking(move || {
+        let enqueue = |jobs| queue.enqueue(jobs);
+        let id = plugins::enqueue_job(
+            &enqueue,
+            &store,
+            team,
+            &plugin,
+            plugins::JobRequest {
+                name: request.name,
+                payload: request.payload.to_string(),
+                idempotency_key: request.idempotency_key,
+                delay_ms: request.delay_ms,
+                max_attempts: request.max_attempts,
+                timeout_ms: 0,
+            },
+        )?;
+        Ok((StatusCode::ACCEPTED, Json(json!({ "id": id.to_string() }))))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct JobFilter {
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_jobs(
+    State(state): State<Arc<ApiState>>,
+    Query(filter): Query<JobFilter>,
+) -> Result<Json<Value>, ApiError> {
+    let store = state.store.clone();
+    blocking(move || {
+        let wanted = match filter.state {
+            Some(s) => Some(JobState::parse(&s).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "unknown state {s:?}: scheduled, waiting, running, retrying, dead or cancelled"
+                ))
+            })?),
+            None => None,
+        };
+        let stats = store.job_stats()?;
+        let jobs: Vec<JobView> = store
+            .list_jobs(wanted, filter.limit.unwrap_or(100))?
+            .iter()
+            .map(JobView::from)
+            .collect();
+        Ok(Json(json!({ "stats": stats, "jobs": jobs })))
+    })
+    .await
+}
+
+fn job_id(text: &str) -> Result<JobId, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::BadRequest(format!("{text:?} is not a job id")))
+}
+
+async fn show_job(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = state.store.clone();
+    blocking(move || {
+        let job = store.job(job_id(&id)?)?.ok_or_else(|| {
+            ApiError::NotFound(format!("no job {id} is kept (succeeded jobs are not kept)"))
+        })?;
+        Ok(Json(json!(JobView::from(&job))))
+    })
+    .await
+}
+
+async fn control_job(
+    State(state): State<Arc<ApiState>>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let (store, queue) = (state.store.clone(), state.jobs.clone());
+    blocking(move || {
+        let id = job_id(&id)?;
+        let state = match action.as_str() {
+            "cancel" => store.control_job(id, Control::Cancel, now_ms())?,
+            "terminate" => store.control_job(id, Control::Terminate, now_ms())?,
+            "retry" => {
+                store.requeue_job(id, now_ms())?;
+                queue.wake();
+                JobState::Scheduled
+            }
+            other => {
+                return Err(ApiError::NotFound(format!(
+                    "no job action {other:?}: cancel, terminate or retry"
+                )))
+            }
+        };
+        Ok(Json(json!({ "id": id.to_string(), "state": state.name() })))
     })
     .await
 }

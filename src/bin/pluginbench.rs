@@ -100,7 +100,13 @@ fn run() -> Result<(), String> {
     let rounds = 50;
     let mut total = Duration::ZERO;
     for _ in 0..rounds {
-        let mut chains = Chains::new(runtime.clone(), store.clone(), &data, Vec::new());
+        let mut chains = Chains::new(Arc::new(appliance::plugins::Catalog::new(
+            runtime.clone(),
+            store.clone(),
+            &data,
+            Vec::new(),
+            None,
+        )));
         chains.refresh().map_err(|e| e.to_string())?;
         let mut one = batch(team.id, 1);
         let started = Instant::now();
@@ -112,7 +118,13 @@ fn run() -> Result<(), String> {
         ms(total) / rounds as f64
     );
 
-    let mut chains = Chains::new(runtime.clone(), store.clone(), &data, Vec::new());
+    let mut chains = Chains::new(Arc::new(appliance::plugins::Catalog::new(
+        runtime.clone(),
+        store.clone(),
+        &data,
+        Vec::new(),
+        None,
+    )));
     chains.refresh().map_err(|e| e.to_string())?;
     chains.process(&mut batch(team.id, 1));
     for (label, size, calls) in [

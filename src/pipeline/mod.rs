@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use crate::event::IngestBatch;
-use crate::plugins::Chains;
+use crate::jobs::JobQueue;
+use crate::plugins::{tasks, Catalog, Chains};
 use crate::sinks::Sink;
 use crate::store::{Store, StoreError};
 
@@ -126,6 +127,14 @@ pub struct Pipeline {
     pub status: Arc<PipelineStatus>,
     /// Notified by the ingest writer after each commit.
     pub wake: Arc<Notify>,
+    /// Where written events are handed to `on-event`/`export-events` plugins.
+    pub deliveries: Option<Deliveries>,
+}
+
+/// After-write deliveries: written events become jobs of the plugins that export them.
+pub struct Deliveries {
+    pub catalog: Arc<Catalog>,
+    pub queue: JobQueue,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +161,10 @@ impl Pipeline {
     /// other writes to the sink, so a batch's plugins run while the previous batch is written.
     pub async fn run(self, drain: DrainSignal) {
         let this = Arc::new(self);
-        let start = this.initial_position().await;
+        let mut start_drain = drain.clone();
+        let Some(start) = this.initial_position(&mut start_drain).await else {
+            return;
+        };
         let (prepared_tx, prepared_rx) = mpsc::channel(PREPARED_AHEAD);
         let reader = tokio::spawn(this.clone().read_stage(start, prepared_tx, drain.clone()));
         this.write_stage(start, prepared_rx, drain).await;
@@ -248,6 +260,9 @@ impl Pipeline {
                     }
                 }
             }
+            if !self.queue_deliveries(&prepared, &mut drain).await {
+                break 'batches;
+            }
             position = prepared.last;
             self.status.position.store(position, Ordering::Relaxed);
             self.status
@@ -263,19 +278,73 @@ impl Pipeline {
         self.trim(position, trimmed).await;
     }
 
-    /// The sink's committed position, retried until the sink answers.
-    async fn initial_position(&self) -> u64 {
+    /// Where reading starts: after the sink's committed position, or earlier if the deliveries
+    /// of written batches were not yet queued when the last run stopped (those batches are read
+    /// again; the sink skips what it has). Retried until the sink answers; `None` if the
+    /// shutdown deadline passes first.
+    async fn initial_position(&self, drain: &mut DrainSignal) -> Option<u64> {
         let mut backoff = Backoff::default();
         loop {
-            match self.sink.position().await {
-                Ok(p) => {
-                    self.status.position.store(p, Ordering::Relaxed);
+            if drain.borrow().is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
+            let store = self.store.clone();
+            let delivered = tokio::task::spawn_blocking(move || store.delivered_position()).await;
+            let step = match (self.sink.position().await, delivered) {
+                (Ok(sink), Ok(Ok(delivered))) => Ok((sink, delivered)),
+                (Err(e), _) => Err(e.to_string()),
+                (_, Ok(Err(e))) => Err(e.to_string()),
+                (_, Err(e)) => Err(e.to_string()),
+            };
+            match step {
+                Ok((sink, delivered)) => {
+                    self.status.position.store(sink, Ordering::Relaxed);
                     self.status.set_error(None);
-                    return p;
+                    return Some(delivered.map_or(sink, |d| d.min(sink)));
                 }
                 Err(e) => {
                     backoff
-                        .wait(&self.status, "reading the sink position", e, None)
+                        .wait(&self.status, "reading the sink position", e, Some(drain))
+                        .await
+                }
+            }
+        }
+    }
+
+    /// Queues the deliveries of a written batch, retrying until they are durable; `false` if
+    /// the shutdown deadline passed first (the batch is then read again at the next start).
+    async fn queue_deliveries(&self, prepared: &Prepared, drain: &mut DrainSignal) -> bool {
+        let Some(deliveries) = &self.deliveries else {
+            return true;
+        };
+        let mut backoff = Backoff::default();
+        loop {
+            if drain.borrow().is_some_and(|d| Instant::now() >= d) {
+                return false;
+            }
+            let (catalog, queue) = (deliveries.catalog.clone(), deliveries.queue.clone());
+            let (batches, last) = (prepared.batches.clone(), prepared.last);
+            let result = tokio::task::spawn_blocking(move || {
+                let jobs = tasks::deliveries(&catalog, &batches).map_err(|e| e.to_string())?;
+                if jobs.is_empty() {
+                    return Ok(());
+                }
+                queue
+                    .enqueue_marking(jobs, Some(last))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            match result {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => {
+                    backoff
+                        .wait(&self.status, "queuing deliveries", e, Some(drain))
+                        .await
+                }
+                Err(e) => {
+                    backoff
+                        .wait(&self.status, "queuing deliveries", e, Some(drain))
                         .await
                 }
             }

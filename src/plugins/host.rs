@@ -14,7 +14,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::runtime::bindings::appliance::plugin::{
     cache, config, geoip, http, jobs, log, storage, types,
 };
-use crate::store::{PluginConfigId, PluginLogEntry, Store};
+use crate::jobs::{JobQueue, StopFlags};
+use crate::store::{JobId, JobKind, NewJob, PluginConfigId, PluginLogEntry, Store};
 
 /// Largest response body `http.fetch` hands to a plugin.
 const MAX_FETCH_BYTES: usize = 16 << 20;
@@ -33,6 +34,24 @@ pub struct PluginScope {
     pub allowed_hosts: Vec<String>,
     pub store: Store,
     pub cache: SharedCache,
+    /// Where `jobs.enqueue` outside a running job goes; `None` where there is no queue.
+    pub jobs: Option<JobQueue>,
+    /// The job names the plugin declares; empty means any.
+    pub job_names: Vec<String>,
+    /// Deadline given to the plugin's jobs.
+    pub job_timeout: Duration,
+}
+
+/// Attempts a plugin job gets unless it asks for another number.
+pub const DEFAULT_JOB_ATTEMPTS: u32 = 5;
+
+/// The job an instance is running, if it runs one.
+pub struct JobContext {
+    pub id: JobId,
+    pub checkpoint: Option<String>,
+    pub stop: Arc<StopFlags>,
+    /// Jobs enqueued by this job, committed with its success.
+    pub follow_ups: Vec<NewJob>,
 }
 
 /// The `T` of each plugin's wasmtime `Store`.
@@ -45,6 +64,10 @@ pub struct HostState {
     scope: PluginScope,
     /// Log lines of the current call, written to the store in one transaction afterwards.
     pending_logs: Vec<PluginLogEntry>,
+    /// The running job, while the instance runs one.
+    pub job: Option<JobContext>,
+    /// When the current call must end.
+    pub(super) deadline: Option<Instant>,
 }
 
 impl HostState {
@@ -60,7 +83,14 @@ impl HostState {
             },
             scope,
             pending_logs: Vec::new(),
+            job: None,
+            deadline: None,
         }
+    }
+
+    /// True once the running job was terminated by the operator.
+    pub(super) fn terminated(&self) -> bool {
+        self.job.as_ref().is_some_and(|j| j.stop.terminated())
     }
 
     pub fn config_id(&self) -> PluginConfigId {
@@ -250,14 +280,107 @@ impl jobs::Host for HostState {
     fn enqueue(
         &mut self,
         name: String,
-        _payload: String,
-        _when: jobs::When,
+        payload: String,
+        when: jobs::When,
     ) -> Result<String, String> {
-        // The durable job queue is the next step (see ARCHITECTURE.md); say so instead of
-        // pretending the job was queued.
-        Err(format!(
-            "cannot queue job {name:?}: this appliance has no job queue yet"
-        ))
+        jobs::Host::enqueue_with(
+            self,
+            name,
+            payload,
+            jobs::Options {
+                when,
+                idempotency_key: None,
+                max_attempts: None,
+                after: Vec::new(),
+            },
+        )
+    }
+
+    fn enqueue_with(
+        &mut self,
+        name: String,
+        payload: String,
+        options: jobs::Options,
+    ) -> Result<String, String> {
+        if !self.scope.job_names.is_empty() && !self.scope.job_names.contains(&name) {
+            return Err(format!(
+                "this plugin declares no job named {name:?} (it declares {})",
+                self.scope.job_names.join(", ")
+            ));
+        }
+        if serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_err() {
+            return Err(format!("the payload of job {name:?} is not JSON"));
+        }
+        let now = crate::jobs::now_ms();
+        let run_at_ms = match options.when {
+            jobs::When::Now => now,
+            jobs::When::AfterMs(ms) => now.saturating_add(ms.min(i64::MAX as u64) as i64),
+            jobs::When::At(text) => chrono::DateTime::parse_from_rfc3339(&text)
+                .map_err(|_| format!("{text:?} is not an RFC 3339 time"))?
+                .timestamp_millis(),
+        };
+        let after = options
+            .after
+            .iter()
+            .map(|id| {
+                id.parse::<JobId>()
+                    .map_err(|_| format!("{id:?} is not a job id"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let config = self.scope.config_id;
+        let job = NewJob {
+            id: uuid::Uuid::now_v7(),
+            kind: JobKind::Plugin { config, name },
+            payload,
+            run_at_ms,
+            max_attempts: options
+                .max_attempts
+                .unwrap_or(DEFAULT_JOB_ATTEMPTS)
+                .clamp(1, 100),
+            timeout_ms: self.scope.job_timeout.as_millis() as u64,
+            // Keys are per plugin config: one plugin cannot collide with another's.
+            idempotency_key: options.idempotency_key.map(|k| format!("{config}:{k}")),
+            after,
+        };
+        let id = job.id.to_string();
+        if let Some(running) = &mut self.job {
+            running.follow_ups.push(job);
+            return Ok(id);
+        }
+        match &self.scope.jobs {
+            Some(queue) => queue
+                .enqueue(vec![job])
+                .map(|ids| ids.first().map(|i| i.to_string()).unwrap_or(id))
+                .map_err(|e| format!("cannot queue the job: {e}")),
+            None => Err("there is no job queue in this process".into()),
+        }
+    }
+
+    fn current(&mut self) -> Option<String> {
+        self.job.as_ref().map(|j| j.id.to_string())
+    }
+
+    fn checkpoint(&mut self) -> Option<String> {
+        self.job.as_ref().and_then(|j| j.checkpoint.clone())
+    }
+
+    fn save_checkpoint(&mut self, state: String) -> Result<(), String> {
+        let Some(job) = &mut self.job else {
+            return Err("no job is running".into());
+        };
+        if job.stop.cancelled() {
+            return Err("the job was cancelled; stop now".into());
+        }
+        self.scope
+            .store
+            .save_job_checkpoint(job.id, &state, crate::jobs::now_ms())
+            .map_err(|e| format!("cannot save the checkpoint: {e}"))?;
+        job.checkpoint = Some(state);
+        Ok(())
+    }
+
+    fn cancelled(&mut self) -> bool {
+        self.job.as_ref().is_some_and(|j| j.stop.cancelled())
     }
 }
 

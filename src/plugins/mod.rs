@@ -11,19 +11,25 @@
 pub mod host;
 pub mod manifest;
 pub mod runtime;
+pub mod tasks;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::event::{timestamp_text, EventRow, IngestBatch};
-use crate::store::{PluginConfig, PluginConfigId, PluginRecord, Store, StoreError, TeamId};
-use host::{HostState, PluginScope, SharedCache};
+use serde::Deserialize;
+
+use crate::jobs::JobQueue;
+use crate::store::{
+    JobId, JobKind, NewJob, PluginConfig, PluginConfigId, PluginRecord, Store, StoreError, TeamId,
+};
+use host::{HostState, JobContext, PluginScope, SharedCache};
 use manifest::{Manifest, ManifestError};
-use runtime::{CallError, Exports, Instance, Loaded, Runtime, WitEvent};
+use runtime::{CallError, Exports, Instance, Loaded, PluginInfo, Runtime, WitEvent};
 
 /// Consecutive failing calls after which a plugin config is disabled.
 pub const DISABLE_AFTER_FAILURES: u32 = 20;
@@ -44,6 +50,8 @@ pub enum PluginError {
     NotFound(String),
     #[error("the plugin failed when loaded: {0}")]
     Instantiate(String),
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 /// Where installed components are kept, by content hash.
@@ -87,6 +95,9 @@ pub fn install_parts(
         allowed_hosts: Vec::new(),
         store: store.clone(),
         cache: SharedCache::default(),
+        jobs: None,
+        job_names: Vec::new(),
+        job_timeout: runtime.limits.task,
     };
     runtime
         .instantiate(&loaded, HostState::new(scope, runtime.limits.memory_bytes))
@@ -149,6 +160,77 @@ pub fn logs(
     Ok(store.plugin_logs(config.id)?)
 }
 
+/// What the team's config of `plugin` keeps in storage.
+pub fn storage(
+    store: &Store,
+    team: TeamId,
+    plugin: &str,
+) -> Result<Vec<(String, String)>, PluginError> {
+    let record = find(store, plugin)?;
+    let config = config_of(store, team, &record)?;
+    Ok(store.plugin_storage_all(config.id)?)
+}
+
+/// Queues the plugin's job `name` for the team's config, as an operator asks.
+pub fn enqueue_job(
+    queue: &dyn Fn(Vec<NewJob>) -> Result<Vec<JobId>, StoreError>,
+    store: &Store,
+    team: TeamId,
+    plugin: &str,
+    request: JobRequest,
+) -> Result<JobId, PluginError> {
+    let record = find(store, plugin)?;
+    let config = config_of(store, team, &record)?;
+    if serde_json::from_str::<serde::de::IgnoredAny>(&request.payload).is_err() {
+        return Err(PluginError::BadRequest(format!(
+            "the payload of job {:?} is not JSON",
+            request.name
+        )));
+    }
+    let ids = queue(vec![NewJob {
+        id: Uuid::now_v7(),
+        kind: JobKind::Plugin {
+            config: config.id,
+            name: request.name,
+        },
+        payload: request.payload,
+        run_at_ms: crate::jobs::now_ms() + request.delay_ms as i64,
+        max_attempts: request
+            .max_attempts
+            .unwrap_or(host::DEFAULT_JOB_ATTEMPTS)
+            .clamp(1, 100),
+        timeout_ms: request.timeout_ms,
+        idempotency_key: request
+            .idempotency_key
+            .map(|k| format!("{}:{k}", config.id)),
+        after: Vec::new(),
+    }])?;
+    ids.into_iter()
+        .next()
+        .ok_or_else(|| PluginError::Io("the queue returned no job id".into()))
+}
+
+/// A job an operator queues for a plugin.
+#[derive(Clone, Debug, Deserialize)]
+pub struct JobRequest {
+    pub name: String,
+    #[serde(default = "null_payload")]
+    pub payload: String,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// Deadline of each attempt; 0 for the appliance's task deadline.
+    #[serde(default)]
+    pub timeout_ms: u64,
+}
+
+fn null_payload() -> String {
+    "null".into()
+}
+
 fn config_of(
     store: &Store,
     team: TeamId,
@@ -163,55 +245,76 @@ fn config_of(
         })
 }
 
-/// One plugin config in a team's chain.
-struct Slot {
-    config: PluginConfig,
-    plugin_name: String,
-    loaded: Loaded,
-    allowed_hosts: Vec<String>,
-    cache: SharedCache,
-    instance: Option<Instance>,
-    consecutive_failures: u32,
+/// An enabled plugin config, compiled and ready to instantiate.
+pub struct Entry {
+    pub config: PluginConfig,
+    pub plugin_name: String,
+    pub loaded: Loaded,
+    /// What the plugin implements (asked once per component).
+    pub info: PluginInfo,
+    pub allowed_hosts: Vec<String>,
+    pub cache: SharedCache,
 }
 
-/// The `process-event` chains of every team, as the store describes them.
-pub struct Chains {
+/// What is installed and enabled, compiled and ready: shared by the pipeline's chains, the job
+/// runner, the scheduler and the after-write deliveries, reloaded when the store's plugin
+/// generation changes.
+pub struct Catalog {
     runtime: Arc<Runtime>,
     store: Store,
     data_dir: PathBuf,
     /// Operator's allow-list for `http.fetch`; empty means any host a plugin declares.
     operator_hosts: Vec<String>,
+    jobs: Option<JobQueue>,
+    state: Mutex<CatalogState>,
+}
+
+#[derive(Default)]
+struct CatalogState {
     generation: Option<u64>,
-    teams: HashMap<TeamId, Vec<Slot>>,
-    compiled: HashMap<String, Loaded>,
+    /// Enabled configs in chain order (team, order, id).
+    entries: Vec<Arc<Entry>>,
+    compiled: HashMap<String, (Loaded, PluginInfo)>,
     caches: HashMap<PluginConfigId, SharedCache>,
 }
 
-impl Chains {
+impl Catalog {
     pub fn new(
         runtime: Arc<Runtime>,
         store: Store,
         data_dir: &Path,
         operator_hosts: Vec<String>,
-    ) -> Chains {
-        Chains {
+        jobs: Option<JobQueue>,
+    ) -> Catalog {
+        Catalog {
             runtime,
             store,
             data_dir: data_dir.to_owned(),
             operator_hosts,
-            generation: None,
-            teams: HashMap::new(),
-            compiled: HashMap::new(),
-            caches: HashMap::new(),
+            jobs,
+            state: Mutex::default(),
         }
     }
 
-    /// Rebuilds the chains if plugins or configs changed since the last look. Calls already made
-    /// finished on the old instances; the next batch uses the new ones.
-    pub fn refresh(&mut self) -> Result<(), PluginError> {
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CatalogState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The enabled configs in chain order, reloaded first if plugins or configs changed. An
+    /// unchanged config keeps its entry (the same `Arc`), so callers can keep live instances.
+    pub fn enabled(&self) -> Result<(u64, Vec<Arc<Entry>>), PluginError> {
         let generation = self.store.plugins_generation()?;
-        if self.generation == Some(generation) {
-            return Ok(());
+        let mut state = self.lock();
+        if state.generation == Some(generation) {
+            return Ok((generation, state.entries.clone()));
         }
         let plugins: HashMap<_, _> = self
             .store
@@ -226,55 +329,81 @@ impl Chains {
             .filter(|c| c.enabled)
             .collect();
         configs.sort_by_key(|c| (c.team_id, c.order, c.id));
-        let mut old: HashMap<PluginConfigId, Slot> = self
-            .teams
-            .drain()
-            .flat_map(|(_, slots)| slots)
-            .map(|s| (s.config.id, s))
-            .collect();
+        let old: HashMap<PluginConfigId, Arc<Entry>> =
+            state.entries.drain(..).map(|e| (e.config.id, e)).collect();
+        let mut entries = Vec::new();
         for config in configs {
             let Some(plugin) = plugins.get(&config.plugin_id) else {
                 continue;
             };
-            let loaded = match self.compiled(&plugin.sha256) {
+            if let Some(previous) = old.get(&config.id) {
+                if previous.config == config && previous.loaded.sha256 == plugin.sha256 {
+                    entries.push(previous.clone());
+                    continue;
+                }
+            }
+            let (loaded, info) = match self.compiled(&mut state, &plugin.sha256) {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::error!(config = config.id, plugin = %plugin.name, error = %e, "cannot load plugin; it is skipped");
                     continue;
                 }
             };
-            // An unchanged config keeps its live instance (and its plugin's in-memory state).
-            let previous = old
-                .remove(&config.id)
-                .filter(|s| s.config == config && s.loaded.sha256 == loaded.sha256);
-            let slot = match previous {
-                Some(slot) => slot,
-                None => Slot {
-                    allowed_hosts: self.allowed_hosts(&plugin.manifest),
-                    plugin_name: plugin.name.clone(),
-                    cache: self.caches.entry(config.id).or_default().clone(),
-                    config: config.clone(),
-                    loaded,
-                    instance: None,
-                    consecutive_failures: 0,
-                },
-            };
-            self.teams.entry(config.team_id).or_default().push(slot);
+            entries.push(Arc::new(Entry {
+                allowed_hosts: self.allowed_hosts(&plugin.manifest),
+                plugin_name: plugin.name.clone(),
+                cache: state.caches.entry(config.id).or_default().clone(),
+                config,
+                loaded,
+                info,
+            }));
         }
-        self.generation = Some(generation);
-        Ok(())
+        state.entries = entries;
+        state.generation = Some(generation);
+        Ok((generation, state.entries.clone()))
     }
 
-    fn compiled(&mut self, sha256: &str) -> Result<Loaded, PluginError> {
-        if let Some(l) = self.compiled.get(sha256) {
-            return Ok(l.clone());
+    /// The enabled config `id`, if it is enabled.
+    pub fn entry(&self, id: PluginConfigId) -> Result<Option<Arc<Entry>>, PluginError> {
+        Ok(self.enabled()?.1.into_iter().find(|e| e.config.id == id))
+    }
+
+    fn compiled(
+        &self,
+        state: &mut CatalogState,
+        sha256: &str,
+    ) -> Result<(Loaded, PluginInfo), PluginError> {
+        if let Some(c) = state.compiled.get(sha256) {
+            return Ok(c.clone());
         }
         let path = plugin_dir(&self.data_dir).join(format!("{sha256}.wasm"));
         let wasm = std::fs::read(&path)
             .map_err(|e| PluginError::Io(format!("{}: {e}", path.display())))?;
         let loaded = self.runtime.load(&wasm)?;
-        self.compiled.insert(sha256.to_owned(), loaded.clone());
-        Ok(loaded)
+        let probe = self
+            .runtime
+            .instantiate(
+                &loaded,
+                HostState::new(self.probe_scope(), self.runtime.limits.memory_bytes),
+            )
+            .map_err(|e| PluginError::Instantiate(e.to_string()))?;
+        let compiled = (loaded, probe.info.clone());
+        state.compiled.insert(sha256.to_owned(), compiled.clone());
+        Ok(compiled)
+    }
+
+    /// A scope that reaches nothing, for asking a component what it implements.
+    fn probe_scope(&self) -> PluginScope {
+        PluginScope {
+            config_id: 0,
+            config: Default::default(),
+            allowed_hosts: Vec::new(),
+            store: self.store.clone(),
+            cache: SharedCache::default(),
+            jobs: None,
+            job_names: Vec::new(),
+            job_timeout: self.runtime.limits.task,
+        }
     }
 
     fn allowed_hosts(&self, manifest: &serde_json::Value) -> Vec<String> {
@@ -299,6 +428,88 @@ impl Chains {
             .collect()
     }
 
+    /// A new instance of `entry`, set up, optionally running a job.
+    pub fn start(&self, entry: &Entry, job: Option<JobContext>) -> Result<Instance, CallError> {
+        let scope = PluginScope {
+            config_id: entry.config.id,
+            config: entry.config.config.clone(),
+            allowed_hosts: entry.allowed_hosts.clone(),
+            store: self.store.clone(),
+            cache: entry.cache.clone(),
+            jobs: self.jobs.clone(),
+            job_names: entry.info.jobs.clone(),
+            job_timeout: self.runtime.limits.task,
+        };
+        let mut state = HostState::new(scope, self.runtime.limits.memory_bytes);
+        state.job = job;
+        let mut instance = self.runtime.instantiate(&entry.loaded, state)?;
+        instance.setup()?;
+        Ok(instance)
+    }
+}
+
+/// One plugin config in a team's chain.
+struct Slot {
+    entry: Arc<Entry>,
+    instance: Option<Instance>,
+    consecutive_failures: u32,
+}
+
+/// The `process-event` chains of every team, as the store describes them.
+pub struct Chains {
+    catalog: Arc<Catalog>,
+    generation: Option<u64>,
+    teams: HashMap<TeamId, Vec<Slot>>,
+}
+
+impl Chains {
+    pub fn new(catalog: Arc<Catalog>) -> Chains {
+        Chains {
+            catalog,
+            generation: None,
+            teams: HashMap::new(),
+        }
+    }
+
+    /// Rebuilds the chains if plugins or configs changed since the last look. Calls already made
+    /// finished on the old instances; the next batch uses the new ones.
+    pub fn refresh(&mut self) -> Result<(), PluginError> {
+        let (generation, entries) = self.catalog.enabled()?;
+        if self.generation == Some(generation) {
+            return Ok(());
+        }
+        let mut old: HashMap<PluginConfigId, Slot> = self
+            .teams
+            .drain()
+            .flat_map(|(_, slots)| slots)
+            .map(|s| (s.entry.config.id, s))
+            .collect();
+        for entry in entries {
+            if !entry
+                .info
+                .exports
+                .intersects(Exports::PROCESS_EVENT | Exports::PROCESS_EVENT_BATCH)
+            {
+                continue;
+            }
+            // An unchanged config keeps its live instance (and its plugin's in-memory state).
+            let slot = match old.remove(&entry.config.id) {
+                Some(slot) if Arc::ptr_eq(&slot.entry, &entry) => slot,
+                _ => Slot {
+                    entry: entry.clone(),
+                    instance: None,
+                    consecutive_failures: 0,
+                },
+            };
+            self.teams
+                .entry(entry.config.team_id)
+                .or_default()
+                .push(slot);
+        }
+        self.generation = Some(generation);
+        Ok(())
+    }
+
     /// True when a team has at least one enabled `process-event` plugin.
     pub fn has_chain(&self, team_id: TeamId) -> bool {
         self.teams
@@ -316,9 +527,9 @@ impl Chains {
             if batch.events.is_empty() {
                 break;
             }
-            run_slot(&self.runtime, &self.store, slot, batch);
+            run_slot(&self.catalog, slot, batch);
             if slot.consecutive_failures >= DISABLE_AFTER_FAILURES {
-                disabled.push(slot.config.clone());
+                disabled.push(slot.entry.config.clone());
             }
         }
         for config in disabled {
@@ -327,55 +538,40 @@ impl Chains {
     }
 
     fn disable(&mut self, config: PluginConfig) {
+        let store = self.catalog.store();
         let message = format!("disabled after {DISABLE_AFTER_FAILURES} consecutive failures; fix the cause and enable it again");
         tracing::error!(
             config = config.id,
             team = config.team_id,
             "plugin config {message}"
         );
-        log_error(&self.store, config.id, message);
+        log_error(store, config.id, message);
         if let Err(e) =
-            self.store
-                .upsert_plugin_config(config.team_id, config.plugin_id, false, None, None)
+            store.upsert_plugin_config(config.team_id, config.plugin_id, false, None, None)
         {
             tracing::error!(error = %e, "cannot disable the failing plugin config");
         }
         if let Some(slots) = self.teams.get_mut(&config.team_id) {
-            slots.retain(|s| s.config.id != config.id);
+            slots.retain(|s| s.entry.config.id != config.id);
         }
     }
 }
 
-fn run_slot(runtime: &Runtime, store: &Store, slot: &mut Slot, batch: &mut IngestBatch) {
+fn run_slot(catalog: &Catalog, slot: &mut Slot, batch: &mut IngestBatch) {
     let mut instance = match slot.instance.take() {
         Some(i) => i,
-        None => {
-            let scope = PluginScope {
-                config_id: slot.config.id,
-                config: slot.config.config.clone(),
-                allowed_hosts: slot.allowed_hosts.clone(),
-                store: store.clone(),
-                cache: slot.cache.clone(),
-            };
-            let started = runtime
-                .instantiate(
-                    &slot.loaded,
-                    HostState::new(scope, runtime.limits.memory_bytes),
-                )
-                .and_then(|mut i| i.setup().map(|_| i));
-            match started {
-                Ok(i) => i,
-                Err(e) => {
-                    slot.consecutive_failures += 1;
-                    log_error(
-                        store,
-                        slot.config.id,
-                        format!("{} could not start: {e}", slot.plugin_name),
-                    );
-                    return;
-                }
+        None => match catalog.start(&slot.entry, None) {
+            Ok(i) => i,
+            Err(e) => {
+                slot.consecutive_failures += 1;
+                log_error(
+                    catalog.store(),
+                    slot.entry.config.id,
+                    format!("{} could not start: {e}", slot.entry.plugin_name),
+                );
+                return;
             }
-        }
+        },
     };
     if !instance
         .info

@@ -13,6 +13,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::host::HostState;
 use super::PluginError;
+use crate::store::Cadence;
 
 /// Host bindings of `wit/plugin.wit`.
 pub mod bindings {
@@ -29,6 +30,21 @@ use bindings::{Plugin, PluginPre};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// A running call looks at its deadline and at terminate requests at least this often.
+const CHECK_EVERY: Duration = Duration::from_millis(50);
+
+/// Why the host stopped a call from the epoch callback.
+#[derive(Debug, thiserror::Error)]
+enum Stopped {
+    #[error("the call ran past its deadline")]
+    Deadline,
+    #[error("the job was terminated")]
+    Terminated,
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
+}
 
 /// Limits applied to every plugin call.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +65,8 @@ pub enum CallError {
     OutOfMemory(usize),
     #[error("trapped: {0}")]
     Trap(String),
+    #[error("terminated by the operator")]
+    Terminated,
     #[error("asked to retry: {0}")]
     Retry(String),
     #[error("failed: {0}")]
@@ -155,7 +173,22 @@ impl Runtime {
     pub fn instantiate(&self, loaded: &Loaded, state: HostState) -> Result<Instance, CallError> {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(|ctx| {
+            let state = ctx.data();
+            if state.terminated() {
+                return Err(Stopped::Terminated.into());
+            }
+            let left = state
+                .deadline
+                .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+                .unwrap_or(CHECK_EVERY);
+            if left.is_zero() {
+                return Err(Stopped::Deadline.into());
+            }
+            Ok(wasmtime::UpdateDeadline::Continue(ticks(
+                left.min(CHECK_EVERY),
+            )))
+        });
         let mut instance = Instance {
             plugin: None,
             store,
@@ -189,8 +222,9 @@ pub struct Instance {
 
 impl Instance {
     fn arm(&mut self, deadline: Duration) {
-        let ticks = (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-        self.store.set_epoch_deadline(ticks);
+        self.store.data_mut().deadline = Some(std::time::Instant::now() + deadline);
+        self.store
+            .set_epoch_deadline(ticks(deadline.min(CHECK_EVERY)));
     }
 
     pub fn host(&mut self) -> &mut HostState {
@@ -229,6 +263,58 @@ impl Instance {
     }
 }
 
+impl Instance {
+    /// Runs the plugin's job `name` within `deadline`.
+    pub fn run_job(
+        &mut self,
+        name: &str,
+        payload: &str,
+        deadline: Duration,
+    ) -> Result<(), CallError> {
+        self.arm(deadline);
+        let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
+        let result = plugin.call_run_job(&mut self.store, name, payload);
+        finish(&self.store, &self.limits, result, deadline)
+    }
+
+    /// Runs one of the plugin's `run-every-*` tasks within `deadline`.
+    pub fn run_every(&mut self, cadence: Cadence, deadline: Duration) -> Result<(), CallError> {
+        let export = match cadence {
+            Cadence::Minute => Exports::RUN_EVERY_MINUTE,
+            Cadence::Hour => Exports::RUN_EVERY_HOUR,
+            Cadence::Day => Exports::RUN_EVERY_DAY,
+        };
+        if !self.info.exports.contains(export) {
+            return Ok(());
+        }
+        self.arm(deadline);
+        let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
+        let result = match cadence {
+            Cadence::Minute => plugin.call_run_every_minute(&mut self.store),
+            Cadence::Hour => plugin.call_run_every_hour(&mut self.store),
+            Cadence::Day => plugin.call_run_every_day(&mut self.store),
+        };
+        finish(&self.store, &self.limits, result, deadline)
+    }
+
+    /// Hands stored events to `export-events` (one call) or else `on-event` (one call each).
+    pub fn deliver(&mut self, events: &[WitEvent], deadline: Duration) -> Result<(), CallError> {
+        self.arm(deadline);
+        let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
+        if self.info.exports.contains(Exports::EXPORT_EVENTS) {
+            let result = plugin.call_export_events(&mut self.store, events);
+            finish(&self.store, &self.limits, result, deadline)?;
+        }
+        if self.info.exports.contains(Exports::ON_EVENT) {
+            for event in events {
+                let result = plugin.call_on_event(&mut self.store, event);
+                finish(&self.store, &self.limits, result, deadline)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn uninitialised() -> CallError {
     CallError::Trap("the instance is not initialised".into())
 }
@@ -239,6 +325,11 @@ fn classify(
     error: wasmtime::Error,
     deadline: Duration,
 ) -> CallError {
+    match error.downcast_ref::<Stopped>() {
+        Some(Stopped::Deadline) => return CallError::Timeout(deadline),
+        Some(Stopped::Terminated) => return CallError::Terminated,
+        None => {}
+    }
     if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return CallError::Timeout(deadline);
     }

@@ -143,7 +143,7 @@ impl Sink for SqliteSink {
                 }
                 tx.execute(
                     "INSERT INTO appliance_sink_position (sink, position) VALUES (?1, ?2)
-                     ON CONFLICT(sink) DO UPDATE SET position = excluded.position",
+                     ON CONFLICT(sink) DO UPDATE SET position = MAX(position, excluded.position)",
                     params![NAME, position as i64],
                 )?;
             }

@@ -94,6 +94,8 @@ impl Store {
             }
             removed
         };
+        // Trimming follows the sink write, which follows queuing the batch's deliveries.
+        super::jobs::mark_delivered(&txn, seq)?;
         txn.commit()?;
         Ok(removed)
     }

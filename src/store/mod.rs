@@ -2,12 +2,13 @@
 //!
 //! Owns: the redb `Database`, its table definitions and the encoding of every value kept there
 //! (each value carries a format version). Holds teams and their project tokens, the ingest
-//! queue with its sequence counter, installed plugins, plugin configs, plugin storage and logs;
-//! later the job queue and schedules.
+//! queue with its sequence counter, installed plugins, plugin configs, plugin storage and logs,
+//! the job queue and the schedules' state.
 //! Must never: be bypassed. No other module opens the file or names a redb table; callers ask
 //! for typed operations ("append these batches", "read after this position").
 
 mod ingest;
+mod jobs;
 mod plugins;
 mod secrets;
 mod teams;
@@ -18,6 +19,10 @@ use std::sync::Arc;
 use redb::{ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 pub use ingest::{IngestStats, QueuedBatch};
+pub use jobs::{
+    Attempt, Cadence, Claimed, Control, Job, JobId, JobKind, JobState, JobStats, JobTables, NewJob,
+    Outcome, ScheduleState, ScheduleTables,
+};
 pub use plugins::{PluginConfig, PluginConfigId, PluginId, PluginLogEntry, PluginRecord};
 pub use teams::{Team, TeamId};
 
@@ -127,6 +132,7 @@ impl Store {
             ingest::create_tables(&txn)?;
             plugins::create_tables(&txn)?;
             secrets::create_tables(&txn)?;
+            jobs::create_tables(&txn)?;
         }
         txn.commit()?;
         Ok(())

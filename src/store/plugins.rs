@@ -217,6 +217,21 @@ impl Store {
         Ok(value)
     }
 
+    /// Everything a plugin config keeps in storage, by key.
+    pub fn plugin_storage_all(
+        &self,
+        config: PluginConfigId,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(PLUGIN_STORAGE)?;
+        let mut out = Vec::new();
+        for row in table.range((config, "")..(config + 1, ""))? {
+            let (key, value) = row?;
+            out.push((key.value().1.to_owned(), value.value().to_owned()));
+        }
+        Ok(out)
+    }
+
     pub fn plugin_storage_set(
         &self,
         config: PluginConfigId,

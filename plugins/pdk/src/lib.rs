@@ -288,9 +288,16 @@ pub mod http {
     }
 }
 
-/// Durable jobs of this plugin.
+/// Durable jobs of this plugin, and the running job's checkpoint and stop requests.
+///
+/// Jobs enqueued while a job runs are queued only if that job succeeds (atomically with its
+/// completion), which makes chains of jobs safe to retry.
 pub mod jobs {
-    use super::host::jobs::{enqueue, When};
+    use super::host::jobs::{
+        cancelled as host_cancelled, checkpoint as host_checkpoint, current, enqueue, enqueue_with,
+        save_checkpoint as host_save,
+    };
+    pub use super::host::jobs::{Options, When};
 
     pub fn run_now(name: &str, payload: &serde_json::Value) -> Result<String, String> {
         enqueue(name, &payload.to_string(), &When::Now)
@@ -304,6 +311,39 @@ pub mod jobs {
         rfc3339: &str,
     ) -> Result<String, String> {
         enqueue(name, &payload.to_string(), &When::At(rfc3339.into()))
+    }
+    /// Full control: idempotency key, attempts, and jobs to wait for (fan-in).
+    pub fn enqueue_job(
+        name: &str,
+        payload: &serde_json::Value,
+        options: &Options,
+    ) -> Result<String, String> {
+        enqueue_with(name, &payload.to_string(), options)
+    }
+    /// Options that run the job now, once per `key`, after `after` have succeeded.
+    pub fn options(key: Option<&str>, after: &[String]) -> Options {
+        Options {
+            when: When::Now,
+            idempotency_key: key.map(str::to_owned),
+            max_attempts: None,
+            after: after.to_vec(),
+        }
+    }
+    /// The running job's id.
+    pub fn current_job() -> Option<String> {
+        current()
+    }
+    /// The state this job saved before a retry or restart, if any.
+    pub fn checkpoint() -> Option<String> {
+        host_checkpoint()
+    }
+    /// Saves this job's state durably; `Err` once the job has been cancelled: stop then.
+    pub fn save_checkpoint(state: &str) -> Result<(), String> {
+        host_save(state)
+    }
+    /// True once the operator cancelled this job.
+    pub fn cancelled() -> bool {
+        host_cancelled()
     }
 }
 

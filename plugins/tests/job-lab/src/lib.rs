@@ -1,0 +1,161 @@
+//! Jobs that behave in every way the job queue must handle, so the tests can show it does:
+//! `flaky` fails until its attempt `succeed_on`, `doomed` always asks for a retry, `refuse`
+//! fails permanently, `spin` never returns, `polite` runs until cancelled, `steps` saves a
+//! checkpoint after each step (and fails once at `fail_at`), `slow` busy-waits `ms`, `fan-out`
+//! starts `parts` jobs and a `join` that waits for them, and `extract` → `transform` → `load`
+//! is a chain. What ran is written to storage for the tests to read.
+
+use std::time::{Duration, Instant};
+
+use appliance_pdk::{jobs, json, storage, Error, Exports, Plugin, Value};
+
+struct JobLab;
+
+fn incr(key: &str) -> i64 {
+    let next = storage::get(key)
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0)
+        + 1;
+    storage::set(key, &next.to_string());
+    next
+}
+
+fn busy_wait(ms: u64) {
+    let until = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
+impl Plugin for JobLab {
+    const EXPORTS: Exports = Exports::empty();
+    const JOBS: &'static [&'static str] = &[
+        "flaky",
+        "doomed",
+        "refuse",
+        "spin",
+        "polite",
+        "steps",
+        "slow",
+        "fan-out",
+        "part",
+        "join",
+        "extract",
+        "transform",
+        "load",
+    ];
+
+    fn run_job(name: &str, payload: Value) -> Result<(), Error> {
+        match name {
+            "flaky" => {
+                let attempt = incr("flaky_attempts");
+                if attempt < payload["succeed_on"].as_i64().unwrap_or(1) {
+                    return Err(Error::retry(format!("attempt {attempt} fails on purpose")));
+                }
+                storage::set("flaky_done", &attempt.to_string());
+                Ok(())
+            }
+            "doomed" => {
+                incr("doomed_attempts");
+                Err(Error::retry("this job never succeeds"))
+            }
+            "refuse" => {
+                incr("refuse_attempts");
+                Err(Error::failed("this job fails permanently"))
+            }
+            "spin" => {
+                storage::set("spin_started", "1");
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "polite" => {
+                storage::set("polite_started", "1");
+                while !jobs::cancelled() {
+                    busy_wait(10);
+                }
+                storage::set("polite_stopped", "1");
+                Ok(())
+            }
+            "steps" => {
+                let total = payload["total"].as_u64().unwrap_or(5);
+                let fail_at = payload["fail_at"].as_u64();
+                let start: u64 = jobs::checkpoint().and_then(|c| c.parse().ok()).unwrap_or(0);
+                for step in start..total {
+                    let done = storage::get("steps_done").unwrap_or_default();
+                    storage::set("steps_done", &format!("{done}{step},"));
+                    jobs::save_checkpoint(&(step + 1).to_string()).map_err(Error::failed)?;
+                    if Some(step) == fail_at && storage::get("steps_failed_once").is_none() {
+                        storage::set("steps_failed_once", "1");
+                        return Err(Error::retry(format!("failing once after step {step}")));
+                    }
+                }
+                Ok(())
+            }
+            "slow" => {
+                let tag = payload["tag"].as_str().unwrap_or("slow").to_owned();
+                incr(&format!("{tag}_started"));
+                busy_wait(payload["ms"].as_u64().unwrap_or(1000));
+                incr(&format!("{tag}_finished"));
+                Ok(())
+            }
+            "fan-out" => {
+                let parts = payload["parts"].as_u64().unwrap_or(3);
+                let mut ids = Vec::new();
+                for i in 0..parts {
+                    ids.push(jobs::run_now("part", &json!({ "i": i })).map_err(Error::failed)?);
+                }
+                jobs::enqueue_job(
+                    "join",
+                    &json!({ "parts": parts }),
+                    &jobs::options(None, &ids),
+                )
+                .map_err(Error::failed)?;
+                Ok(())
+            }
+            "part" => {
+                let i = payload["i"].as_u64().unwrap_or(0);
+                busy_wait(50 * (3 - i.min(3)));
+                storage::set(&format!("part:{i}"), "done");
+                Ok(())
+            }
+            "join" => {
+                let parts = payload["parts"].as_u64().unwrap_or(0);
+                let done = (0..parts)
+                    .filter(|i| storage::get(&format!("part:{i}")).is_some())
+                    .count();
+                if done as u64 != parts {
+                    return Err(Error::failed(format!(
+                        "join ran with {done} of {parts} parts done"
+                    )));
+                }
+                storage::set("joined", &done.to_string());
+                Ok(())
+            }
+            "extract" => {
+                jobs::run_now("transform", &json!({ "rows": [1, 2, 3] })).map_err(Error::failed)?;
+                Ok(())
+            }
+            "transform" => {
+                let rows: Vec<i64> = payload["rows"]
+                    .as_array()
+                    .map(|r| r.iter().filter_map(Value::as_i64).map(|v| v * 10).collect())
+                    .unwrap_or_default();
+                jobs::run_now("load", &json!({ "rows": rows })).map_err(Error::failed)?;
+                Ok(())
+            }
+            "load" => {
+                let sum: i64 = payload["rows"]
+                    .as_array()
+                    .map(|r| r.iter().filter_map(Value::as_i64).sum())
+                    .unwrap_or(0);
+                storage::set("loaded", &sum.to_string());
+                Ok(())
+            }
+            other => Err(Error::failed(format!("no job named {other:?}"))),
+        }
+    }
+}
+
+appliance_pdk::plugin!(JobLab);
