@@ -8,45 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{command, create_team, read_events, Appliance, Row, TOKEN};
+use common::{cli, cli_error, create_team, plugin_folder, read_events, Appliance, Row, TOKEN};
 use serde_json::{json, Value};
-
-/// A plugin folder as an author ships it: plugin.json beside the built component.
-fn plugin_folder(crate_dir: &str, wasm: &str) -> tempfile::TempDir {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
-    let built = root.join("target/wasm32-wasip2/release").join(wasm);
-    assert!(
-        built.exists(),
-        "{} is not built: run `cargo build --release --target wasm32-wasip2` in plugins/ (.ci/run does)",
-        built.display()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        root.join(crate_dir).join("plugin.json"),
-        dir.path().join("plugin.json"),
-    )
-    .unwrap();
-    std::fs::copy(&built, dir.path().join(wasm)).unwrap();
-    dir
-}
-
-fn cli(data_dir: &Path, args: &[&str]) -> String {
-    let out = command(data_dir).args(args).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "appliance {args:?} failed: {}{}",
-        stdout,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn cli_error(data_dir: &Path, args: &[&str]) -> String {
-    let out = command(data_dir).args(args).output().unwrap();
-    assert!(!out.status.success(), "appliance {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 async fn send(app: &Appliance, token: &str, events: Vec<Value>) {
     let body = json!({"api_key": token, "batch": events});

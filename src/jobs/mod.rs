@@ -327,9 +327,10 @@ impl Workers {
                     if !held.is_empty() {
                         self.apply_stop_requests(&mut held, &mut waiting, &mut finished).await;
                     }
-                    // Another process (the CLI) may have enqueued: look again.
-                    if sleep_for == IDLE_POLL {
-                        woken = true;
+                    // Another process (the CLI) may have enqueued: look, without writing.
+                    let store = store.clone();
+                    if let Ok(Ok(due)) = tokio::task::spawn_blocking(move || store.next_due_ms()).await {
+                        next_due = due;
                     }
                 }
             }

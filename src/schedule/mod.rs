@@ -166,3 +166,141 @@ impl Scheduler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{JobState, Outcome};
+
+    const HOUR: i64 = 3_600_000;
+    const MINUTE: i64 = 60_000;
+    /// 2026-11-26T00:00:00Z.
+    const T0: i64 = 1_795_651_200_000;
+
+    /// Claims the queued schedule jobs and returns their slots (unix seconds).
+    fn claim_slots(store: &Store, now: i64) -> Vec<(i64, crate::store::JobId)> {
+        store
+            .finish_and_claim(Vec::new(), now, 0, 100, &|_| usize::MAX)
+            .unwrap()
+            .jobs
+            .into_iter()
+            .filter_map(|j| match j.kind {
+                JobKind::Schedule { slot, .. } => Some((slot, j.id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn succeed(store: &Store, id: crate::store::JobId, now: i64) {
+        store
+            .finish_and_claim(
+                vec![(id, Outcome::Succeeded { follow_ups: vec![] })],
+                now,
+                0,
+                0,
+                &|_| 0,
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn a_new_schedule_runs_its_current_slot_once_and_never_overlaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let wanted = [(1, Cadence::Hour)];
+        tick(&store, &wanted, T0 + 10 * MINUTE, 1000).unwrap();
+        let slots = claim_slots(&store, T0 + 10 * MINUTE);
+        assert_eq!(slots.iter().map(|s| s.0).collect::<Vec<_>>(), [T0 / 1000]);
+        // The run is still going when the next hour starts: nothing new is queued.
+        assert!(tick(&store, &wanted, T0 + 61 * MINUTE, 1000)
+            .unwrap()
+            .is_empty());
+        assert!(claim_slots(&store, T0 + 61 * MINUTE).is_empty());
+        succeed(&store, slots[0].1, T0 + 62 * MINUTE);
+        // Now the 01:00 slot is queued, once.
+        tick(&store, &wanted, T0 + 62 * MINUTE, 1000).unwrap();
+        tick(&store, &wanted, T0 + 62 * MINUTE, 1000).unwrap();
+        let slots = claim_slots(&store, T0 + 62 * MINUTE);
+        assert_eq!(
+            slots.iter().map(|s| s.0).collect::<Vec<_>>(),
+            [T0 / 1000 + 3600]
+        );
+        succeed(&store, slots[0].1, T0 + 63 * MINUTE);
+        assert!(tick(&store, &wanted, T0 + 70 * MINUTE, 1000)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn missed_hourly_slots_run_once_each_in_order_and_minutes_coalesce() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let wanted = [(1, Cadence::Hour), (2, Cadence::Minute)];
+        tick(&store, &wanted, T0, 1000).unwrap();
+        for (_, id) in claim_slots(&store, T0) {
+            succeed(&store, id, T0);
+        }
+        // Down from 00:00 to 05:30.
+        let back = T0 + 5 * HOUR + 30 * MINUTE;
+        let mut ran_hours = Vec::new();
+        let mut ran_minutes = Vec::new();
+        for _ in 0..20 {
+            tick(&store, &wanted, back, 1000).unwrap();
+            let slots = store
+                .finish_and_claim(Vec::new(), back, 0, 100, &|_| usize::MAX)
+                .unwrap()
+                .jobs;
+            if slots.is_empty() {
+                break;
+            }
+            for job in slots {
+                if let JobKind::Schedule { cadence, slot, .. } = job.kind {
+                    match cadence {
+                        Cadence::Hour => ran_hours.push(slot),
+                        _ => ran_minutes.push(slot),
+                    }
+                }
+                succeed(&store, job.id, back);
+            }
+        }
+        let hours: Vec<i64> = (1..=5).map(|h| T0 / 1000 + h * 3600).collect();
+        assert_eq!(ran_hours, hours, "each missed hour once, oldest first");
+        assert_eq!(ran_minutes, [back / 1000], "330 missed minutes run once");
+    }
+
+    #[test]
+    fn catch_up_is_capped_and_a_crash_mid_slot_does_not_queue_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let wanted = [(1, Cadence::Hour)];
+        tick(&store, &wanted, T0, 1000).unwrap();
+        for (_, id) in claim_slots(&store, T0) {
+            succeed(&store, id, T0);
+        }
+        let back = T0 + 100 * HOUR;
+        tick(&store, &wanted, back, 1000).unwrap();
+        let slots = claim_slots(&store, back);
+        assert_eq!(slots[0].0, back / 1000 - (CATCH_UP_HOURS - 1) * 3600);
+
+        // The server dies while that slot runs.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(tick(&store, &wanted, back, 1000).unwrap().is_empty());
+        store.recover_leases(back, back).unwrap();
+        assert!(tick(&store, &wanted, back, 1000).unwrap().is_empty());
+        let again = claim_slots(&store, back);
+        assert_eq!(again, slots, "the same job, same slot, runs again");
+        let job = store.job(again[0].1).unwrap().unwrap();
+        assert_eq!(job.state, JobState::Running);
+    }
+
+    #[test]
+    fn disabling_a_config_removes_its_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        tick(&store, &[(1, Cadence::Day)], T0, 1000).unwrap();
+        tick(&store, &[], T0, 1000).unwrap();
+        let left = store.update_schedules(T0, |t| t.all()).unwrap();
+        assert!(left.is_empty());
+    }
+}

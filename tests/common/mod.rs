@@ -208,3 +208,40 @@ pub fn read_events(sqlite: &Path) -> Vec<Row> {
     .map(|r| r.expect("row"))
     .collect()
 }
+
+/// A plugin folder as an author ships it: plugin.json beside the built component.
+pub fn plugin_folder(crate_dir: &str, wasm: &str) -> tempfile::TempDir {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    let built = root.join("target/wasm32-wasip2/release").join(wasm);
+    assert!(
+        built.exists(),
+        "{} is not built: run `cargo build --release --target wasm32-wasip2` in plugins/ (.ci/run does)",
+        built.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        root.join(crate_dir).join("plugin.json"),
+        dir.path().join("plugin.json"),
+    )
+    .unwrap();
+    std::fs::copy(&built, dir.path().join(wasm)).unwrap();
+    dir
+}
+
+pub fn cli(data_dir: &Path, args: &[&str]) -> String {
+    let out = command(data_dir).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "appliance {args:?} failed: {}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+pub fn cli_error(data_dir: &Path, args: &[&str]) -> String {
+    let out = command(data_dir).args(args).output().unwrap();
+    assert!(!out.status.success(), "appliance {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -98,6 +98,9 @@ impl Plugin for JobLab {
                 incr(&format!("{tag}_started"));
                 busy_wait(payload["ms"].as_u64().unwrap_or(1000));
                 incr(&format!("{tag}_finished"));
+                // Jobs running side by side race on the counters above; this key is their own.
+                let id = jobs::current_job().unwrap_or_default();
+                storage::set(&format!("{tag}_done:{id}"), "1");
                 Ok(())
             }
             "fan-out" => {

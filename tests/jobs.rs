@@ -1,0 +1,537 @@
+//! The durable job queue and schedules end to end, on the real binary with WASM plugins built
+//! from `plugins/`: exports that retry until a webhook answers, scheduled tasks, retries and
+//! dead letters, checkpoints, cancel and terminate, a SIGKILL mid-job, chains and fan-in, and
+//! the per-plugin-config limit.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{cli, create_team, plugin_folder, Appliance, TOKEN};
+use serde_json::{json, Value};
+
+/// Fast retries, so the tests do not wait for the production backoff.
+const FAST: &[(&str, &str)] = &[("JOB_RETRY_BASE_MS", "100"), ("SINK_LINGER_MS", "0")];
+
+fn install(dir: &Path, crate_dir: &str, wasm: &str) {
+    let folder = plugin_folder(crate_dir, wasm);
+    cli(dir, &["plugin", "install", folder.path().to_str().unwrap()]);
+}
+
+fn storage(dir: &Path, team: &str, plugin: &str) -> HashMap<String, String> {
+    cli(dir, &["plugin", "storage", "--team", team, plugin])
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Polls the plugin config's storage until `done` holds, or fails with what it last saw.
+async fn wait_storage(
+    dir: &Path,
+    team: &str,
+    plugin: &str,
+    what: &str,
+    done: impl Fn(&HashMap<String, String>) -> bool,
+) -> HashMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = storage(dir, team, plugin);
+        if done(&seen) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; storage is {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Api {
+    base: String,
+    token: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    fn new(app: &Appliance) -> Api {
+        Api {
+            base: app.url(""),
+            token: cli(&app.data_dir, &["api-token"]).trim().to_owned(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn enqueue(&self, team: &str, plugin: &str, job: Value) -> String {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/teams/{team}/plugins/{plugin}/jobs"),
+                Some(job),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn job(&self, id: &str) -> Value {
+        let (status, body) = self
+            .call(reqwest::Method::GET, &format!("/api/jobs/{id}"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    async fn wait_job_state(&self, id: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let job = self.job(id).await;
+            if job["state"] == state {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never became {state}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn start_lab(dir: &Path, env: &[(&str, &str)]) -> (Appliance, String) {
+    let team = create_team(dir, "lab", TOKEN).to_string();
+    install(dir, "tests/job-lab", "job_lab.wasm");
+    cli(dir, &["plugin", "enable", "--team", &team, "Job Lab"]);
+    let mut all = FAST.to_vec();
+    all.extend_from_slice(env);
+    (Appliance::start(dir, &all), team)
+}
+
+/// A webhook endpoint that answers 500 to its first request and 200 after, keeping every body.
+async fn flaky_webhook() -> (SocketAddr, Arc<Mutex<Vec<(u16, Value)>>>) {
+    let seen: Arc<Mutex<Vec<(u16, Value)>>> = Arc::default();
+    let record = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let record = record.clone();
+            async move {
+                let mut seen = record.lock().unwrap();
+                let status = if seen.is_empty() { 500 } else { 200 };
+                seen.push((status, body.0));
+                axum::http::StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_exporter_gets_stored_events_and_retries_after_a_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, seen) = flaky_webhook().await;
+    let team = create_team(dir.path(), "shop", TOKEN).to_string();
+    install(
+        dir.path(),
+        "examples/webhook-exporter",
+        "webhook_exporter.wasm",
+    );
+    let url = format!("url=http://{addr}/hook");
+    cli(
+        dir.path(),
+        &[
+            "plugin",
+            "enable",
+            "--team",
+            &team,
+            "Webhook Exporter",
+            "--config",
+            &url,
+        ],
+    );
+    let app = Appliance::start(dir.path(), FAST);
+    let events: Vec<Value> = (0..3)
+        .map(|i| json!({"event": "order", "distinct_id": "u1", "properties": {"n": i}}))
+        .collect();
+    let response = reqwest::Client::new()
+        .post(app.url("/batch/"))
+        .json(&json!({"api_key": TOKEN, "batch": events}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(status, _)| *status == 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the webhook never got a batch it accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen[0].0, 500, "the first delivery was refused");
+    assert_eq!(seen[0].1, seen[1].1, "the retry sent the same batch");
+    let batch = seen[1].1["batch"].as_array().unwrap();
+    let mut numbers: Vec<i64> = batch
+        .iter()
+        .map(|e| e["properties"]["n"].as_i64().unwrap())
+        .collect();
+    numbers.sort();
+    assert_eq!(numbers, [0, 1, 2]);
+    assert!(batch
+        .iter()
+        .all(|e| e["event"] == "order" && e["uuid"].is_string()));
+    let stored: Vec<String> = common::read_events(&app.sqlite_path())
+        .into_iter()
+        .map(|r| r.uuid)
+        .collect();
+    assert!(batch
+        .iter()
+        .all(|e| stored.contains(&e["uuid"].as_str().unwrap().to_owned())));
+    let logs = cli(
+        dir.path(),
+        &["plugin", "logs", "--team", &team, "Webhook Exporter"],
+    );
+    assert!(logs.contains("answered 500"), "{logs}");
+    assert!(logs.contains("exported 3 events"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_digest_runs_its_slot_and_folds_through_a_durable_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "shop", TOKEN).to_string();
+    install(
+        dir.path(),
+        "examples/scheduled-digest",
+        "scheduled_digest.wasm",
+    );
+    cli(
+        dir.path(),
+        &["plugin", "enable", "--team", &team, "Scheduled Digest"],
+    );
+    let _app = Appliance::start(dir.path(), FAST);
+    let seen = wait_storage(
+        dir.path(),
+        &team,
+        "Scheduled Digest",
+        "the first run",
+        |s| s.get("runs").is_some(),
+    )
+    .await;
+    assert_eq!(seen.get("scheduled_runs").map(String::as_str), Some("1"));
+    assert_eq!(seen.get("runs").map(String::as_str), Some("1"));
+    // Within the same minute the slot does not run again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let now = chrono::Utc::now();
+    let later = storage(dir.path(), &team, "Scheduled Digest");
+    if now.timestamp() % 60 > 3 {
+        assert_eq!(later.get("scheduled_runs").map(String::as_str), Some("1"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_jobs_retry_with_backoff_then_become_dead_letters_that_can_be_requeued() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, team) = start_lab(dir.path(), &[]);
+    let api = Api::new(&app);
+    api.enqueue(
+        &team,
+        "Job Lab",
+        json!({"name": "flaky", "payload": {"succeed_on": 3}}),
+    )
+    .await;
+    let doomed = api
+        .enqueue(
+            &team,
+            "Job Lab",
+            json!({"name": "doomed", "max_attempts": 3}),
+        )
+        .await;
+    let refused = api
+        .enqueue(&team, "Job Lab", json!({"name": "refuse"}))
+        .await;
+
+    let seen = wait_storage(dir.path(), &team, "Job Lab", "flaky to succeed", |s| {
+        s.contains_key("flaky_done")
+    })
+    .await;
+    assert_eq!(seen["flaky_done"], "3");
+
+    let dead = api.wait_job_state(&doomed, "dead").await;
+    assert_eq!(dead["attempts"], 3);
+    assert_eq!(dead["history"].as_array().unwrap().len(), 3);
+    assert!(dead["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("never succeeds"));
+    let times: Vec<chrono::DateTime<chrono::Utc>> = dead["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["at"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        times[2] - times[1] >= chrono::TimeDelta::milliseconds(100),
+        "the second retry waits longer than the base delay: {times:?}"
+    );
+    let refused_job = api.wait_job_state(&refused, "dead").await;
+    assert_eq!(
+        refused_job["attempts"], 1,
+        "a permanent failure is not retried"
+    );
+
+    let listed = cli(dir.path(), &["jobs", "list", "--state", "dead"]);
+    assert!(
+        listed.contains(&doomed) && listed.contains(&refused),
+        "{listed}"
+    );
+    cli(dir.path(), &["jobs", "retry", &refused]);
+    wait_storage(
+        dir.path(),
+        &team,
+        "Job Lab",
+        "the requeued job to run",
+        |s| s.get("refuse_attempts").map(String::as_str) == Some("2"),
+    )
+    .await;
+    assert_eq!(
+        storage(dir.path(), &team, "Job Lab")["doomed_attempts"],
+        "3"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpointed_job_resumes_after_the_step_it_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, team) = start_lab(dir.path(), &[]);
+    let api = Api::new(&app);
+    let id = api
+        .enqueue(
+            &team,
+            "Job Lab",
+            json!({"name": "steps", "payload": {"total": 5, "fail_at": 2}}),
+        )
+        .await;
+    let seen = wait_storage(dir.path(), &team, "Job Lab", "all steps", |s| {
+        s.get("steps_done").is_some_and(|d| d.ends_with("4,"))
+    })
+    .await;
+    assert_eq!(seen["steps_done"], "0,1,2,3,4,", "no step ran twice");
+    let (status, _) = api
+        .call(reqwest::Method::GET, &format!("/api/jobs/{id}"), None)
+        .await;
+    assert_eq!(status, 404, "the job succeeded and is no longer kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_wasm_jobs_can_be_cancelled_and_terminated_while_others_carry_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, team) = start_lab(dir.path(), &[]);
+    let api = Api::new(&app);
+
+    let polite = api
+        .enqueue(&team, "Job Lab", json!({"name": "polite"}))
+        .await;
+    api.wait_job_state(&polite, "running").await;
+    wait_storage(dir.path(), &team, "Job Lab", "polite to start", |s| {
+        s.contains_key("polite_started")
+    })
+    .await;
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/jobs/{polite}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("running")));
+    let cancelled = api.wait_job_state(&polite, "cancelled").await;
+    assert!(cancelled["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("cancelled"));
+    assert_eq!(storage(dir.path(), &team, "Job Lab")["polite_stopped"], "1");
+
+    let spin = api.enqueue(&team, "Job Lab", json!({"name": "spin"})).await;
+    wait_storage(dir.path(), &team, "Job Lab", "spin to start", |s| {
+        s.contains_key("spin_started")
+    })
+    .await;
+    // Another job runs while the spinning one holds its slot.
+    api.enqueue(
+        &team,
+        "Job Lab",
+        json!({"name": "flaky", "payload": {"succeed_on": 1}}),
+    )
+    .await;
+    wait_storage(dir.path(), &team, "Job Lab", "another job to run", |s| {
+        s.contains_key("flaky_done")
+    })
+    .await;
+    let asked = Instant::now();
+    let out = cli(dir.path(), &["jobs", "terminate", &spin]);
+    assert!(out.contains("terminated"), "{out}");
+    let terminated = api.wait_job_state(&spin, "cancelled").await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "terminate took {:?}",
+        asked.elapsed()
+    );
+    assert!(terminated["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("terminated"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_killed_mid_run_runs_again_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, team) = start_lab(dir.path(), &[]);
+    let api = Api::new(&app);
+    api.enqueue(
+        &team,
+        "Job Lab",
+        json!({"name": "slow", "payload": {"ms": 3000, "tag": "k"}}),
+    )
+    .await;
+    wait_storage(dir.path(), &team, "Job Lab", "the job to start", |s| {
+        s.contains_key("k_started")
+    })
+    .await;
+    app.kill9();
+    assert!(!storage(dir.path(), &team, "Job Lab").contains_key("k_finished"));
+
+    let _app = Appliance::start(dir.path(), FAST);
+    let seen = wait_storage(dir.path(), &team, "Job Lab", "the job to finish", |s| {
+        s.contains_key("k_finished")
+    })
+    .await;
+    assert_eq!(seen["k_started"], "2", "it ran again from the start");
+    assert_eq!(seen["k_finished"], "1", "and finished once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_and_fan_in_compose_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, team) = start_lab(dir.path(), &[]);
+    let api = Api::new(&app);
+    api.enqueue(&team, "Job Lab", json!({"name": "extract"}))
+        .await;
+    api.enqueue(
+        &team,
+        "Job Lab",
+        json!({"name": "fan-out", "payload": {"parts": 3}}),
+    )
+    .await;
+    let seen = wait_storage(
+        dir.path(),
+        &team,
+        "Job Lab",
+        "the chain and the join",
+        |s| s.contains_key("loaded") && s.contains_key("joined"),
+    )
+    .await;
+    assert_eq!(
+        seen["loaded"], "60",
+        "extract → transform (×10) → load (sum)"
+    );
+    assert_eq!(seen["joined"], "3", "the join ran after its three parts");
+    let logs = cli(dir.path(), &["plugin", "logs", "--team", &team, "Job Lab"]);
+    assert!(!logs.contains("join ran with"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_plugin_config_cannot_take_every_slot_and_keys_deduplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, team) = start_lab(dir.path(), &[("JOBS_PER_PLUGIN_CONFIG", "2")]);
+    let other = create_team(dir.path(), "other", "phc_otherTeamToken456").to_string();
+    cli(
+        dir.path(),
+        &["plugin", "enable", "--team", &other, "Job Lab"],
+    );
+    let api = Api::new(&app);
+    for _ in 0..6 {
+        api.enqueue(
+            &team,
+            "Job Lab",
+            json!({"name": "slow", "payload": {"ms": 600, "tag": "c"}}),
+        )
+        .await;
+    }
+    let first = api
+        .enqueue(
+            &other,
+            "Job Lab",
+            json!({"name": "flaky", "idempotency_key": "once"}),
+        )
+        .await;
+    let second = api
+        .enqueue(
+            &other,
+            "Job Lab",
+            json!({"name": "flaky", "idempotency_key": "once"}),
+        )
+        .await;
+    assert_eq!(first, second, "the same key names the same job");
+
+    let mut most_running = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = api
+            .call(reqwest::Method::GET, "/api/jobs?state=running", None)
+            .await;
+        let running = body["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["kind"] == "job slow")
+            .count();
+        most_running = most_running.max(running);
+        let seen = storage(dir.path(), &team, "Job Lab");
+        if seen.keys().filter(|k| k.starts_with("c_done:")).count() == 6 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow jobs did not finish: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        most_running >= 1 && most_running <= 2,
+        "{most_running} ran at once"
+    );
+    let other_seen = storage(dir.path(), &other, "Job Lab");
+    assert_eq!(
+        other_seen.get("flaky_attempts").map(String::as_str),
+        Some("1"),
+        "the other team's keyed job ran once: {other_seen:?}"
+    );
+}
