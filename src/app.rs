@@ -62,7 +62,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             team.id, team.name, team.api_token
         );
     }
-    let sink: Arc<dyn Sink> = Arc::new(SqliteSink::open(&config.sqlite_path)?);
+    let sqlite = Arc::new(SqliteSink::open(&config.sqlite_path)?);
+    let sink: Arc<dyn Sink> = sqlite.clone();
     tracing::info!(
         state = %store.path().display(),
         events = %config.sqlite_path.display(),
@@ -131,6 +132,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             queue: queue.clone(),
             runner: Arc::new(PluginRunner {
                 catalog: catalog.clone(),
+                events: Some(sqlite),
             }),
             schedule_done: Some(schedule_done.clone()),
         }
@@ -160,6 +162,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             data_dir: config.data_dir.clone(),
             token: api_token,
             jobs: queue.clone(),
+            task_timeout: config.plugin_limits.task,
         })))
         .merge(admin::router(Arc::new(AdminState {
             store: store.clone(),

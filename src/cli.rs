@@ -67,6 +67,37 @@ enum Command {
         #[command(subcommand)]
         action: JobsCommand,
     },
+    /// Historical exports: hand stored events between two times to a plugin's export-events
+    Export {
+        #[command(subcommand)]
+        action: ExportCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ExportCommand {
+    /// Start exporting the team's stored events with FROM <= timestamp < TO to a plugin
+    Start {
+        #[arg(long)]
+        team: u64,
+        /// Plugin name or id (it must implement export-events or on-event)
+        plugin: String,
+        /// RFC 3339 time, for example 2026-11-01T00:00:00Z
+        #[arg(long)]
+        from: chrono::DateTime<chrono::Utc>,
+        /// RFC 3339 time (exclusive)
+        #[arg(long)]
+        to: chrono::DateTime<chrono::Utc>,
+        /// Events per page (one job per page)
+        #[arg(long)]
+        page_size: Option<u32>,
+    },
+    /// List exports with their progress
+    List,
+    /// Show one export's progress, as JSON
+    Show { id: u64 },
+    /// Cancel an export: no further page starts
+    Cancel { id: u64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,6 +228,7 @@ pub fn main() -> ExitCode {
         Some(Command::Team { action }) => report(team(&config, action)),
         Some(Command::Plugin { action }) => report(plugin(&config, action)),
         Some(Command::Jobs { action }) => report(jobs(&config, action)),
+        Some(Command::Export { action }) => report(export(&config, action)),
         Some(Command::ApiToken) => report(
             Store::open(&config.data_dir)
                 .and_then(|store| store.admin_api_token())
@@ -346,6 +378,59 @@ fn plugin(config: &Config, action: PluginCommand) -> Result<(), String> {
                     entry.message
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+fn export(config: &Config, action: ExportCommand) -> Result<(), String> {
+    use crate::plugins;
+    let store = Store::open(&config.data_dir).map_err(|e| e.to_string())?;
+    let show = |export: &crate::store::Export| {
+        serde_json::to_string_pretty(&plugins::export_view(&store, export)).unwrap_or_default()
+    };
+    match action {
+        ExportCommand::Start {
+            team,
+            plugin,
+            from,
+            to,
+            page_size,
+        } => {
+            let export = plugins::start_export(
+                &store,
+                team,
+                &plugin,
+                (from, to),
+                page_size,
+                config.plugin_limits.task,
+            )
+            .map_err(|e| e.to_string())?;
+            println!("export {} started", export.id);
+        }
+        ExportCommand::List => {
+            for export in store.list_exports().map_err(|e| e.to_string())? {
+                let total = export.total.map(|t| t.to_string()).unwrap_or("?".into());
+                println!(
+                    "export {}  config {}  {}  {}/{} events",
+                    export.id,
+                    export.config,
+                    export.state.name(),
+                    export.done,
+                    total
+                );
+            }
+        }
+        ExportCommand::Show { id } => {
+            let export = store
+                .export(id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no export {id}"))?;
+            println!("{}", show(&export));
+        }
+        ExportCommand::Cancel { id } => {
+            plugins::cancel_export(&store, id).map_err(|e| e.to_string())?;
+            println!("export {id} cancelled");
         }
     }
     Ok(())

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{cli, cli_error, create_team, plugin_folder, read_events, Appliance, Row, TOKEN};

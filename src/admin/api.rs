@@ -32,6 +32,8 @@ pub struct ApiState {
     pub data_dir: PathBuf,
     pub token: String,
     pub jobs: JobQueue,
+    /// Deadline of each export page.
+    pub task_timeout: std::time::Duration,
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -44,6 +46,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(plugin_storage),
         )
         .route("/api/teams/{team}/plugins/{plugin}/jobs", post(enqueue_job))
+        .route(
+            "/api/teams/{team}/plugins/{plugin}/exports",
+            post(start_export),
+        )
+        .route("/api/exports", get(list_exports))
+        .route("/api/exports/{id}", get(show_export))
+        .route("/api/exports/{id}/cancel", post(cancel_export))
         .route("/api/jobs", get(list_jobs))
         .route("/api/jobs/{id}", get(show_job))
         .route("/api/jobs/{id}/{action}", post(control_job))
@@ -80,7 +89,8 @@ impl IntoResponse for ApiError {
             ApiError::Plugin(PluginError::NotFound(_)) | ApiError::NotFound(_) => {
                 StatusCode::NOT_FOUND
             }
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_)
+            | ApiError::Plugin(PluginError::Store(StoreError::Conflict(_))) => StatusCode::CONFLICT,
             ApiError::Plugin(
                 PluginError::Manifest(_)
                 | PluginError::InvalidComponent(_)
@@ -388,6 +398,77 @@ async fn control_job(
             }
         };
         Ok(Json(json!({ "id": id.to_string(), "state": state.name() })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct ExportRequest {
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+    #[serde(default)]
+    page_size: Option<u32>,
+}
+
+async fn start_export(
+    State(state): State<Arc<ApiState>>,
+    Path((team, plugin)): Path<(TeamId, String)>,
+    Json(request): Json<ExportRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (store, queue, timeout) = (state.store.clone(), state.jobs.clone(), state.task_timeout);
+    blocking(move || {
+        let export = plugins::start_export(
+            &store,
+            team,
+            &plugin,
+            (request.from, request.to),
+            request.page_size,
+            timeout,
+        )?;
+        queue.wake();
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(plugins::export_view(&store, &export)),
+        ))
+    })
+    .await
+}
+
+async fn list_exports(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
+    let store = state.store.clone();
+    blocking(move || {
+        let exports: Vec<Value> = store
+            .list_exports()?
+            .iter()
+            .map(|e| plugins::export_view(&store, e))
+            .collect();
+        Ok(Json(json!({ "exports": exports })))
+    })
+    .await
+}
+
+async fn show_export(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<u64>,
+) -> Result<Json<Value>, ApiError> {
+    let store = state.store.clone();
+    blocking(move || {
+        let export = store
+            .export(id)?
+            .ok_or_else(|| ApiError::NotFound(format!("no export {id}")))?;
+        Ok(Json(plugins::export_view(&store, &export)))
+    })
+    .await
+}
+
+async fn cancel_export(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<u64>,
+) -> Result<Json<Value>, ApiError> {
+    let store = state.store.clone();
+    blocking(move || {
+        let export = plugins::cancel_export(&store, id)?;
+        Ok(Json(plugins::export_view(&store, &export)))
     })
     .await
 }

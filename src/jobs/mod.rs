@@ -21,7 +21,9 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::pipeline::DrainSignal;
-use crate::store::{Control, Job, JobId, JobKind, NewJob, Outcome, Store, StoreError};
+use crate::store::{
+    Control, ExportProgress, Job, JobId, JobKind, NewJob, Outcome, Store, StoreError,
+};
 
 /// How long a cancelled job may take to notice before it is terminated.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -150,19 +152,25 @@ pub enum RunError {
     Failed(String),
 }
 
-/// Runs one attempt of a job, on a blocking thread. Returns the follow-up jobs to enqueue
-/// together with the job's completion.
+/// What a successful attempt leaves behind, committed with the job's completion.
+#[derive(Debug, Default)]
+pub struct Done {
+    pub follow_ups: Vec<NewJob>,
+    pub export: Option<ExportProgress>,
+}
+
+/// Runs one attempt of a job, on a blocking thread.
 pub trait Runner: Send + Sync + 'static {
-    fn run(&self, job: &Job, stop: &Arc<StopFlags>) -> Result<Vec<NewJob>, RunError>;
+    fn run(&self, job: &Job, stop: &Arc<StopFlags>) -> Result<Done, RunError>;
 }
 
 /// The appliance's own jobs: only [`JobKind::Noop`]; anything else fails permanently.
 pub struct InternalRunner;
 
 impl Runner for InternalRunner {
-    fn run(&self, job: &Job, _stop: &Arc<StopFlags>) -> Result<Vec<NewJob>, RunError> {
+    fn run(&self, job: &Job, _stop: &Arc<StopFlags>) -> Result<Done, RunError> {
         match job.kind {
-            JobKind::Noop => Ok(Vec::new()),
+            JobKind::Noop => Ok(Done::default()),
             _ => Err(RunError::Failed(format!(
                 "no runner for {} jobs in this process",
                 job.kind.label()
@@ -422,7 +430,10 @@ fn attempt(
         };
     }
     match result {
-        Ok(follow_ups) => Outcome::Succeeded { follow_ups },
+        Ok(done) => Outcome::Succeeded {
+            follow_ups: done.follow_ups,
+            export: done.export,
+        },
         Err(RunError::Retry(error)) => Outcome::Retry {
             error,
             retry_at_ms: settings.retry_at_ms(job.attempts + 1, now_ms()),

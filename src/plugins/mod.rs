@@ -25,7 +25,8 @@ use serde::Deserialize;
 
 use crate::jobs::JobQueue;
 use crate::store::{
-    JobId, JobKind, NewJob, PluginConfig, PluginConfigId, PluginRecord, Store, StoreError, TeamId,
+    Export, JobId, JobKind, NewJob, PluginConfig, PluginConfigId, PluginRecord, Store, StoreError,
+    TeamId,
 };
 use host::{HostState, JobContext, PluginScope, SharedCache};
 use manifest::{Manifest, ManifestError};
@@ -208,6 +209,82 @@ pub fn enqueue_job(
     ids.into_iter()
         .next()
         .ok_or_else(|| PluginError::Io("the queue returned no job id".into()))
+}
+
+/// Events handed to the plugin per page of a historical export, unless the operator says.
+pub const EXPORT_PAGE_SIZE: u32 = 500;
+
+/// Starts a historical export of the team's stored events with `from <= timestamp < to` to its
+/// config of `plugin`.
+pub fn start_export(
+    store: &Store,
+    team: TeamId,
+    plugin: &str,
+    range: (DateTime<Utc>, DateTime<Utc>),
+    page_size: Option<u32>,
+    timeout: std::time::Duration,
+) -> Result<Export, PluginError> {
+    let record = find(store, plugin)?;
+    let config = config_of(store, team, &record)?;
+    if !config.enabled {
+        return Err(PluginError::BadRequest(format!(
+            "{} is disabled for team {team}; enable it first",
+            record.name
+        )));
+    }
+    if range.0 >= range.1 {
+        return Err(PluginError::BadRequest(format!(
+            "the export range is empty: from {} is not before to {}",
+            range.0, range.1
+        )));
+    }
+    Ok(store.start_export(
+        config.id,
+        team,
+        (range.0.timestamp_millis(), range.1.timestamp_millis()),
+        page_size.unwrap_or(EXPORT_PAGE_SIZE).clamp(1, 100_000),
+        timeout.as_millis() as u64,
+        crate::jobs::now_ms(),
+    )?)
+}
+
+/// Cancels a historical export: no further page starts, and a page running now is asked to stop.
+pub fn cancel_export(store: &Store, id: u64) -> Result<Export, PluginError> {
+    let now = crate::jobs::now_ms();
+    let export = store.cancel_export(id, now)?;
+    if let Some(job) = export.job {
+        // The page job may have finished already; only a live one is asked to stop.
+        if let Err(e) = store.control_job(job, crate::store::Control::Cancel, now) {
+            tracing::debug!(export = id, error = %e, "no page job to stop");
+        }
+    }
+    Ok(export)
+}
+
+/// An export as the CLI and `/api/` show it, with the state of its page job.
+pub fn export_view(store: &Store, export: &Export) -> serde_json::Value {
+    let time = |ms: i64| {
+        DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    };
+    let job_state = export
+        .job
+        .and_then(|id| store.job(id).ok().flatten())
+        .map(|j| j.state.name());
+    serde_json::json!({
+        "id": export.id,
+        "plugin_config": export.config,
+        "team": export.team,
+        "from": time(export.from_ms),
+        "to": time(export.to_ms),
+        "state": export.state.name(),
+        "total": export.total,
+        "done": export.done,
+        "page_size": export.page_size,
+        "page_job": export.job.map(|j| j.to_string()),
+        "page_job_state": job_state,
+    })
 }
 
 /// A job an operator queues for a plugin.

@@ -2,7 +2,9 @@
 //! deliveries to `on-event`/`export-events`, each run by the job queue as a job.
 //!
 //! Owns: turning a queued job into a plugin call ([`PluginRunner`]), which configs want which
-//! schedules ([`PluginSchedules`]), and the delivery jobs for stored events ([`deliveries`]).
+//! schedules ([`PluginSchedules`]), the delivery jobs for stored events ([`deliveries`]), and the
+//! pages of historical exports (each page job reads the next page from the sink, hands it to the
+//! plugin, and queues the following page with its completion).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +12,15 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::host::JobContext;
-use super::runtime::{CallError, Exports, WitEvent};
-use super::{log_error, to_wit, Catalog};
-use crate::event::IngestBatch;
-use crate::jobs::{InternalRunner, RunError, Runner, StopFlags};
+use super::runtime::{CallError, Exports, Instance, WitEvent};
+use super::{log_error, to_wit, Catalog, Entry};
+use crate::event::{timestamp_text, IngestBatch};
+use crate::jobs::{Done, InternalRunner, RunError, Runner, StopFlags};
 use crate::schedule::ScheduleSource;
-use crate::store::{Cadence, Job, JobKind, NewJob, PluginConfigId};
+use crate::sinks::{EventReader, StoredEvent};
+use crate::store::{
+    Cadence, ExportProgress, ExportState, Job, JobKind, NewJob, PageCursor, PluginConfigId,
+};
 
 /// Events handed to one delivery job at most (PostHog's exports buffered about this many).
 pub const DELIVERY_CHUNK: usize = 500;
@@ -115,13 +120,16 @@ pub fn deliveries(
     Ok(jobs)
 }
 
-/// Runs plugin jobs, schedule slots and deliveries on fresh instances of the plugin.
+/// Runs plugin jobs, schedule slots, deliveries and export pages on fresh instances of the
+/// plugin.
 pub struct PluginRunner {
     pub catalog: Arc<Catalog>,
+    /// Where historical exports read stored events from.
+    pub events: Option<Arc<dyn EventReader>>,
 }
 
 impl Runner for PluginRunner {
-    fn run(&self, job: &Job, stop: &Arc<StopFlags>) -> Result<Vec<NewJob>, RunError> {
+    fn run(&self, job: &Job, stop: &Arc<StopFlags>) -> Result<Done, RunError> {
         let config = match &job.kind {
             JobKind::Noop => return InternalRunner.run(job, stop),
             JobKind::Plugin { config, .. }
@@ -152,7 +160,19 @@ impl Runner for PluginRunner {
             .catalog
             .start(&entry, Some(context))
             .map_err(|e| failure(&self.catalog, config, job, "could not start", e))?;
+        let mut export = None;
+        let mut pages = Vec::new();
         let result = match &job.kind {
+            JobKind::ExportPage { export: id, .. } => {
+                match self.export_page(job, *id, &entry, &mut instance, deadline)? {
+                    Some((progress, next)) => {
+                        export = Some(progress);
+                        pages.extend(next);
+                        Ok(())
+                    }
+                    None => Ok(()),
+                }
+            }
             JobKind::Plugin { name, .. } => instance.run_job(name, &job.payload, deadline),
             JobKind::Schedule { cadence, .. } => instance.run_every(*cadence, deadline),
             JobKind::Deliver { .. } => {
@@ -161,21 +181,124 @@ impl Runner for PluginRunner {
                 let events: Vec<WitEvent> = events.into_iter().map(WitEvent::from).collect();
                 instance.deliver(&events, deadline)
             }
-            JobKind::ExportPage { .. } | JobKind::Noop => Err(CallError::Failed(
-                "historical exports are not available in this build".into(),
-            )),
+            JobKind::Noop => Ok(()),
         };
-        let follow_ups = instance
+        let mut follow_ups = instance
             .host()
             .job
             .as_mut()
             .map(|j| std::mem::take(&mut j.follow_ups))
             .unwrap_or_default();
         instance.host().flush_logs();
+        follow_ups.extend(pages);
         match result {
-            Ok(()) => Ok(follow_ups),
+            Ok(()) => Ok(Done { follow_ups, export }),
             Err(e) => Err(failure(&self.catalog, config, job, "failed", e)),
         }
+    }
+}
+
+impl PluginRunner {
+    /// Hands one page of a historical export to the plugin. Returns the progress and the next
+    /// page's job (none after the last page), or `None` if the export was cancelled.
+    fn export_page(
+        &self,
+        job: &Job,
+        export_id: u64,
+        entry: &Entry,
+        instance: &mut Instance,
+        deadline: Duration,
+    ) -> Result<Option<(ExportProgress, Option<NewJob>)>, RunError> {
+        let store = self.catalog.store();
+        let export = store
+            .export(export_id)
+            .map_err(|e| RunError::Retry(e.to_string()))?
+            .ok_or_else(|| RunError::Failed(format!("export {export_id} is not recorded")))?;
+        if export.state != ExportState::Running {
+            return Ok(None);
+        }
+        if !entry
+            .info
+            .exports
+            .intersects(Exports::EXPORT_EVENTS | Exports::ON_EVENT)
+        {
+            return Err(RunError::Failed(format!(
+                "{} implements neither export-events nor on-event",
+                entry.plugin_name
+            )));
+        }
+        let reader = self
+            .events
+            .as_ref()
+            .ok_or_else(|| RunError::Failed("no event store to read from".into()))?;
+        let cursor: PageCursor = serde_json::from_str(&job.payload)
+            .map_err(|e| RunError::Failed(format!("unreadable export cursor: {e}")))?;
+        let time = |ms: i64| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .map(timestamp_text)
+                .unwrap_or_default()
+        };
+        let (from, to) = (time(export.from_ms), time(export.to_ms));
+        let read_failed = |e: crate::sinks::SinkError| RunError::Retry(e.to_string());
+        let total = match cursor.total {
+            Some(total) => total,
+            None => reader
+                .count_events(export.team, &from, &to)
+                .map_err(read_failed)?,
+        };
+        let page = reader
+            .read_events(
+                export.team,
+                (&from, &to),
+                cursor.after.as_ref(),
+                export.page_size,
+            )
+            .map_err(read_failed)?;
+        if !page.is_empty() {
+            let events: Vec<WitEvent> = page.iter().map(stored_to_wit).collect();
+            instance
+                .deliver(&events, deadline)
+                .map_err(|e| failure(&self.catalog, export.config, job, "failed", e))?;
+        }
+        let done = cursor.done + page.len() as u64;
+        let next = match page.last() {
+            Some(last) if page.len() as u32 >= export.page_size => Some(NewJob {
+                id: uuid::Uuid::now_v7(),
+                kind: job.kind.clone(),
+                payload: serde_json::to_string(&PageCursor {
+                    after: Some((last.timestamp.clone(), last.row_id)),
+                    done,
+                    total: Some(total),
+                })
+                .unwrap_or_default(),
+                run_at_ms: crate::jobs::now_ms(),
+                max_attempts: job.max_attempts,
+                timeout_ms: job.timeout_ms,
+                idempotency_key: None,
+                after: Vec::new(),
+            }),
+            _ => None,
+        };
+        let progress = ExportProgress {
+            export: export_id,
+            total: Some(total),
+            done,
+            next_job: next.as_ref().map(|j| j.id),
+        };
+        Ok(Some((progress, next)))
+    }
+}
+
+fn stored_to_wit(e: &StoredEvent) -> WitEvent {
+    WitEvent {
+        uuid: e.uuid.clone(),
+        event: e.event.clone(),
+        distinct_id: e.distinct_id.clone(),
+        team_id: e.team_id,
+        timestamp: e.timestamp.clone(),
+        properties: e.properties.clone(),
+        elements_chain: e.elements_chain.clone(),
+        ip: None,
     }
 }
 

@@ -194,7 +194,13 @@ mod tests {
     fn succeed(store: &Store, id: crate::store::JobId, now: i64) {
         store
             .finish_and_claim(
-                vec![(id, Outcome::Succeeded { follow_ups: vec![] })],
+                vec![(
+                    id,
+                    Outcome::Succeeded {
+                        follow_ups: vec![],
+                        export: None,
+                    },
+                )],
                 now,
                 0,
                 0,

@@ -26,6 +26,37 @@ pub enum SinkError {
     Migrate { sink: &'static str, detail: String },
     #[error("{sink}: write failed: {detail}")]
     Write { sink: &'static str, detail: String },
+    #[error("{sink}: read failed: {detail}")]
+    Read { sink: &'static str, detail: String },
+}
+
+/// A stored event read back (for historical exports).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredEvent {
+    /// The sink's own row id: with the timestamp, the position of a page.
+    pub row_id: i64,
+    pub uuid: String,
+    pub event: String,
+    pub distinct_id: String,
+    pub team_id: u64,
+    /// As stored: RFC 3339 UTC with microseconds, so text order is time order.
+    pub timestamp: String,
+    pub properties: String,
+    pub elements_chain: String,
+}
+
+/// Reads stored events back in (timestamp, row id) order. Called from blocking threads.
+pub trait EventReader: Send + Sync {
+    /// Events of `team` with `from <= timestamp < to` (timestamps as stored text).
+    fn count_events(&self, team: u64, from: &str, to: &str) -> Result<u64, SinkError>;
+    /// Up to `limit` of those events after `after` (timestamp, row id).
+    fn read_events(
+        &self,
+        team: u64,
+        range: (&str, &str),
+        after: Option<&(String, i64)>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, SinkError>;
 }
 
 pub type SinkFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SinkError>> + Send + 'a>>;

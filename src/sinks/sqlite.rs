@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use chrono::Utc;
 use rusqlite::{params, Connection};
 
-use super::{Sink, SinkError, SinkFuture};
+use super::{EventReader, Sink, SinkError, SinkFuture, StoredEvent};
 use crate::event::{timestamp_text, IngestBatch};
 
 mod embedded {
@@ -149,5 +149,76 @@ impl Sink for SqliteSink {
             }
             tx.commit()
         })
+    }
+}
+
+impl SqliteSink {
+    /// A read-only connection of its own, so export reads never wait for the writer's lock.
+    fn reader(&self) -> Result<Connection, SinkError> {
+        let conn =
+            Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(|e| read_error(e.to_string()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| read_error(e.to_string()))?;
+        Ok(conn)
+    }
+}
+
+fn read_error(detail: String) -> SinkError {
+    SinkError::Read { sink: NAME, detail }
+}
+
+impl EventReader for SqliteSink {
+    fn count_events(&self, team: u64, from: &str, to: &str) -> Result<u64, SinkError> {
+        let count: i64 = self
+            .reader()?
+            .query_row(
+                "SELECT count(*) FROM posthog_event
+                 WHERE team_id = ?1 AND timestamp >= ?2 AND timestamp < ?3",
+                params![team as i64, from, to],
+                |row| row.get(0),
+            )
+            .map_err(|e| read_error(e.to_string()))?;
+        Ok(count as u64)
+    }
+
+    fn read_events(
+        &self,
+        team: u64,
+        range: (&str, &str),
+        after: Option<&(String, i64)>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, SinkError> {
+        let conn = self.reader()?;
+        let (after_time, after_id) = after.cloned().unwrap_or_default();
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT id, uuid, event, distinct_id, team_id, timestamp, properties, elements_chain
+                 FROM posthog_event
+                 WHERE team_id = ?1 AND timestamp >= ?2 AND timestamp < ?3
+                   AND (timestamp > ?4 OR (timestamp = ?4 AND id > ?5))
+                 ORDER BY timestamp, id
+                 LIMIT ?6",
+            )
+            .map_err(|e| read_error(e.to_string()))?;
+        let rows = statement
+            .query_map(
+                params![team as i64, range.0, range.1, after_time, after_id, limit],
+                |row| {
+                    Ok(StoredEvent {
+                        row_id: row.get(0)?,
+                        uuid: row.get(1)?,
+                        event: row.get(2)?,
+                        distinct_id: row.get(3)?,
+                        team_id: row.get::<_, i64>(4)? as u64,
+                        timestamp: row.get(5)?,
+                        properties: row.get(6)?,
+                        elements_chain: row.get(7)?,
+                    })
+                },
+            )
+            .map_err(|e| read_error(e.to_string()))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| read_error(e.to_string()))
     }
 }

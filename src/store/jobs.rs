@@ -14,6 +14,7 @@ use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTr
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::exports::{apply_progress, ExportProgress, EXPORTS};
 use super::{Store, StoreError, META};
 use crate::store::PluginConfigId;
 
@@ -228,9 +229,11 @@ pub struct NewJob {
 /// How an attempt ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
-    /// Done: the job is removed and its follow-ups are enqueued, in the same transaction.
+    /// Done: the job is removed and its follow-ups are enqueued (and a historical export's
+    /// progress recorded), in the same transaction.
     Succeeded {
         follow_ups: Vec<NewJob>,
+        export: Option<ExportProgress>,
     },
     /// Try again at `retry_at_ms` if attempts remain; otherwise a dead letter.
     Retry {
@@ -289,6 +292,9 @@ pub struct JobStats {
     pub total: u64,
 }
 
+/// A schedule: the plugin config and how often it runs.
+pub type ScheduleKey = (PluginConfigId, Cadence);
+
 /// A schedule's progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScheduleState {
@@ -336,17 +342,22 @@ pub struct JobTables<'txn> {
     leased: Table<'txn, u128, i64>,
     keys: Table<'txn, &'static str, (u128, i64)>,
     control: Table<'txn, u128, u8>,
+    exports: Table<'txn, u64, &'static [u8]>,
     now_ms: i64,
 }
 
 impl<'txn> JobTables<'txn> {
-    fn open(txn: &'txn WriteTransaction, now_ms: i64) -> Result<JobTables<'txn>, StoreError> {
+    pub(super) fn open(
+        txn: &'txn WriteTransaction,
+        now_ms: i64,
+    ) -> Result<JobTables<'txn>, StoreError> {
         Ok(JobTables {
             jobs: txn.open_table(JOBS)?,
             due: txn.open_table(JOBS_DUE)?,
             leased: txn.open_table(JOBS_LEASED)?,
             keys: txn.open_table(JOB_KEYS)?,
             control: txn.open_table(JOB_CONTROL)?,
+            exports: txn.open_table(EXPORTS)?,
             now_ms,
         })
     }
@@ -520,8 +531,11 @@ impl<'txn> JobTables<'txn> {
         };
         job.updated_ms = self.now_ms;
         match outcome {
-            Outcome::Succeeded { follow_ups } => {
+            Outcome::Succeeded { follow_ups, export } => {
                 self.jobs.remove(id.as_u128())?;
+                if let Some(progress) = export {
+                    apply_progress(&mut self.exports, progress, self.now_ms)?;
+                }
                 for dependent in job.dependents.clone() {
                     self.parent_succeeded(dependent)?;
                 }
@@ -591,7 +605,7 @@ impl<'txn> JobTables<'txn> {
             job.note(reason);
             for dependent in &job.dependents {
                 if let Some(child) = self.get(*dependent)? {
-                    if !child.state.is_final() && !self.leased.get(dependent.as_u128())?.is_some() {
+                    if !child.state.is_final() && self.leased.get(dependent.as_u128())?.is_none() {
                         pending
                             .push((child, format!("job {} it waited for was cancelled", job.id)));
                     }
@@ -628,7 +642,7 @@ pub struct ScheduleTables<'txn> {
 }
 
 impl ScheduleTables<'_> {
-    pub fn all(&self) -> Result<Vec<((PluginConfigId, Cadence), ScheduleState)>, StoreError> {
+    pub fn all(&self) -> Result<Vec<(ScheduleKey, ScheduleState)>, StoreError> {
         let mut out = Vec::new();
         for row in self.schedules.iter()? {
             let (key, value) = row?;
@@ -1044,7 +1058,10 @@ mod tests {
         finish(
             &store,
             id,
-            Outcome::Succeeded { follow_ups: vec![] },
+            Outcome::Succeeded {
+                follow_ups: vec![],
+                export: None,
+            },
             20_000,
         );
         assert!(
@@ -1070,7 +1087,15 @@ mod tests {
         // Even after the job succeeded and is gone, the key still answers.
         let claimed = claim_all(&store, 10);
         assert_eq!(claimed.len(), 2);
-        finish(&store, first, Outcome::Succeeded { follow_ups: vec![] }, 20);
+        finish(
+            &store,
+            first,
+            Outcome::Succeeded {
+                follow_ups: vec![],
+                export: None,
+            },
+            20,
+        );
         assert_eq!(
             store.enqueue_jobs(vec![keyed("k")], 30, RETAIN).unwrap()[0],
             first
@@ -1114,12 +1139,21 @@ mod tests {
             a.id,
             Outcome::Succeeded {
                 follow_ups: vec![follow_up],
+                export: None,
             },
             1,
         );
         let next: Vec<JobId> = claim_all(&store, 1).iter().map(|j| j.id).collect();
         assert_eq!(next, [follow_up_id], "the join still waits for b");
-        finish(&store, b.id, Outcome::Succeeded { follow_ups: vec![] }, 2);
+        finish(
+            &store,
+            b.id,
+            Outcome::Succeeded {
+                follow_ups: vec![],
+                export: None,
+            },
+            2,
+        );
         let next: Vec<JobId> = claim_all(&store, 2).iter().map(|j| j.id).collect();
         assert_eq!(next, [join_id]);
 

@@ -7,6 +7,7 @@
 //! Must never: be bypassed. No other module opens the file or names a redb table; callers ask
 //! for typed operations ("append these batches", "read after this position").
 
+mod exports;
 mod ingest;
 mod jobs;
 mod plugins;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 
 use redb::{ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+pub use exports::{Export, ExportProgress, ExportState, PageCursor};
 pub use ingest::{IngestStats, QueuedBatch};
 pub use jobs::{
     Attempt, Cadence, Claimed, Control, Job, JobId, JobKind, JobState, JobStats, JobTables, NewJob,
@@ -133,6 +135,7 @@ impl Store {
             plugins::create_tables(&txn)?;
             secrets::create_tables(&txn)?;
             jobs::create_tables(&txn)?;
+            exports::create_tables(&txn)?;
         }
         txn.commit()?;
         Ok(())

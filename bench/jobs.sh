@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The job queue benchmark beside Graphile Worker, in one run on this machine:
+#   bench/jobs.sh [sizes]      (default 1000,10000,100000)
+# Builds and runs `jobbench` (the appliance's queue on a redb file), then starts a throwaway
+# PostgreSQL (fsync and synchronous_commit on, unix socket only) and runs the same workload on
+# Graphile Worker 0.17.3, and prints both tables and the ratio.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sizes="${1:-1000,10000,100000}"
+
+echo "== appliance job queue (redb) =="
+cargo build --release --quiet --bin jobbench
+appliance_out=$(cargo run --release --quiet --bin jobbench -- --sizes "$sizes")
+echo "$appliance_out"
+
+echo "== graphile-worker 0.17.3 on PostgreSQL =="
+npm ci --prefix bench/graphile --no-audit --no-fund --silent
+pgbin=$(dirname "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")
+pgdir=$(mktemp -d /tmp/appliance-graphile-pg.XXXXXX)
+owner=$(id -un)
+if [ "$(id -u)" = 0 ]; then
+  owner=postgres
+  chown postgres "$pgdir"
+fi
+as_owner() { if [ "$owner" = "$(id -un)" ]; then "$@"; else runuser -u "$owner" -- "$@"; fi; }
+stop_pg() {
+  if [ -f "$pgdir/data/postmaster.pid" ]; then kill "$(head -1 "$pgdir/data/postmaster.pid")" || true; sleep 1; fi
+  rm -rf "$pgdir"
+}
+trap stop_pg EXIT
+as_owner "$pgbin/initdb" -D "$pgdir/data" -U postgres --auth=trust >/dev/null
+as_owner "$pgbin/pg_ctl" -D "$pgdir/data" -o "-c listen_addresses='' -k $pgdir -c fsync=on -c synchronous_commit=on" -w start >/dev/null
+graphile_out=$(node bench/graphile/bench.mjs "postgres://postgres@/postgres?host=$pgdir" "$sizes")
+echo "$graphile_out"
+
+echo "== appliance ÷ graphile-worker, enqueue + execute =="
+rows() { awk '$1 ~ /^[0-9]+$/' ; }
+paste <(echo "$appliance_out" | rows | awk '{print $1, $4}') <(echo "$graphile_out" | rows | awk '{print $4}') |
+  awk '{printf "%9s queued: %.1f×\n", $1, $2 / $3}'

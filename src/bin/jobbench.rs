@@ -1,0 +1,157 @@
+//! Measures the durable job queue: no-op jobs enqueued (bulk) and executed through the real
+//! workers on a real redb file, at several queue sizes, and the delay from a job's run-at time to
+//! its start while a backlog of future jobs sits in the queue.
+//!
+//! `cargo run --release --bin jobbench -- --sizes 1000,10000,100000,1000000`
+//! Prints one line per size; `bench/jobs.sh` runs Graphile Worker beside it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use appliance::jobs::{now_ms, Done, JobQueue, JobSettings, RunError, Runner, StopFlags, Workers};
+use appliance::store::{Job, JobKind, NewJob, Store};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tokio::sync::watch;
+
+#[derive(Parser)]
+struct Args {
+    /// Queue sizes to measure, comma-separated.
+    #[arg(long, default_value = "1000,10000,100000", value_delimiter = ',')]
+    sizes: Vec<usize>,
+    /// Jobs running at once (WORKER_CONCURRENCY × TASKS_PER_WORKER).
+    #[arg(long, default_value_t = 20)]
+    slots: usize,
+    /// Jobs whose start delay is measured, due one per millisecond.
+    #[arg(long, default_value_t = 2000)]
+    latency_jobs: usize,
+}
+
+/// Runs no-op jobs and records how late each started.
+struct Recorder {
+    delays: Mutex<Histogram<u64>>,
+}
+
+impl Runner for Recorder {
+    fn run(&self, job: &Job, _stop: &Arc<StopFlags>) -> Result<Done, RunError> {
+        let late_us = (chrono::Utc::now().timestamp_micros() - job.run_at_ms * 1000).max(0);
+        if let Ok(mut h) = self.delays.lock() {
+            let _ = h.record(late_us as u64);
+        }
+        Ok(Done::default())
+    }
+}
+
+fn noop(run_at_ms: i64) -> NewJob {
+    NewJob {
+        id: uuid::Uuid::now_v7(),
+        kind: JobKind::Noop,
+        payload: "null".into(),
+        run_at_ms,
+        max_attempts: 1,
+        timeout_ms: 0,
+        idempotency_key: None,
+        after: Vec::new(),
+    }
+}
+
+fn enqueue_bulk(queue: &JobQueue, count: usize, run_at_ms: impl Fn(usize) -> i64) {
+    let mut done = 0;
+    while done < count {
+        let n = (count - done).min(10_000);
+        let jobs = (done..done + n).map(|i| noop(run_at_ms(i))).collect();
+        queue.enqueue(jobs).expect("enqueue");
+        done += n;
+    }
+}
+
+/// Waits until only `remaining` jobs are kept.
+async fn drained(store: &Store, remaining: u64) {
+    loop {
+        let stats = store.job_stats().expect("stats");
+        if stats.total <= remaining && stats.running == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    println!(
+        "{:>9}  {:>12}  {:>12}  {:>14}  {:>10}  {:>10}",
+        "queued", "enqueue/s", "execute/s", "enq+exec/s", "start p50", "start p99"
+    );
+    for &size in &args.sizes {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let queue = JobQueue::new(
+            store.clone(),
+            JobSettings {
+                slots: args.slots,
+                per_plugin_config: 4,
+                retry_base: Duration::from_secs(1),
+                key_retention: Duration::from_secs(3600),
+            },
+        );
+        let recorder = Arc::new(Recorder {
+            delays: Mutex::new(Histogram::new(3).expect("histogram")),
+        });
+        let (drain_tx, drain_rx) = watch::channel(None);
+        let workers = tokio::spawn(
+            Workers {
+                queue: queue.clone(),
+                runner: recorder.clone(),
+                schedule_done: None,
+            }
+            .run(drain_rx),
+        );
+
+        // Throughput: `size` no-op jobs due now, enqueued in bulk, then run to the last.
+        let started = Instant::now();
+        let q = queue.clone();
+        let now = now_ms();
+        tokio::task::spawn_blocking(move || enqueue_bulk(&q, size, |_| now))
+            .await
+            .expect("enqueue task");
+        let enqueued = started.elapsed();
+        drained(&store, 0).await;
+        let total = started.elapsed();
+        let executed = total - enqueued;
+
+        // Start delay: `size` future jobs stay queued while `latency_jobs` come due, one per ms.
+        let q = queue.clone();
+        let far = now_ms() + 3_600_000;
+        tokio::task::spawn_blocking(move || enqueue_bulk(&q, size, |_| far))
+            .await
+            .expect("enqueue task");
+        if let Ok(mut h) = recorder.delays.lock() {
+            h.reset();
+        }
+        let q = queue.clone();
+        let latency_jobs = args.latency_jobs;
+        let first = now_ms() + 200;
+        tokio::task::spawn_blocking(move || enqueue_bulk(&q, latency_jobs, |i| first + i as i64))
+            .await
+            .expect("enqueue task");
+        drained(&store, size as u64).await;
+        let (p50, p99) = recorder
+            .delays
+            .lock()
+            .map(|h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99)))
+            .unwrap_or_default();
+
+        println!(
+            "{:>9}  {:>12.0}  {:>12.0}  {:>14.0}  {:>8.2}ms  {:>8.2}ms",
+            size,
+            size as f64 / enqueued.as_secs_f64(),
+            size as f64 / executed.as_secs_f64(),
+            size as f64 / total.as_secs_f64(),
+            p50 as f64 / 1000.0,
+            p99 as f64 / 1000.0,
+        );
+        let _ = drain_tx.send(Some(tokio::time::Instant::now()));
+        let _ = workers.await;
+    }
+}
