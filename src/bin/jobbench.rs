@@ -14,6 +14,10 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 
+// The same allocator as the server, so the figures are the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     /// Queue sizes to measure, comma-separated.

@@ -13,11 +13,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::pipeline::DrainSignal;
@@ -186,6 +186,91 @@ struct Held {
     cancel_asked: Option<Instant>,
 }
 
+/// A finished attempt: the job, whether it was a schedule's slot, and how it ended.
+type Ended = (JobId, bool, Outcome);
+
+/// The slots: long-lived threads that take claimed jobs from a shared local queue and report
+/// back. Jobs flow without a round trip through the async loop per job, and completions that
+/// arrive while the loop commits are recorded together in its next transaction.
+struct Pool {
+    state: Mutex<PoolState>,
+    work: Condvar,
+    /// Wakes the loop when attempts have ended (notifications coalesce).
+    ended: Notify,
+}
+
+#[derive(Default)]
+struct PoolState {
+    waiting: VecDeque<(Job, Arc<StopFlags>)>,
+    ended: Vec<Ended>,
+    running: usize,
+    closing: bool,
+}
+
+impl Pool {
+    fn start(
+        slots: usize,
+        runner: Arc<dyn Runner>,
+        settings: JobSettings,
+    ) -> std::io::Result<Arc<Pool>> {
+        let pool = Arc::new(Pool {
+            state: Mutex::default(),
+            work: Condvar::new(),
+            ended: Notify::new(),
+        });
+        for n in 0..slots.max(1) {
+            let (pool, runner) = (pool.clone(), runner.clone());
+            std::thread::Builder::new()
+                .name(format!("job-slot-{n}"))
+                .spawn(move || pool.serve(&*runner, &settings))?;
+        }
+        Ok(pool)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One slot: runs waiting jobs until the pool closes.
+    fn serve(&self, runner: &dyn Runner, settings: &JobSettings) {
+        loop {
+            let (job, stop) = {
+                let mut state = self.lock();
+                loop {
+                    if let Some(next) = state.waiting.pop_front() {
+                        state.running += 1;
+                        break next;
+                    }
+                    if state.closing {
+                        return;
+                    }
+                    state = self.work.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let schedule = matches!(job.kind, JobKind::Schedule { .. });
+            let outcome = attempt(runner, &job, &stop, settings);
+            {
+                let mut state = self.lock();
+                state.running -= 1;
+                state.ended.push((job.id, schedule, outcome));
+            }
+            self.ended.notify_one();
+        }
+    }
+
+    fn submit(&self, jobs: impl IntoIterator<Item = (Job, Arc<StopFlags>)>) {
+        let mut state = self.lock();
+        state.waiting.extend(jobs);
+        drop(state);
+        self.work.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closing = true;
+        self.work.notify_all();
+    }
+}
+
 /// The worker pool: claims due jobs, runs them in its slots, records how they ended.
 pub struct Workers {
     pub queue: JobQueue,
@@ -201,30 +286,29 @@ impl Workers {
     pub async fn run(self, mut drain: DrainSignal) {
         let settings = self.queue.settings;
         let store = self.queue.store.clone();
+        let pool = match Pool::start(settings.slots, self.runner.clone(), settings) {
+            Ok(pool) => pool,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the job slots; no jobs will run");
+                return;
+            }
+        };
         let local_capacity = (settings.slots * 8).clamp(64, MAX_CLAIM);
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(JobId, bool, Outcome)>();
-        let mut waiting: VecDeque<Job> = VecDeque::new();
         let mut held: HashMap<JobId, Held> = HashMap::new();
-        let mut running = 0usize;
         let mut finished: Vec<(JobId, Outcome)> = Vec::new();
         let mut next_due: Option<i64> = Some(i64::MIN);
         let mut woken = true;
         let mut failing_since: Option<Instant> = None;
         loop {
-            while let Ok((id, schedule, outcome)) = done_rx.try_recv() {
-                self.ended(
-                    &mut held,
-                    &mut running,
-                    id,
-                    schedule,
-                    outcome,
-                    &mut finished,
-                );
+            let ended = std::mem::take(&mut pool.lock().ended);
+            for (id, schedule, outcome) in ended {
+                self.ended(&mut held, id, schedule, outcome, &mut finished);
             }
             let deadline = *drain.borrow();
             let stopping = deadline.is_some();
             if stopping {
-                for job in waiting.drain(..) {
+                let released: Vec<(Job, Arc<StopFlags>)> = pool.lock().waiting.drain(..).collect();
+                for (job, _) in released {
                     held.remove(&job.id);
                     finished.push((job.id, Outcome::Released));
                 }
@@ -261,16 +345,21 @@ impl Workers {
                         failing_since = None;
                         woken = false;
                         next_due = claimed.next_due_ms;
+                        let mut submitted = Vec::with_capacity(claimed.jobs.len());
                         for job in claimed.jobs {
+                            let stop = Arc::<StopFlags>::default();
                             held.insert(
                                 job.id,
                                 Held {
                                     owner: job.kind.owner(),
-                                    stop: Arc::default(),
+                                    stop: stop.clone(),
                                     cancel_asked: None,
                                 },
                             );
-                            waiting.push_back(job);
+                            submitted.push((job, stop));
+                        }
+                        if !submitted.is_empty() {
+                            pool.submit(submitted);
                         }
                     }
                     Ok(Err(e)) => {
@@ -288,31 +377,15 @@ impl Workers {
                     }
                 }
             }
-            if stopping && running == 0 && finished.is_empty() {
+            if stopping && held.is_empty() && finished.is_empty() {
                 break;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 tracing::warn!(
-                    running,
+                    running = held.len(),
                     "shutdown deadline reached with jobs running; they run again at the next start"
                 );
                 break;
-            }
-            while running < settings.slots {
-                let Some(job) = waiting.pop_front() else {
-                    break;
-                };
-                let Some(stop) = held.get(&job.id).map(|h| h.stop.clone()) else {
-                    continue;
-                };
-                running += 1;
-                let runner = self.runner.clone();
-                let done = done_tx.clone();
-                tokio::task::spawn_blocking(move || {
-                    let schedule = matches!(job.kind, JobKind::Schedule { .. });
-                    let outcome = attempt(&*runner, &job, &stop, &settings);
-                    let _ = done.send((job.id, schedule, outcome));
-                });
             }
             let poll = if held.is_empty() {
                 IDLE_POLL
@@ -326,14 +399,12 @@ impl Workers {
                 _ => poll,
             };
             tokio::select! {
-                Some((id, schedule, outcome)) = done_rx.recv() => {
-                    self.ended(&mut held, &mut running, id, schedule, outcome, &mut finished);
-                }
+                _ = pool.ended.notified() => {}
                 _ = self.queue.wake.notified() => woken = true,
                 _ = drain.changed() => {}
                 _ = tokio::time::sleep(sleep_for) => {
                     if !held.is_empty() {
-                        self.apply_stop_requests(&mut held, &mut waiting, &mut finished).await;
+                        self.apply_stop_requests(&mut held, &pool, &mut finished).await;
                     }
                     // Another process (the CLI) may have enqueued: look, without writing.
                     let store = store.clone();
@@ -343,19 +414,18 @@ impl Workers {
                 }
             }
         }
+        pool.close();
     }
 
     fn ended(
         &self,
         held: &mut HashMap<JobId, Held>,
-        running: &mut usize,
         id: JobId,
         schedule: bool,
         outcome: Outcome,
         finished: &mut Vec<(JobId, Outcome)>,
     ) {
         held.remove(&id);
-        *running = running.saturating_sub(1);
         finished.push((id, outcome));
         if schedule {
             if let Some(n) = &self.schedule_done {
@@ -370,7 +440,7 @@ impl Workers {
     async fn apply_stop_requests(
         &self,
         held: &mut HashMap<JobId, Held>,
-        waiting: &mut VecDeque<Job>,
+        pool: &Pool,
         finished: &mut Vec<(JobId, Outcome)>,
     ) {
         let store = self.queue.store.clone();
@@ -383,8 +453,12 @@ impl Workers {
             Err(_) => return,
         };
         for (id, control) in requests {
-            if let Some(pos) = waiting.iter().position(|j| j.id == id) {
-                waiting.remove(pos);
+            let not_started = {
+                let mut state = pool.lock();
+                let position = state.waiting.iter().position(|(j, _)| j.id == id);
+                position.and_then(|p| state.waiting.remove(p)).is_some()
+            };
+            if not_started {
                 held.remove(&id);
                 finished.push((
                     id,
