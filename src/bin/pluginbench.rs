@@ -1,5 +1,7 @@
 //! Plugin benchmark: compile and instantiation time, and the cost per event of a
-//! `process-event` plugin when events cross the boundary one per call and in batches.
+//! `process-event` plugin when events cross the boundary one per call and in batches: the
+//! property filter (a plugin's real work included) and a passthrough that does nothing, whose
+//! figure is the host's own overhead per event.
 //!
 //! `cargo run --release --bin pluginbench` (build the plugins first:
 //! `cd plugins && cargo build --release --target wasm32-wasip2`).
@@ -81,32 +83,51 @@ fn run() -> Result<(), String> {
         ms(warm)
     );
 
-    let folder = tempdir(&data, "property-filter");
-    std::fs::copy(
-        root.join("examples/property-filter/plugin.json"),
-        folder.join("plugin.json"),
-    )
-    .map_err(|e| e.to_string())?;
-    std::fs::copy(&wasm, folder.join("property_filter.wasm")).map_err(|e| e.to_string())?;
-    let record = plugins::install(&store, &runtime, &data, &folder).map_err(|e| e.to_string())?;
+    // Two plugins: the property filter (real work: parse, remove a key, serialise) and a
+    // passthrough that returns events untouched without parsing them (the host's own cost).
+    let install = |crate_dir: &str, wasm_name: &str| -> Result<u64, String> {
+        let folder = tempdir(&data, crate_dir.rsplit('/').next().unwrap_or(crate_dir));
+        std::fs::copy(
+            root.join(crate_dir).join("plugin.json"),
+            folder.join("plugin.json"),
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::copy(
+            root.join("target/wasm32-wasip2/release").join(wasm_name),
+            folder.join(wasm_name),
+        )
+        .map_err(|e| format!("{wasm_name}: {e}"))?;
+        let record =
+            plugins::install(&store, &runtime, &data, &folder).map_err(|e| e.to_string())?;
+        Ok(record.id)
+    };
+    let filter = install("examples/property-filter", "property_filter.wasm")?;
+    let passthrough = install("tests/passthrough", "passthrough.wasm")?;
     let values = [("properties".to_string(), "secret".to_string())]
         .into_iter()
         .collect();
     store
-        .upsert_plugin_config(team.id, record.id, true, None, Some(values))
+        .upsert_plugin_config(team.id, filter, true, None, Some(values))
         .map_err(|e| e.to_string())?;
+    let other = store
+        .create_team("bench-passthrough", None)
+        .map_err(|e| e.to_string())?;
+    store
+        .upsert_plugin_config(other.id, passthrough, true, None, None)
+        .map_err(|e| e.to_string())?;
+    let catalog = Arc::new(appliance::plugins::Catalog::new(
+        runtime.clone(),
+        store.clone(),
+        &data,
+        Vec::new(),
+        None,
+    ));
 
-    // Instantiation: a new chain instantiates on its first batch.
+    // Instantiation: a new chain instantiates its plugin on its first batch.
     let rounds = 50;
     let mut total = Duration::ZERO;
     for _ in 0..rounds {
-        let mut chains = Chains::new(Arc::new(appliance::plugins::Catalog::new(
-            runtime.clone(),
-            store.clone(),
-            &data,
-            Vec::new(),
-            None,
-        )));
+        let mut chains = Chains::new(catalog.clone());
         chains.refresh().map_err(|e| e.to_string())?;
         let mut one = batch(team.id, 1);
         let started = Instant::now();
@@ -118,38 +139,33 @@ fn run() -> Result<(), String> {
         ms(total) / rounds as f64
     );
 
-    let mut chains = Chains::new(Arc::new(appliance::plugins::Catalog::new(
-        runtime.clone(),
-        store.clone(),
-        &data,
-        Vec::new(),
-        None,
-    )));
+    let mut chains = Chains::new(catalog);
     chains.refresh().map_err(|e| e.to_string())?;
     chains.process(&mut batch(team.id, 1));
-    for (label, size, calls) in [
-        ("one event per call", 1u64, 20_000u64),
-        ("batches of 100", 100, 200),
-        ("batches of 1000", 1000, 20),
-    ] {
-        let mut batches: Vec<IngestBatch> = (0..calls).map(|_| batch(team.id, size)).collect();
-        let started = Instant::now();
-        for b in &mut batches {
-            chains.process(b);
-        }
-        let elapsed = started.elapsed();
-        let events = size * calls;
-        assert!(
-            batches
+    chains.process(&mut batch(other.id, 1));
+    for (plugin, team_id) in [("property filter", team.id), ("passthrough", other.id)] {
+        for (label, size, calls) in [
+            ("one event per call", 1u64, 20_000u64),
+            ("batches of 100", 100, 200),
+            ("batches of 1000", 1000, 20),
+        ] {
+            let mut batches: Vec<IngestBatch> = (0..calls).map(|_| batch(team_id, size)).collect();
+            let started = Instant::now();
+            for b in &mut batches {
+                chains.process(b);
+            }
+            let elapsed = started.elapsed();
+            let events = size * calls;
+            let filtered = batches
                 .iter()
-                .all(|b| b.events.iter().all(|e| !e.properties.contains("s3cr3t"))),
-            "the plugin ran"
-        );
-        println!(
-            "property filter, {label:<20} {:>7.2} µs per event ({:>9.0} events/s)",
-            elapsed.as_secs_f64() * 1e6 / events as f64,
-            events as f64 / elapsed.as_secs_f64()
-        );
+                .all(|b| b.events.iter().all(|e| !e.properties.contains("s3cr3t")));
+            assert_eq!(filtered, team_id == team.id, "the {plugin} plugin ran");
+            println!(
+                "{plugin:<16} {label:<20} {:>7.2} µs per event ({:>9.0} events/s)",
+                elapsed.as_secs_f64() * 1e6 / events as f64,
+                events as f64 / elapsed.as_secs_f64()
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&data);
     Ok(())

@@ -595,20 +595,30 @@ impl Chains {
     }
 
     /// Runs the team's chain over one queued batch, in order. Failures leave events unchanged.
+    ///
+    /// Events are converted to the plugins' form once, stay in it from the first plugin to the
+    /// last, and are converted back once: each plugin's output is checked against its input
+    /// without re-parsing what it left unchanged.
     pub fn process(&mut self, batch: &mut IngestBatch) {
         let Some(slots) = self.teams.get_mut(&batch.team_id) else {
             return;
         };
+        let mut chain = ChainEvents {
+            keys: batch.events.iter().map(|e| (e.uuid, e.timestamp)).collect(),
+            events: batch.events.iter().map(|e| to_wit(e, batch)).collect(),
+            team_id: batch.team_id,
+        };
         let mut disabled = Vec::new();
         for slot in slots.iter_mut() {
-            if batch.events.is_empty() {
+            if chain.events.is_empty() {
                 break;
             }
-            run_slot(&self.catalog, slot, batch);
+            run_slot(&self.catalog, slot, &mut chain);
             if slot.consecutive_failures >= DISABLE_AFTER_FAILURES {
                 disabled.push(slot.entry.config.clone());
             }
         }
+        batch.events = chain.into_rows();
         for config in disabled {
             self.disable(config);
         }
@@ -634,7 +644,7 @@ impl Chains {
     }
 }
 
-fn run_slot(catalog: &Catalog, slot: &mut Slot, batch: &mut IngestBatch) {
+fn run_slot(catalog: &Catalog, slot: &mut Slot, chain: &mut ChainEvents) {
     let mut instance = match slot.instance.take() {
         Some(i) => i,
         None => match catalog.start(&slot.entry, None) {
@@ -658,28 +668,36 @@ fn run_slot(catalog: &Catalog, slot: &mut Slot, batch: &mut IngestBatch) {
         slot.instance = Some(instance);
         return;
     }
-    let inputs: Vec<WitEvent> = batch.events.iter().map(|e| to_wit(e, batch)).collect();
-    let outcome = instance.process_batch(inputs);
+    let outcome = instance.process_batch(&chain.events);
     let keep_instance = match outcome {
-        Ok(results) if results.len() == batch.events.len() => {
+        Ok(results) if results.len() == chain.events.len() => {
             slot.consecutive_failures = 0;
-            let mut kept = Vec::with_capacity(results.len());
-            for (original, result) in std::mem::take(&mut batch.events).into_iter().zip(results) {
-                match result {
-                    None => {}
-                    Some(changed) => match from_wit(changed, &original, batch.team_id) {
-                        Ok(row) => kept.push(row),
-                        Err(problem) => {
-                            instance.host().log(
-                                "error",
-                                format!("process-event returned an invalid event for {}: {problem}; the event continues unchanged", original.uuid),
-                            );
-                            kept.push(original);
-                        }
-                    },
+            let mut kept = ChainEvents {
+                keys: Vec::with_capacity(results.len()),
+                events: Vec::with_capacity(results.len()),
+                team_id: chain.team_id,
+            };
+            let inputs = chain.events.drain(..).zip(chain.keys.drain(..));
+            for ((input, key), result) in inputs.zip(results) {
+                let Some(changed) = result else {
+                    continue;
+                };
+                match check_changed(changed, &input, key, chain.team_id) {
+                    Ok((event, key)) => {
+                        kept.events.push(event);
+                        kept.keys.push(key);
+                    }
+                    Err(problem) => {
+                        instance.host().log(
+                            "error",
+                            format!("process-event returned an invalid event for {}: {problem}; the event continues unchanged", key.0),
+                        );
+                        kept.events.push(input);
+                        kept.keys.push(key);
+                    }
                 }
             }
-            batch.events = kept;
+            *chain = kept;
             true
         }
         Ok(results) => {
@@ -689,8 +707,8 @@ fn run_slot(catalog: &Catalog, slot: &mut Slot, batch: &mut IngestBatch) {
                 format!(
                     "process-event-batch returned {} results for {} events ({}); the events continue unchanged",
                     results.len(),
-                    batch.events.len(),
-                    uuid_list(batch)
+                    chain.events.len(),
+                    chain.uuid_list()
                 ),
             );
             true
@@ -705,7 +723,7 @@ fn run_slot(catalog: &Catalog, slot: &mut Slot, batch: &mut IngestBatch) {
                 "error",
                 format!(
                     "process-event {e} on events {}; they continue unchanged",
-                    uuid_list(batch)
+                    chain.uuid_list()
                 ),
             );
             !fatal
@@ -718,10 +736,35 @@ fn run_slot(catalog: &Catalog, slot: &mut Slot, batch: &mut IngestBatch) {
     }
 }
 
-/// The batch's event uuids, for a log line; built only when a call failed.
-fn uuid_list(batch: &IngestBatch) -> String {
-    let uuids: Vec<String> = batch.events.iter().map(|e| e.uuid.to_string()).collect();
-    uuids.join(", ")
+/// A batch's events on their way through a chain: in the plugins' form, with each event's uuid
+/// and timestamp as the store holds them (unchanged by the chain, or checked when changed).
+struct ChainEvents {
+    events: Vec<WitEvent>,
+    keys: Vec<(Uuid, DateTime<Utc>)>,
+    team_id: TeamId,
+}
+
+impl ChainEvents {
+    /// The event uuids, for a log line; built only when a call failed.
+    fn uuid_list(&self) -> String {
+        let uuids: Vec<String> = self.keys.iter().map(|k| k.0.to_string()).collect();
+        uuids.join(", ")
+    }
+
+    fn into_rows(self) -> Vec<EventRow> {
+        self.events
+            .into_iter()
+            .zip(self.keys)
+            .map(|(e, (uuid, timestamp))| EventRow {
+                uuid,
+                event: e.event,
+                distinct_id: e.distinct_id,
+                properties: e.properties,
+                timestamp,
+                elements_chain: e.elements_chain,
+            })
+            .collect()
+    }
 }
 
 /// Records a line against a plugin config from outside a call (no instance to buffer it).
@@ -749,9 +792,15 @@ fn to_wit(row: &EventRow, batch: &IngestBatch) -> WitEvent {
     }
 }
 
-/// Accepts a plugin's changed event only if it is still a valid event of the same team and uuid.
-fn from_wit(e: WitEvent, original: &EventRow, team_id: TeamId) -> Result<EventRow, String> {
-    if e.uuid.parse::<Uuid>().ok() != Some(original.uuid) {
+/// Accepts a plugin's changed event only if it is still a valid event of the same team and uuid;
+/// what it left as it was is not checked again.
+fn check_changed(
+    e: WitEvent,
+    input: &WitEvent,
+    key: (Uuid, DateTime<Utc>),
+    team_id: TeamId,
+) -> Result<(WitEvent, (Uuid, DateTime<Utc>)), String> {
+    if e.uuid != input.uuid {
         return Err(format!("the uuid changed to {:?}", e.uuid));
     }
     if e.team_id != team_id {
@@ -763,21 +812,20 @@ fn from_wit(e: WitEvent, original: &EventRow, team_id: TeamId) -> Result<EventRo
     if e.distinct_id.trim().is_empty() {
         return Err("the distinct_id is empty".into());
     }
-    let timestamp = DateTime::parse_from_rfc3339(&e.timestamp)
-        .map_err(|_| format!("the timestamp {:?} is not RFC 3339", e.timestamp))?
-        .with_timezone(&Utc);
-    // Checked without building the object: it is stored as text.
-    let is_object = e.properties.trim_start().starts_with('{')
-        && serde_json::from_str::<serde::de::IgnoredAny>(&e.properties).is_ok();
-    if !is_object {
-        return Err("the properties are not a JSON object".into());
+    let timestamp = if e.timestamp == input.timestamp {
+        key.1
+    } else {
+        DateTime::parse_from_rfc3339(&e.timestamp)
+            .map_err(|_| format!("the timestamp {:?} is not RFC 3339", e.timestamp))?
+            .with_timezone(&Utc)
+    };
+    if e.properties != input.properties {
+        // Checked without building the object: it is stored as text.
+        let is_object = e.properties.trim_start().starts_with('{')
+            && serde_json::from_str::<serde::de::IgnoredAny>(&e.properties).is_ok();
+        if !is_object {
+            return Err("the properties are not a JSON object".into());
+        }
     }
-    Ok(EventRow {
-        uuid: original.uuid,
-        event: e.event,
-        distinct_id: e.distinct_id,
-        properties: e.properties,
-        timestamp,
-        elements_chain: e.elements_chain,
-    })
+    Ok((e, (key.0, timestamp)))
 }

@@ -245,17 +245,17 @@ impl Instance {
     /// Runs `process-event-batch` (or `process-event` per event) over `events`.
     pub fn process_batch(
         &mut self,
-        events: Vec<WitEvent>,
+        events: &[WitEvent],
     ) -> Result<Vec<Option<WitEvent>>, CallError> {
         let deadline = self.limits.process_event;
         self.arm(deadline);
         let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
         if self.info.exports.contains(Exports::PROCESS_EVENT_BATCH) {
-            let result = plugin.call_process_event_batch(&mut self.store, &events);
+            let result = plugin.call_process_event_batch(&mut self.store, events);
             return finish(&self.store, &self.limits, result, deadline);
         }
         let mut out = Vec::with_capacity(events.len());
-        for event in &events {
+        for event in events {
             let result = plugin.call_process_event(&mut self.store, event);
             out.push(finish(&self.store, &self.limits, result, deadline)?);
         }

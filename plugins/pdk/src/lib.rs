@@ -20,6 +20,9 @@
 
 use std::marker::PhantomData;
 
+mod properties;
+pub use properties::Properties;
+
 pub use serde_json::{self, json, Map, Value};
 
 /// The generated bindings of `wit/plugin.wit`; plugins normally use the wrappers below instead.
@@ -48,7 +51,8 @@ pub struct Event {
     pub team_id: u64,
     /// RFC 3339, UTC.
     pub timestamp: String,
-    pub properties: Map<String, Value>,
+    /// Parsed only as far as the plugin looks (see [`Properties`]).
+    pub properties: Properties,
     pub elements_chain: String,
     pub ip: Option<String>,
 }
@@ -123,10 +127,7 @@ macro_rules! plugin {
 pub struct Adapter<P>(PhantomData<P>);
 
 fn from_wit(e: wit::Event) -> Event {
-    let properties = match serde_json::from_str(&e.properties) {
-        Ok(Value::Object(map)) => map,
-        _ => Map::new(),
-    };
+    let properties = Properties::from_json_text(e.properties);
     Event {
         uuid: e.uuid,
         event: e.event,
@@ -146,7 +147,7 @@ fn to_wit(e: Event) -> wit::Event {
         distinct_id: e.distinct_id,
         team_id: e.team_id,
         timestamp: e.timestamp,
-        properties: Value::Object(e.properties).to_string(),
+        properties: e.properties.into_json_text(),
         elements_chain: e.elements_chain,
         ip: e.ip,
     }

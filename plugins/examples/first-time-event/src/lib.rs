@@ -3,7 +3,7 @@
 //! Tracker. What has been seen is kept in plugin storage, so it survives restarts; the cache
 //! spares a storage read for people seen recently.
 
-use appliance_pdk::{cache, config, storage, Error, Event, Exports, Plugin, Value};
+use appliance_pdk::{cache, config, storage, Error, Event, Exports, Plugin};
 
 struct FirstTimeEvent;
 
@@ -39,9 +39,7 @@ impl Plugin for FirstTimeEvent {
         }
         let key = format!("seen/{}/{}", event.event, event.distinct_id);
         let first = !seen_before(&key);
-        event
-            .properties
-            .insert("$is_first_event".into(), Value::Bool(first));
+        event.properties.insert("$is_first_event", first);
         Ok(Some(event))
     }
 }

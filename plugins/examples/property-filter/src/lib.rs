@@ -15,6 +15,7 @@ fn filtered_keys() -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Removes a nested key from a parsed object.
 fn remove_path(properties: &mut appliance_pdk::Map<String, Value>, path: &[String]) {
     match path {
         [] => {}
@@ -40,7 +41,16 @@ impl Plugin for PropertyFilter {
         let keys = filtered_keys();
         for event in &mut events {
             for path in &keys {
-                remove_path(&mut event.properties, path);
+                match path.as_slice() {
+                    // A top-level key is removed without parsing the rest of the properties.
+                    [key] => {
+                        event.properties.remove(key);
+                    }
+                    [first, ..] if event.properties.contains_key(first) => {
+                        remove_path(event.properties.as_map_mut(), path);
+                    }
+                    _ => {}
+                }
             }
         }
         Ok(events.into_iter().map(Some).collect())

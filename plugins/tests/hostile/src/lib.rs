@@ -44,7 +44,7 @@ impl Plugin for Hostile {
                     Ok(response) => json!({"status": response.status}),
                     Err(error) => json!({"error": error}),
                 };
-                event.properties.insert("fetch".into(), outcome);
+                event.properties.insert("fetch", outcome);
                 Ok(Some(event))
             }
             "tag" => {
@@ -53,9 +53,7 @@ impl Plugin for Hostile {
                     Some(Value::String(c)) => format!("{c},{name}"),
                     _ => name,
                 };
-                event
-                    .properties
-                    .insert("chain".into(), Value::String(chain));
+                event.properties.insert("chain", chain);
                 Ok(Some(event))
             }
             "drop" => Ok(None),
