@@ -580,3 +580,166 @@ async fn the_management_api_does_what_the_cli_does_behind_the_admin_token() {
     assert_eq!(logs.status(), 200);
     assert!(logs.json::<Value>().await.unwrap()["logs"].is_array());
 }
+
+/// A CA and a certificate for 127.0.0.1 that it signed, made with the openssl command line.
+fn certificate_authority(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let path = |f: &str| dir.join(format!("{name}-{f}"));
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |f: &str| path(f).to_str().unwrap().to_owned();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={name} test CA"),
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.pem"),
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &p("leaf.key"),
+        "-out",
+        &p("leaf.csr"),
+    ]);
+    std::fs::write(
+        path("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-days",
+        "2",
+        "-in",
+        &p("leaf.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-extfile",
+        &p("ext"),
+        "-out",
+        &p("leaf.pem"),
+    ]);
+    (path("ca.pem"), path("leaf.pem"), path("leaf.key"))
+}
+
+/// An HTTPS server (Python's, with the given certificate) answering 200 to GET; returns it and
+/// its port.
+fn https_server(cert: &std::path::Path, key: &std::path::Path) -> (std::process::Child, u16) {
+    const SERVER: &str = r#"
+import http.server, ssl, sys
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Ok)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", SERVER, cert.to_str().unwrap(), key.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 is installed");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port = line.trim().parse().expect("the server prints its port");
+    (child, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_fetches_are_verified_against_the_trusted_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let (trusted_ca, trusted_cert, trusted_key) = certificate_authority(certs.path(), "trusted");
+    let (_, other_cert, other_key) = certificate_authority(certs.path(), "unknown");
+    let (mut trusted_server, trusted_port) = https_server(&trusted_cert, &trusted_key);
+    let (mut other_server, other_port) = https_server(&other_cert, &other_key);
+
+    let hostile = plugin_folder("tests/hostile", "hostile.wasm");
+    cli(
+        dir.path(),
+        &["plugin", "install", hostile.path().to_str().unwrap()],
+    );
+    let mut tokens = Vec::new();
+    for (name, port) in [("trusted", trusted_port), ("unknown", other_port)] {
+        let token = format!("phc_https{name}Fetcher");
+        let team = create_team(dir.path(), name, &token).to_string();
+        let url = format!("url=https://127.0.0.1:{port}/");
+        cli(
+            dir.path(),
+            &[
+                "plugin",
+                "enable",
+                "--team",
+                &team,
+                "Hostile",
+                "--config",
+                "mode=fetch",
+                "--config",
+                &url,
+            ],
+        );
+        tokens.push((name, token));
+    }
+    // The appliance trusts the system's certificates, or those SSL_CERT_FILE names.
+    let app = Appliance::start(
+        dir.path(),
+        &[
+            ("SINK_LINGER_MS", "0"),
+            ("SSL_CERT_FILE", trusted_ca.to_str().unwrap()),
+        ],
+    );
+    for (name, token) in &tokens {
+        send(
+            &app,
+            token,
+            vec![json!({"event": name, "distinct_id": "u"})],
+        )
+        .await;
+    }
+    let rows = read_events(&app.sqlite_path());
+    let trusted = &by_event(&rows, "trusted").properties;
+    assert_eq!(trusted["fetch"]["status"], 200, "{trusted}");
+    let refused = by_event(&rows, "unknown").properties["fetch"]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(refused.contains("certificate"), "{refused}");
+    let _ = trusted_server.kill();
+    let _ = other_server.kill();
+}

@@ -23,6 +23,37 @@ const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 const STDERR_CAPACITY: usize = 64 * 1024;
 
+/// The HTTP client plugins fetch with, built once: it holds the connection pool and the trusted
+/// certificates (the system's store; `SSL_CERT_FILE`/`SSL_CERT_DIR` override it), which are
+/// too costly to load per request. Redirects are not followed: a redirect could leave the
+/// hosts the plugin may call.
+fn fetch_client() -> Result<&'static reqwest::blocking::Client, String> {
+    static CLIENT: std::sync::OnceLock<Result<reqwest::blocking::Client, String>> =
+        std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::blocking::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .https_only(false)
+                .build()
+                .map_err(|e| format!("cannot build the HTTP client: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// An error with the chain of its causes (a TLS failure is several levels down).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// A plugin config's in-memory cache, shared by its successive instances.
 pub type SharedCache = Arc<Mutex<HashMap<String, (String, Option<Instant>)>>>;
 
@@ -425,19 +456,15 @@ impl http::Host for HostState {
             .min(MAX_FETCH_TIMEOUT);
         let method =
             reqwest::Method::from_bytes(request.method.as_bytes()).map_err(|e| e.to_string())?;
-        let client = reqwest::blocking::Client::builder()
-            .timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| e.to_string())?;
-        let mut builder = client.request(method, url);
+        let client = fetch_client()?;
+        let mut builder = client.request(method, url).timeout(timeout);
         for (name, value) in &request.headers {
             builder = builder.header(name, value);
         }
         if let Some(body) = request.body {
             builder = builder.body(body);
         }
-        let response = builder.send().map_err(|e| e.to_string())?;
+        let response = builder.send().map_err(|e| with_causes(&e))?;
         let status = response.status().as_u16();
         let headers = response
             .headers()
