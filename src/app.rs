@@ -143,6 +143,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             queue: queue.clone(),
             source: Arc::new(PluginSchedules { catalog }),
             timeout: config.plugin_limits.task,
+            timezone: config.schedule_timezone,
             job_done: schedule_done,
         }
         .run(drain_rx),

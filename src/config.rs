@@ -28,6 +28,8 @@ enum Kind {
     Base64,
     LogLevel,
     Host,
+    /// An IANA time zone name.
+    TimeZone,
 }
 
 /// One row of the settings table.
@@ -77,6 +79,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("TASKS_PER_WORKER", Some("10"), POSITIVE, "number of parallel tasks per worker"),
     setting("REDIS_POOL_MIN_SIZE", Some("1"), POSITIVE, "minimum number of Redis connections"),
     setting("REDIS_POOL_MAX_SIZE", Some("3"), POSITIVE, "maximum number of Redis connections"),
+    setting("SCHEDULE_TIMEZONE", Some("UTC"), Kind::TimeZone, "time zone whose midnight starts run-every-day slots (minute and hour slots follow UTC)"),
     setting("SCHEDULE_LOCK_TTL", Some("60"), POSITIVE, "how many seconds to hold the lock for the schedule"),
     setting("CELERY_DEFAULT_QUEUE", Some("celery"), Kind::Text, "Celery outgoing queue"),
     setting("PLUGINS_CELERY_QUEUE", Some("posthog-plugins"), Kind::Text, "Celery incoming queue"),
@@ -164,6 +167,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub worker_concurrency: usize,
     pub jobs: crate::jobs::JobSettings,
+    /// Where day slots of schedules start.
+    pub schedule_timezone: chrono_tz::Tz,
     /// Every setting's effective value, by name.
     raw: BTreeMap<&'static str, Option<String>>,
     /// Names set explicitly in the environment (not defaulted).
@@ -265,6 +270,10 @@ impl Config {
                 retry_base: Duration::from_millis(num("JOB_RETRY_BASE_MS")),
                 key_retention: Duration::from_secs(num("JOB_KEY_RETENTION_HOURS") * 3600),
             },
+            schedule_timezone: get("SCHEDULE_TIMEZONE")
+                .trim()
+                .parse()
+                .unwrap_or(chrono_tz::UTC),
             raw: raw.clone(),
             explicit,
         };
@@ -372,6 +381,13 @@ fn check(s: &Setting, value: &str) -> Result<(), ConfigError> {
                 .map(|_| ())
                 .map_err(|e| fail(format!("expected standard Base64 ({e})")))
         }
+        Kind::TimeZone => value
+            .trim()
+            .parse::<chrono_tz::Tz>()
+            .map(|_| ())
+            .map_err(|_| {
+                fail("expected an IANA time zone name such as UTC or Europe/Berlin".into())
+            }),
         Kind::LogLevel => {
             if LOG_LEVELS
                 .iter()
@@ -484,6 +500,10 @@ mod tests {
         assert_eq!(err.name, "KAFKA_TRUSTED_CERT_B64");
         let err = Config::from_vars(vars(&[("WEB_HOSTNAME", "example.com")])).unwrap_err();
         assert_eq!(err.name, "WEB_HOSTNAME");
+        let err = Config::from_vars(vars(&[("SCHEDULE_TIMEZONE", "Mars/Olympus")])).unwrap_err();
+        assert!(err.allowed.contains("Europe/Berlin"), "{err}");
+        let berlin = Config::from_vars(vars(&[("SCHEDULE_TIMEZONE", "Europe/Berlin")])).unwrap();
+        assert_eq!(berlin.schedule_timezone, chrono_tz::Europe::Berlin);
     }
 
     #[test]

@@ -724,3 +724,32 @@ async fn a_historical_export_pages_through_stored_events_and_resumes_after_a_cra
     assert_eq!(status["state"], "cancelled");
     assert!(status["done"].as_u64().unwrap() < 1000, "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_deadline_is_interrupted_and_retried_until_it_is_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, team) = start_lab(dir.path(), &[("PLUGIN_TASK_TIMEOUT_SECS", "1")]);
+    let api = Api::new(&app);
+    let started = Instant::now();
+    let spin = api
+        .enqueue(&team, "Job Lab", json!({"name": "spin", "max_attempts": 2}))
+        .await;
+    let dead = api.wait_job_state(&spin, "dead").await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "two attempts of one second each"
+    );
+    let history = dead["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{dead}");
+    assert!(history.iter().all(|a| a["error"]
+        .as_str()
+        .unwrap()
+        .contains("ran past its deadline")));
+    // The slot it held is free again: another job runs.
+    api.enqueue(&team, "Job Lab", json!({"name": "flaky"}))
+        .await;
+    wait_storage(dir.path(), &team, "Job Lab", "the next job", |s| {
+        s.contains_key("flaky_done")
+    })
+    .await;
+}

@@ -1,7 +1,8 @@
 //! Schedules: `run-every-minute`, `run-every-hour` and `run-every-day` of every enabled plugin
 //! config that exports them, each slot run as its own job.
 //!
-//! Owns: which slots are due. Slots are aligned to UTC; a schedule's state (the last slot handed
+//! Owns: which slots are due. Minute and hour slots are UTC's, day slots start at midnight in
+//! `SCHEDULE_TIMEZONE` (UTC by default); a schedule's state (the last slot handed
 //! to a job, and that job) lives in redb and changes in the same transaction that enqueues the
 //! slot's job, so a slot is queued once even across a crash. After downtime every missed hourly
 //! and daily slot runs once, oldest first, up to a cap; missed minute slots coalesce into one
@@ -12,6 +13,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, TimeDelta, TimeZone};
+use chrono_tz::Tz;
 use tokio::sync::Notify;
 
 use crate::jobs::JobQueue;
@@ -27,16 +30,49 @@ pub const SLOT_ATTEMPTS: u32 = 3;
 /// How often due slots are looked for without a wake-up.
 const TICK: Duration = Duration::from_secs(1);
 
-/// The start (unix seconds) of the slot of `cadence` that contains `now_s`.
-pub fn slot_of(cadence: Cadence, now_s: i64) -> i64 {
-    now_s.div_euclid(cadence.seconds()) * cadence.seconds()
+/// The start (unix seconds) of the slot of `cadence` that contains `now_s`: minutes and hours
+/// are UTC's (so no hour is skipped or doubled when clocks change), days start at midnight in
+/// `tz`.
+pub fn slot_of(cadence: Cadence, now_s: i64, tz: Tz) -> i64 {
+    match cadence {
+        Cadence::Minute | Cadence::Hour => now_s.div_euclid(cadence.seconds()) * cadence.seconds(),
+        Cadence::Day => day_start(now_s, tz),
+    }
+}
+
+/// The first instant of the local day in `tz` that contains `now_s`.
+fn day_start(now_s: i64, tz: Tz) -> i64 {
+    let utc_day = now_s.div_euclid(86_400) * 86_400;
+    let Some(now) = DateTime::from_timestamp(now_s, 0) else {
+        return utc_day;
+    };
+    let date = now.with_timezone(&tz).date_naive();
+    let Some(midnight) = date.and_hms_opt(0, 0, 0) else {
+        return utc_day;
+    };
+    // Where a clock change skips midnight, the day starts at its first local time that exists.
+    (0..=180)
+        .step_by(15)
+        .find_map(|minutes| {
+            tz.from_local_datetime(&(midnight + TimeDelta::minutes(minutes)))
+                .earliest()
+        })
+        .map_or(utc_day, |start| start.timestamp())
+}
+
+/// The slot after `slot`.
+fn following(cadence: Cadence, slot: i64, tz: Tz) -> i64 {
+    match cadence {
+        // A local day lasts 23 to 25 hours; two hours past the next midnight is in the next day.
+        Cadence::Day => slot_of(Cadence::Day, slot + 86_400 + 7_200, tz),
+        _ => slot + cadence.seconds(),
+    }
 }
 
 /// The slot to queue next for a schedule whose last queued slot is `last`, or `None` if it is
 /// up to date.
-pub fn next_slot(cadence: Cadence, last: Option<i64>, now_s: i64) -> Option<i64> {
-    let current = slot_of(cadence, now_s);
-    let step = cadence.seconds();
+pub fn next_slot(cadence: Cadence, last: Option<i64>, now_s: i64, tz: Tz) -> Option<i64> {
+    let current = slot_of(cadence, now_s, tz);
     let Some(last) = last else {
         // A new schedule runs its current slot at once.
         return Some(current);
@@ -47,8 +83,13 @@ pub fn next_slot(cadence: Cadence, last: Option<i64>, now_s: i64) -> Option<i64>
     match cadence {
         // Missed minutes are not worth replaying one by one: one run stands for all of them.
         Cadence::Minute => Some(current),
-        Cadence::Hour => Some((last + step).max(current - (CATCH_UP_HOURS - 1) * step)),
-        Cadence::Day => Some((last + step).max(current - (CATCH_UP_DAYS - 1) * step)),
+        Cadence::Hour => {
+            Some(following(cadence, last, tz).max(current - (CATCH_UP_HOURS - 1) * 3_600))
+        }
+        Cadence::Day => {
+            let oldest = slot_of(cadence, now_s - (CATCH_UP_DAYS - 1) * 86_400, tz);
+            Some(following(cadence, last, tz).max(oldest))
+        }
     }
 }
 
@@ -59,6 +100,7 @@ pub fn tick(
     wanted: &[(PluginConfigId, Cadence)],
     now_ms: i64,
     timeout_ms: u64,
+    tz: Tz,
 ) -> Result<Vec<(PluginConfigId, Cadence, i64)>, StoreError> {
     let now_s = now_ms.div_euclid(1000);
     store.update_schedules(now_ms, |tables| {
@@ -79,7 +121,7 @@ pub fn tick(
                     continue;
                 }
             }
-            let Some(slot) = next_slot(cadence, state.map(|s| s.last_slot), now_s) else {
+            let Some(slot) = next_slot(cadence, state.map(|s| s.last_slot), now_s, tz) else {
                 continue;
             };
             let job = tables.jobs.insert(
@@ -124,6 +166,8 @@ pub struct Scheduler {
     pub queue: JobQueue,
     pub source: Arc<dyn ScheduleSource>,
     pub timeout: Duration,
+    /// Where day slots start.
+    pub timezone: Tz,
     /// Notified by the workers when a schedule's job ends.
     pub job_done: Arc<Notify>,
 }
@@ -137,9 +181,10 @@ impl Scheduler {
             let source = self.source.clone();
             let store = self.queue.store().clone();
             let timeout_ms = self.timeout.as_millis() as u64;
+            let tz = self.timezone;
             let result = tokio::task::spawn_blocking(move || {
                 let wanted = source.wanted().map_err(StoreError::Conflict)?;
-                tick(&store, &wanted, crate::jobs::now_ms(), timeout_ms)
+                tick(&store, &wanted, crate::jobs::now_ms(), timeout_ms, tz)
             })
             .await;
             match result {
@@ -214,27 +259,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let wanted = [(1, Cadence::Hour)];
-        tick(&store, &wanted, T0 + 10 * MINUTE, 1000).unwrap();
+        tick(&store, &wanted, T0 + 10 * MINUTE, 1000, chrono_tz::UTC).unwrap();
         let slots = claim_slots(&store, T0 + 10 * MINUTE);
         assert_eq!(slots.iter().map(|s| s.0).collect::<Vec<_>>(), [T0 / 1000]);
         // The run is still going when the next hour starts: nothing new is queued.
-        assert!(tick(&store, &wanted, T0 + 61 * MINUTE, 1000)
-            .unwrap()
-            .is_empty());
+        assert!(
+            tick(&store, &wanted, T0 + 61 * MINUTE, 1000, chrono_tz::UTC)
+                .unwrap()
+                .is_empty()
+        );
         assert!(claim_slots(&store, T0 + 61 * MINUTE).is_empty());
         succeed(&store, slots[0].1, T0 + 62 * MINUTE);
         // Now the 01:00 slot is queued, once.
-        tick(&store, &wanted, T0 + 62 * MINUTE, 1000).unwrap();
-        tick(&store, &wanted, T0 + 62 * MINUTE, 1000).unwrap();
+        tick(&store, &wanted, T0 + 62 * MINUTE, 1000, chrono_tz::UTC).unwrap();
+        tick(&store, &wanted, T0 + 62 * MINUTE, 1000, chrono_tz::UTC).unwrap();
         let slots = claim_slots(&store, T0 + 62 * MINUTE);
         assert_eq!(
             slots.iter().map(|s| s.0).collect::<Vec<_>>(),
             [T0 / 1000 + 3600]
         );
         succeed(&store, slots[0].1, T0 + 63 * MINUTE);
-        assert!(tick(&store, &wanted, T0 + 70 * MINUTE, 1000)
-            .unwrap()
-            .is_empty());
+        assert!(
+            tick(&store, &wanted, T0 + 70 * MINUTE, 1000, chrono_tz::UTC)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -242,7 +291,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let wanted = [(1, Cadence::Hour), (2, Cadence::Minute)];
-        tick(&store, &wanted, T0, 1000).unwrap();
+        tick(&store, &wanted, T0, 1000, chrono_tz::UTC).unwrap();
         for (_, id) in claim_slots(&store, T0) {
             succeed(&store, id, T0);
         }
@@ -251,7 +300,7 @@ mod tests {
         let mut ran_hours = Vec::new();
         let mut ran_minutes = Vec::new();
         for _ in 0..20 {
-            tick(&store, &wanted, back, 1000).unwrap();
+            tick(&store, &wanted, back, 1000, chrono_tz::UTC).unwrap();
             let slots = store
                 .finish_and_claim(Vec::new(), back, 0, 100, &|_| usize::MAX)
                 .unwrap()
@@ -279,21 +328,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let wanted = [(1, Cadence::Hour)];
-        tick(&store, &wanted, T0, 1000).unwrap();
+        tick(&store, &wanted, T0, 1000, chrono_tz::UTC).unwrap();
         for (_, id) in claim_slots(&store, T0) {
             succeed(&store, id, T0);
         }
         let back = T0 + 100 * HOUR;
-        tick(&store, &wanted, back, 1000).unwrap();
+        tick(&store, &wanted, back, 1000, chrono_tz::UTC).unwrap();
         let slots = claim_slots(&store, back);
         assert_eq!(slots[0].0, back / 1000 - (CATCH_UP_HOURS - 1) * 3600);
 
         // The server dies while that slot runs.
         drop(store);
         let store = Store::open(dir.path()).unwrap();
-        assert!(tick(&store, &wanted, back, 1000).unwrap().is_empty());
+        assert!(tick(&store, &wanted, back, 1000, chrono_tz::UTC)
+            .unwrap()
+            .is_empty());
         store.recover_leases(back, back).unwrap();
-        assert!(tick(&store, &wanted, back, 1000).unwrap().is_empty());
+        assert!(tick(&store, &wanted, back, 1000, chrono_tz::UTC)
+            .unwrap()
+            .is_empty());
         let again = claim_slots(&store, back);
         assert_eq!(again, slots, "the same job, same slot, runs again");
         let job = store.job(again[0].1).unwrap().unwrap();
@@ -304,9 +357,70 @@ mod tests {
     fn disabling_a_config_removes_its_schedule() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        tick(&store, &[(1, Cadence::Day)], T0, 1000).unwrap();
-        tick(&store, &[], T0, 1000).unwrap();
+        tick(&store, &[(1, Cadence::Day)], T0, 1000, chrono_tz::UTC).unwrap();
+        tick(&store, &[], T0, 1000, chrono_tz::UTC).unwrap();
         let left = store.update_schedules(T0, |t| t.all()).unwrap();
         assert!(left.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod time_zone_tests {
+    use super::*;
+
+    fn at(text: &str) -> i64 {
+        DateTime::parse_from_rfc3339(text).unwrap().timestamp()
+    }
+
+    #[test]
+    fn days_start_at_local_midnight_through_clock_changes() {
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        // Winter: Berlin's midnight is 23:00 UTC the day before.
+        assert_eq!(
+            slot_of(Cadence::Day, at("2026-11-26T10:00:00Z"), berlin),
+            at("2026-11-25T23:00:00Z")
+        );
+        // 25 October 2026 has 25 hours in Berlin: the next day still starts at its midnight.
+        let long_day = slot_of(Cadence::Day, at("2026-10-25T12:00:00Z"), berlin);
+        assert_eq!(long_day, at("2026-10-24T22:00:00Z"));
+        assert_eq!(
+            following(Cadence::Day, long_day, berlin),
+            at("2026-10-25T23:00:00Z")
+        );
+        // 29 March 2026 has 23 hours.
+        let short_day = slot_of(Cadence::Day, at("2026-03-29T12:00:00Z"), berlin);
+        assert_eq!(short_day, at("2026-03-28T23:00:00Z"));
+        assert_eq!(
+            following(Cadence::Day, short_day, berlin),
+            at("2026-03-29T22:00:00Z")
+        );
+        // Hours stay UTC's: none is skipped or doubled when the clocks change.
+        let hour = slot_of(Cadence::Hour, at("2026-10-25T01:30:00Z"), berlin);
+        assert_eq!(hour, at("2026-10-25T01:00:00Z"));
+        assert_eq!(
+            following(Cadence::Hour, hour, berlin),
+            at("2026-10-25T02:00:00Z")
+        );
+    }
+
+    #[test]
+    fn missed_local_days_run_once_each_across_a_clock_change() {
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        let mut last = Some(slot_of(Cadence::Day, at("2026-10-23T12:00:00Z"), berlin));
+        let now = at("2026-10-27T12:00:00Z");
+        let mut ran = Vec::new();
+        while let Some(slot) = next_slot(Cadence::Day, last, now, berlin) {
+            ran.push(slot);
+            last = Some(slot);
+        }
+        assert_eq!(
+            ran,
+            [
+                at("2026-10-23T22:00:00Z"),
+                at("2026-10-24T22:00:00Z"),
+                at("2026-10-25T23:00:00Z"),
+                at("2026-10-26T23:00:00Z"),
+            ]
+        );
     }
 }
