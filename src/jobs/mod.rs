@@ -31,6 +31,8 @@ const CANCEL_GRACE: Duration = Duration::from_secs(5);
 const CONTROL_POLL: Duration = Duration::from_millis(200);
 /// Without a wake-up, the queue is looked at this often (jobs enqueued by another process).
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How often idempotency keys past their retention are forgotten.
+const KEY_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Most jobs claimed in one transaction.
 const MAX_CLAIM: usize = 1024;
 const RETRY_MAX: Duration = Duration::from_secs(3600);
@@ -299,6 +301,9 @@ impl Workers {
         let mut next_due: Option<i64> = Some(i64::MIN);
         let mut woken = true;
         let mut failing_since: Option<Instant> = None;
+        let mut last_look = Instant::now();
+        // The first purge runs an interval after start-up, not during it.
+        let mut last_purge = Instant::now();
         loop {
             let ended = std::mem::take(&mut pool.lock().ended);
             for (id, schedule, outcome) in ended {
@@ -402,19 +407,42 @@ impl Workers {
                 _ = pool.ended.notified() => {}
                 _ = self.queue.wake.notified() => woken = true,
                 _ = drain.changed() => {}
-                _ = tokio::time::sleep(sleep_for) => {
-                    if !held.is_empty() {
-                        self.apply_stop_requests(&mut held, &pool, &mut finished).await;
-                    }
-                    // Another process (the CLI) may have enqueued: look, without writing.
-                    let store = store.clone();
-                    if let Ok(Ok(due)) = tokio::task::spawn_blocking(move || store.next_due_ms()).await {
-                        next_due = due;
-                    }
+                _ = tokio::time::sleep(sleep_for) => {}
+            }
+            // Looked at on a clock, not only when idle, so a busy pool still sees them.
+            if last_look.elapsed() >= poll {
+                last_look = Instant::now();
+                if !held.is_empty() {
+                    self.apply_stop_requests(&mut held, &pool, &mut finished)
+                        .await;
                 }
+                // Another process (the CLI) may have enqueued: look, without writing.
+                let store = store.clone();
+                if let Ok(Ok(due)) = tokio::task::spawn_blocking(move || store.next_due_ms()).await
+                {
+                    next_due = due;
+                }
+            }
+            if last_purge.elapsed() >= KEY_PURGE_INTERVAL {
+                last_purge = Instant::now();
+                self.purge_expired_keys().await;
             }
         }
         pool.close();
+    }
+
+    /// Forgets idempotency keys older than the retention window.
+    async fn purge_expired_keys(&self) {
+        let store = self.queue.store.clone();
+        let before = now_ms() - self.queue.key_retention_ms();
+        match tokio::task::spawn_blocking(move || store.purge_job_keys(before)).await {
+            Ok(Ok(removed)) if removed > 0 => {
+                tracing::debug!(removed, "expired idempotency keys forgotten")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot purge expired idempotency keys"),
+            Err(e) => tracing::warn!(error = %e, "cannot purge expired idempotency keys"),
+        }
     }
 
     fn ended(
