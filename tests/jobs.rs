@@ -307,6 +307,17 @@ async fn failing_jobs_retry_with_backoff_then_become_dead_letters_that_can_be_re
         "a permanent failure is not retried"
     );
 
+    let ready: Value = reqwest::get(app.url("/_ready"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready["jobs"]["total"], 2,
+        "the two dead letters are kept: {ready}"
+    );
+    assert_eq!(ready["jobs"]["queued"], 0, "{ready}");
     let listed = cli(dir.path(), &["jobs", "list", "--state", "dead"]);
     assert!(
         listed.contains(&doomed) && listed.contains(&refused),

@@ -49,10 +49,17 @@ async fn health() -> Json<serde_json::Value> {
 
 async fn ready(State(state): State<Arc<AdminState>>) -> Response {
     let store = state.store.clone();
-    let queue = match tokio::task::spawn_blocking(move || store.ingest_stats()).await {
-        Ok(Ok(stats)) => json!(stats),
-        Ok(Err(e)) => json!({"error": e.to_string()}),
-        Err(e) => json!({"error": e.to_string()}),
+    let stats =
+        tokio::task::spawn_blocking(move || (store.ingest_stats(), store.job_stats())).await;
+    let (queue, jobs) = match stats {
+        Ok((ingest, jobs)) => (
+            ingest.map_or_else(|e| json!({"error": e.to_string()}), |s| json!(s)),
+            jobs.map_or_else(|e| json!({"error": e.to_string()}), |s| json!(s)),
+        ),
+        Err(e) => (
+            json!({"error": e.to_string()}),
+            json!({"error": e.to_string()}),
+        ),
     };
     let sink = state.pipeline.report(state.sink_name);
     let stopping = state.stopping.load(Ordering::Relaxed);
@@ -68,7 +75,7 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
     };
     (
         code,
-        Json(json!({"status": status, "queue": queue, "sink": sink})),
+        Json(json!({"status": status, "queue": queue, "sink": sink, "jobs": jobs})),
     )
         .into_response()
 }
