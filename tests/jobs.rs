@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{cli, create_team, plugin_folder, Appliance, TOKEN};
+use common::{cli, create_team, enable_plugin, plugin_folder, Appliance, TOKEN};
 use serde_json::{json, Value};
 
 /// Fast retries, so the tests do not wait for the production backoff.
@@ -119,24 +119,29 @@ impl Api {
 fn start_lab(dir: &Path, env: &[(&str, &str)]) -> (Appliance, String) {
     let team = create_team(dir, "lab", TOKEN).to_string();
     install(dir, "tests/job-lab", "job_lab.wasm");
-    cli(dir, &["plugin", "enable", "--team", &team, "Job Lab"]);
+    enable_plugin(dir, &team, "Job Lab", &[]);
     let mut all = FAST.to_vec();
     all.extend_from_slice(env);
     (Appliance::start(dir, &all), team)
 }
 
-/// A webhook endpoint that answers 500 to its first request and 200 after, keeping every body.
-async fn flaky_webhook() -> (SocketAddr, Arc<Mutex<Vec<(u16, Value)>>>) {
+/// What a test webhook answers to its `n`th request (from 0): after how long, with what status.
+type Answer = fn(usize) -> (Duration, u16);
+
+/// A webhook endpoint answering as `answer` says, keeping each request's status and body.
+async fn webhook(answer: Answer) -> (SocketAddr, Arc<Mutex<Vec<(u16, Value)>>>) {
     let seen: Arc<Mutex<Vec<(u16, Value)>>> = Arc::default();
     let record = seen.clone();
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app = axum::Router::new().route(
         "/hook",
         axum::routing::post(move |body: axum::Json<Value>| {
-            let record = record.clone();
+            let (record, requests) = (record.clone(), requests.clone());
             async move {
-                let mut seen = record.lock().unwrap();
-                let status = if seen.is_empty() { 500 } else { 200 };
-                seen.push((status, body.0));
+                let n = requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (delay, status) = answer(n);
+                tokio::time::sleep(delay).await;
+                record.lock().unwrap().push((status, body.0));
                 axum::http::StatusCode::from_u16(status).unwrap()
             }
         }),
@@ -150,7 +155,8 @@ async fn flaky_webhook() -> (SocketAddr, Arc<Mutex<Vec<(u16, Value)>>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_exporter_gets_stored_events_and_retries_after_a_500() {
     let dir = tempfile::tempdir().unwrap();
-    let (addr, seen) = flaky_webhook().await;
+    // 500 to the first request, 200 after.
+    let (addr, seen) = webhook(|n| (Duration::ZERO, if n == 0 { 500 } else { 200 })).await;
     let team = create_team(dir.path(), "shop", TOKEN).to_string();
     install(
         dir.path(),
@@ -158,18 +164,7 @@ async fn the_webhook_exporter_gets_stored_events_and_retries_after_a_500() {
         "webhook_exporter.wasm",
     );
     let url = format!("url=http://{addr}/hook");
-    cli(
-        dir.path(),
-        &[
-            "plugin",
-            "enable",
-            "--team",
-            &team,
-            "Webhook Exporter",
-            "--config",
-            &url,
-        ],
-    );
+    enable_plugin(dir.path(), &team, "Webhook Exporter", &[&url]);
     let app = Appliance::start(dir.path(), FAST);
     let events: Vec<Value> = (0..3)
         .map(|i| json!({"event": "order", "distinct_id": "u1", "properties": {"n": i}}))
@@ -232,10 +227,7 @@ async fn the_scheduled_digest_runs_its_slot_and_folds_through_a_durable_job() {
         "examples/scheduled-digest",
         "scheduled_digest.wasm",
     );
-    cli(
-        dir.path(),
-        &["plugin", "enable", "--team", &team, "Scheduled Digest"],
-    );
+    enable_plugin(dir.path(), &team, "Scheduled Digest", &[]);
     let _app = Appliance::start(dir.path(), FAST);
     let seen = wait_storage(
         dir.path(),
@@ -483,10 +475,7 @@ async fn one_plugin_config_cannot_take_every_slot_and_keys_deduplicate() {
     let dir = tempfile::tempdir().unwrap();
     let (app, team) = start_lab(dir.path(), &[("JOBS_PER_PLUGIN_CONFIG", "2")]);
     let other = create_team(dir.path(), "other", "phc_otherTeamToken456").to_string();
-    cli(
-        dir.path(),
-        &["plugin", "enable", "--team", &other, "Job Lab"],
-    );
+    enable_plugin(dir.path(), &other, "Job Lab", &[]);
     let api = Api::new(&app);
     for _ in 0..6 {
         api.enqueue(
@@ -496,20 +485,9 @@ async fn one_plugin_config_cannot_take_every_slot_and_keys_deduplicate() {
         )
         .await;
     }
-    let first = api
-        .enqueue(
-            &other,
-            "Job Lab",
-            json!({"name": "flaky", "idempotency_key": "once"}),
-        )
-        .await;
-    let second = api
-        .enqueue(
-            &other,
-            "Job Lab",
-            json!({"name": "flaky", "idempotency_key": "once"}),
-        )
-        .await;
+    let keyed = json!({"name": "flaky", "idempotency_key": "once"});
+    let first = api.enqueue(&other, "Job Lab", keyed.clone()).await;
+    let second = api.enqueue(&other, "Job Lab", keyed).await;
     assert_eq!(first, second, "the same key names the same job");
 
     let mut most_running = 0;
@@ -547,25 +525,26 @@ async fn one_plugin_config_cannot_take_every_slot_and_keys_deduplicate() {
     );
 }
 
-/// A webhook that takes `delay` to answer 200, keeping every batch it got.
-async fn slow_webhook(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
-    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let record = seen.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |body: axum::Json<Value>| {
-            let record = record.clone();
-            async move {
-                tokio::time::sleep(delay).await;
-                record.lock().unwrap().push(body.0);
-                axum::http::StatusCode::OK
-            }
-        }),
+/// Starts exporting the team's events from 2026-11-01 up to `to` to the webhook exporter, through
+/// the CLI; returns the export's id.
+fn start_export(dir: &Path, team: &str, to: &str, page_size: &str) -> String {
+    let out = cli(
+        dir,
+        &[
+            "export",
+            "start",
+            "--team",
+            team,
+            "Webhook Exporter",
+            "--from",
+            "2026-11-01T00:00:00Z",
+            "--to",
+            to,
+            "--page-size",
+            page_size,
+        ],
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, seen)
+    out.split_whitespace().nth(1).unwrap().to_owned()
 }
 
 fn export_status(dir: &Path, id: &str) -> Value {
@@ -598,43 +577,16 @@ async fn a_historical_export_pages_through_stored_events_and_resumes_after_a_cra
     }
     app.wait_drained().await;
 
-    let (addr, seen) = slow_webhook(Duration::from_millis(300)).await;
+    let (addr, seen) = webhook(|_| (Duration::from_millis(300), 200)).await;
     install(
         dir.path(),
         "examples/webhook-exporter",
         "webhook_exporter.wasm",
     );
     let url = format!("url=http://{addr}/hook");
-    cli(
-        dir.path(),
-        &[
-            "plugin",
-            "enable",
-            "--team",
-            &team,
-            "Webhook Exporter",
-            "--config",
-            &url,
-        ],
-    );
+    enable_plugin(dir.path(), &team, "Webhook Exporter", &[&url]);
     // The first 900 seconds: 9 pages of 100.
-    let out = cli(
-        dir.path(),
-        &[
-            "export",
-            "start",
-            "--team",
-            &team,
-            "Webhook Exporter",
-            "--from",
-            "2026-11-01T00:00:00Z",
-            "--to",
-            "2026-11-01T00:15:00Z",
-            "--page-size",
-            "100",
-        ],
-    );
-    let id = out.split_whitespace().nth(1).unwrap().to_owned();
+    let id = start_export(dir.path(), &team, "2026-11-01T00:15:00Z", "100");
 
     // Let three pages complete, then kill the server in the middle of the export.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -673,7 +625,7 @@ async fn a_historical_export_pages_through_stored_events_and_resumes_after_a_cra
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut received: HashMap<i64, usize> = HashMap::new();
-    for batch in seen.lock().unwrap().iter() {
+    for (_, batch) in seen.lock().unwrap().iter() {
         for event in batch["batch"].as_array().unwrap() {
             *received
                 .entry(event["properties"]["i"].as_i64().unwrap())
@@ -700,23 +652,7 @@ async fn a_historical_export_pages_through_stored_events_and_resumes_after_a_cra
     );
 
     // A second export, cancelled part-way: it stops, and says so.
-    let out = cli(
-        dir.path(),
-        &[
-            "export",
-            "start",
-            "--team",
-            &team,
-            "Webhook Exporter",
-            "--from",
-            "2026-11-01T00:00:00Z",
-            "--to",
-            "2026-11-02T00:00:00Z",
-            "--page-size",
-            "50",
-        ],
-    );
-    let second = out.split_whitespace().nth(1).unwrap().to_owned();
+    let second = start_export(dir.path(), &team, "2026-11-02T00:00:00Z", "50");
     let deadline = Instant::now() + Duration::from_secs(60);
     while export_status(dir.path(), &second)["done"].as_u64().unwrap() < 50 {
         assert!(Instant::now() < deadline, "the second export did not start");

@@ -8,7 +8,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{cli, cli_error, create_team, plugin_folder, read_events, Appliance, Row, TOKEN};
+use common::{
+    cli, cli_error, create_team, enable_plugin, plugin_folder, read_events, Appliance, Row, TOKEN,
+};
 use serde_json::{json, Value};
 
 async fn send(app: &Appliance, token: &str, events: Vec<Value>) {
@@ -700,20 +702,7 @@ async fn https_fetches_are_verified_against_the_trusted_certificates() {
         let token = format!("phc_https{name}Fetcher");
         let team = create_team(dir.path(), name, &token).to_string();
         let url = format!("url=https://127.0.0.1:{port}/");
-        cli(
-            dir.path(),
-            &[
-                "plugin",
-                "enable",
-                "--team",
-                &team,
-                "Hostile",
-                "--config",
-                "mode=fetch",
-                "--config",
-                &url,
-            ],
-        );
+        enable_plugin(dir.path(), &team, "Hostile", &["mode=fetch", &url]);
         tokens.push((name, token));
     }
     // The appliance trusts the system's certificates, or those SSL_CERT_FILE names.

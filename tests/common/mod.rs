@@ -245,3 +245,12 @@ pub fn cli_error(data_dir: &Path, args: &[&str]) -> String {
     assert!(!out.status.success(), "appliance {args:?} should fail");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// `appliance plugin enable --team TEAM PLUGIN --config KEY=VALUE…`, as an operator types it.
+pub fn enable_plugin(data_dir: &Path, team: &str, plugin: &str, config: &[&str]) -> String {
+    let mut args = vec!["plugin", "enable", "--team", team, plugin];
+    for value in config {
+        args.extend(["--config", value]);
+    }
+    cli(data_dir, &args)
+}
