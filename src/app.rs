@@ -17,6 +17,7 @@ use tokio::sync::{watch, Notify};
 use crate::admin::{self, AdminState};
 use crate::capture::{self, CaptureState, TeamDirectory};
 use crate::config::Config;
+use crate::geoip::GeoIp;
 use crate::ingest;
 use crate::jobs::{self, JobQueue, Workers};
 use crate::pipeline::{Deliveries, Pipeline, PipelineStatus};
@@ -35,6 +36,8 @@ pub enum AppError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error(transparent)]
+    GeoIp(#[from] crate::geoip::GeoIpError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -101,12 +104,26 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             "jobs claimed by the previous run were not finished; they run again"
         );
     }
+    let geoip = Arc::new(GeoIp::from_settings(
+        config.disable_mmdb,
+        config.geoip_mmdb.as_deref(),
+        &config.data_dir,
+    )?);
+    if geoip.is_loaded() {
+        tracing::info!("GeoIP database loaded");
+    } else if !config.disable_mmdb {
+        tracing::info!(
+            "no GeoIP database (set GEOIP_MMDB_PATH or put {} in the data directory); plugins' geoip.locate finds nothing",
+            crate::geoip::DEFAULT_FILE
+        );
+    }
     let catalog = Arc::new(Catalog::new(
         runtime.clone(),
         store.clone(),
         &config.data_dir,
         config.plugin_allowed_hosts.clone(),
         Some(queue.clone()),
+        geoip,
     ));
     let status = Arc::new(PipelineStatus::default());
     let (drain_tx, drain_rx) = watch::channel(None);

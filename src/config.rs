@@ -108,6 +108,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("STATSD_PORT", Some("8125"), PORT, "StatsD port"),
     setting("STATSD_PREFIX", Some("plugin-server."), Kind::Text, "StatsD prefix"),
     setting("DISABLE_MMDB", Some("false"), Kind::Bool, "whether to disable MMDB IP location capabilities"),
+    setting("GEOIP_MMDB_PATH", None, Kind::Text, "MaxMind DB file (GeoLite2/GeoIP2 City layout) for locating IPs; unset means GeoLite2-City.mmdb in DATA_DIR if it is there"),
     setting("INTERNAL_MMDB_SERVER_PORT", Some("0"), PORT, "kept for compatibility: the MMDB is read in-process, no internal server is started"),
     setting("DISTINCT_ID_LRU_SIZE", Some("10000"), POSITIVE, "size of persons distinct ID LRU cache"),
     setting("PLUGIN_SERVER_IDLE", Some("false"), Kind::Bool, "start idle, processing nothing (same as --idle)"),
@@ -169,6 +170,9 @@ pub struct Config {
     pub jobs: crate::jobs::JobSettings,
     /// Where day slots of schedules start.
     pub schedule_timezone: chrono_tz::Tz,
+    pub disable_mmdb: bool,
+    /// The GeoIP database named by the operator, if any.
+    pub geoip_mmdb: Option<PathBuf>,
     /// Every setting's effective value, by name.
     raw: BTreeMap<&'static str, Option<String>>,
     /// Names set explicitly in the environment (not defaulted).
@@ -274,6 +278,12 @@ impl Config {
                 .trim()
                 .parse()
                 .unwrap_or(chrono_tz::UTC),
+            disable_mmdb: flag("DISABLE_MMDB"),
+            geoip_mmdb: raw
+                .get("GEOIP_MMDB_PATH")
+                .cloned()
+                .flatten()
+                .map(PathBuf::from),
             raw: raw.clone(),
             explicit,
         };

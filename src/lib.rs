@@ -8,6 +8,7 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod geoip;
 pub mod ingest;
 pub mod jobs;
 pub mod pipeline;

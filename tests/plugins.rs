@@ -732,3 +732,75 @@ async fn https_fetches_are_verified_against_the_trusted_certificates() {
     let _ = trusted_server.kill();
     let _ = other_server.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_locate_addresses_in_the_operators_geoip_database() {
+    let dir = tempfile::tempdir().unwrap();
+    // A real MaxMind DB, written by an independent writer (mmdb-writer, installed by .ci/run).
+    let mmdb = dir.path().join("test-city.mmdb");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/make_mmdb.py");
+    let made = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&mmdb)
+        .output()
+        .expect("python3 is installed");
+    assert!(
+        made.status.success(),
+        "making the test database failed (pip install -r tests/sdk/requirements.txt): {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let team = create_team(dir.path(), "geo", TOKEN).to_string();
+    let hostile = plugin_folder("tests/hostile", "hostile.wasm");
+    cli(
+        dir.path(),
+        &["plugin", "install", hostile.path().to_str().unwrap()],
+    );
+    enable_plugin(dir.path(), &team, "Hostile", &["mode=geoip"]);
+    let app = Appliance::start(
+        dir.path(),
+        &[
+            ("SINK_LINGER_MS", "0"),
+            ("GEOIP_MMDB_PATH", mmdb.to_str().unwrap()),
+        ],
+    );
+    let at = |ip: &str, name: &str| json!({"event": name, "distinct_id": "u", "properties": {"$ip": ip}});
+    send(
+        &app,
+        TOKEN,
+        vec![
+            at("203.0.113.7", "amsterdam"),
+            at("2001:db8::1", "v6"),
+            at("198.51.100.1", "unknown"),
+        ],
+    )
+    .await;
+    let rows = read_events(&app.sqlite_path());
+    let geo = &by_event(&rows, "amsterdam").properties["geo"];
+    assert_eq!(
+        *geo,
+        json!({
+            "country_code": "NL", "country_name": "Netherlands", "city_name": "Amsterdam",
+            "subdivision_code": "NH", "postal_code": "1012", "continent_code": "EU",
+            "latitude": 52.3676, "longitude": 4.9041, "time_zone": "Europe/Amsterdam",
+        })
+    );
+    assert_eq!(
+        by_event(&rows, "v6").properties["geo"]["country_code"],
+        "JP"
+    );
+    assert_eq!(by_event(&rows, "unknown").properties["geo"], Value::Null);
+
+    // A database the operator names but that cannot be read stops start-up with one line.
+    drop(app);
+    let out = common::command(dir.path())
+        .env("GEOIP_MMDB_PATH", dir.path().join("missing.mmdb"))
+        .arg("run")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot open the GeoIP database"),
+        "{stderr}"
+    );
+}

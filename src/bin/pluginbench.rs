@@ -121,6 +121,7 @@ fn run() -> Result<(), String> {
         &data,
         Vec::new(),
         None,
+        Arc::new(appliance::geoip::GeoIp::disabled()),
     ));
 
     // Instantiation: a new chain instantiates its plugin on its first batch.

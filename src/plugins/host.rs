@@ -14,6 +14,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::runtime::bindings::appliance::plugin::{
     cache, config, geoip, http, jobs, log, storage, types,
 };
+use crate::geoip::GeoIp;
 use crate::jobs::{JobQueue, StopFlags};
 use crate::store::{JobId, JobKind, NewJob, PluginConfigId, PluginLogEntry, Store};
 
@@ -71,6 +72,7 @@ pub struct PluginScope {
     pub job_names: Vec<String>,
     /// Deadline given to the plugin's jobs.
     pub job_timeout: Duration,
+    pub geoip: Arc<GeoIp>,
 }
 
 /// Attempts a plugin job gets unless it asks for another number.
@@ -416,9 +418,19 @@ impl jobs::Host for HostState {
 }
 
 impl geoip::Host for HostState {
-    fn locate(&mut self, _ip: String) -> Option<geoip::Location> {
-        // No MMDB is loaded by this build: every address is unknown.
-        None
+    fn locate(&mut self, ip: String) -> Option<geoip::Location> {
+        let found = self.scope.geoip.locate(&ip)?;
+        Some(geoip::Location {
+            country_code: found.country_code,
+            country_name: found.country_name,
+            city_name: found.city_name,
+            subdivision_code: found.subdivision_code,
+            postal_code: found.postal_code,
+            continent_code: found.continent_code,
+            latitude: found.latitude,
+            longitude: found.longitude,
+            time_zone: found.time_zone,
+        })
     }
 }
 

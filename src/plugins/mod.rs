@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::event::{timestamp_text, EventRow, IngestBatch};
 use serde::Deserialize;
 
+use crate::geoip::GeoIp;
 use crate::jobs::JobQueue;
 use crate::store::{
     Export, JobId, JobKind, NewJob, PluginConfig, PluginConfigId, PluginRecord, Store, StoreError,
@@ -99,6 +100,7 @@ pub fn install_parts(
         jobs: None,
         job_names: Vec::new(),
         job_timeout: runtime.limits.task,
+        geoip: Arc::new(crate::geoip::GeoIp::disabled()),
     };
     runtime
         .instantiate(&loaded, HostState::new(scope, runtime.limits.memory_bytes))
@@ -343,6 +345,7 @@ pub struct Catalog {
     /// Operator's allow-list for `http.fetch`; empty means any host a plugin declares.
     operator_hosts: Vec<String>,
     jobs: Option<JobQueue>,
+    geoip: Arc<GeoIp>,
     state: Mutex<CatalogState>,
 }
 
@@ -362,6 +365,7 @@ impl Catalog {
         data_dir: &Path,
         operator_hosts: Vec<String>,
         jobs: Option<JobQueue>,
+        geoip: Arc<GeoIp>,
     ) -> Catalog {
         Catalog {
             runtime,
@@ -369,6 +373,7 @@ impl Catalog {
             data_dir: data_dir.to_owned(),
             operator_hosts,
             jobs,
+            geoip,
             state: Mutex::default(),
         }
     }
@@ -480,6 +485,7 @@ impl Catalog {
             jobs: None,
             job_names: Vec::new(),
             job_timeout: self.runtime.limits.task,
+            geoip: Arc::new(GeoIp::disabled()),
         }
     }
 
@@ -516,6 +522,7 @@ impl Catalog {
             jobs: self.jobs.clone(),
             job_names: entry.info.jobs.clone(),
             job_timeout: self.runtime.limits.task,
+            geoip: self.geoip.clone(),
         };
         let mut state = HostState::new(scope, self.runtime.limits.memory_bytes);
         state.job = job;

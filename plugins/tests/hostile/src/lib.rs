@@ -1,9 +1,10 @@
 //! Misbehaves on purpose, as the `mode` setting says, so the tests can show that the host
 //! contains it: `loop` spins forever, `memory` allocates without end, `trap` panics, `garbage`
 //! returns an event that is not valid, `fetch` calls `url` (a host it may not have declared) and
-//! records the answer, `tag` appends its `name` to the `chain` property, `drop` drops the event.
+//! records the answer, `tag` appends its `name` to the `chain` property, `drop` drops the event,
+//! `geoip` records where the event's `$ip` is.
 
-use appliance_pdk::{config, http, json, Error, Event, Exports, Plugin, Value};
+use appliance_pdk::{config, geoip, http, json, Error, Event, Exports, Plugin, Value};
 
 struct Hostile;
 
@@ -57,6 +58,24 @@ impl Plugin for Hostile {
                 Ok(Some(event))
             }
             "drop" => Ok(None),
+            "geoip" => {
+                let ip = event
+                    .properties
+                    .get_str("$ip")
+                    .or(event.ip.clone())
+                    .unwrap_or_default();
+                let found = match geoip::locate(&ip) {
+                    Some(l) => json!({
+                        "country_code": l.country_code, "country_name": l.country_name,
+                        "city_name": l.city_name, "subdivision_code": l.subdivision_code,
+                        "postal_code": l.postal_code, "continent_code": l.continent_code,
+                        "latitude": l.latitude, "longitude": l.longitude, "time_zone": l.time_zone,
+                    }),
+                    None => Value::Null,
+                };
+                event.properties.insert("geo", found);
+                Ok(Some(event))
+            }
             other => Err(Error::failed(format!("unknown mode {other:?}"))),
         }
     }
