@@ -145,7 +145,8 @@ enum JobsCommand {
 
 #[derive(Subcommand, Debug)]
 enum PluginCommand {
-    /// Install the plugin in a folder holding plugin.json and its .wasm component
+    /// Install a plugin: a folder holding plugin.json and its .wasm component, or a .tar.gz or
+    /// .zip archive of one
     Install { path: std::path::PathBuf },
     /// List installed plugins and their configs
     List,

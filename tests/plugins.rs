@@ -804,3 +804,68 @@ async fn plugins_locate_addresses_in_the_operators_geoip_database() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_install_from_tar_gz_and_zip_archives_and_hostile_archives_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = plugin_folder("examples/property-filter", "property_filter.wasm");
+    let archives = tempfile::tempdir().unwrap();
+    // A .tar.gz with the plugin in one folder, as GitHub's source archives have it.
+    let tgz = archives.path().join("property-filter.tar.gz");
+    let packed = std::process::Command::new("tar")
+        .arg("czf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(folder.path().parent().unwrap())
+        .arg(folder.path().file_name().unwrap())
+        .status()
+        .unwrap();
+    assert!(packed.success());
+    // A .zip with the files at the top, and one whose entry escapes the archive.
+    let zip = archives.path().join("property-filter.zip");
+    let evil = archives.path().join("evil.zip");
+    let zipped = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, zipfile\n\
+             with zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED) as z:\n\
+             \x20   z.write(sys.argv[3] + '/plugin.json', 'plugin.json')\n\
+             \x20   z.write(sys.argv[3] + '/property_filter.wasm', 'property_filter.wasm')\n\
+             with zipfile.ZipFile(sys.argv[2], 'w') as z:\n\
+             \x20   z.writestr('../plugin.json', '{}')\n",
+        )
+        .arg(&zip)
+        .arg(&evil)
+        .arg(folder.path())
+        .status()
+        .unwrap();
+    assert!(zipped.success());
+
+    let out = cli(dir.path(), &["plugin", "install", tgz.to_str().unwrap()]);
+    assert!(out.contains("Property Filter"), "{out}");
+    let out = cli(dir.path(), &["plugin", "install", zip.to_str().unwrap()]);
+    assert!(out.contains("Property Filter"), "{out}");
+    let err = cli_error(dir.path(), &["plugin", "install", evil.to_str().unwrap()]);
+    assert!(err.contains("leaves the archive"), "{err}");
+    let err = cli_error(dir.path(), &["plugin", "install", "Cargo.toml"]);
+    assert!(
+        err.contains("not a plugin folder, .tar.gz or .zip archive"),
+        "{err}"
+    );
+
+    // The archived plugin works.
+    let team = create_team(dir.path(), "shop", TOKEN).to_string();
+    enable_plugin(dir.path(), &team, "Property Filter", &["properties=secret"]);
+    let app = Appliance::start(dir.path(), &[("SINK_LINGER_MS", "0")]);
+    send(
+        &app,
+        TOKEN,
+        vec![json!({"event": "e", "distinct_id": "u", "properties": {"secret": 1, "kept": 2}})],
+    )
+    .await;
+    let rows = read_events(&app.sqlite_path());
+    assert_eq!(
+        by_event(&rows, "e").properties,
+        json!({"kept": 2, "$ip": "127.0.0.1"})
+    );
+}

@@ -8,6 +8,7 @@
 //! uuids, the events continue unchanged, and after many consecutive failures that one config is
 //! disabled, visibly.
 
+mod archive;
 pub mod host;
 pub mod manifest;
 pub mod runtime;
@@ -61,18 +62,37 @@ pub fn plugin_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("plugins")
 }
 
-/// Installs the plugin in `folder` (plugin.json and its component).
+/// Installs the plugin at `path`: a folder holding plugin.json and its component, or a
+/// `.tar.gz` or `.zip` archive of one.
 pub fn install(
     store: &Store,
     runtime: &Runtime,
     data_dir: &Path,
-    folder: &Path,
+    path: &Path,
 ) -> Result<PluginRecord, PluginError> {
-    let manifest_path = folder.join("plugin.json");
+    if !path.is_dir() {
+        let files = archive::read(path)?;
+        let folder = archive::manifest_folder(path, &files)?;
+        let manifest_path = folder.join("plugin.json");
+        let text = files
+            .get(&manifest_path)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default();
+        let manifest = Manifest::parse(&text)?;
+        let wasm = files.get(&folder.join(&manifest.main)).ok_or_else(|| {
+            PluginError::Io(format!(
+                "{}: the archive has no {} beside plugin.json",
+                path.display(),
+                manifest.main
+            ))
+        })?;
+        return install_parts(store, runtime, data_dir, manifest, wasm);
+    }
+    let manifest_path = path.join("plugin.json");
     let text = std::fs::read_to_string(&manifest_path)
         .map_err(|e| PluginError::Io(format!("cannot read {}: {e}", manifest_path.display())))?;
     let manifest = Manifest::parse(&text)?;
-    let wasm_path = folder.join(&manifest.main);
+    let wasm_path = path.join(&manifest.main);
     let wasm = std::fs::read(&wasm_path)
         .map_err(|e| PluginError::Io(format!("cannot read {}: {e}", wasm_path.display())))?;
     install_parts(store, runtime, data_dir, manifest, &wasm)
