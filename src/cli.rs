@@ -22,7 +22,7 @@ pub const EXIT_CONFIG: u8 = 78;
 #[command(
     name = "appliance",
     version,
-    about = "Self-hosted PostHog event ingestion in one binary: capture, durable queue, pipeline, storage.\n\
+    about = "Self-hosted PostHog event ingestion in one binary: capture, durable queue, WASM plugins, jobs and schedules, storage.\n\
              With no command, or `run`, it starts the server (capture, health and admin on WEB_HOSTNAME:WEB_PORT).",
     disable_version_flag = true,
     // The settings table is laid out already; wrapping it to the terminal would break it.
@@ -78,6 +78,7 @@ enum Command {
 enum ExportCommand {
     /// Start exporting the team's stored events with FROM <= timestamp < TO to a plugin
     Start {
+        /// Team id
         #[arg(long)]
         team: u64,
         /// Plugin name or id (it must implement export-events or on-event)
@@ -114,6 +115,7 @@ enum JobsCommand {
     Show { id: String },
     /// Queue a plugin's job for a team
     Enqueue {
+        /// Team id
         #[arg(long)]
         team: u64,
         /// Plugin name or id
