@@ -518,6 +518,33 @@ async fn the_management_api_does_what_the_cli_does_behind_the_admin_token() {
         .await
         .unwrap();
     assert_eq!(installed.status(), 201);
+    // The same plugin as an archive of its folder, and a body that is neither.
+    let folder = plugin_folder("examples/property-filter", "property_filter.wasm");
+    let tgz = folder.path().with_extension("tgz");
+    let packed = std::process::Command::new("tar")
+        .arg("czf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(folder.path())
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(packed.success());
+    let archive = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&tgz).unwrap());
+    let _ = std::fs::remove_file(&tgz);
+    for (body, status) in [
+        (json!({"archive_base64": archive}), 201),
+        (json!({"manifest": manifest}), 400),
+    ] {
+        let answer = client
+            .post(app.url("/api/plugins"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), status);
+    }
     let plugin_url = app.url(&format!("/api/teams/{team}/plugins/Property%20Filter"));
     let missing_config = client
         .put(&plugin_url)

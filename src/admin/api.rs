@@ -199,32 +199,68 @@ async fn list_plugins(State(state): State<Arc<ApiState>>) -> Result<Json<Value>,
     .await
 }
 
+/// A plugin upload: plugin.json and the component, or an archive of both.
 #[derive(Deserialize)]
 struct Upload {
     /// plugin.json's content.
-    manifest: Value,
+    manifest: Option<Value>,
     /// The component, base64.
-    wasm_base64: String,
+    wasm_base64: Option<String>,
+    /// A `.tar.gz` or `.zip` of the plugin folder, base64 (instead of the two above).
+    archive_base64: Option<String>,
+}
+
+fn base64_field(name: &str, text: &str) -> Result<Vec<u8>, ApiError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| ApiError::BadRequest(format!("{name} is not base64: {e}")))
 }
 
 async fn install_plugin(
     State(state): State<Arc<ApiState>>,
     Json(upload): Json<Upload>,
 ) -> Result<Response, ApiError> {
-    let manifest = Manifest::parse(&upload.manifest.to_string()).map_err(PluginError::from)?;
-    let wasm = base64::engine::general_purpose::STANDARD
-        .decode(upload.wasm_base64.trim())
-        .map_err(|e| ApiError::BadRequest(format!("wasm_base64 is not base64: {e}")))?;
-    let record = blocking(move || {
-        Ok(plugins::install_parts(
-            &state.store,
-            &state.runtime,
-            &state.data_dir,
-            manifest,
-            &wasm,
-        )?)
-    })
-    .await?;
+    let record =
+        match upload {
+            Upload {
+                archive_base64: Some(archive),
+                ..
+            } => {
+                let bytes = base64_field("archive_base64", &archive)?;
+                blocking(move || {
+                    Ok(plugins::install_archive(
+                        &state.store,
+                        &state.runtime,
+                        &state.data_dir,
+                        std::path::Path::new("the uploaded archive"),
+                        &bytes,
+                    )?)
+                })
+                .await?
+            }
+            Upload {
+                manifest: Some(manifest),
+                wasm_base64: Some(wasm),
+                ..
+            } => {
+                let manifest = Manifest::parse(&manifest.to_string()).map_err(PluginError::from)?;
+                let wasm = base64_field("wasm_base64", &wasm)?;
+                blocking(move || {
+                    Ok(plugins::install_parts(
+                        &state.store,
+                        &state.runtime,
+                        &state.data_dir,
+                        manifest,
+                        &wasm,
+                    )?)
+                })
+                .await?
+            }
+            _ => return Err(ApiError::BadRequest(
+                "send {\"manifest\": plugin.json, \"wasm_base64\": …} or {\"archive_base64\": …}"
+                    .into(),
+            )),
+        };
     let body = json!({"id": record.id, "name": record.name, "sha256": record.sha256});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

@@ -25,12 +25,11 @@ fn contained(path: &Path) -> bool {
         .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
-/// Unpacks the archive at `path` (recognised by its first bytes) into memory.
-pub fn read(path: &Path) -> Result<Files, PluginError> {
-    let bytes = std::fs::read(path).map_err(|e| refuse(path, e))?;
+/// Unpacks an archive (recognised by its first bytes) into memory; `path` names it in errors.
+pub fn read(path: &Path, bytes: &[u8]) -> Result<Files, PluginError> {
     match bytes.get(..4) {
-        Some([0x1f, 0x8b, ..]) => read_tar_gz(path, &bytes),
-        Some(b"PK\x03\x04") => read_zip(path, &bytes),
+        Some([0x1f, 0x8b, ..]) => read_tar_gz(path, bytes),
+        Some(b"PK\x03\x04") => read_zip(path, bytes),
         _ => Err(refuse(path, "not a plugin folder, .tar.gz or .zip archive")),
     }
 }

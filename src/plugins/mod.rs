@@ -71,22 +71,9 @@ pub fn install(
     path: &Path,
 ) -> Result<PluginRecord, PluginError> {
     if !path.is_dir() {
-        let files = archive::read(path)?;
-        let folder = archive::manifest_folder(path, &files)?;
-        let manifest_path = folder.join("plugin.json");
-        let text = files
-            .get(&manifest_path)
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .unwrap_or_default();
-        let manifest = Manifest::parse(&text)?;
-        let wasm = files.get(&folder.join(&manifest.main)).ok_or_else(|| {
-            PluginError::Io(format!(
-                "{}: the archive has no {} beside plugin.json",
-                path.display(),
-                manifest.main
-            ))
-        })?;
-        return install_parts(store, runtime, data_dir, manifest, wasm);
+        let bytes = std::fs::read(path)
+            .map_err(|e| PluginError::Io(format!("cannot read {}: {e}", path.display())))?;
+        return install_archive(store, runtime, data_dir, path, &bytes);
     }
     let manifest_path = path.join("plugin.json");
     let text = std::fs::read_to_string(&manifest_path)
@@ -96,6 +83,31 @@ pub fn install(
     let wasm = std::fs::read(&wasm_path)
         .map_err(|e| PluginError::Io(format!("cannot read {}: {e}", wasm_path.display())))?;
     install_parts(store, runtime, data_dir, manifest, &wasm)
+}
+
+/// Installs the plugin in a `.tar.gz` or `.zip` archive's bytes; `name` names it in errors.
+pub fn install_archive(
+    store: &Store,
+    runtime: &Runtime,
+    data_dir: &Path,
+    name: &Path,
+    bytes: &[u8],
+) -> Result<PluginRecord, PluginError> {
+    let files = archive::read(name, bytes)?;
+    let folder = archive::manifest_folder(name, &files)?;
+    let text = files
+        .get(&folder.join("plugin.json"))
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
+    let manifest = Manifest::parse(&text)?;
+    let wasm = files.get(&folder.join(&manifest.main)).ok_or_else(|| {
+        PluginError::Io(format!(
+            "{}: the archive has no {} beside plugin.json",
+            name.display(),
+            manifest.main
+        ))
+    })?;
+    install_parts(store, runtime, data_dir, manifest, wasm)
 }
 
 /// Installs a plugin from its manifest and component bytes: compiles the component against the
