@@ -11,16 +11,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{cli, create_team, enable_plugin, plugin_folder, Appliance, TOKEN};
+use common::{cli, create_team, enable_plugin, install_plugin, Appliance, TOKEN};
 use serde_json::{json, Value};
 
 /// Fast retries, so the tests do not wait for the production backoff.
 const FAST: &[(&str, &str)] = &[("JOB_RETRY_BASE_MS", "100"), ("SINK_LINGER_MS", "0")];
-
-fn install(dir: &Path, crate_dir: &str, wasm: &str) {
-    let folder = plugin_folder(crate_dir, wasm);
-    cli(dir, &["plugin", "install", folder.path().to_str().unwrap()]);
-}
 
 fn storage(dir: &Path, team: &str, plugin: &str) -> HashMap<String, String> {
     cli(dir, &["plugin", "storage", "--team", team, plugin])
@@ -118,7 +113,7 @@ impl Api {
 
 fn start_lab(dir: &Path, env: &[(&str, &str)]) -> (Appliance, String) {
     let team = create_team(dir, "lab", TOKEN).to_string();
-    install(dir, "tests/job-lab", "job_lab.wasm");
+    install_plugin(dir, "tests/job-lab", "job_lab.wasm");
     enable_plugin(dir, &team, "Job Lab", &[]);
     let mut all = FAST.to_vec();
     all.extend_from_slice(env);
@@ -158,7 +153,7 @@ async fn the_webhook_exporter_gets_stored_events_and_retries_after_a_500() {
     // 500 to the first request, 200 after.
     let (addr, seen) = webhook(|n| (Duration::ZERO, if n == 0 { 500 } else { 200 })).await;
     let team = create_team(dir.path(), "shop", TOKEN).to_string();
-    install(
+    install_plugin(
         dir.path(),
         "examples/webhook-exporter",
         "webhook_exporter.wasm",
@@ -222,7 +217,7 @@ async fn the_webhook_exporter_gets_stored_events_and_retries_after_a_500() {
 async fn the_scheduled_digest_runs_its_slot_and_folds_through_a_durable_job() {
     let dir = tempfile::tempdir().unwrap();
     let team = create_team(dir.path(), "shop", TOKEN).to_string();
-    install(
+    install_plugin(
         dir.path(),
         "examples/scheduled-digest",
         "scheduled_digest.wasm",
@@ -610,7 +605,7 @@ async fn a_historical_export_pages_through_stored_events_and_resumes_after_a_cra
     app.wait_drained().await;
 
     let (addr, seen) = webhook(|_| (Duration::from_millis(300), 200)).await;
-    install(
+    install_plugin(
         dir.path(),
         "examples/webhook-exporter",
         "webhook_exporter.wasm",

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{
-    cli, cli_error, create_team, enable_plugin, plugin_folder, read_events, Appliance, Row, TOKEN,
+    cli, cli_error, create_team, enable_plugin, install_plugin, plugin_folder, read_events,
+    Appliance, Row, TOKEN,
 };
 use serde_json::{json, Value};
 
@@ -50,17 +51,11 @@ async fn the_property_filter_is_installed_and_enabled_on_a_running_server() {
         &["plugin", "install", folder.path().to_str().unwrap()],
     );
     assert!(installed.contains("Property Filter"), "{installed}");
-    cli(
+    enable_plugin(
         dir.path(),
-        &[
-            "plugin",
-            "enable",
-            "--team",
-            &team,
-            "Property Filter",
-            "--config",
-            "properties=secret,$set.email",
-        ],
+        &team,
+        "Property Filter",
+        &["properties=secret,$set.email"],
     );
     send(
         &app,
@@ -136,10 +131,10 @@ fn bad_plugins_and_bad_config_are_refused_with_precise_errors() {
     );
     assert!(error.contains("plugin.json does not parse"), "{error}");
 
-    let folder = plugin_folder("examples/property-filter", "property_filter.wasm");
-    cli(
+    install_plugin(
         dir.path(),
-        &["plugin", "install", folder.path().to_str().unwrap()],
+        "examples/property-filter",
+        "property_filter.wasm",
     );
     let error = cli_error(
         dir.path(),
@@ -248,34 +243,15 @@ async fn hostile_plugins_are_contained_and_logged_against_their_config() {
     }
     let good_token = "phc_wellBehavedTeam1";
     let good = create_team(dir.path(), "good", good_token).to_string();
-    cli(
-        dir.path(),
-        &[
-            "plugin",
-            "enable",
-            "--team",
-            &good,
-            "Property Filter",
-            "--config",
-            "properties=secret",
-        ],
-    );
+    enable_plugin(dir.path(), &good, "Property Filter", &["properties=secret"]);
     // A declared host works.
     let fetcher_token = "phc_declaredFetcher1";
     let fetcher = create_team(dir.path(), "fetcher", fetcher_token).to_string();
-    cli(
+    enable_plugin(
         dir.path(),
-        &[
-            "plugin",
-            "enable",
-            "--team",
-            &fetcher,
-            "Hostile",
-            "--config",
-            "mode=fetch",
-            "--config",
-            &format!("url={health}"),
-        ],
+        &fetcher,
+        "Hostile",
+        &["mode=fetch", &format!("url={health}")],
     );
 
     let event = |name: &str, uuid: &str| json!({"event": name, "distinct_id": "u", "uuid": uuid, "properties": {"secret": 1, "kept": 2}});
@@ -348,23 +324,8 @@ async fn hostile_plugins_are_contained_and_logged_against_their_config() {
 async fn a_plugin_that_keeps_failing_is_disabled_visibly() {
     let dir = tempfile::tempdir().unwrap();
     let team = create_team(dir.path(), "t", TOKEN).to_string();
-    let hostile = plugin_folder("tests/hostile", "hostile.wasm");
-    cli(
-        dir.path(),
-        &["plugin", "install", hostile.path().to_str().unwrap()],
-    );
-    cli(
-        dir.path(),
-        &[
-            "plugin",
-            "enable",
-            "--team",
-            &team,
-            "Hostile",
-            "--config",
-            "mode=trap",
-        ],
-    );
+    install_plugin(dir.path(), "tests/hostile", "hostile.wasm");
+    enable_plugin(dir.path(), &team, "Hostile", &["mode=trap"]);
     let app = Appliance::start(dir.path(), &[("SINK_LINGER_MS", "0")]);
     for n in 0..appliance::plugins::DISABLE_AFTER_FAILURES {
         send(
@@ -402,23 +363,17 @@ async fn the_first_time_event_tracker_marks_each_first_once_even_across_restarts
     let dir = tempfile::tempdir().unwrap();
     let shop = create_team(dir.path(), "shop", TOKEN).to_string();
     let blog = create_team(dir.path(), "blog", "phc_blogProjectToken1").to_string();
-    let folder = plugin_folder("examples/first-time-event", "first_time_event.wasm");
-    cli(
+    install_plugin(
         dir.path(),
-        &["plugin", "install", folder.path().to_str().unwrap()],
+        "examples/first-time-event",
+        "first_time_event.wasm",
     );
     for team in [&shop, &blog] {
-        cli(
+        enable_plugin(
             dir.path(),
-            &[
-                "plugin",
-                "enable",
-                "--team",
-                team,
-                "First Time Event Tracker",
-                "--config",
-                "events=signed up",
-            ],
+            team,
+            "First Time Event Tracker",
+            &["events=signed up"],
         );
     }
     let signed_up = |who: &str, n: u32| json!({"event": "signed up", "distinct_id": who, "properties": {"n": n}});
@@ -719,11 +674,7 @@ async fn https_fetches_are_verified_against_the_trusted_certificates() {
     let (mut trusted_server, trusted_port) = https_server(&trusted_cert, &trusted_key);
     let (mut other_server, other_port) = https_server(&other_cert, &other_key);
 
-    let hostile = plugin_folder("tests/hostile", "hostile.wasm");
-    cli(
-        dir.path(),
-        &["plugin", "install", hostile.path().to_str().unwrap()],
-    );
+    install_plugin(dir.path(), "tests/hostile", "hostile.wasm");
     let mut tokens = Vec::new();
     for (name, port) in [("trusted", trusted_port), ("unknown", other_port)] {
         let token = format!("phc_https{name}Fetcher");
@@ -777,11 +728,7 @@ async fn plugins_locate_addresses_in_the_operators_geoip_database() {
         String::from_utf8_lossy(&made.stderr)
     );
     let team = create_team(dir.path(), "geo", TOKEN).to_string();
-    let hostile = plugin_folder("tests/hostile", "hostile.wasm");
-    cli(
-        dir.path(),
-        &["plugin", "install", hostile.path().to_str().unwrap()],
-    );
+    install_plugin(dir.path(), "tests/hostile", "hostile.wasm");
     enable_plugin(dir.path(), &team, "Hostile", &["mode=geoip"]);
     let app = Appliance::start(
         dir.path(),

@@ -205,7 +205,6 @@ struct Pool {
 struct PoolState {
     waiting: VecDeque<(Job, Arc<StopFlags>)>,
     ended: Vec<Ended>,
-    running: usize,
     closing: bool,
 }
 
@@ -240,7 +239,6 @@ impl Pool {
                 let mut state = self.lock();
                 loop {
                     if let Some(next) = state.waiting.pop_front() {
-                        state.running += 1;
                         break next;
                     }
                     if state.closing {
@@ -251,11 +249,7 @@ impl Pool {
             };
             let schedule = matches!(job.kind, JobKind::Schedule { .. });
             let outcome = attempt(runner, &job, &stop, settings);
-            {
-                let mut state = self.lock();
-                state.running -= 1;
-                state.ended.push((job.id, schedule, outcome));
-            }
+            self.lock().ended.push((job.id, schedule, outcome));
             self.ended.notify_one();
         }
     }

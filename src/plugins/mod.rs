@@ -121,22 +121,10 @@ pub fn install_parts(
     wasm: &[u8],
 ) -> Result<PluginRecord, PluginError> {
     let loaded = runtime.load(wasm)?;
-    let scope = PluginScope {
-        config_id: 0,
-        config: manifest
-            .validate_config(&Default::default())
-            .unwrap_or_default(),
-        allowed_hosts: Vec::new(),
-        store: store.clone(),
-        cache: SharedCache::default(),
-        jobs: None,
-        job_names: Vec::new(),
-        job_timeout: runtime.limits.task,
-        geoip: Arc::new(crate::geoip::GeoIp::disabled()),
-    };
-    runtime
-        .instantiate(&loaded, HostState::new(scope, runtime.limits.memory_bytes))
-        .map_err(|e| PluginError::Instantiate(e.to_string()))?;
+    let defaults = manifest
+        .validate_config(&Default::default())
+        .unwrap_or_default();
+    probe(runtime, store, &loaded, defaults)?;
     let dir = plugin_dir(data_dir);
     std::fs::create_dir_all(&dir)
         .map_err(|e| PluginError::Io(format!("{}: {e}", dir.display())))?;
@@ -146,6 +134,30 @@ pub fn install_parts(
     let manifest_json =
         serde_json::to_value(&manifest).map_err(|e| PluginError::Io(e.to_string()))?;
     Ok(store.install_plugin(&manifest.name, manifest_json, &loaded.sha256)?)
+}
+
+/// An instance of `loaded` that reaches nothing (no config id, storage of its own, jobs or
+/// GeoIP), to see that the component starts and ask what it implements.
+fn probe(
+    runtime: &Runtime,
+    store: &Store,
+    loaded: &Loaded,
+    config: std::collections::BTreeMap<String, String>,
+) -> Result<Instance, PluginError> {
+    let scope = PluginScope {
+        config_id: 0,
+        config,
+        allowed_hosts: Vec::new(),
+        store: store.clone(),
+        cache: SharedCache::default(),
+        jobs: None,
+        job_names: Vec::new(),
+        job_timeout: runtime.limits.task,
+        geoip: Arc::new(GeoIp::disabled()),
+    };
+    runtime
+        .instantiate(loaded, HostState::new(scope, runtime.limits.memory_bytes))
+        .map_err(|e| PluginError::Instantiate(e.to_string()))
 }
 
 /// An installed plugin by name or id.
@@ -425,10 +437,22 @@ impl Catalog {
     /// The enabled configs in chain order, reloaded first if plugins or configs changed. An
     /// unchanged config keeps its entry (the same `Arc`), so callers can keep live instances.
     pub fn enabled(&self) -> Result<(u64, Vec<Arc<Entry>>), PluginError> {
+        let state = self.current()?;
+        Ok((state.generation.unwrap_or_default(), state.entries.clone()))
+    }
+
+    /// The enabled config `id`, if it is enabled.
+    pub fn entry(&self, id: PluginConfigId) -> Result<Option<Arc<Entry>>, PluginError> {
+        let state = self.current()?;
+        Ok(state.entries.iter().find(|e| e.config.id == id).cloned())
+    }
+
+    /// The state, reloaded first if the store's plugin generation moved.
+    fn current(&self) -> Result<std::sync::MutexGuard<'_, CatalogState>, PluginError> {
         let generation = self.store.plugins_generation()?;
         let mut state = self.lock();
         if state.generation == Some(generation) {
-            return Ok((generation, state.entries.clone()));
+            return Ok(state);
         }
         let plugins: HashMap<_, _> = self
             .store
@@ -474,12 +498,7 @@ impl Catalog {
         }
         state.entries = entries;
         state.generation = Some(generation);
-        Ok((generation, state.entries.clone()))
-    }
-
-    /// The enabled config `id`, if it is enabled.
-    pub fn entry(&self, id: PluginConfigId) -> Result<Option<Arc<Entry>>, PluginError> {
-        Ok(self.enabled()?.1.into_iter().find(|e| e.config.id == id))
+        Ok(state)
     }
 
     fn compiled(
@@ -494,31 +513,10 @@ impl Catalog {
         let wasm = std::fs::read(&path)
             .map_err(|e| PluginError::Io(format!("{}: {e}", path.display())))?;
         let loaded = self.runtime.load(&wasm)?;
-        let probe = self
-            .runtime
-            .instantiate(
-                &loaded,
-                HostState::new(self.probe_scope(), self.runtime.limits.memory_bytes),
-            )
-            .map_err(|e| PluginError::Instantiate(e.to_string()))?;
+        let probe = probe(&self.runtime, &self.store, &loaded, Default::default())?;
         let compiled = (loaded, probe.info.clone());
         state.compiled.insert(sha256.to_owned(), compiled.clone());
         Ok(compiled)
-    }
-
-    /// A scope that reaches nothing, for asking a component what it implements.
-    fn probe_scope(&self) -> PluginScope {
-        PluginScope {
-            config_id: 0,
-            config: Default::default(),
-            allowed_hosts: Vec::new(),
-            store: self.store.clone(),
-            cache: SharedCache::default(),
-            jobs: None,
-            job_names: Vec::new(),
-            job_timeout: self.runtime.limits.task,
-            geoip: Arc::new(GeoIp::disabled()),
-        }
     }
 
     fn allowed_hosts(&self, manifest: &serde_json::Value) -> Vec<String> {

@@ -5,13 +5,12 @@
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::jobs::{JobId, JobKind, JobTables, NewJob};
+use super::jobs::{decode, encode, JobId, JobKind, JobTables, NewJob};
 use super::{meta_get, PluginConfigId, Store, StoreError, TeamId, META};
 
 /// Export id → encoded [`Export`].
 pub(super) const EXPORTS: TableDefinition<u64, &[u8]> = TableDefinition::new("exports");
 const NEXT_EXPORT_ID: &str = "next_export_id";
-const FORMAT: u8 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -62,26 +61,6 @@ pub struct ExportProgress {
     pub next_job: Option<JobId>,
 }
 
-fn encode(export: &Export) -> Result<Vec<u8>, StoreError> {
-    postcard::to_extend(export, vec![FORMAT]).map_err(|e| StoreError::Corrupt {
-        what: "export",
-        detail: e.to_string(),
-    })
-}
-
-fn decode(bytes: &[u8]) -> Result<Export, StoreError> {
-    match bytes.split_first() {
-        Some((&FORMAT, rest)) => postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt {
-            what: "export",
-            detail: e.to_string(),
-        }),
-        _ => Err(StoreError::Corrupt {
-            what: "export",
-            detail: "unknown format version".into(),
-        }),
-    }
-}
-
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(EXPORTS)?;
     Ok(())
@@ -96,7 +75,7 @@ pub(super) fn apply_progress(
     let Some(bytes) = table.get(progress.export)?.map(|b| b.value().to_vec()) else {
         return Ok(());
     };
-    let mut export = decode(&bytes)?;
+    let mut export: Export = decode("export", &bytes)?;
     export.total = progress.total.or(export.total);
     export.done = progress.done;
     export.updated_ms = now_ms;
@@ -106,7 +85,7 @@ pub(super) fn apply_progress(
             export.state = ExportState::Done;
         }
     }
-    table.insert(export.id, encode(&export)?.as_slice())?;
+    table.insert(export.id, encode("export", &export)?.as_slice())?;
     Ok(())
 }
 
@@ -169,7 +148,7 @@ impl Store {
             };
             drop(jobs);
             txn.open_table(EXPORTS)?
-                .insert(id, encode(&export)?.as_slice())?;
+                .insert(id, encode("export", &export)?.as_slice())?;
             export
         };
         txn.commit()?;
@@ -180,7 +159,7 @@ impl Store {
         let txn = self.read()?;
         let table = txn.open_table(EXPORTS)?;
         let value = table.get(id)?;
-        value.map(|b| decode(b.value())).transpose()
+        value.map(|b| decode("export", b.value())).transpose()
     }
 
     pub fn list_exports(&self) -> Result<Vec<Export>, StoreError> {
@@ -188,7 +167,7 @@ impl Store {
         let table = txn.open_table(EXPORTS)?;
         let mut out = Vec::new();
         for row in table.iter()? {
-            out.push(decode(row?.1.value())?);
+            out.push(decode("export", row?.1.value())?);
         }
         Ok(out)
     }
@@ -203,7 +182,7 @@ impl Store {
                 .get(id)?
                 .map(|b| b.value().to_vec())
                 .ok_or_else(|| StoreError::Conflict(format!("no export {id}")))?;
-            let mut export = decode(&bytes)?;
+            let mut export: Export = decode("export", &bytes)?;
             if export.state != ExportState::Running {
                 return Err(StoreError::Conflict(format!(
                     "export {id} is already {}",
@@ -212,7 +191,7 @@ impl Store {
             }
             export.state = ExportState::Cancelled;
             export.updated_ms = now_ms;
-            table.insert(id, encode(&export)?.as_slice())?;
+            table.insert(id, encode("export", &export)?.as_slice())?;
             export
         };
         txn.commit()?;

@@ -304,7 +304,8 @@ pub struct ScheduleState {
     pub job: Option<JobId>,
 }
 
-fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+/// A value as stored: the format version, then postcard.
+pub(super) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     let out = vec![FORMAT];
     postcard::to_extend(value, out).map_err(|e| StoreError::Corrupt {
         what,
@@ -312,7 +313,10 @@ fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreE
     })
 }
 
-fn decode<T: for<'a> Deserialize<'a>>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+pub(super) fn decode<T: for<'a> Deserialize<'a>>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     match bytes.split_first() {
         Some((&FORMAT, rest)) => postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt {
             what,
@@ -323,6 +327,34 @@ fn decode<T: for<'a> Deserialize<'a>>(what: &'static str, bytes: &[u8]) -> Resul
             detail: "unknown format version".into(),
         }),
     }
+}
+
+/// Each owner that has jobs waiting for their time, with its earliest run-at: one look-up per
+/// owner, jumping from one owner's range to the next.
+fn first_due_per_owner(
+    due: &impl ReadableTable<(u64, i64, u128), ()>,
+) -> Result<Vec<(u64, i64)>, StoreError> {
+    let mut owners = Vec::new();
+    let mut from = 0u64;
+    loop {
+        let first = due
+            .range((from, i64::MIN, 0u128)..)?
+            .next()
+            .transpose()?
+            .map(|(k, _)| k.value());
+        let Some((owner, run_at, _)) = first else {
+            return Ok(owners);
+        };
+        owners.push((owner, run_at));
+        match owner.checked_add(1) {
+            Some(next) => from = next,
+            None => return Ok(owners),
+        }
+    }
+}
+
+fn earliest(owners: &[(u64, i64)]) -> Option<i64> {
+    owners.iter().map(|&(_, run_at)| run_at).min()
 }
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
@@ -449,24 +481,7 @@ impl<'txn> JobTables<'txn> {
         let mut claimed = Claimed::default();
         let mut taken: HashMap<u64, usize> = HashMap::new();
         // Visit owners that have due jobs, in turn, until `max` jobs are taken.
-        let mut owners = Vec::new();
-        let mut from = 0u64;
-        loop {
-            let first = self
-                .due
-                .range((from, i64::MIN, 0u128)..)?
-                .next()
-                .transpose()?
-                .map(|(k, _)| k.value());
-            let Some((owner, run_at, _)) = first else {
-                break;
-            };
-            owners.push((owner, run_at));
-            match owner.checked_add(1) {
-                Some(next) => from = next,
-                None => break,
-            }
-        }
+        let owners = first_due_per_owner(&self.due)?;
         let mut progress = true;
         while claimed.jobs.len() < max && progress {
             progress = false;
@@ -496,25 +511,8 @@ impl<'txn> JobTables<'txn> {
                 }
             }
         }
-        claimed.next_due_ms = self.next_due(&owners)?;
+        claimed.next_due_ms = earliest(&first_due_per_owner(&self.due)?);
         Ok(claimed)
-    }
-
-    /// The earliest run-at among the owners' remaining due jobs.
-    fn next_due(&self, owners: &[(u64, i64)]) -> Result<Option<i64>, StoreError> {
-        let mut next: Option<i64> = None;
-        for &(owner, _) in owners {
-            let first = self
-                .due
-                .range((owner, i64::MIN, 0u128)..=(owner, i64::MAX, u128::MAX))?
-                .next()
-                .transpose()?
-                .map(|(k, _)| k.value().1);
-            if let Some(at) = first {
-                next = Some(next.map_or(at, |n: i64| n.min(at)));
-            }
-        }
-        Ok(next)
     }
 
     /// Applies how a claimed job's attempt ended.
@@ -738,24 +736,7 @@ impl Store {
     pub fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
         let txn = self.read()?;
         let due = txn.open_table(JOBS_DUE)?;
-        let mut next: Option<i64> = None;
-        let mut from = 0u64;
-        loop {
-            let first = due
-                .range((from, i64::MIN, 0u128)..)?
-                .next()
-                .transpose()?
-                .map(|(k, _)| k.value());
-            let Some((owner, run_at, _)) = first else {
-                break;
-            };
-            next = Some(next.map_or(run_at, |n| n.min(run_at)));
-            match owner.checked_add(1) {
-                Some(n) => from = n,
-                None => break,
-            }
-        }
-        Ok(next)
+        Ok(earliest(&first_due_per_owner(&due)?))
     }
 
     /// Puts every claimed job back in the queue, each counting a failed attempt: called by a

@@ -254,3 +254,12 @@ pub fn enable_plugin(data_dir: &Path, team: &str, plugin: &str, config: &[&str])
     }
     cli(data_dir, &args)
 }
+
+/// Installs the plugin built from `plugins/<crate_dir>` through the CLI; returns what it printed.
+pub fn install_plugin(data_dir: &Path, crate_dir: &str, wasm: &str) -> String {
+    let folder = plugin_folder(crate_dir, wasm);
+    cli(
+        data_dir,
+        &["plugin", "install", folder.path().to_str().unwrap()],
+    )
+}
