@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 use crate::admin::{self, AdminState};
 use crate::capture::{self, CaptureState, TeamDirectory};
@@ -20,13 +20,15 @@ use crate::config::Config;
 use crate::geoip::GeoIp;
 use crate::ingest;
 use crate::jobs::{self, JobQueue, Workers};
+use crate::ops::Ops;
 use crate::pipeline::{Deliveries, Pipeline, PipelineStatus};
 use crate::plugins::tasks::{PluginRunner, PluginSchedules};
 use crate::plugins::{Catalog, Chains, PluginError};
 use crate::schedule::Scheduler;
+use crate::shutdown;
 use crate::sinks::sqlite::SqliteSink;
 use crate::sinks::{Sink, SinkError};
-use crate::store::{Store, StoreError};
+use crate::store::{ReadLimits, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -57,6 +59,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     if config.idle {
         return run_idle(&config).await;
     }
+    crate::failpoint::arm(config.failpoints.clone());
     let _server_lock = lock_data_dir(&config.data_dir)?;
     let store = Store::open(&config.data_dir)?;
     if let Some(team) = store.ensure_default_team()? {
@@ -96,6 +99,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         );
     }
     let queue = JobQueue::new(store.clone(), config.jobs);
+    if let Err(e) = crate::wake::listen(&config.data_dir, queue.wake_handle()) {
+        tracing::warn!(error = %e, "no wake socket: jobs queued by the CLI start within a second instead of at once");
+    }
     let now = jobs::now_ms();
     let recovered = store.recover_leases(now, now)?;
     if recovered > 0 {
@@ -126,12 +132,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         geoip,
     ));
     let status = Arc::new(PipelineStatus::default());
-    let (drain_tx, drain_rx) = watch::channel(None);
+    let (trigger, shutdown) = shutdown::channel();
     let pipeline = tokio::spawn(
         Pipeline {
             store: store.clone(),
             sink: sink.clone(),
-            batch_events: config.sink_batch_events,
+            read_limits: ReadLimits {
+                events: config.sink_batch_events,
+                bytes: config.sink_batch_bytes,
+            },
             linger: config.sink_linger,
             plugins: Arc::new(std::sync::Mutex::new(Chains::new(catalog.clone()))),
             status: status.clone(),
@@ -141,7 +150,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 queue: queue.clone(),
             }),
         }
-        .run(drain_rx.clone()),
+        .run(shutdown.clone()),
     );
     let schedule_done = Arc::new(Notify::new());
     let workers = tokio::spawn(
@@ -153,7 +162,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             }),
             schedule_done: Some(schedule_done.clone()),
         }
-        .run(drain_rx.clone()),
+        .run(shutdown.clone()),
     );
     let scheduler = tokio::spawn(
         Scheduler {
@@ -163,7 +172,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             timezone: config.schedule_timezone,
             job_done: schedule_done,
         }
-        .run(drain_rx),
+        .run(shutdown),
     );
 
     let stopping = Arc::new(AtomicBool::new(false));
@@ -175,12 +184,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             trust_proxy: config.trust_proxy,
         }))
         .merge(admin::api::router(Arc::new(admin::api::ApiState {
-            store: store.clone(),
-            runtime,
-            data_dir: config.data_dir.clone(),
+            ops: Ops::in_server(store.clone(), queue.clone(), &config.data_dir, runtime),
             token: api_token,
-            jobs: queue.clone(),
-            task_timeout: config.plugin_limits.task,
         })))
         .merge(admin::router(Arc::new(AdminState {
             store: store.clone(),
@@ -204,7 +209,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         tracing::error!("the ingest writer thread panicked");
     }
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
-    let _ = drain_tx.send(Some(deadline));
+    trigger.drain_until(deadline);
     if let Err(e) = pipeline.await {
         tracing::error!(error = %e, "the pipeline task failed");
     }

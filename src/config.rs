@@ -125,6 +125,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("INGEST_CHANNEL_CAPACITY", Some("4096"), int(1, 1 << 20), "capture requests that may wait for the group commit before capture answers 503"),
     setting("INGEST_COMMIT_MAX_REQUESTS", Some("2048"), int(1, 1 << 20), "most capture requests folded into one redb commit"),
     setting("SINK_BATCH_EVENTS", Some("20000"), int(1, 1 << 20), "most events the pipeline writes to the sink in one transaction"),
+    setting("SINK_BATCH_BYTES", Some("33554432"), int(65536, 1 << 30), "most bytes of queued events the pipeline reads into one sink transaction (bounds its memory whatever the events' size)"),
     setting("SINK_LINGER_MS", Some("200"), int(0, 60_000), "how long the pipeline lets a part-filled batch fill before writing it (fewer, larger sink transactions)"),
     setting("PLUGIN_MEMORY_MB", Some("64"), int(1, 4096), "memory limit of each plugin instance, in MiB"),
     setting("PLUGIN_PROCESS_EVENT_TIMEOUT_MS", Some("500"), int(1, 600_000), "deadline of one process-event call (a batch of events) of one plugin"),
@@ -132,6 +133,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("JOB_RETRY_BASE_MS", Some("1000"), int(1, 3_600_000), "delay before a failed job's first retry; doubled for each further one (with jitter), at most an hour"),
     setting("JOB_KEY_RETENTION_HOURS", Some("24"), int(1, 8_760), "how long a job's idempotency key keeps deduplicating"),
     setting("PLUGIN_TASK_TIMEOUT_SECS", Some("30"), int(1, 86_400), "deadline of plugin setup, scheduled tasks, jobs and exports"),
+    setting("APPLIANCE_FAILPOINTS", None, Kind::Text, "for crash tests only: comma-separated failure points at which the process aborts (pipeline.after_sink_write)"),
     setting("PLUGIN_ALLOWED_HOSTS", None, Kind::Text, "comma-separated hosts plugins may fetch from; unset: any host a plugin declares in its plugin.json"),
     setting("SHUTDOWN_TIMEOUT_SECS", Some("30"), int(0, 3600), "on SIGTERM, how long to keep flushing the queue to the sink before exiting"),
 ];
@@ -161,22 +163,48 @@ pub struct Config {
     pub ingest_channel_capacity: usize,
     pub ingest_commit_max_requests: usize,
     pub sink_batch_events: usize,
+    pub sink_batch_bytes: usize,
     pub sink_linger: Duration,
-    pub plugin_limits: crate::plugins::runtime::Limits,
+    pub plugin_limits: PluginLimits,
     /// Operator's allow-list for plugin HTTP; empty means whatever plugins declare.
     pub plugin_allowed_hosts: Vec<String>,
     pub shutdown_timeout: Duration,
     pub worker_concurrency: usize,
-    pub jobs: crate::jobs::JobSettings,
+    pub jobs: JobSettings,
     /// Where day slots of schedules start.
     pub schedule_timezone: chrono_tz::Tz,
     pub disable_mmdb: bool,
     /// The GeoIP database named by the operator, if any.
     pub geoip_mmdb: Option<PathBuf>,
+    /// Failure points armed for a crash test.
+    pub failpoints: Vec<String>,
     /// Every setting's effective value, by name.
     raw: BTreeMap<&'static str, Option<String>>,
     /// Names set explicitly in the environment (not defaulted).
     explicit: Vec<&'static str>,
+}
+
+/// Limits applied to every plugin call.
+#[derive(Clone, Copy, Debug)]
+pub struct PluginLimits {
+    pub memory_bytes: usize,
+    /// Deadline of `process-event` calls (per batch call).
+    pub process_event: Duration,
+    /// Deadline of setup, scheduled tasks, jobs and exports.
+    pub task: Duration,
+}
+
+/// How the job queue behaves.
+#[derive(Clone, Copy, Debug)]
+pub struct JobSettings {
+    /// Jobs that run at once.
+    pub slots: usize,
+    /// Jobs of one plugin config that may be claimed at once.
+    pub per_plugin_config: usize,
+    /// Delay before the first retry; doubled for each further one.
+    pub retry_base: Duration,
+    /// How long an idempotency key keeps deduplicating.
+    pub key_retention: Duration,
 }
 
 /// Limits applied by capture to each request.
@@ -249,8 +277,9 @@ impl Config {
             ingest_channel_capacity: num("INGEST_CHANNEL_CAPACITY") as usize,
             ingest_commit_max_requests: num("INGEST_COMMIT_MAX_REQUESTS") as usize,
             sink_batch_events: num("SINK_BATCH_EVENTS") as usize,
+            sink_batch_bytes: num("SINK_BATCH_BYTES") as usize,
             sink_linger: Duration::from_millis(num("SINK_LINGER_MS")),
-            plugin_limits: crate::plugins::runtime::Limits {
+            plugin_limits: PluginLimits {
                 memory_bytes: (num("PLUGIN_MEMORY_MB") as usize) << 20,
                 process_event: Duration::from_millis(num("PLUGIN_PROCESS_EVENT_TIMEOUT_MS")),
                 task: Duration::from_secs(num("PLUGIN_TASK_TIMEOUT_SECS")),
@@ -265,7 +294,7 @@ impl Config {
                 0 => cores,
                 n => n as usize,
             },
-            jobs: crate::jobs::JobSettings {
+            jobs: JobSettings {
                 slots: match num("WORKER_CONCURRENCY") {
                     0 => cores,
                     n => n as usize,
@@ -284,6 +313,11 @@ impl Config {
                 .cloned()
                 .flatten()
                 .map(PathBuf::from),
+            failpoints: get("APPLIANCE_FAILPOINTS")
+                .split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
             raw: raw.clone(),
             explicit,
         };

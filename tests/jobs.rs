@@ -6,110 +6,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
-use common::{cli, create_team, enable_plugin, install_plugin, Appliance, TOKEN};
+use common::{
+    cli, create_team, enable_plugin, install_plugin, storage, wait_storage, webhook, Api,
+    Appliance, TOKEN,
+};
 use serde_json::{json, Value};
 
 /// Fast retries, so the tests do not wait for the production backoff.
 const FAST: &[(&str, &str)] = &[("JOB_RETRY_BASE_MS", "100"), ("SINK_LINGER_MS", "0")];
-
-fn storage(dir: &Path, team: &str, plugin: &str) -> HashMap<String, String> {
-    cli(dir, &["plugin", "storage", "--team", team, plugin])
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
-/// Polls the plugin config's storage until `done` holds, or fails with what it last saw.
-async fn wait_storage(
-    dir: &Path,
-    team: &str,
-    plugin: &str,
-    what: &str,
-    done: impl Fn(&HashMap<String, String>) -> bool,
-) -> HashMap<String, String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen = storage(dir, team, plugin);
-        if done(&seen) {
-            return seen;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; storage is {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-struct Api {
-    base: String,
-    token: String,
-    client: reqwest::Client,
-}
-
-impl Api {
-    fn new(app: &Appliance) -> Api {
-        Api {
-            base: app.url(""),
-            token: cli(&app.data_dir, &["api-token"]).trim().to_owned(),
-            client: reqwest::Client::new(),
-        }
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut request = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn enqueue(&self, team: &str, plugin: &str, job: Value) -> String {
-        let (status, body) = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/api/teams/{team}/plugins/{plugin}/jobs"),
-                Some(job),
-            )
-            .await;
-        assert_eq!(status, 202, "{body}");
-        body["id"].as_str().unwrap().to_owned()
-    }
-
-    async fn job(&self, id: &str) -> Value {
-        let (status, body) = self
-            .call(reqwest::Method::GET, &format!("/api/jobs/{id}"), None)
-            .await;
-        assert_eq!(status, 200, "{body}");
-        body
-    }
-
-    async fn wait_job_state(&self, id: &str, state: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let job = self.job(id).await;
-            if job["state"] == state {
-                return job;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "job {id} never became {state}: {job}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
 
 fn start_lab(dir: &Path, env: &[(&str, &str)]) -> (Appliance, String) {
     let team = create_team(dir, "lab", TOKEN).to_string();
@@ -118,33 +26,6 @@ fn start_lab(dir: &Path, env: &[(&str, &str)]) -> (Appliance, String) {
     let mut all = FAST.to_vec();
     all.extend_from_slice(env);
     (Appliance::start(dir, &all), team)
-}
-
-/// What a test webhook answers to its `n`th request (from 0): after how long, with what status.
-type Answer = fn(usize) -> (Duration, u16);
-
-/// A webhook endpoint answering as `answer` says, keeping each request's status and body.
-async fn webhook(answer: Answer) -> (SocketAddr, Arc<Mutex<Vec<(u16, Value)>>>) {
-    let seen: Arc<Mutex<Vec<(u16, Value)>>> = Arc::default();
-    let record = seen.clone();
-    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |body: axum::Json<Value>| {
-            let (record, requests) = (record.clone(), requests.clone());
-            async move {
-                let n = requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let (delay, status) = answer(n);
-                tokio::time::sleep(delay).await;
-                record.lock().unwrap().push((status, body.0));
-                axum::http::StatusCode::from_u16(status).unwrap()
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

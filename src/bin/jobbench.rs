@@ -12,7 +12,6 @@ use appliance::jobs::{now_ms, Done, JobQueue, JobSettings, RunError, Runner, Sto
 use appliance::store::{Job, JobKind, NewJob, Store};
 use clap::Parser;
 use hdrhistogram::Histogram;
-use tokio::sync::watch;
 
 // The same allocator as the server, so the figures are the server's.
 #[global_allocator]
@@ -102,14 +101,14 @@ async fn main() {
         let recorder = Arc::new(Recorder {
             delays: Mutex::new(Histogram::new(3).expect("histogram")),
         });
-        let (drain_tx, drain_rx) = watch::channel(None);
+        let (trigger, shutdown) = appliance::shutdown::channel();
         let workers = tokio::spawn(
             Workers {
                 queue: queue.clone(),
                 runner: recorder.clone(),
                 schedule_done: None,
             }
-            .run(drain_rx),
+            .run(shutdown),
         );
 
         // Throughput: `size` no-op jobs due now, enqueued in bulk, then run to the last.
@@ -155,7 +154,7 @@ async fn main() {
             p50 as f64 / 1000.0,
             p99 as f64 / 1000.0,
         );
-        let _ = drain_tx.send(Some(tokio::time::Instant::now()));
+        trigger.drain_until(tokio::time::Instant::now());
         let _ = workers.await;
     }
 }

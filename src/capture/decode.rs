@@ -10,10 +10,11 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine;
 
 use super::error::CaptureError;
+use super::lz64::Lz64Error;
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
-/// lz-string can expand its input quadratically, so its input is kept small; only very old
-/// posthog-js releases send lz64, with small batches.
+/// Only very old posthog-js releases send lz64, with small batches; its output is bounded as it
+/// is produced (see `lz64`), and its input is kept small too.
 const MAX_LZ64_INPUT: usize = 512 * 1024;
 
 const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
@@ -89,7 +90,7 @@ pub fn decode_payload(
     }
 
     let decoded = match hint.unwrap_or(Compression::None) {
-        Compression::Lz64 => decode_lz64(&payload)?,
+        Compression::Lz64 => decode_lz64(&payload, max_decompressed)?,
         Compression::Base64 => maybe_gunzip(decode_base64(&payload)?, max_decompressed)?,
         Compression::Gzip if !payload.starts_with(&GZIP_MAGIC) && looks_like_base64(&payload) => {
             maybe_gunzip(decode_base64(&payload)?, max_decompressed)?
@@ -162,7 +163,7 @@ fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, CaptureError> {
     Ok(out)
 }
 
-fn decode_lz64(payload: &[u8]) -> Result<Vec<u8>, CaptureError> {
+fn decode_lz64(payload: &[u8], max_decompressed: usize) -> Result<Vec<u8>, CaptureError> {
     if payload.len() > MAX_LZ64_INPUT {
         return Err(CaptureError::BodyTooLarge {
             limit: MAX_LZ64_INPUT,
@@ -179,9 +180,16 @@ fn decode_lz64(payload: &[u8]) -> Result<Vec<u8>, CaptureError> {
     {
         return Err(CaptureError::InvalidLz64);
     }
-    let wide = lz_str::decompress_from_base64(text)
-        .filter(|w| !w.is_empty())
-        .ok_or(CaptureError::InvalidLz64)?;
+    // Each UTF-16 unit becomes at least one byte of UTF-8, so the byte limit bounds the units.
+    let wide = match super::lz64::decompress_from_base64(text, max_decompressed) {
+        Ok(wide) if !wide.is_empty() => wide,
+        Ok(_) | Err(Lz64Error::Invalid) => return Err(CaptureError::InvalidLz64),
+        Err(Lz64Error::TooLarge) => {
+            return Err(CaptureError::DecompressedTooLarge {
+                limit: max_decompressed,
+            })
+        }
+    };
     String::from_utf16(&wide)
         .map(String::into_bytes)
         .map_err(|_| CaptureError::InvalidLz64)

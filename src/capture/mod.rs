@@ -10,6 +10,7 @@
 pub mod decode;
 pub mod error;
 mod flags;
+pub mod lz64;
 pub mod parse;
 
 use std::collections::HashMap;
@@ -26,10 +27,10 @@ use serde_json::{json, Value};
 use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 
 use crate::config::CaptureLimits;
+use crate::event::normalize::{normalize, RequestContext};
+use crate::event::timestamp::sent_at_from_query_millis;
 use crate::event::IngestBatch;
 use crate::ingest::{IngestError, IngestHandle};
-use crate::pipeline::normalize::{normalize, RequestContext};
-use crate::pipeline::timestamp::sent_at_from_query_millis;
 use crate::store::{Store, Team};
 use decode::{decode_payload, EncodedRequest};
 use error::CaptureError;

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::error::{CaptureError, Rejection};
-use crate::pipeline::timestamp::parse_client_time;
+use crate::event::timestamp::parse_client_time;
 
 /// PostHog truncates distinct ids to this many characters.
 const MAX_DISTINCT_ID_CHARS: usize = 200;

@@ -1,125 +1,46 @@
-//! The pipeline: drains the ingest queue into the sink.
+//! The pipeline: drains the ingest queue through the plugins into the sink, then queues the
+//! after-write deliveries.
 //!
-//! Owns: the rules that normalise an event ([`normalize`], [`timestamp`]; applied where events
-//! enter the queue), and the loop that reads batches after the sink's committed position, hands
-//! them to the sink, and trims the queue behind it, retrying with backoff while the sink fails.
-//! Later steps (GeoIP, persons, the plugin chain, after-write deliveries) slot in between
-//! reading and writing.
-//! Must never: trim a batch from the queue before the sink has durably committed it, or skip one.
+//! Owns: the loop that reads batches after the positions ([`positions`]), runs the teams' plugin
+//! chains, writes to the sink, queues deliveries of what the sink inserted, trims the queue
+//! behind both, quarantines records it cannot read, and retries a failing step with backoff.
+//! Must never: trim a batch before the sink has durably committed it and its deliveries are
+//! queued; skip a batch; run the plugins again over a batch the sink already holds.
 
-pub mod normalize;
-pub mod timestamp;
+mod backoff;
+pub mod positions;
+mod status;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::event::IngestBatch;
 use crate::jobs::JobQueue;
-use crate::plugins::{tasks, Catalog, Chains};
-use crate::sinks::Sink;
-use crate::store::{Store, StoreError};
+use crate::plugins::tasks::{self, ToDeliver};
+use crate::plugins::{Catalog, Chains};
+use crate::shutdown::Shutdown;
+use crate::sinks::{Sink, StoredRows, Written};
+use crate::store::{QueuedBatch, ReadLimits, Store, StoreError};
+use backoff::Backoff;
+use positions::{Plan, Positions};
+pub use status::{PipelineReport, PipelineStatus};
 
-/// How often the queue is trimmed behind the sink: each trim is an fsync, and the sink's own
-/// position makes a late trim harmless.
+/// How often the queue is trimmed behind the sink under load: each trim is an fsync, and the
+/// sink's own position makes a late trim harmless.
 const TRIM_INTERVAL: Duration = Duration::from_millis(500);
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
 /// While idle the pipeline looks at the queue this often even without a wake-up, so batches
-/// appended by another process (a future source) are not left waiting.
+/// appended by another process are not left waiting.
 const IDLE_POLL: Duration = Duration::from_secs(1);
-
-/// Exponential backoff between the tries of a failing step.
-struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Backoff {
-        Backoff { next: RETRY_MIN }
-    }
-}
-
-impl Backoff {
-    fn reset(&mut self) {
-        self.next = RETRY_MIN;
-    }
-
-    /// Reports the failure (log and `/_ready`) and waits before the next try; a change of the
-    /// drain signal, if one is given, cuts the wait short.
-    async fn wait(
-        &mut self,
-        status: &PipelineStatus,
-        what: &str,
-        error: impl std::fmt::Display,
-        drain: Option<&mut DrainSignal>,
-    ) {
-        tracing::error!(error = %error, retry_in_ms = self.next.as_millis() as u64, "{what} failed; retrying");
-        status.set_error(Some(error.to_string()));
-        match drain {
-            Some(drain) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(self.next) => {}
-                    _ = drain.changed() => {}
-                }
-            }
-            None => tokio::time::sleep(self.next).await,
-        }
-        self.next = (self.next * 2).min(RETRY_MAX);
-    }
-}
-
-/// What `/_ready` shows about the pipeline; updated as it works.
-#[derive(Default)]
-pub struct PipelineStatus {
-    position: AtomicU64,
-    events_written: AtomicU64,
-    healthy: AtomicBool,
-    last_error: Mutex<Option<String>>,
-}
-
-#[derive(Serialize)]
-pub struct PipelineReport {
-    pub sink: &'static str,
-    /// Last queue position the sink has committed.
-    pub position: u64,
-    /// Events written since start-up (replayed duplicates included, skipped by the sink).
-    pub events_written: u64,
-    pub healthy: bool,
-    pub last_error: Option<String>,
-}
-
-impl PipelineStatus {
-    pub fn report(&self, sink: &'static str) -> PipelineReport {
-        PipelineReport {
-            sink,
-            position: self.position.load(Ordering::Relaxed),
-            events_written: self.events_written.load(Ordering::Relaxed),
-            healthy: self.healthy.load(Ordering::Relaxed),
-            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
-        }
-    }
-
-    fn set_error(&self, error: Option<String>) {
-        self.healthy.store(error.is_none(), Ordering::Relaxed);
-        if let Ok(mut slot) = self.last_error.lock() {
-            *slot = error;
-        }
-    }
-}
-
-/// When to stop: `None` while running; `Some(deadline)` to drain what is queued, giving up at
-/// the deadline (what is left stays durable in the queue for the next start).
-pub type DrainSignal = watch::Receiver<Option<Instant>>;
+/// How many prepared batches may wait for the sink: enough to keep both stages busy.
+const PREPARED_AHEAD: usize = 2;
 
 pub struct Pipeline {
     pub store: Store,
     pub sink: Arc<dyn Sink>,
-    pub batch_events: usize,
+    /// How much one read of the queue (one sink transaction) may hold.
+    pub read_limits: ReadLimits,
     /// How long a part-filled batch may wait to fill before it is written.
     pub linger: Duration,
     /// The teams' `process-event` plugin chains, run on each batch before the sink write.
@@ -138,250 +59,353 @@ pub struct Deliveries {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum ReadError {
+enum StepError {
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Sink(#[from] crate::sinks::SinkError),
+    #[error("{0}")]
+    Plugin(#[from] crate::plugins::PluginError),
     #[error("blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Batches read from the queue and through the plugins, waiting for the sink.
+/// One read of the queue, ready for the sink.
 struct Prepared {
-    batches: Arc<Vec<IngestBatch>>,
-    /// Queue position of the last batch.
+    /// Batches the sink holds already, whose deliveries are rebuilt from its rows.
+    redeliver: Vec<QueuedBatch>,
+    /// Batches through the plugins, to write; in queue order, after `redeliver`.
+    process: Arc<Vec<QueuedBatch>>,
+    /// Batches above this position have their deliveries queued (none at or below it).
+    deliver_after: u64,
+    /// Queue position of the last record read (unreadable ones included).
     last: u64,
     events: usize,
 }
 
-/// How many prepared batches may wait for the sink: enough to keep both stages busy.
-const PREPARED_AHEAD: usize = 2;
-
 impl Pipeline {
     /// Runs the two stages until drained: one reads the queue and runs the plugin chains, the
-    /// other writes to the sink, so a batch's plugins run while the previous batch is written.
-    pub async fn run(self, drain: DrainSignal) {
+    /// other writes to the sink and queues deliveries, so a batch's plugins run while the
+    /// previous batch is written.
+    pub async fn run(self, shutdown: Shutdown) {
         let this = Arc::new(self);
-        let mut start_drain = drain.clone();
-        let Some(start) = this.initial_position(&mut start_drain).await else {
+        let mut start_shutdown = shutdown.clone();
+        let Some(start) = this.initial_positions(&mut start_shutdown).await else {
             return;
         };
+        tracing::debug!(?start, "pipeline positions at start");
         let (prepared_tx, prepared_rx) = mpsc::channel(PREPARED_AHEAD);
-        let reader = tokio::spawn(this.clone().read_stage(start, prepared_tx, drain.clone()));
-        this.write_stage(start, prepared_rx, drain).await;
+        let reader = tokio::spawn(
+            this.clone()
+                .read_stage(start, prepared_tx, shutdown.clone()),
+        );
+        this.write_stage(start, prepared_rx, shutdown).await;
         if let Err(e) = reader.await {
             tracing::error!(error = %e, "the pipeline's read stage failed");
         }
     }
 
-    /// Reads batches after `position`, runs the plugin chains, and hands them on in order.
-    async fn read_stage(
-        self: Arc<Self>,
-        mut position: u64,
-        out: mpsc::Sender<Prepared>,
-        mut drain: DrainSignal,
-    ) {
+    /// The marks at start-up, retried until the sink answers; `None` if the shutdown deadline
+    /// passes first.
+    async fn initial_positions(&self, shutdown: &mut Shutdown) -> Option<Positions> {
         let mut backoff = Backoff::default();
         loop {
-            let deadline = *drain.borrow();
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if shutdown.deadline_passed() {
+                return None;
+            }
+            let store = self.store.clone();
+            let delivered = tokio::task::spawn_blocking(move || store.delivered_position());
+            let step: Result<Positions, StepError> = async {
+                let sink = self.sink.position().await?;
+                let delivered = delivered.await??;
+                Ok(Positions::at_start(sink, delivered))
+            }
+            .await;
+            match step {
+                Ok(positions) => {
+                    self.status
+                        .set_positions(positions.sink, positions.delivered);
+                    self.status.set_error(None);
+                    return Some(positions);
+                }
+                Err(e) => {
+                    backoff
+                        .wait(&self.status, "reading the positions", e, shutdown)
+                        .await
+                }
+            }
+        }
+    }
+
+    /// Reads after the lower mark, sets aside unreadable records, runs the plugin chains over
+    /// the batches the sink does not hold yet, and hands everything on in order.
+    async fn read_stage(
+        self: Arc<Self>,
+        start: Positions,
+        out: mpsc::Sender<Prepared>,
+        mut shutdown: Shutdown,
+    ) {
+        let mut position = start.read_after();
+        let mut backoff = Backoff::default();
+        loop {
+            if shutdown.deadline_passed() {
                 break;
             }
-            match self.prepare(position).await {
+            let draining = shutdown.is_draining();
+            match self.prepare(&start, position).await {
                 Ok(Some(prepared)) => {
                     backoff.reset();
                     position = prepared.last;
-                    let part_filled = prepared.events < self.batch_events;
+                    let part_filled = prepared.events < self.read_limits.events;
                     if out.send(prepared).await.is_err() {
                         break;
                     }
                     // A part-filled batch means the pipeline is keeping up: let the next batch
                     // fill for a moment rather than commit (and fsync) a trickle of small ones.
-                    if part_filled && deadline.is_none() {
+                    if part_filled && !draining {
                         tokio::select! {
                             _ = tokio::time::sleep(self.linger) => {}
-                            _ = drain.changed() => {}
+                            _ = shutdown.changed() => {}
                         }
                     }
                 }
                 Ok(None) => {
-                    if deadline.is_some() {
+                    if draining {
                         break;
                     }
                     tokio::select! {
                         _ = self.wake.notified() => {}
-                        _ = drain.changed() => {}
+                        _ = shutdown.changed() => {}
                         _ = tokio::time::sleep(IDLE_POLL) => {}
                     }
                 }
                 Err(e) => {
                     backoff
-                        .wait(
-                            &self.status,
-                            "reading the ingest queue",
-                            e,
-                            Some(&mut drain),
-                        )
+                        .wait(&self.status, "reading the ingest queue", e, &mut shutdown)
                         .await
                 }
             }
         }
     }
 
-    /// Writes prepared batches to the sink in order, retrying each until it is committed, and
-    /// trims the queue behind the sink.
+    /// Reads the records after `position`; `None` when there are none.
+    async fn prepare(
+        &self,
+        start: &Positions,
+        position: u64,
+    ) -> Result<Option<Prepared>, StepError> {
+        let store = self.store.clone();
+        let limits = self.read_limits;
+        let read = tokio::task::spawn_blocking(move || store.read_ingest_after(position, limits))
+            .await??;
+        let Some(last) = read.last else {
+            return Ok(None);
+        };
+        for bad in &read.unreadable {
+            self.quarantine(bad.seq, &bad.reason).await?;
+        }
+        let (mut redeliver, mut process) = (Vec::new(), Vec::new());
+        for queued in read.batches {
+            match start.plan(queued.seq) {
+                Plan::Process { .. } => process.push(queued),
+                Plan::Redeliver => redeliver.push(queued),
+                Plan::Done => {}
+            }
+        }
+        if !process.is_empty() {
+            let chains = self.plugins.clone();
+            process = tokio::task::spawn_blocking(move || {
+                let mut chains = chains.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let Err(e) = chains.refresh() {
+                    tracing::error!(error = %e, "cannot reload plugin configs; keeping the previous chains");
+                }
+                for queued in &mut process {
+                    if chains.has_chain(queued.batch.team_id) {
+                        chains.process(&mut queued.batch);
+                    }
+                }
+                process
+            })
+            .await?;
+        }
+        let events = process
+            .iter()
+            .chain(&redeliver)
+            .map(|q| q.batch.events.len())
+            .sum();
+        Ok(Some(Prepared {
+            redeliver,
+            process: Arc::new(process),
+            deliver_after: start.delivered,
+            last,
+            events,
+        }))
+    }
+
+    /// Sets an unreadable queue record aside, visibly, so the events after it flow.
+    async fn quarantine(&self, seq: u64, reason: &str) -> Result<(), StepError> {
+        tracing::error!(
+            position = seq,
+            reason,
+            "an ingest queue record cannot be read; it is quarantined and the pipeline goes on"
+        );
+        let store = self.store.clone();
+        let why = reason.to_owned();
+        tokio::task::spawn_blocking(move || store.quarantine_ingest(seq, &why)).await??;
+        self.status.count_quarantined();
+        Ok(())
+    }
+
+    /// Writes prepared batches to the sink in order, queues their deliveries, and trims the
+    /// queue behind both; each step is retried until it succeeds.
     async fn write_stage(
         &self,
-        mut position: u64,
+        mut positions: Positions,
         mut input: mpsc::Receiver<Prepared>,
-        mut drain: DrainSignal,
+        mut shutdown: Shutdown,
     ) {
         let mut trimmed = 0u64;
         let mut last_trim = Instant::now();
-        'batches: while let Some(prepared) = input.recv().await {
-            let mut backoff = Backoff::default();
-            loop {
-                if drain.borrow().is_some_and(|d| Instant::now() >= d) {
-                    tracing::warn!(
-                        position,
-                        "shutdown deadline reached; the rest stays queued for the next start"
-                    );
-                    break 'batches;
-                }
-                match self
-                    .sink
-                    .write(prepared.batches.clone(), prepared.last)
-                    .await
-                {
-                    Ok(()) => break,
-                    Err(e) => {
-                        backoff
-                            .wait(&self.status, "writing to the sink", e, Some(&mut drain))
-                            .await
-                    }
-                }
+        while let Some(prepared) = input.recv().await {
+            let Some(written) = self.write(&positions, &prepared, &mut shutdown).await else {
+                break;
+            };
+            positions.stored(prepared.last);
+            crate::failpoint::hit("pipeline.after_sink_write");
+            if !self.deliver(&prepared, &written, &mut shutdown).await {
+                break;
             }
-            if !self.queue_deliveries(&prepared, &mut drain).await {
-                break 'batches;
-            }
-            position = prepared.last;
-            self.status.position.store(position, Ordering::Relaxed);
+            positions.delivered(prepared.last);
             self.status
-                .events_written
-                .fetch_add(prepared.events as u64, Ordering::Relaxed);
+                .set_positions(positions.sink, positions.delivered);
             self.status.set_error(None);
             // Trim when caught up, and at least every TRIM_INTERVAL under load.
             if input.is_empty() || last_trim.elapsed() >= TRIM_INTERVAL {
-                trimmed = self.trim(position, trimmed).await;
+                trimmed = self.trim(positions.trimmable(), trimmed).await;
                 last_trim = Instant::now();
             }
         }
-        self.trim(position, trimmed).await;
+        self.trim(positions.trimmable(), trimmed).await;
     }
 
-    /// Where reading starts: after the sink's committed position, or earlier if the deliveries
-    /// of written batches were not yet queued when the last run stopped (those batches are read
-    /// again; the sink skips what it has). Retried until the sink answers; `None` if the
-    /// shutdown deadline passes first.
-    async fn initial_position(&self, drain: &mut DrainSignal) -> Option<u64> {
+    /// Writes the batches the sink does not hold (and moves its position past unreadable
+    /// records); `None` if the shutdown deadline passed first.
+    async fn write(
+        &self,
+        positions: &Positions,
+        prepared: &Prepared,
+        shutdown: &mut Shutdown,
+    ) -> Option<Written> {
+        if prepared.last <= positions.sink {
+            return Some(Written::default());
+        }
         let mut backoff = Backoff::default();
         loop {
-            if drain.borrow().is_some_and(|d| Instant::now() >= d) {
+            if shutdown.deadline_passed() {
+                tracing::warn!(
+                    position = positions.sink,
+                    "shutdown deadline reached; the rest stays queued for the next start"
+                );
                 return None;
             }
-            let store = self.store.clone();
-            let delivered = tokio::task::spawn_blocking(move || store.delivered_position()).await;
-            let step = match (self.sink.position().await, delivered) {
-                (Ok(sink), Ok(Ok(delivered))) => Ok((sink, delivered)),
-                (Err(e), _) => Err(e.to_string()),
-                (_, Ok(Err(e))) => Err(e.to_string()),
-                (_, Err(e)) => Err(e.to_string()),
-            };
-            match step {
-                Ok((sink, delivered)) => {
-                    self.status.position.store(sink, Ordering::Relaxed);
-                    self.status.set_error(None);
-                    return Some(delivered.map_or(sink, |d| d.min(sink)));
+            match self
+                .sink
+                .write(prepared.process.clone(), prepared.last)
+                .await
+            {
+                Ok(written) => {
+                    let stored = written.count();
+                    let total: usize = prepared.process.iter().map(|q| q.batch.events.len()).sum();
+                    self.status.count_written(stored, total - stored);
+                    return Some(written);
                 }
                 Err(e) => {
                     backoff
-                        .wait(&self.status, "reading the sink position", e, Some(drain))
+                        .wait(&self.status, "writing to the sink", e, shutdown)
                         .await
                 }
             }
         }
     }
 
-    /// Queues the deliveries of a written batch, retrying until they are durable; `false` if
-    /// the shutdown deadline passed first (the batch is then read again at the next start).
-    async fn queue_deliveries(&self, prepared: &Prepared, drain: &mut DrainSignal) -> bool {
+    /// Queues the deliveries of what the write inserted and of the stored batches being
+    /// redelivered, retrying until they are durable; `false` if the shutdown deadline passed
+    /// first (the batches are then read again at the next start, and not processed again).
+    async fn deliver(
+        &self,
+        prepared: &Prepared,
+        written: &Written,
+        shutdown: &mut Shutdown,
+    ) -> bool {
         let Some(deliveries) = &self.deliveries else {
             return true;
         };
         let mut backoff = Backoff::default();
         loop {
-            if drain.borrow().is_some_and(|d| Instant::now() >= d) {
+            if shutdown.deadline_passed() {
                 return false;
             }
-            let (catalog, queue) = (deliveries.catalog.clone(), deliveries.queue.clone());
-            let (batches, last) = (prepared.batches.clone(), prepared.last);
-            let result = tokio::task::spawn_blocking(move || {
-                let jobs = tasks::deliveries(&catalog, &batches).map_err(|e| e.to_string())?;
-                if jobs.is_empty() {
-                    return Ok(());
-                }
-                queue
-                    .enqueue_marking(jobs, Some(last))
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            })
-            .await;
-            match result {
-                Ok(Ok(())) => return true,
-                Ok(Err(e)) => {
-                    backoff
-                        .wait(&self.status, "queuing deliveries", e, Some(drain))
-                        .await
-                }
+            match self.queue_deliveries(deliveries, prepared, written).await {
+                Ok(()) => return true,
                 Err(e) => {
                     backoff
-                        .wait(&self.status, "queuing deliveries", e, Some(drain))
+                        .wait(&self.status, "queuing deliveries", e, shutdown)
                         .await
                 }
             }
         }
     }
 
-    /// Reads the batches after `position` and runs the plugin chains over them; `None` when the
-    /// queue holds nothing after `position`.
-    async fn prepare(&self, position: u64) -> Result<Option<Prepared>, ReadError> {
-        let store = self.store.clone();
-        let max = self.batch_events;
-        let queued =
-            tokio::task::spawn_blocking(move || store.read_ingest_after(position, max)).await??;
-        let Some(last) = queued.last().map(|q| q.seq) else {
-            return Ok(None);
+    async fn queue_deliveries(
+        &self,
+        deliveries: &Deliveries,
+        prepared: &Prepared,
+        written: &Written,
+    ) -> Result<(), StepError> {
+        let catalog = deliveries.catalog.clone();
+        let teams = tokio::task::spawn_blocking(move || tasks::exporting_teams(&catalog)).await??;
+        let after = prepared.deliver_after;
+        let wanted = move |q: &QueuedBatch| teams.contains(&q.batch.team_id);
+        let redeliver: Vec<QueuedBatch> = prepared
+            .redeliver
+            .iter()
+            .filter(|q| wanted(q))
+            .cloned()
+            .collect();
+        let fresh = prepared.process.iter().any(|q| q.seq > after && wanted(q));
+        if redeliver.is_empty() && !fresh {
+            return Ok(());
+        }
+        let stored: StoredRows = if redeliver.is_empty() {
+            Vec::new()
+        } else {
+            self.sink.stored_rows(Arc::new(redeliver.clone())).await?
         };
-        let mut batches: Vec<_> = queued.into_iter().map(|q| q.batch).collect();
-        let chains = self.plugins.clone();
-        batches = tokio::task::spawn_blocking(move || {
-            let mut chains = chains.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if let Err(e) = chains.refresh() {
-                tracing::error!(error = %e, "cannot reload plugin configs; keeping the previous chains");
+        let (catalog, queue) = (deliveries.catalog.clone(), deliveries.queue.clone());
+        let (process, inserted, last) = (
+            prepared.process.clone(),
+            written.inserted.clone(),
+            prepared.last,
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut items = Vec::new();
+            for (queued, rows) in redeliver.iter().zip(&stored) {
+                items.push(ToDeliver::of(&queued.batch, rows.iter().flatten()));
             }
-            for batch in &mut batches {
-                if chains.has_chain(batch.team_id) {
-                    chains.process(batch);
+            for (queued, inserted) in process.iter().zip(&inserted) {
+                if queued.seq > after && wanted(queued) {
+                    let rows = queued.batch.events.iter().zip(inserted);
+                    let rows = rows.filter(|(_, inserted)| **inserted).map(|(row, _)| row);
+                    items.push(ToDeliver::of(&queued.batch, rows));
                 }
             }
-            batches
+            let jobs = tasks::delivery_jobs(&catalog, &items)?;
+            if !jobs.is_empty() {
+                queue.enqueue_marking(jobs, Some(last))?;
+            }
+            Ok::<_, StepError>(())
         })
-        .await?;
-        let events = batches.iter().map(|b| b.events.len()).sum();
-        Ok(Some(Prepared {
-            batches: Arc::new(batches),
-            last,
-            events,
-        }))
+        .await?
     }
 
     /// Trims the queue through `position` if that is past what was trimmed; returns the new mark.

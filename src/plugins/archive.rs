@@ -16,7 +16,7 @@ const MAX_ENTRIES: usize = 10_000;
 pub type Files = BTreeMap<PathBuf, Vec<u8>>;
 
 fn refuse(path: &Path, why: impl std::fmt::Display) -> PluginError {
-    PluginError::Io(format!("{}: {why}", path.display()))
+    PluginError::InvalidArchive(format!("{}: {why}", path.display()))
 }
 
 /// True for a path that stays inside the archive.

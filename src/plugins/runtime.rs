@@ -13,6 +13,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::host::HostState;
 use super::PluginError;
+pub use crate::config::PluginLimits as Limits;
 use crate::store::Cadence;
 
 /// Host bindings of `wit/plugin.wit`.
@@ -44,16 +45,6 @@ enum Stopped {
 
 fn ticks(d: Duration) -> u64 {
     (d.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
-}
-
-/// Limits applied to every plugin call.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub memory_bytes: usize,
-    /// Deadline of `process-event` calls (per batch call).
-    pub process_event: Duration,
-    /// Deadline of setup, scheduled tasks, jobs and exports.
-    pub task: Duration,
 }
 
 /// Why a call did not return a result.

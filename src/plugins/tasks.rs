@@ -6,20 +6,22 @@
 //! pages of historical exports (each page job reads the next page from the sink, hands it to the
 //! plugin, and queues the following page with its completion).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::chain::to_wit;
 use super::host::JobContext;
 use super::runtime::{CallError, Exports, Instance, WitEvent};
-use super::{log_error, to_wit, Catalog, Entry};
-use crate::event::{timestamp_text, IngestBatch};
+use super::{log_error, Catalog, Entry};
+use crate::event::{timestamp_text, EventRow, IngestBatch};
 use crate::jobs::{Done, InternalRunner, RunError, Runner, StopFlags};
 use crate::schedule::ScheduleSource;
 use crate::sinks::{EventReader, StoredEvent};
 use crate::store::{
-    Cadence, ExportProgress, ExportState, Job, JobKind, NewJob, PageCursor, PluginConfigId,
+    Cadence, ExportProgress, ExportState, Job, JobKind, NewJob, PageCursor, PluginConfigId, TeamId,
 };
 
 /// Events handed to one delivery job at most (PostHog's exports buffered about this many).
@@ -71,36 +73,64 @@ impl From<DeliveredEvent> for WitEvent {
     }
 }
 
-/// The delivery jobs for batches just written to the sink: for each enabled config of the
-/// batch's team that implements `on-event` or `export-events`, the events in chunks.
-pub fn deliveries(
+/// Teams with at least one enabled config that implements `on-event` or `export-events`.
+pub fn exporting_teams(catalog: &Catalog) -> Result<HashSet<TeamId>, super::PluginError> {
+    let (_, entries) = catalog.enabled()?;
+    Ok(entries
+        .iter()
+        .filter(|e| is_exporter(e))
+        .map(|e| e.config.team_id)
+        .collect())
+}
+
+fn is_exporter(entry: &Entry) -> bool {
+    entry
+        .info
+        .exports
+        .intersects(Exports::ON_EVENT | Exports::EXPORT_EVENTS)
+}
+
+/// Stored events of one batch to hand to its team's exporting plugins.
+pub struct ToDeliver<'a> {
+    pub team_id: TeamId,
+    pub ip: Option<&'a str>,
+    pub rows: Vec<&'a EventRow>,
+}
+
+impl<'a> ToDeliver<'a> {
+    /// The `rows` of `batch` as the sink stored them.
+    pub fn of(batch: &'a IngestBatch, rows: impl Iterator<Item = &'a EventRow>) -> ToDeliver<'a> {
+        ToDeliver {
+            team_id: batch.team_id,
+            ip: batch.ip.as_deref(),
+            rows: rows.collect(),
+        }
+    }
+}
+
+/// The delivery jobs for stored events: for each enabled config of the events' team that
+/// implements `on-event` or `export-events`, the events in chunks.
+pub fn delivery_jobs(
     catalog: &Catalog,
-    batches: &[IngestBatch],
+    items: &[ToDeliver<'_>],
 ) -> Result<Vec<NewJob>, super::PluginError> {
     let (_, entries) = catalog.enabled()?;
-    let exporters: Vec<_> = entries
-        .iter()
-        .filter(|e| {
-            e.info
-                .exports
-                .intersects(Exports::ON_EVENT | Exports::EXPORT_EVENTS)
-        })
-        .collect();
+    let exporters: Vec<_> = entries.iter().filter(|e| is_exporter(e)).collect();
     let mut jobs = Vec::new();
     if exporters.is_empty() {
         return Ok(jobs);
     }
     let now = crate::jobs::now_ms();
     let timeout_ms = catalog.runtime().limits.task.as_millis() as u64;
-    for batch in batches {
+    for item in items.iter().filter(|i| !i.rows.is_empty()) {
         for entry in exporters
             .iter()
-            .filter(|e| e.config.team_id == batch.team_id)
+            .filter(|e| e.config.team_id == item.team_id)
         {
-            for chunk in batch.events.chunks(DELIVERY_CHUNK) {
+            for chunk in item.rows.chunks(DELIVERY_CHUNK) {
                 let events: Vec<DeliveredEvent> = chunk
                     .iter()
-                    .map(|row| DeliveredEvent::from(to_wit(row, batch)))
+                    .map(|row| DeliveredEvent::from(to_wit(row, item.team_id, item.ip)))
                     .collect();
                 jobs.push(NewJob {
                     id: uuid::Uuid::now_v7(),

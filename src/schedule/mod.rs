@@ -18,7 +18,7 @@ use chrono_tz::Tz;
 use tokio::sync::Notify;
 
 use crate::jobs::JobQueue;
-use crate::pipeline::DrainSignal;
+use crate::shutdown::Shutdown;
 use crate::store::{Cadence, JobKind, NewJob, PluginConfigId, ScheduleState, Store, StoreError};
 
 /// Missed hourly slots run after downtime, at most this many (the most recent ones).
@@ -173,9 +173,9 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub async fn run(self, mut drain: DrainSignal) {
+    pub async fn run(self, mut shutdown: Shutdown) {
         loop {
-            if drain.borrow().is_some() {
+            if shutdown.is_draining() {
                 return;
             }
             let source = self.source.clone();
@@ -206,7 +206,7 @@ impl Scheduler {
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
                 _ = self.job_done.notified() => {}
-                _ = drain.changed() => {}
+                _ = shutdown.changed() => {}
             }
         }
     }

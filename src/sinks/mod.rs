@@ -3,8 +3,8 @@
 //!
 //! Owns: the [`Sink`] contract and each implementation's schema, connection and batch write.
 //! Must never: acknowledge a batch it has not durably committed, or store an event twice: every
-//! write is idempotent on the event uuid and records, in the same transaction where the store is
-//! transactional, the queue position it has reached.
+//! write is idempotent on the event's (team, uuid) and records, in the same transaction where the
+//! store is transactional, the queue position it has reached.
 
 pub mod sqlite;
 
@@ -12,7 +12,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::event::IngestBatch;
+use crate::event::EventRow;
+use crate::store::QueuedBatch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -69,6 +70,26 @@ pub trait Sink: Send + Sync {
     fn position(&self) -> SinkFuture<'_, u64>;
 
     /// Writes the events of `batches` and records `position` as reached, atomically where the
-    /// store allows. Events whose uuid is already stored are skipped.
-    fn write(&self, batches: Arc<Vec<IngestBatch>>, position: u64) -> SinkFuture<'_, ()>;
+    /// store allows. Events whose (team, uuid) is already stored are skipped; the answer says
+    /// which events this write inserted.
+    fn write(&self, batches: Arc<Vec<QueuedBatch>>, position: u64) -> SinkFuture<'_, Written>;
+
+    /// For each event of `batches`, the row as stored, if the batch's own write inserted it
+    /// (after a crash, the deliveries of a stored batch are rebuilt from these).
+    fn stored_rows(&self, batches: Arc<Vec<QueuedBatch>>) -> SinkFuture<'_, StoredRows>;
 }
+
+/// Which events of each written batch were inserted (false: the sink already held that event).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Written {
+    pub inserted: Vec<Vec<bool>>,
+}
+
+impl Written {
+    pub fn count(&self) -> usize {
+        self.inserted.iter().flatten().filter(|i| **i).count()
+    }
+}
+
+/// For each batch, each event's stored row if that batch inserted it.
+pub type StoredRows = Vec<Vec<Option<EventRow>>>;

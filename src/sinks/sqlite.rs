@@ -1,13 +1,18 @@
 //! The embedded SQLite sink: one file, WAL, one writer connection, `synchronous=FULL`.
+//!
+//! Owns: the schema (`migrations/sqlite`, applied by refinery), the batch write with its queue
+//! position in one transaction, and reading stored events back (exports, rebuilt deliveries).
+//! Must never: commit rows without their position, or a position without its rows.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{EventReader, Sink, SinkError, SinkFuture, StoredEvent};
-use crate::event::{timestamp_text, IngestBatch};
+use super::{EventReader, Sink, SinkError, SinkFuture, StoredEvent, StoredRows, Written};
+use crate::event::{timestamp_text, EventRow};
+use crate::store::QueuedBatch;
 
 mod embedded {
     refinery::embed_migrations!("migrations/sqlite");
@@ -116,20 +121,23 @@ impl Sink for SqliteSink {
         })
     }
 
-    fn write(&self, batches: Arc<Vec<IngestBatch>>, position: u64) -> SinkFuture<'_, ()> {
+    fn write(&self, batches: Arc<Vec<QueuedBatch>>, position: u64) -> SinkFuture<'_, Written> {
         self.with_conn(move |conn| {
             let created_at = timestamp_text(Utc::now());
             let tx = conn.transaction()?;
+            let mut written = Written::default();
             {
                 let mut insert = tx.prepare_cached(
-                    "INSERT INTO posthog_event (uuid, event, properties, elements_chain, timestamp, team_id, distinct_id, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                     ON CONFLICT(uuid) DO NOTHING",
+                    "INSERT INTO posthog_event (uuid, event, properties, elements_chain, timestamp, team_id, distinct_id, created_at, queue_position)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT(team_id, uuid) DO NOTHING",
                 )?;
                 let mut uuid_text = uuid::Uuid::encode_buffer();
-                for batch in batches.iter() {
+                for queued in batches.iter() {
+                    let batch = &queued.batch;
+                    let mut inserted = Vec::with_capacity(batch.events.len());
                     for e in &batch.events {
-                        insert.execute(params![
+                        let changed = insert.execute(params![
                             &*e.uuid.hyphenated().encode_lower(&mut uuid_text),
                             e.event,
                             e.properties,
@@ -138,8 +146,11 @@ impl Sink for SqliteSink {
                             batch.team_id as i64,
                             e.distinct_id,
                             created_at,
+                            queued.seq as i64,
                         ])?;
+                        inserted.push(changed == 1);
                     }
+                    written.inserted.push(inserted);
                 }
                 tx.execute(
                     "INSERT INTO appliance_sink_position (sink, position) VALUES (?1, ?2)
@@ -147,7 +158,55 @@ impl Sink for SqliteSink {
                     params![NAME, position as i64],
                 )?;
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(written)
+        })
+    }
+
+    fn stored_rows(&self, batches: Arc<Vec<QueuedBatch>>) -> SinkFuture<'_, StoredRows> {
+        self.with_conn(move |conn| {
+            let mut select = conn.prepare_cached(
+                "SELECT event, distinct_id, properties, timestamp, elements_chain
+                 FROM posthog_event WHERE team_id = ?1 AND uuid = ?2 AND queue_position = ?3",
+            )?;
+            let mut uuid_text = uuid::Uuid::encode_buffer();
+            let mut out = Vec::with_capacity(batches.len());
+            for queued in batches.iter() {
+                let mut rows = Vec::with_capacity(queued.batch.events.len());
+                for e in &queued.batch.events {
+                    let uuid = &*e.uuid.hyphenated().encode_lower(&mut uuid_text);
+                    let params = params![queued.batch.team_id as i64, uuid, queued.seq as i64];
+                    let row = select
+                        .query_row(params, |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, String>(2)?,
+                                r.get::<_, String>(3)?,
+                                r.get::<_, String>(4)?,
+                            ))
+                        })
+                        .optional()?;
+                    rows.push(
+                        row.map(|(event, distinct_id, properties, time, elements_chain)| {
+                            EventRow {
+                                uuid: e.uuid,
+                                event,
+                                distinct_id,
+                                properties,
+                                // Stored by this sink in its own fixed format; the queued time is the
+                                // same instant should the text ever not parse.
+                                timestamp: chrono::DateTime::parse_from_rfc3339(&time)
+                                    .map(|t| t.with_timezone(&Utc))
+                                    .unwrap_or(e.timestamp),
+                                elements_chain,
+                            }
+                        }),
+                    );
+                }
+                out.push(rows);
+            }
+            Ok(out)
         })
     }
 }

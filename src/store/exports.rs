@@ -5,8 +5,9 @@
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::jobs::{decode, encode, JobId, JobKind, JobTables, NewJob};
-use super::{meta_get, PluginConfigId, Store, StoreError, TeamId, META};
+use super::jobs::{JobKind, JobTables, NewJob};
+use super::{decode_value, encode_value, meta_get, Store, StoreError, META};
+use crate::ids::{JobId, PluginConfigId, TeamId};
 
 /// Export id → encoded [`Export`].
 pub(super) const EXPORTS: TableDefinition<u64, &[u8]> = TableDefinition::new("exports");
@@ -75,7 +76,7 @@ pub(super) fn apply_progress(
     let Some(bytes) = table.get(progress.export)?.map(|b| b.value().to_vec()) else {
         return Ok(());
     };
-    let mut export: Export = decode("export", &bytes)?;
+    let mut export: Export = decode_value("export", &bytes)?;
     export.total = progress.total.or(export.total);
     export.done = progress.done;
     export.updated_ms = now_ms;
@@ -85,7 +86,7 @@ pub(super) fn apply_progress(
             export.state = ExportState::Done;
         }
     }
-    table.insert(export.id, encode("export", &export)?.as_slice())?;
+    table.insert(export.id, encode_value(&export).as_slice())?;
     Ok(())
 }
 
@@ -148,7 +149,7 @@ impl Store {
             };
             drop(jobs);
             txn.open_table(EXPORTS)?
-                .insert(id, encode("export", &export)?.as_slice())?;
+                .insert(id, encode_value(&export).as_slice())?;
             export
         };
         txn.commit()?;
@@ -159,7 +160,7 @@ impl Store {
         let txn = self.read()?;
         let table = txn.open_table(EXPORTS)?;
         let value = table.get(id)?;
-        value.map(|b| decode("export", b.value())).transpose()
+        value.map(|b| decode_value("export", b.value())).transpose()
     }
 
     pub fn list_exports(&self) -> Result<Vec<Export>, StoreError> {
@@ -167,7 +168,7 @@ impl Store {
         let table = txn.open_table(EXPORTS)?;
         let mut out = Vec::new();
         for row in table.iter()? {
-            out.push(decode("export", row?.1.value())?);
+            out.push(decode_value("export", row?.1.value())?);
         }
         Ok(out)
     }
@@ -181,8 +182,8 @@ impl Store {
             let bytes = table
                 .get(id)?
                 .map(|b| b.value().to_vec())
-                .ok_or_else(|| StoreError::Conflict(format!("no export {id}")))?;
-            let mut export: Export = decode("export", &bytes)?;
+                .ok_or_else(|| StoreError::NotFound(format!("no export {id}")))?;
+            let mut export: Export = decode_value("export", &bytes)?;
             if export.state != ExportState::Running {
                 return Err(StoreError::Conflict(format!(
                     "export {id} is already {}",
@@ -191,7 +192,7 @@ impl Store {
             }
             export.state = ExportState::Cancelled;
             export.updated_ms = now_ms;
-            table.insert(id, encode("export", &export)?.as_slice())?;
+            table.insert(id, encode_value(&export).as_slice())?;
             export
         };
         txn.commit()?;

@@ -9,7 +9,7 @@ use super::{meta_get, Store, StoreError, META};
 use crate::event::IngestBatch;
 
 /// Sequence → encoded [`IngestBatch`].
-const INGEST: TableDefinition<u64, &[u8]> = TableDefinition::new("ingest");
+pub(super) const INGEST: TableDefinition<u64, &[u8]> = TableDefinition::new("ingest");
 const NEXT_SEQ: &str = "ingest_next_seq";
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
@@ -18,10 +18,35 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
 }
 
 /// A batch read back from the queue with its position.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct QueuedBatch {
     pub seq: u64,
     pub batch: IngestBatch,
+}
+
+/// A queue record that could not be decoded (to be quarantined, not retried forever).
+#[derive(Debug, PartialEq)]
+pub struct Unreadable {
+    pub seq: u64,
+    pub reason: String,
+}
+
+/// What one read of the queue returned, in queue order.
+#[derive(Debug, Default)]
+pub struct QueueRead {
+    pub batches: Vec<QueuedBatch>,
+    pub unreadable: Vec<Unreadable>,
+    /// The position of the last record read, readable or not.
+    pub last: Option<u64>,
+    /// Bytes of the records read.
+    pub bytes: usize,
+}
+
+/// How much one read may return: it stops once either is reached (after at least one record).
+#[derive(Clone, Copy, Debug)]
+pub struct ReadLimits {
+    pub events: usize,
+    pub bytes: usize,
 }
 
 /// How much is waiting in the queue.
@@ -53,28 +78,33 @@ impl Store {
         Ok(last)
     }
 
-    /// Reads batches after `after`, in order, until at least `max_events` events are collected.
+    /// Reads records after `after`, in order, until `limits` is reached. Records that cannot be
+    /// decoded are returned as [`Unreadable`] in their place rather than failing the read.
     pub fn read_ingest_after(
         &self,
         after: u64,
-        max_events: usize,
-    ) -> Result<Vec<QueuedBatch>, StoreError> {
+        limits: ReadLimits,
+    ) -> Result<QueueRead, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(INGEST)?;
-        let mut out = Vec::new();
+        let mut out = QueueRead::default();
         let mut events = 0;
         for row in table.range(after.saturating_add(1)..)? {
             let (seq, bytes) = row?;
-            let batch = IngestBatch::decode(bytes.value()).map_err(|e| StoreError::Corrupt {
-                what: "ingest batch",
-                detail: format!("sequence {}: {e}", seq.value()),
-            })?;
-            events += batch.events.len();
-            out.push(QueuedBatch {
-                seq: seq.value(),
-                batch,
-            });
-            if events >= max_events {
+            let (seq, bytes) = (seq.value(), bytes.value());
+            out.bytes += bytes.len();
+            out.last = Some(seq);
+            match IngestBatch::decode(bytes) {
+                Ok(batch) => {
+                    events += batch.events.len();
+                    out.batches.push(QueuedBatch { seq, batch });
+                }
+                Err(e) => out.unreadable.push(Unreadable {
+                    seq,
+                    reason: format!("not a readable ingest batch: {e}"),
+                }),
+            }
+            if events >= limits.events || out.bytes >= limits.bytes {
                 break;
             }
         }
@@ -95,7 +125,7 @@ impl Store {
             removed
         };
         // Trimming follows the sink write, which follows queuing the batch's deliveries.
-        super::jobs::mark_delivered(&txn, seq)?;
+        super::positions::mark_delivered(&txn, seq)?;
         txn.commit()?;
         Ok(removed)
     }
@@ -168,7 +198,11 @@ mod tests {
                 2 => {
                     let after = rand() % next;
                     let max = (rand() % 6 + 1) as usize;
-                    let got = store.read_ingest_after(after, max).unwrap();
+                    let limits = ReadLimits {
+                        events: max,
+                        bytes: usize::MAX,
+                    };
+                    let got = store.read_ingest_after(after, limits).unwrap().batches;
                     let mut want = Vec::new();
                     let mut events = 0;
                     for (seq, b) in model.range(after + 1..) {

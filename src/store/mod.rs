@@ -11,6 +11,7 @@ mod exports;
 mod ingest;
 mod jobs;
 mod plugins;
+mod positions;
 mod secrets;
 mod teams;
 
@@ -19,14 +20,16 @@ use std::sync::Arc;
 
 use redb::{ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+pub use crate::ids::{JobId, PluginConfigId, PluginId, TeamId};
 pub use exports::{Export, ExportProgress, ExportState, PageCursor};
-pub use ingest::{IngestStats, QueuedBatch};
+pub use ingest::{IngestStats, QueueRead, QueuedBatch, ReadLimits, Unreadable};
 pub use jobs::{
-    Attempt, Cadence, Claimed, Control, Job, JobId, JobKind, JobState, JobStats, JobTables, NewJob,
+    Attempt, Cadence, Claimed, Control, Job, JobKind, JobState, JobStats, JobTables, NewJob,
     Outcome, ScheduleState, ScheduleTables,
 };
-pub use plugins::{PluginConfig, PluginConfigId, PluginId, PluginLogEntry, PluginRecord};
-pub use teams::{Team, TeamId};
+pub use plugins::{PluginConfig, PluginLogEntry, PluginRecord};
+pub use positions::QuarantinedRecord;
+pub use teams::Team;
 
 /// Name of the redb file inside the data directory.
 pub const STATE_FILE: &str = "state.redb";
@@ -66,8 +69,16 @@ pub enum StoreError {
     NewerLayout { found: u64, known: u64 },
     #[error("corrupt value in the state store ({what}): {detail}")]
     Corrupt { what: &'static str, detail: String },
+    /// The operation does not fit the state of what it names (a job already dead, a token
+    /// already taken).
     #[error("{0}")]
     Conflict(String),
+    /// What the operation names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A value the store refuses to keep (a malformed token).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A handle on the state store; cheap to clone and share between tasks.
@@ -136,6 +147,7 @@ impl Store {
             secrets::create_tables(&txn)?;
             jobs::create_tables(&txn)?;
             exports::create_tables(&txn)?;
+            positions::create_tables(&txn)?;
         }
         txn.commit()?;
         Ok(())
@@ -155,6 +167,38 @@ pub(crate) fn random_token(prefix: &str) -> String {
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
         .collect();
     format!("{prefix}{body}")
+}
+
+/// Format version of every value this build writes to the state file.
+const VALUE_FORMAT: u8 = 1;
+
+/// A value as the state file keeps it (see [`crate::codec`]).
+fn encode_value<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    crate::codec::encode(VALUE_FORMAT, value)
+}
+
+/// Reads a value written by [`encode_value`]. Teams, plugins and plugin logs written before the
+/// shared codec were versioned JSON (`{"v":1,…}`); those still read.
+fn decode_value<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt { what, detail };
+    if bytes.first() == Some(&b'{') {
+        #[derive(serde::Deserialize)]
+        struct Legacy<T> {
+            v: u8,
+            #[serde(flatten)]
+            value: T,
+        }
+        let legacy: Legacy<T> =
+            serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        return match legacy.v {
+            1 => Ok(legacy.value),
+            v => Err(corrupt(format!("unknown JSON format version {v}"))),
+        };
+    }
+    crate::codec::decode(VALUE_FORMAT, bytes).map_err(|e| corrupt(e.to_string()))
 }
 
 /// Reads a counter from `META`, or 0.

@@ -8,22 +8,19 @@ use chrono::{DateTime, Utc};
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::{meta_get, Store, StoreError, TeamId, META};
+use super::{decode_value, encode_value, meta_get, Store, StoreError, META};
+use crate::ids::{PluginConfigId, PluginId, TeamId};
 
 const PLUGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("plugins");
 const PLUGIN_CONFIGS: TableDefinition<u64, &[u8]> = TableDefinition::new("plugin_configs");
 /// (plugin config, key) → value.
 const PLUGIN_STORAGE: TableDefinition<(u64, &str), &str> = TableDefinition::new("plugin_storage");
-/// (plugin config, sequence) → [`PluginLogEntry`] as JSON.
+/// (plugin config, sequence) → encoded [`PluginLogEntry`].
 const PLUGIN_LOGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("plugin_logs");
 const NEXT_PLUGIN_ID: &str = "next_plugin_id";
 const NEXT_PLUGIN_CONFIG_ID: &str = "next_plugin_config_id";
 const NEXT_LOG_SEQ: &str = "next_plugin_log_seq";
 const GENERATION: &str = "plugins_generation";
-const FORMAT: u8 = 1;
-
-pub type PluginId = u64;
-pub type PluginConfigId = u64;
 
 /// An installed plugin: its manifest and the hash of its component file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,6 +28,7 @@ pub struct PluginRecord {
     pub id: PluginId,
     pub name: String,
     /// plugin.json as installed.
+    #[serde(with = "crate::codec::json_text")]
     pub manifest: serde_json::Value,
     pub sha256: String,
     pub installed_at: DateTime<Utc>,
@@ -55,31 +53,6 @@ pub struct PluginLogEntry {
     pub message: String,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Versioned<T> {
-    v: u8,
-    #[serde(flatten)]
-    value: T,
-}
-
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(&Versioned { v: FORMAT, value }).unwrap_or_default()
-}
-
-fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
-    let record: Versioned<T> = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        what,
-        detail: e.to_string(),
-    })?;
-    if record.v != FORMAT {
-        return Err(StoreError::Corrupt {
-            what,
-            detail: format!("unknown format version {}", record.v),
-        });
-    }
-    Ok(record.value)
-}
-
 /// Every record of a table of versioned JSON values, in id order.
 fn all_records<T: DeserializeOwned>(
     table: &impl ReadableTable<u64, &'static [u8]>,
@@ -87,7 +60,7 @@ fn all_records<T: DeserializeOwned>(
 ) -> Result<Vec<T>, StoreError> {
     let mut out = Vec::new();
     for row in table.iter()? {
-        out.push(decode(what, row?.1.value())?);
+        out.push(decode_value(what, row?.1.value())?);
     }
     Ok(out)
 }
@@ -145,7 +118,7 @@ impl Store {
             installed_at: Utc::now(),
         };
         txn.open_table(PLUGINS)?
-            .insert(record.id, encode(&record).as_slice())?;
+            .insert(record.id, encode_value(&record).as_slice())?;
         bump_generation(&txn)?;
         txn.commit()?;
         Ok(record)
@@ -195,7 +168,7 @@ impl Store {
             updated_at: Utc::now(),
         };
         txn.open_table(PLUGIN_CONFIGS)?
-            .insert(record.id, encode(&record).as_slice())?;
+            .insert(record.id, encode_value(&record).as_slice())?;
         bump_generation(&txn)?;
         txn.commit()?;
         Ok(record)
@@ -269,7 +242,7 @@ impl Store {
             let mut seq = meta_get(&meta, NEXT_LOG_SEQ)?.max(1);
             let mut table = txn.open_table(PLUGIN_LOGS)?;
             for entry in entries {
-                let bytes = encode(entry);
+                let bytes = encode_value(entry);
                 table.insert((config, seq), bytes.as_slice())?;
                 seq += 1;
             }
@@ -284,7 +257,7 @@ impl Store {
         let table = txn.open_table(PLUGIN_LOGS)?;
         let mut out = Vec::new();
         for row in table.range((config, 0)..=(config, u64::MAX))? {
-            out.push(decode("plugin log", row?.1.value())?);
+            out.push(decode_value("plugin log", row?.1.value())?);
         }
         Ok(out)
     }

@@ -4,16 +4,14 @@ use chrono::{DateTime, Utc};
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::{meta_get, Store, StoreError, META};
+use super::{decode_value, encode_value, meta_get, Store, StoreError, META};
+use crate::ids::TeamId;
 
-pub type TeamId = u64;
-
-/// Team records by id; values are versioned JSON ([`TeamRecord`]).
+/// Team records by id ([`Team`]).
 const TEAMS: TableDefinition<u64, &[u8]> = TableDefinition::new("teams");
 /// Project token → team id.
 const TEAM_TOKENS: TableDefinition<&str, u64> = TableDefinition::new("team_tokens");
 const NEXT_TEAM_ID: &str = "next_team_id";
-const TEAM_FORMAT: u8 = 1;
 
 /// A team (PostHog calls it a project): events are stored under its id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,13 +23,6 @@ pub struct Team {
     pub created_at: DateTime<Utc>,
     /// When set, the request IP is not recorded as `$ip`.
     pub anonymize_ips: bool,
-}
-
-#[derive(Serialize, Deserialize)]
-struct TeamRecord {
-    v: u8,
-    #[serde(flatten)]
-    team: Team,
 }
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
@@ -62,26 +53,12 @@ pub fn validate_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn decode(bytes: &[u8]) -> Result<Team, StoreError> {
-    let record: TeamRecord = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        what: "team",
-        detail: e.to_string(),
-    })?;
-    if record.v != TEAM_FORMAT {
-        return Err(StoreError::Corrupt {
-            what: "team",
-            detail: format!("unknown format version {}", record.v),
-        });
-    }
-    Ok(record.team)
-}
-
 impl Store {
     /// Creates a team; a token is generated unless one is given.
     pub fn create_team(&self, name: &str, token: Option<&str>) -> Result<Team, StoreError> {
         let token = match token {
             Some(t) => {
-                validate_token(t).map_err(StoreError::Conflict)?;
+                validate_token(t).map_err(StoreError::Invalid)?;
                 t.to_owned()
             }
             None => generate_token(),
@@ -105,15 +82,8 @@ impl Store {
                 created_at: Utc::now(),
                 anonymize_ips: false,
             };
-            let record = TeamRecord {
-                v: TEAM_FORMAT,
-                team: team.clone(),
-            };
-            let bytes = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
-                what: "team",
-                detail: e.to_string(),
-            })?;
-            txn.open_table(TEAMS)?.insert(id, bytes.as_slice())?;
+            txn.open_table(TEAMS)?
+                .insert(id, encode_value(&team).as_slice())?;
             tokens.insert(token.as_str(), id)?;
             team
         };
@@ -127,7 +97,7 @@ impl Store {
         let mut teams = Vec::new();
         for row in table.iter()? {
             let (_, value) = row?;
-            teams.push(decode(value.value())?);
+            teams.push(decode_value("team", value.value())?);
         }
         Ok(teams)
     }
@@ -138,7 +108,10 @@ impl Store {
             return Ok(None);
         };
         let teams = txn.open_table(TEAMS)?;
-        let team = teams.get(id)?.map(|v| decode(v.value())).transpose()?;
+        let team = teams
+            .get(id)?
+            .map(|v| decode_value("team", v.value()))
+            .transpose()?;
         Ok(team)
     }
 

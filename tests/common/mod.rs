@@ -1,11 +1,12 @@
 //! Starts the real `appliance` binary for integration tests and reads what it stored.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -119,14 +120,19 @@ impl Appliance {
     pub fn terminate(mut self) -> ExitStatus {
         use nix::sys::signal::{kill, Signal};
         kill(nix::unistd::Pid::from_raw(self.pid()), Signal::SIGTERM).expect("send SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_exit(Duration::from_secs(60))
+    }
+
+    /// Waits for the process to exit (after SIGTERM, or by itself: a failure point aborting it).
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the appliance") {
                 return status;
             }
             assert!(
                 Instant::now() < deadline,
-                "the appliance did not exit within 60 s of SIGTERM"
+                "the appliance did not exit within {within:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -262,4 +268,132 @@ pub fn install_plugin(data_dir: &Path, crate_dir: &str, wasm: &str) -> String {
         data_dir,
         &["plugin", "install", folder.path().to_str().unwrap()],
     )
+}
+
+/// What a plugin config keeps in storage, read through the CLI.
+pub fn storage(dir: &Path, team: &str, plugin: &str) -> HashMap<String, String> {
+    cli(dir, &["plugin", "storage", "--team", team, plugin])
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Polls the plugin config's storage until `done` holds, or fails with what it last saw.
+pub async fn wait_storage(
+    dir: &Path,
+    team: &str,
+    plugin: &str,
+    what: &str,
+    done: impl Fn(&HashMap<String, String>) -> bool,
+) -> HashMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = storage(dir, team, plugin);
+        if done(&seen) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; storage is {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The management API, with the admin token read through the CLI.
+pub struct Api {
+    pub base: String,
+    pub token: String,
+    pub client: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(app: &Appliance) -> Api {
+        Api {
+            base: app.url(""),
+            token: cli(&app.data_dir, &["api-token"]).trim().to_owned(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn enqueue(&self, team: &str, plugin: &str, job: Value) -> String {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/teams/{team}/plugins/{plugin}/jobs"),
+                Some(job),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        let (status, body) = self
+            .call(reqwest::Method::GET, &format!("/api/jobs/{id}"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub async fn wait_job_state(&self, id: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let job = self.job(id).await;
+            if job["state"] == state {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never became {state}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// What a test webhook answers to its `n`th request (from 0): after how long, with what status.
+pub type Answer = fn(usize) -> (Duration, u16);
+
+/// A webhook endpoint answering as `answer` says, keeping each request's status and body.
+pub async fn webhook(answer: Answer) -> (SocketAddr, Arc<Mutex<Vec<(u16, Value)>>>) {
+    let seen: Arc<Mutex<Vec<(u16, Value)>>> = Arc::default();
+    let record = seen.clone();
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let (record, requests) = (record.clone(), requests.clone());
+            async move {
+                let n = requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (delay, status) = answer(n);
+                tokio::time::sleep(delay).await;
+                record.lock().unwrap().push((status, body.0));
+                axum::http::StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
 }

@@ -1,14 +1,20 @@
-//! The shapes an event takes between modules: normalised and queued ([`IngestBatch`] of
-//! [`EventRow`]s), which is also what a sink stores.
+//! Events: the shapes an event takes between modules (normalised and queued: [`IngestBatch`] of
+//! [`EventRow`]s, which is also what a sink stores), and PostHog's pure rules that turn a
+//! captured event into that row ([`normalize`], [`timestamp`]).
 //!
-//! Owns: those types and the versioned binary encoding of an ingest batch in the queue.
-//! Must never: do I/O or hold behaviour beyond encoding; transformations live in `pipeline`.
+//! Owns: those types, the versioned binary encoding of an ingest batch in the queue, and the
+//! normalisation rules, applied where events enter the queue (capture and the sources).
+//! Must never: do I/O; every function here depends only on its arguments.
+
+pub mod normalize;
+pub mod timestamp;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::store::TeamId;
+use crate::codec::{self, CodecError};
+use crate::ids::TeamId;
 
 /// Format version of an encoded [`IngestBatch`]: the first byte of every queue value.
 pub const INGEST_FORMAT: u8 = 1;
@@ -49,28 +55,13 @@ pub fn timestamp_text(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    #[error("empty ingest batch value")]
-    Empty,
-    #[error("ingest batch format {0} is unknown to this build (it knows {INGEST_FORMAT})")]
-    Version(u8),
-    #[error("not a valid ingest batch: {0}")]
-    Body(#[from] postcard::Error),
-}
-
 impl IngestBatch {
     pub fn encode(&self) -> Vec<u8> {
-        // postcard writes into a Vec without a size limit and cannot fail for these types.
-        postcard::to_extend(self, vec![INGEST_FORMAT]).unwrap_or_default()
+        codec::encode(INGEST_FORMAT, self)
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<IngestBatch, DecodeError> {
-        match bytes.split_first() {
-            None => Err(DecodeError::Empty),
-            Some((&INGEST_FORMAT, body)) => Ok(postcard::from_bytes(body)?),
-            Some((&other, _)) => Err(DecodeError::Version(other)),
-        }
+    pub fn decode(bytes: &[u8]) -> Result<IngestBatch, CodecError> {
+        codec::decode(INGEST_FORMAT, bytes)
     }
 }
 
@@ -138,9 +129,9 @@ mod tests {
         future[0] = 9;
         assert!(matches!(
             IngestBatch::decode(&future),
-            Err(DecodeError::Version(9))
+            Err(CodecError::Version { found: 9, .. })
         ));
-        assert!(matches!(IngestBatch::decode(&[]), Err(DecodeError::Empty)));
+        assert!(matches!(IngestBatch::decode(&[]), Err(CodecError::Empty)));
         assert!(IngestBatch::decode(&bytes[..bytes.len() - 3]).is_err());
     }
 }

@@ -1,0 +1,34 @@
+//! Named failure points for crash tests: with `APPLIANCE_FAILPOINTS=name,…` set, the process
+//! aborts (as a `kill -9` would stop it) the first time it reaches a named point, so a test can
+//! crash it at exactly the moment an invariant is about (between a sink write and the queuing of
+//! its deliveries, say) instead of hoping a signal lands there.
+//!
+//! Owns: the armed names and [`hit`].
+//! Must never: cost more than an atomic load when no point is armed (the default), or import
+//! another module of the crate (it is the bottom layer).
+
+use std::sync::OnceLock;
+
+static ARMED: OnceLock<Vec<String>> = OnceLock::new();
+
+/// The points this build has, for `--help` and validation.
+pub const POINTS: &[&str] = &[
+    // After the sink committed a batch, before its deliveries are queued.
+    "pipeline.after_sink_write",
+];
+
+/// Arms the named points (once, at start-up).
+pub fn arm(names: Vec<String>) {
+    let _ = ARMED.set(names);
+}
+
+/// Aborts the process if `name` is armed.
+pub fn hit(name: &str) {
+    if ARMED
+        .get()
+        .is_some_and(|armed| armed.iter().any(|n| n == name))
+    {
+        eprintln!("failpoint {name} reached: aborting");
+        std::process::abort();
+    }
+}

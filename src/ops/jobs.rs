@@ -1,0 +1,167 @@
+//! Job operations: list, show, enqueue a plugin's job, cancel, terminate, and retry a dead
+//! letter (which wakes the workers, also those of a server in another process).
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::plugins::team_config;
+use super::{time_text, OpError, Ops};
+use crate::jobs::now_ms;
+use crate::plugins::host::DEFAULT_JOB_ATTEMPTS;
+use crate::store::{Control, Job, JobId, JobKind, JobState, JobStats, NewJob, TeamId};
+
+/// Jobs listed when the operator does not say how many.
+pub const DEFAULT_LIST_LIMIT: usize = 100;
+
+/// A job as the CLI and `/api/` show it.
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub kind: String,
+    /// The plugin config it belongs to; none for the appliance's own jobs.
+    pub plugin_config: Option<u64>,
+    pub state: &'static str,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub run_at: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub waiting_on: u32,
+    pub checkpoint: Option<String>,
+    pub last_error: Option<String>,
+    pub history: Vec<serde_json::Value>,
+    pub payload: String,
+}
+
+impl From<&Job> for JobView {
+    fn from(job: &Job) -> JobView {
+        JobView {
+            id: job.id.to_string(),
+            kind: job.kind.label(),
+            plugin_config: Some(job.kind.owner()).filter(|o| *o != 0),
+            state: job.state.name(),
+            attempts: job.attempts,
+            max_attempts: job.max_attempts,
+            run_at: time_text(job.run_at_ms),
+            created_at: time_text(job.created_ms),
+            updated_at: time_text(job.updated_ms),
+            waiting_on: job.waiting_on,
+            checkpoint: job.checkpoint.clone(),
+            last_error: job.last_error().map(str::to_owned),
+            history: job
+                .history
+                .iter()
+                .map(|a| serde_json::json!({"at": time_text(a.at_ms), "error": a.error}))
+                .collect(),
+            payload: job.payload.chars().take(2000).collect(),
+        }
+    }
+}
+
+/// A job an operator queues for a plugin.
+#[derive(Clone, Debug, Deserialize)]
+pub struct JobRequest {
+    pub name: String,
+    /// JSON text.
+    #[serde(default = "null_payload")]
+    pub payload: String,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// Deadline of each attempt; 0 for the appliance's task deadline.
+    #[serde(default)]
+    pub timeout_ms: u64,
+}
+
+fn null_payload() -> String {
+    "null".into()
+}
+
+/// Reads a job id as operators type it.
+pub fn parse_job_id(text: &str) -> Result<JobId, OpError> {
+    text.trim()
+        .parse::<Uuid>()
+        .map_err(|_| OpError::Malformed(format!("{text:?} is not a job id")))
+}
+
+/// Reads a job state name as operators type it.
+pub fn parse_job_state(text: &str) -> Result<JobState, OpError> {
+    JobState::parse(text).ok_or_else(|| {
+        OpError::Malformed(format!(
+            "unknown state {text:?}: scheduled, waiting, running, retrying, dead or cancelled"
+        ))
+    })
+}
+
+impl Ops {
+    /// Kept jobs (optionally only those in `state`) and the queue's counts.
+    pub fn list_jobs(
+        &self,
+        state: Option<JobState>,
+        limit: usize,
+    ) -> Result<(JobStats, Vec<JobView>), OpError> {
+        let stats = self.store.job_stats()?;
+        let jobs = self.store.list_jobs(state, limit)?;
+        Ok((stats, jobs.iter().map(JobView::from).collect()))
+    }
+
+    pub fn show_job(&self, id: JobId) -> Result<JobView, OpError> {
+        let job = self.store.job(id)?.ok_or_else(|| {
+            OpError::NotFound(format!("no job {id} is kept (succeeded jobs are not kept)"))
+        })?;
+        Ok(JobView::from(&job))
+    }
+
+    /// Queues the plugin's job for the team's config, as an operator asks.
+    pub fn enqueue_job(
+        &self,
+        team: TeamId,
+        plugin: &str,
+        request: JobRequest,
+    ) -> Result<JobId, OpError> {
+        let (_, config) = team_config(&self.store, team, plugin)?;
+        if serde_json::from_str::<serde::de::IgnoredAny>(&request.payload).is_err() {
+            return Err(OpError::Malformed(format!(
+                "the payload of job {:?} is not JSON",
+                request.name
+            )));
+        }
+        let ids = self.queue.enqueue(vec![NewJob {
+            id: Uuid::now_v7(),
+            kind: JobKind::Plugin {
+                config: config.id,
+                name: request.name,
+            },
+            payload: request.payload,
+            run_at_ms: now_ms().saturating_add(request.delay_ms.min(i64::MAX as u64) as i64),
+            max_attempts: request
+                .max_attempts
+                .unwrap_or(DEFAULT_JOB_ATTEMPTS)
+                .clamp(1, 100),
+            timeout_ms: request.timeout_ms,
+            idempotency_key: request
+                .idempotency_key
+                .map(|k| format!("{}:{k}", config.id)),
+            after: Vec::new(),
+        }])?;
+        ids.into_iter()
+            .next()
+            .ok_or_else(|| OpError::Internal("the queue returned no job id".into()))
+    }
+
+    /// Asks a job to stop (see [`Control`]); returns its state after: cancelled at once, or
+    /// running until it notices.
+    pub fn control_job(&self, id: JobId, control: Control) -> Result<JobState, OpError> {
+        Ok(self.store.control_job(id, control, now_ms())?)
+    }
+
+    /// Puts a dead or cancelled job back in the queue with fresh attempts, and wakes the workers.
+    pub fn retry_job(&self, id: JobId) -> Result<JobState, OpError> {
+        self.store.requeue_job(id, now_ms())?;
+        self.queue.wake();
+        Ok(JobState::Scheduled)
+    }
+}

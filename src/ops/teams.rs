@@ -1,0 +1,21 @@
+//! Team operations: create (with a chosen or random project token) and list; the admin API
+//! token.
+
+use super::{OpError, Ops};
+use crate::store::Team;
+
+impl Ops {
+    /// Creates a team; a token is generated unless one is given.
+    pub fn create_team(&self, name: &str, token: Option<&str>) -> Result<Team, OpError> {
+        Ok(self.store.create_team(name, token)?)
+    }
+
+    pub fn list_teams(&self) -> Result<Vec<Team>, OpError> {
+        Ok(self.store.list_teams()?)
+    }
+
+    /// The token `/api/` requires, created on first use; and whether it was created now.
+    pub fn api_token(&self) -> Result<(String, bool), OpError> {
+        Ok(self.store.admin_api_token()?)
+    }
+}

@@ -1,0 +1,73 @@
+//! What `/_ready` shows about the pipeline, updated as it works (atomics and a short lock).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+#[derive(Default)]
+pub struct PipelineStatus {
+    position: AtomicU64,
+    delivered: AtomicU64,
+    events_stored: AtomicU64,
+    duplicates_skipped: AtomicU64,
+    quarantined: AtomicU64,
+    healthy: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PipelineReport {
+    pub sink: &'static str,
+    /// Last queue position the sink has committed.
+    pub position: u64,
+    /// Last queue position whose after-write deliveries are queued.
+    pub delivered: u64,
+    /// Events the sink inserted since start-up.
+    pub events_stored: u64,
+    /// Events the sink already held (a client re-sent them), skipped since start-up.
+    pub duplicates_skipped: u64,
+    /// Unreadable queue records set aside since start-up (`appliance queue quarantine` lists
+    /// them).
+    pub quarantined: u64,
+    pub healthy: bool,
+    pub last_error: Option<String>,
+}
+
+impl PipelineStatus {
+    pub fn report(&self, sink: &'static str) -> PipelineReport {
+        PipelineReport {
+            sink,
+            position: self.position.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            events_stored: self.events_stored.load(Ordering::Relaxed),
+            duplicates_skipped: self.duplicates_skipped.load(Ordering::Relaxed),
+            quarantined: self.quarantined.load(Ordering::Relaxed),
+            healthy: self.healthy.load(Ordering::Relaxed),
+            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+
+    pub(super) fn set_positions(&self, sink: u64, delivered: u64) {
+        self.position.store(sink, Ordering::Relaxed);
+        self.delivered.store(delivered, Ordering::Relaxed);
+    }
+
+    pub(super) fn count_written(&self, stored: usize, skipped: usize) {
+        self.events_stored
+            .fetch_add(stored as u64, Ordering::Relaxed);
+        self.duplicates_skipped
+            .fetch_add(skipped as u64, Ordering::Relaxed);
+    }
+
+    pub(super) fn count_quarantined(&self) {
+        self.quarantined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn set_error(&self, error: Option<String>) {
+        self.healthy.store(error.is_none(), Ordering::Relaxed);
+        if let Ok(mut slot) = self.last_error.lock() {
+            *slot = error;
+        }
+    }
+}
