@@ -4,8 +4,9 @@
 //! shutdown that waits for in-flight requests no longer than its bound.
 //!
 //! Owns: the accept loop and per-connection hyper setup for every listener (capture and admin).
-//! Must never: wait on a client without a deadline, or keep accepting past the connection cap
-//! (a connection over it is closed at once, which a client sees as a reset and retries).
+//! Must never: wait on a client without a deadline, or serve past the connection cap (a
+//! connection over it gets a 503 with `Retry-After` and is closed, without its request being
+//! read).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,20 +21,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::Service;
 
-/// The connection limits and timeouts of one listener.
-#[derive(Clone, Copy, Debug)]
-pub struct ServeLimits {
-    /// Connections open at once; more are closed on accept.
-    pub max_connections: usize,
-    /// Connections from one client address at once; 0 for no per-address cap (behind a proxy
-    /// every connection comes from the proxy's address).
-    pub max_connections_per_ip: usize,
-    /// A request's headers must arrive within this; an idle keep-alive connection is closed
-    /// after it too.
-    pub header_timeout: Duration,
-    /// How long shutdown waits for requests in flight before closing their connections.
-    pub drain_timeout: Duration,
-}
+pub use crate::config::ServeLimits;
 
 /// Connections open now, in all and per address; a slot is given back when its guard drops.
 #[derive(Default)]
@@ -76,6 +64,35 @@ fn take_slot(open: &Arc<Mutex<Open>>, ip: IpAddr, limits: &ServeLimits) -> Optio
     })
 }
 
+/// Connections over the cap that are answered (their request read and a 503 written) at once;
+/// past these, a connection over the cap is closed without an answer.
+const MAX_REFUSING: usize = 256;
+/// How long a connection over the cap may take to send its request head.
+const REFUSE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The answer a connection over the cap gets.
+const OVER_CAPACITY: &str = r#"{"type":"server_error","code":"retry_later","detail":"too many open connections; retry later"}"#;
+
+/// Reads one request head from a connection over the cap, answers 503 with `Retry-After`, and
+/// closes it (a client sees a precise answer, not a reset).
+async fn refuse(stream: tokio::net::TcpStream, _slot: tokio::sync::OwnedSemaphorePermit) {
+    let service = hyper::service::service_fn(|_request: Request<Incoming>| async {
+        let response = hyper::Response::builder()
+            .status(hyper::StatusCode::SERVICE_UNAVAILABLE)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::RETRY_AFTER, "1")
+            .header(hyper::header::CONNECTION, "close")
+            .body(axum::body::Body::from(OVER_CAPACITY));
+        Ok::<_, std::convert::Infallible>(response.unwrap_or_default())
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(REFUSE_HEADER_TIMEOUT)
+        .keep_alive(false);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(REFUSE_HEADER_TIMEOUT * 2, connection).await;
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then drains in-flight requests for at
 /// most `limits.drain_timeout`.
 pub async fn serve(
@@ -93,6 +110,7 @@ pub async fn serve(
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
     let mut refused_logged = std::time::Instant::now() - Duration::from_secs(60);
+    let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -110,9 +128,11 @@ pub async fn serve(
         let Some(slot) = take_slot(&open, peer.ip(), &limits) else {
             if refused_logged.elapsed() >= Duration::from_secs(10) {
                 refused_logged = std::time::Instant::now();
-                tracing::warn!(%peer, max = limits.max_connections, per_ip = limits.max_connections_per_ip, "connection limit reached; closing new connections");
+                tracing::warn!(%peer, max = limits.max_connections, per_ip = limits.max_connections_per_ip, "connection limit reached; new connections are answered 503");
             }
-            drop(stream);
+            if let Ok(slot) = refusing.clone().try_acquire_owned() {
+                tokio::spawn(refuse(stream, slot));
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -136,5 +156,39 @@ pub async fn serve(
         _ = tokio::time::sleep(limits.drain_timeout) => {
             tracing::warn!("requests still in flight at the end of the drain timeout; their connections are closed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_over_capacity_answer_is_json() {
+        let json: serde_json::Value = serde_json::from_str(OVER_CAPACITY).unwrap();
+        assert_eq!(json["code"], "retry_later");
+    }
+
+    #[test]
+    fn slots_are_capped_in_all_and_per_address_and_given_back() {
+        let limits = ServeLimits {
+            max_connections: 3,
+            max_connections_per_ip: 2,
+            header_timeout: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(1),
+        };
+        let open: Arc<Mutex<Open>> = Arc::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = take_slot(&open, a, &limits).unwrap();
+        let _second = take_slot(&open, a, &limits).unwrap();
+        assert!(take_slot(&open, a, &limits).is_none(), "two per address");
+        let _third = take_slot(&open, b, &limits).unwrap();
+        assert!(take_slot(&open, b, &limits).is_none(), "three in all");
+        drop(first);
+        assert!(
+            take_slot(&open, a, &limits).is_some(),
+            "a slot is given back"
+        );
     }
 }

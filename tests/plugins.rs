@@ -428,10 +428,14 @@ async fn the_management_api_does_what_the_cli_does_behind_the_admin_token() {
     assert!(token.starts_with("apa_"), "{token}");
     let client = reqwest::Client::new();
 
-    let anonymous = client.get(app.url("/api/plugins")).send().await.unwrap();
+    let anonymous = client
+        .get(app.admin_url("/api/plugins"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anonymous.status(), 401);
     let wrong = client
-        .get(app.url("/api/plugins"))
+        .get(app.admin_url("/api/plugins"))
         .bearer_auth("apa_wrong")
         .send()
         .await
@@ -449,7 +453,7 @@ async fn the_management_api_does_what_the_cli_does_behind_the_admin_token() {
     let upload = |wasm: &[u8]| json!({"manifest": manifest, "wasm_base64": base64::engine::general_purpose::STANDARD.encode(wasm)});
 
     let junk = client
-        .post(app.url("/api/plugins"))
+        .post(app.admin_url("/api/plugins"))
         .bearer_auth(&token)
         .json(&upload(b"\0asm junk"))
         .send()
@@ -466,7 +470,7 @@ async fn the_management_api_does_what_the_cli_does_behind_the_admin_token() {
     );
 
     let installed = client
-        .post(app.url("/api/plugins"))
+        .post(app.admin_url("/api/plugins"))
         .bearer_auth(&token)
         .json(&upload(&wasm))
         .send()
@@ -492,7 +496,7 @@ async fn the_management_api_does_what_the_cli_does_behind_the_admin_token() {
         (json!({"manifest": manifest}), 400),
     ] {
         let answer = client
-            .post(app.url("/api/plugins"))
+            .post(app.admin_url("/api/plugins"))
             .bearer_auth(&token)
             .json(&body)
             .send()
@@ -500,7 +504,7 @@ async fn the_management_api_does_what_the_cli_does_behind_the_admin_token() {
             .unwrap();
         assert_eq!(answer.status(), status);
     }
-    let plugin_url = app.url(&format!("/api/teams/{team}/plugins/Property%20Filter"));
+    let plugin_url = app.admin_url(&format!("/api/teams/{team}/plugins/Property%20Filter"));
     let missing_config = client
         .put(&plugin_url)
         .bearer_auth(&token)
@@ -518,7 +522,7 @@ async fn the_management_api_does_what_the_cli_does_behind_the_admin_token() {
         .unwrap();
     assert_eq!(enabled.status(), 200);
     let unknown_team = client
-        .put(app.url("/api/teams/99/plugins/Property%20Filter"))
+        .put(app.admin_url("/api/teams/99/plugins/Property%20Filter"))
         .bearer_auth(&token)
         .json(&json!({"config": {"properties": "secret"}}))
         .send()
@@ -541,7 +545,7 @@ async fn the_management_api_does_what_the_cli_does_behind_the_admin_token() {
         .is_none());
 
     let listed: Value = client
-        .get(app.url("/api/plugins"))
+        .get(app.admin_url("/api/plugins"))
         .bearer_auth(&token)
         .send()
         .await

@@ -24,6 +24,9 @@ use crate::store::Store;
 pub struct AdminState {
     pub store: Store,
     pub sink_name: &'static str,
+    /// The queue's byte budget and the disk's free-space floor capture keeps.
+    pub max_queue_bytes: u64,
+    pub min_free_bytes: u64,
     pub pipeline: Arc<PipelineStatus>,
     /// Set once shutdown has begun: readiness then answers 503 so balancers move away.
     pub stopping: Arc<AtomicBool>,
@@ -62,6 +65,21 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
         ),
     };
     let sink = state.pipeline.report(state.sink_name);
+    let room = state.store.room();
+    let capture = if room.queued_bytes >= state.max_queue_bytes {
+        "refusing: the ingest queue is at INGEST_MAX_QUEUE_BYTES"
+    } else if room.free_disk_bytes < state.min_free_bytes {
+        "refusing: the disk is under DATA_DIR_MIN_FREE_MB"
+    } else {
+        "accepting"
+    };
+    let room = json!({
+        "capture": capture,
+        "queued_bytes": room.queued_bytes,
+        "max_queue_bytes": state.max_queue_bytes,
+        "free_disk_bytes": room.free_disk_bytes,
+        "min_free_disk_bytes": state.min_free_bytes,
+    });
     let stopping = state.stopping.load(Ordering::Relaxed);
     let status = match (stopping, sink.healthy) {
         (true, _) => "stopping",
@@ -75,7 +93,7 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
     };
     (
         code,
-        Json(json!({"status": status, "queue": queue, "sink": sink, "jobs": jobs})),
+        Json(json!({"status": status, "queue": queue, "room": room, "sink": sink, "jobs": jobs})),
     )
         .into_response()
 }

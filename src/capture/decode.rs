@@ -9,6 +9,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
 
+use super::budget::Charge;
 use super::error::CaptureError;
 use super::lz64::Lz64Error;
 
@@ -16,6 +17,9 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// Only very old posthog-js releases send lz64, with small batches; its output is bounded as it
 /// is produced (see `lz64`), and its input is kept small too.
 const MAX_LZ64_INPUT: usize = 512 * 1024;
+/// lz64 payloads unpack to at most this many characters (they cost up to five bytes each while
+/// decoded), whatever `CAPTURE_MAX_DECOMPRESSED_BYTES` allows other encodings.
+const MAX_LZ64_UNITS: usize = 8 << 20;
 
 const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
     .with_decode_padding_mode(DecodePaddingMode::Indifferent)
@@ -52,10 +56,12 @@ fn parse_compression(hint: &str) -> Result<Compression, CaptureError> {
     }
 }
 
-/// Returns the payload as JSON text bytes (not yet checked to be UTF-8 or JSON).
+/// Returns the payload as JSON text bytes (not yet checked to be UTF-8 or JSON). Every buffer
+/// it makes is charged to `charge` as it grows.
 pub fn decode_payload(
     req: &EncodedRequest<'_>,
     max_decompressed: usize,
+    charge: &mut Charge,
 ) -> Result<Vec<u8>, CaptureError> {
     let mut hint = req.query_compression.map(parse_compression).transpose()?;
     let is_form = req.content_type.is_some_and(|ct| {
@@ -64,6 +70,8 @@ pub fn decode_payload(
             .starts_with("application/x-www-form-urlencoded")
     });
 
+    // The payload as sent (a copy of the body or of the query's data).
+    charge.grow_blocking(req.query_data.map_or(req.body.len(), str::len))?;
     let payload: Vec<u8> = if let Some(data) = req.query_data {
         restore_plus(data)
     } else if is_form {
@@ -89,18 +97,17 @@ pub fn decode_payload(
         }
     }
 
+    let limit = max_decompressed;
     let decoded = match hint.unwrap_or(Compression::None) {
-        Compression::Lz64 => decode_lz64(&payload, max_decompressed)?,
-        Compression::Base64 => maybe_gunzip(decode_base64(&payload)?, max_decompressed)?,
+        Compression::Lz64 => decode_lz64(&payload, limit, charge)?,
+        Compression::Base64 => maybe_gunzip(decode_base64(&payload, charge)?, limit, charge)?,
         Compression::Gzip if !payload.starts_with(&GZIP_MAGIC) && looks_like_base64(&payload) => {
-            maybe_gunzip(decode_base64(&payload)?, max_decompressed)?
+            maybe_gunzip(decode_base64(&payload, charge)?, limit, charge)?
         }
-        Compression::Gzip => gunzip(&payload, max_decompressed)?,
-        Compression::None if payload.starts_with(&GZIP_MAGIC) => {
-            gunzip(&payload, max_decompressed)?
-        }
+        Compression::Gzip => gunzip(&payload, limit, charge)?,
+        Compression::None if payload.starts_with(&GZIP_MAGIC) => gunzip(&payload, limit, charge)?,
         Compression::None if looks_like_base64(&payload) => {
-            maybe_gunzip(decode_base64(&payload)?, max_decompressed)?
+            maybe_gunzip(decode_base64(&payload, charge)?, limit, charge)?
         }
         Compression::None => payload,
     };
@@ -129,7 +136,9 @@ fn looks_like_base64(payload: &[u8]) -> bool {
         })
 }
 
-fn decode_base64(payload: &[u8]) -> Result<Vec<u8>, CaptureError> {
+fn decode_base64(payload: &[u8], charge: &mut Charge) -> Result<Vec<u8>, CaptureError> {
+    // The compacted text, then the decoded bytes (three quarters of it).
+    charge.grow_blocking(payload.len() + payload.len() / 4 * 3 + 3)?;
     let compact: Vec<u8> = payload
         .iter()
         .copied()
@@ -141,29 +150,47 @@ fn decode_base64(payload: &[u8]) -> Result<Vec<u8>, CaptureError> {
         .map_err(|e| CaptureError::InvalidBase64(e.to_string()))
 }
 
-fn maybe_gunzip(bytes: Vec<u8>, limit: usize) -> Result<Vec<u8>, CaptureError> {
+fn maybe_gunzip(
+    bytes: Vec<u8>,
+    limit: usize,
+    charge: &mut Charge,
+) -> Result<Vec<u8>, CaptureError> {
     if bytes.starts_with(&GZIP_MAGIC) {
-        gunzip(&bytes, limit)
+        gunzip(&bytes, limit, charge)
     } else {
         Ok(bytes)
     }
 }
 
-/// Decompresses gzip, stopping as soon as the output passes `limit` (a gzip bomb costs at most
-/// `limit` bytes of memory).
-fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, CaptureError> {
-    let mut out = Vec::with_capacity(bytes.len().saturating_mul(4).min(limit));
-    flate2::read::MultiGzDecoder::new(bytes)
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| CaptureError::InvalidGzip(e.to_string()))?;
-    if out.len() > limit {
-        return Err(CaptureError::DecompressedTooLarge { limit });
+/// Output of a decompression grows in steps of this size, each charged first.
+const INFLATE_STEP: usize = 1 << 20;
+
+/// Decompresses gzip in steps, charging each before it is read and stopping as soon as the
+/// output passes `limit` (a gzip bomb costs at most `limit` bytes of memory, all of it charged).
+fn gunzip(bytes: &[u8], limit: usize, charge: &mut Charge) -> Result<Vec<u8>, CaptureError> {
+    let mut decoder = flate2::read::MultiGzDecoder::new(bytes);
+    let mut out = Vec::new();
+    loop {
+        let step = INFLATE_STEP.min(limit + 1 - out.len());
+        charge.grow_blocking(step)?;
+        let read = (&mut decoder)
+            .take(step as u64)
+            .read_to_end(&mut out)
+            .map_err(|e| CaptureError::InvalidGzip(e.to_string()))?;
+        if out.len() > limit {
+            return Err(CaptureError::DecompressedTooLarge { limit });
+        }
+        if read < step {
+            return Ok(out);
+        }
     }
-    Ok(out)
 }
 
-fn decode_lz64(payload: &[u8], max_decompressed: usize) -> Result<Vec<u8>, CaptureError> {
+fn decode_lz64(
+    payload: &[u8],
+    max_decompressed: usize,
+    charge: &mut Charge,
+) -> Result<Vec<u8>, CaptureError> {
     if payload.len() > MAX_LZ64_INPUT {
         return Err(CaptureError::BodyTooLarge {
             limit: MAX_LZ64_INPUT,
@@ -181,13 +208,21 @@ fn decode_lz64(payload: &[u8], max_decompressed: usize) -> Result<Vec<u8>, Captu
         return Err(CaptureError::InvalidLz64);
     }
     // Each UTF-16 unit becomes at least one byte of UTF-8, so the byte limit bounds the units.
-    let wide = match super::lz64::decompress_from_base64(text, max_decompressed) {
+    // Units take two bytes, then up to three each once converted: five per unit are charged.
+    let mut refused = None;
+    let mut reserve = |units: usize| match charge.grow_blocking(units * 5) {
+        Ok(()) => true,
+        Err(e) => {
+            refused = Some(e);
+            false
+        }
+    };
+    let max_units = max_decompressed.min(MAX_LZ64_UNITS);
+    let wide = match super::lz64::decompress_reserving(text, max_units, &mut reserve) {
         Ok(wide) if !wide.is_empty() => wide,
         Ok(_) | Err(Lz64Error::Invalid) => return Err(CaptureError::InvalidLz64),
         Err(Lz64Error::TooLarge) => {
-            return Err(CaptureError::DecompressedTooLarge {
-                limit: max_decompressed,
-            })
+            return Err(refused.unwrap_or(CaptureError::DecompressedTooLarge { limit: max_units }))
         }
     };
     String::from_utf16(&wide)
@@ -198,6 +233,7 @@ fn decode_lz64(payload: &[u8], max_decompressed: usize) -> Result<Vec<u8>, Captu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::budget::MemoryBudget;
     use std::io::Write;
 
     const JSON: &str = r#"{"event":"e","properties":{"distinct_id":"d","token":"phc_x"}}"#;
@@ -218,6 +254,11 @@ mod tests {
         }
     }
 
+    /// Decodes with a budget large enough never to refuse.
+    fn decode(req: &EncodedRequest<'_>, limit: usize) -> Result<Vec<u8>, CaptureError> {
+        decode_payload(req, limit, &mut MemoryBudget::new(1 << 32).start())
+    }
+
     fn b64(bytes: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD.encode(bytes)
     }
@@ -228,17 +269,17 @@ mod tests {
         let gz = gzip(JSON.as_bytes());
         // Plain JSON.
         assert_eq!(
-            decode_payload(&req(JSON.as_bytes()), limit).unwrap(),
+            decode(&req(JSON.as_bytes()), limit).unwrap(),
             JSON.as_bytes()
         );
         // gzip sniffed with no hint (current posthog-js).
-        assert_eq!(decode_payload(&req(&gz), limit).unwrap(), JSON.as_bytes());
+        assert_eq!(decode(&req(&gz), limit).unwrap(), JSON.as_bytes());
         // Content-Encoding: gzip (server SDKs).
         let r = EncodedRequest {
             content_encoding: Some("gzip"),
             ..req(&gz)
         };
-        assert_eq!(decode_payload(&r, limit).unwrap(), JSON.as_bytes());
+        assert_eq!(decode(&r, limit).unwrap(), JSON.as_bytes());
         // Form data= base64 with compression=base64 in the query (legacy posthog-js).
         let form = format!(
             "data={}",
@@ -249,7 +290,7 @@ mod tests {
             query_compression: Some("base64"),
             ..req(form.as_bytes())
         };
-        assert_eq!(decode_payload(&r, limit).unwrap(), JSON.as_bytes());
+        assert_eq!(decode(&r, limit).unwrap(), JSON.as_bytes());
         // The same with the '+' of base64 sent unescaped (turned into spaces by form decoding).
         let with_plus = b64(b"{\"a\":\"\xfb\xff\"}".as_slice());
         let raw_form = format!("data={with_plus}");
@@ -257,14 +298,14 @@ mod tests {
             content_type: Some("application/x-www-form-urlencoded"),
             ..req(raw_form.as_bytes())
         };
-        assert_eq!(decode_payload(&r, limit).unwrap(), b"{\"a\":\"\xfb\xff\"}");
+        assert_eq!(decode(&r, limit).unwrap(), b"{\"a\":\"\xfb\xff\"}");
         // GET with data= in the query.
         let data = b64(JSON.as_bytes());
         let r = EncodedRequest {
             query_data: Some(&data),
             ..req(b"")
         };
-        assert_eq!(decode_payload(&r, limit).unwrap(), JSON.as_bytes());
+        assert_eq!(decode(&r, limit).unwrap(), JSON.as_bytes());
         // lz64 in a form.
         let lz = lz_str::compress_to_base64(JSON);
         let form = format!(
@@ -275,14 +316,14 @@ mod tests {
             content_type: Some("application/x-www-form-urlencoded"),
             ..req(form.as_bytes())
         };
-        assert_eq!(decode_payload(&r, limit).unwrap(), JSON.as_bytes());
+        assert_eq!(decode(&r, limit).unwrap(), JSON.as_bytes());
         // Base64 of gzip.
         let data = b64(&gz);
         let r = EncodedRequest {
             query_compression: Some("base64"),
             ..req(data.as_bytes())
         };
-        assert_eq!(decode_payload(&r, limit).unwrap(), JSON.as_bytes());
+        assert_eq!(decode(&r, limit).unwrap(), JSON.as_bytes());
     }
 
     #[test]
@@ -293,36 +334,33 @@ mod tests {
             ..req(b"{}")
         };
         assert!(
-            matches!(decode_payload(&r, limit), Err(CaptureError::UnsupportedCompression(c)) if c == "zstd")
+            matches!(decode(&r, limit), Err(CaptureError::UnsupportedCompression(c)) if c == "zstd")
         );
         let r = EncodedRequest {
             query_compression: Some("base64"),
             ..req(b"!!!not base64")
         };
         assert!(matches!(
-            decode_payload(&r, limit),
+            decode(&r, limit),
             Err(CaptureError::InvalidBase64(_))
         ));
         let mut corrupt = gzip(JSON.as_bytes());
         corrupt.truncate(corrupt.len() / 2);
         assert!(matches!(
-            decode_payload(&req(&corrupt), limit),
+            decode(&req(&corrupt), limit),
             Err(CaptureError::InvalidGzip(_))
         ));
         let r = EncodedRequest {
             query_compression: Some("lz64"),
             ..req(b"@@@")
         };
-        assert!(matches!(
-            decode_payload(&r, limit),
-            Err(CaptureError::InvalidLz64)
-        ));
+        assert!(matches!(decode(&r, limit), Err(CaptureError::InvalidLz64)));
         let r = EncodedRequest {
             content_encoding: Some("br"),
             ..req(b"{}")
         };
         assert!(matches!(
-            decode_payload(&r, limit),
+            decode(&r, limit),
             Err(CaptureError::UnsupportedContentEncoding(_))
         ));
     }
@@ -331,7 +369,7 @@ mod tests {
     fn a_gzip_bomb_stops_at_the_limit() {
         let bomb = gzip(&vec![b' '; 50 << 20]);
         assert!(bomb.len() < 100_000);
-        let err = decode_payload(&req(&bomb), 1 << 20).unwrap_err();
+        let err = decode(&req(&bomb), 1 << 20).unwrap_err();
         assert!(matches!(err, CaptureError::DecompressedTooLarge { limit } if limit == 1 << 20));
     }
 }

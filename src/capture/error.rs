@@ -50,15 +50,34 @@ pub enum CaptureError {
     UnknownToken,
     #[error("the events of one request name different project tokens")]
     TokenMismatch,
+    #[error("the request holds more than {limit} events (CAPTURE_MAX_EVENTS_PER_REQUEST); send them in smaller batches")]
+    TooManyEvents { limit: usize },
+    #[error("the request body did not arrive within {secs} s")]
+    BodyTimeout { secs: u64 },
     #[error("no event in the request was valid")]
-    NoValidEvents { rejected: Vec<Rejection> },
-    #[error("{accepted} events were stored; {} were rejected", rejected.len())]
+    NoValidEvents {
+        rejected: Vec<Rejection>,
+        rejected_count: usize,
+    },
+    #[error("{accepted} events were stored; {rejected_count} were rejected")]
     SomeEventsRejected {
         accepted: usize,
         rejected: Vec<Rejection>,
+        rejected_count: usize,
     },
     #[error("the appliance is busy; retry later")]
     Busy,
+    #[error("decoding the request needs more memory than capture may use at once ({budget} bytes, CAPTURE_MAX_INFLIGHT_BYTES)")]
+    OverBudget { budget: usize },
+    #[error("the ingest queue holds {queued} bytes waiting for the sink, at its limit of {limit} (INGEST_MAX_QUEUE_BYTES); retry later")]
+    QueueFull { queued: u64, limit: u64 },
+    #[error("the data directory's disk has {free} bytes free, under the floor of {floor} (DATA_DIR_MIN_FREE_MB); retry later")]
+    DiskLow { free: u64, floor: u64 },
+    #[error("too many {what}; retry in {retry_after} s")]
+    RateLimited {
+        what: &'static str,
+        retry_after: u32,
+    },
     #[error("{0}; retry later")]
     Unavailable(String),
     #[error("the appliance is idle (--idle or PLUGIN_SERVER_IDLE) and accepts no events")]
@@ -75,6 +94,9 @@ struct ErrorBody<'a> {
     accepted: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rejected: Option<&'a [Rejection]>,
+    /// All rejected events, when more were rejected than are listed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rejected_count: Option<usize>,
 }
 
 impl CaptureError {
@@ -102,10 +124,18 @@ impl CaptureError {
                 "authentication_error",
                 "invalid_api_key",
             ),
+            TooManyEvents { .. } => (StatusCode::PAYLOAD_TOO_LARGE, invalid, "too_many_events"),
+            OverBudget { .. } => (StatusCode::PAYLOAD_TOO_LARGE, invalid, "payload_too_large"),
+            BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, invalid, "body_timeout"),
             NoValidEvents { .. } | SomeEventsRejected { .. } => {
                 (StatusCode::BAD_REQUEST, invalid, "invalid_events")
             }
-            Busy | Unavailable(_) | Idle => (
+            RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "rate_limited",
+            ),
+            Busy | Unavailable(_) | Idle | QueueFull { .. } | DiskLow { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 "retry_later",
@@ -116,7 +146,11 @@ impl CaptureError {
     fn retry_after(&self) -> Option<u32> {
         match self {
             CaptureError::Busy => Some(1),
-            CaptureError::Unavailable(_) | CaptureError::Idle => Some(5),
+            CaptureError::RateLimited { retry_after, .. } => Some(*retry_after),
+            CaptureError::Unavailable(_)
+            | CaptureError::Idle
+            | CaptureError::QueueFull { .. }
+            | CaptureError::DiskLow { .. } => Some(5),
             _ => None,
         }
     }
@@ -125,13 +159,21 @@ impl CaptureError {
 impl IntoResponse for CaptureError {
     fn into_response(self) -> Response {
         let (status, kind, code) = self.classify();
-        let (accepted, rejected) = match &self {
-            CaptureError::NoValidEvents { rejected } => (Some(0), Some(rejected.as_slice())),
-            CaptureError::SomeEventsRejected { accepted, rejected } => {
-                (Some(*accepted), Some(rejected.as_slice()))
-            }
-            _ => (None, None),
+        let (accepted, rejected, count) = match &self {
+            CaptureError::NoValidEvents {
+                rejected,
+                rejected_count,
+            } => (Some(0), Some(rejected.as_slice()), *rejected_count),
+            CaptureError::SomeEventsRejected {
+                accepted,
+                rejected,
+                rejected_count,
+            } => (Some(*accepted), Some(rejected.as_slice()), *rejected_count),
+            _ => (None, None, 0),
         };
+        let rejected_count = rejected
+            .filter(|listed| listed.len() < count)
+            .map(|_| count);
         let detail = match rejected {
             Some(r) if !r.is_empty() => format!("{self}: event {}: {}", r[0].index, r[0].error),
             _ => self.to_string(),
@@ -142,6 +184,7 @@ impl IntoResponse for CaptureError {
             detail,
             accepted,
             rejected,
+            rejected_count,
         };
         let mut response = (status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after() {

@@ -71,6 +71,20 @@ impl<I: Iterator<Item = u16>> Bits<I> {
 
 /// Decompresses lz-string base64 into UTF-16 units, at most `max_units` of them.
 pub fn decompress_from_base64(input: &str, max_units: usize) -> Result<Vec<u16>, Lz64Error> {
+    decompress_reserving(input, max_units, &mut |_| true)
+}
+
+/// Output grows in steps of this many units, each reserved first.
+const RESERVE_STEP: usize = 1 << 19;
+
+/// [`decompress_from_base64`], asking `reserve(units)` before the output may grow by that many
+/// more (the caller charges its memory budget); a refusal ends with [`Lz64Error::TooLarge`].
+pub fn decompress_reserving(
+    input: &str,
+    max_units: usize,
+    reserve: &mut dyn FnMut(usize) -> bool,
+) -> Result<Vec<u16>, Lz64Error> {
+    let mut reserved = 0usize;
     // Characters outside the alphabet are skipped, as lz-string does.
     let values = input
         .bytes()
@@ -144,8 +158,15 @@ pub fn decompress_from_base64(input: &str, max_units: usize) -> Result<Vec<u16>,
             ),
             std::cmp::Ordering::Greater => return Err(Lz64Error::Invalid),
         };
-        if out.len() + entry.len as usize > max_units {
+        let needed = out.len() + entry.len as usize;
+        if needed > max_units {
             return Err(Lz64Error::TooLarge);
+        }
+        while needed > reserved {
+            if !reserve(RESERVE_STEP) {
+                return Err(Lz64Error::TooLarge);
+            }
+            reserved += RESERVE_STEP;
         }
         spell(&dictionary, entry, &mut out);
         dictionary.push(if adds_itself {
@@ -184,6 +205,46 @@ fn spell(dictionary: &[Node], node: Node, out: &mut Vec<u16>) {
             break;
         }
         current = dictionary[current.parent as usize];
+    }
+}
+
+/// Inputs for tests of the decoder's bounds (unit tests here, and the HTTP tests in `tests/`).
+#[doc(hidden)]
+pub mod testing {
+    use super::ALPHABET;
+
+    /// Every code after the first names the entry being added, so each entry is one unit longer
+    /// than the last: the output grows quadratically with the input.
+    pub fn bomb(codes: usize) -> String {
+        let mut bits: Vec<bool> = Vec::new();
+        let push = |value: u32, width: u8, bits: &mut Vec<bool>| {
+            for n in 0..width {
+                bits.push(value >> n & 1 == 1);
+            }
+        };
+        push(0, 2, &mut bits);
+        push(u32::from(b'a'), 8, &mut bits);
+        let (mut size, mut num_bits, mut enlarge_in) = (4u32, 3u8, 4u64);
+        for _ in 0..codes {
+            push(size, num_bits, &mut bits);
+            size += 1;
+            enlarge_in -= 1;
+            if enlarge_in == 0 {
+                enlarge_in = 1 << num_bits;
+                num_bits += 1;
+            }
+        }
+        push(2, num_bits, &mut bits);
+        bits.chunks(6)
+            .map(|chunk| {
+                let value = chunk
+                    .iter()
+                    .enumerate()
+                    .fold(0usize, |v, (i, b)| v | (usize::from(*b) << (5 - i)));
+                ALPHABET[value] as char
+            })
+            .collect::<String>()
+            + "A"
     }
 }
 
@@ -277,43 +338,9 @@ mod tests {
         }
     }
 
-    /// Every code after the first names the entry being added, so each entry is one unit longer
-    /// than the last: the output grows quadratically with the input.
-    fn bomb(codes: usize) -> String {
-        let mut bits: Vec<bool> = Vec::new();
-        let push = |value: u32, width: u8, bits: &mut Vec<bool>| {
-            for n in 0..width {
-                bits.push(value >> n & 1 == 1);
-            }
-        };
-        push(0, 2, &mut bits);
-        push(u32::from(b'a'), 8, &mut bits);
-        let (mut size, mut num_bits, mut enlarge_in) = (4u32, 3u8, 4u64);
-        for _ in 0..codes {
-            push(size, num_bits, &mut bits);
-            size += 1;
-            enlarge_in -= 1;
-            if enlarge_in == 0 {
-                enlarge_in = 1 << num_bits;
-                num_bits += 1;
-            }
-        }
-        push(2, num_bits, &mut bits);
-        bits.chunks(6)
-            .map(|chunk| {
-                let value = chunk
-                    .iter()
-                    .enumerate()
-                    .fold(0usize, |v, (i, b)| v | (usize::from(*b) << (5 - i)));
-                ALPHABET[value] as char
-            })
-            .collect::<String>()
-            + "A"
-    }
-
     #[test]
     fn a_quadratic_bomb_stops_at_the_limit_in_bounded_time() {
-        let small = bomb(200);
+        let small = testing::bomb(200);
         same_as_the_crate(&small);
         let expected: usize = 1 + (2..=201).sum::<usize>();
         assert_eq!(
@@ -321,7 +348,7 @@ mod tests {
             expected
         );
         // 20 KB of codes would spell out tens of gigabytes; it stops at 1 MiB of units.
-        let big = bomb(30_000);
+        let big = testing::bomb(30_000);
         assert!(big.len() < 70_000, "{}", big.len());
         let started = std::time::Instant::now();
         assert_eq!(

@@ -1,90 +1,405 @@
-//! From decoded JSON to the events of a request: recognises the request shapes SDKs send, finds
-//! the project token, and judges each event on its own (name, distinct_id, uuid, size).
+//! From decoded JSON to the events of a request, in three passes that never hold more than one
+//! event's parsed tree at a time:
+//!
+//! 1. [`split_payload`] finds the request's shape (an event, an array of events, or
+//!    `{"api_key", "batch": [...]}`) and each event's span in the text, without building any
+//!    event, stopping at `CAPTURE_MAX_EVENTS_PER_REQUEST`;
+//! 2. [`find_token`] reads only the token fields of each event, so an unknown token is refused
+//!    before anything is allocated per event;
+//! 3. [`build_rows`] parses, judges and normalises the events one at a time (name, distinct_id,
+//!    uuid, size), keeping the rows and the reasons for the rejected ones.
+
+use std::ops::Range;
 
 use chrono::{DateTime, Utc};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::error::{CaptureError, Rejection};
+use crate::event::normalize::{normalize, RequestContext};
 use crate::event::timestamp::parse_client_time;
+use crate::event::EventRow;
 
 /// PostHog truncates distinct ids to this many characters.
 const MAX_DISTINCT_ID_CHARS: usize = 200;
 /// serde_json's own nesting limit; documented here because it is part of the contract.
 pub const MAX_JSON_DEPTH: usize = 128;
+/// Most rejected events an answer lists one by one; it counts the rest.
+pub const MAX_LISTED_REJECTIONS: usize = 100;
+/// What serde's error carries when the event cap is passed.
+const TOO_MANY: &str = "appliance: too many events";
 
-/// A request's events after validation.
+/// A decoded payload and where its events are in it.
 #[derive(Debug)]
-pub struct ParsedRequest {
-    pub token: String,
+pub struct SplitPayload {
+    pub text: String,
+    /// Each event's JSON, as a byte range of `text`.
+    pub events: Vec<Range<usize>>,
+    /// The batch envelope's token (`api_key`, `token` or `$token`), if it is a batch.
+    pub envelope_token: Option<String>,
     /// The send time stated in the body (`sent_at`, or `created_at` in the v1 protocol).
     pub sent_at: Option<DateTime<Utc>>,
-    /// Valid events, each with a normalised `uuid` and a string `distinct_id` at the top level.
-    pub accepted: Vec<Map<String, Value>>,
-    pub rejected: Vec<Rejection>,
 }
 
-/// Parses JSON text, turning serde_json's errors into precise messages.
-pub fn parse_json(bytes: &[u8]) -> Result<Value, CaptureError> {
+impl SplitPayload {
+    fn event(&self, index: usize) -> &str {
+        &self.text[self.events[index].clone()]
+    }
+}
+
+/// The events of a request, judged: the rows to store and why the others were refused.
+#[derive(Debug, Default)]
+pub struct Judged {
+    pub rows: Vec<EventRow>,
+    /// The first [`MAX_LISTED_REJECTIONS`] rejections.
+    pub rejected: Vec<Rejection>,
+    /// All rejections, listed or not.
+    pub rejected_count: usize,
+}
+
+/// Finds the request's shape and its events' spans; nothing is built per event.
+pub fn split_payload(bytes: Vec<u8>, max_events: usize) -> Result<SplitPayload, CaptureError> {
     if bytes.trim_ascii().is_empty() {
         return Err(CaptureError::EmptyPayload);
     }
-    if let Err(e) = std::str::from_utf8(bytes) {
-        return Err(CaptureError::InvalidUtf8 {
-            offset: e.valid_up_to(),
-        });
-    }
-    serde_json::from_slice(bytes).map_err(|e| {
-        let text = e.to_string();
-        if text.starts_with("recursion limit exceeded") {
-            CaptureError::InvalidJson(format!(
-                "nested deeper than {MAX_JSON_DEPTH} levels ({text})"
-            ))
-        } else {
-            CaptureError::InvalidJson(text)
+    let text = String::from_utf8(bytes).map_err(|e| CaptureError::InvalidUtf8 {
+        offset: e.utf8_error().valid_up_to(),
+    })?;
+    check_depth(&text)?;
+    let first = text.trim_start().as_bytes()[0];
+    let base = text.as_ptr() as usize;
+    let span = |raw: &RawValue| {
+        let start = raw.get().as_ptr() as usize - base;
+        start..start + raw.get().len()
+    };
+    let (events, envelope_token, sent_at) = match first {
+        b'[' => {
+            let raws = parse_whole(&text, EventList { max: max_events }, max_events)?;
+            (raws.iter().map(|r| span(r)).collect(), None, None)
         }
+        b'{' => {
+            let top = parse_whole(&text, TopObject { max: max_events }, max_events)?;
+            match top.batch {
+                Some(raws) => (
+                    raws.iter().map(|r| span(r)).collect(),
+                    top.token,
+                    top.sent_at.as_ref().and_then(parse_client_time),
+                ),
+                // An object without a batch is one event: all of it.
+                None => (vec![span_of_trimmed(&text)], None, None),
+            }
+        }
+        _ => {
+            // A scalar: say which, once it is known to be JSON at all.
+            parse_whole(&text, IgnoredAnySeed, max_events)?;
+            let kind = match first {
+                b'"' => "a string",
+                b't' | b'f' => "a boolean",
+                b'n' => "null",
+                _ => "a number",
+            };
+            return Err(CaptureError::UnexpectedShape(kind));
+        }
+    };
+    Ok(SplitPayload {
+        events,
+        envelope_token,
+        sent_at,
+        text,
     })
 }
 
-/// Splits a payload into events and finds the token. `extra_token` is one given outside the
-/// payload (query `token`, or `Authorization: Bearer` in the v1 protocol).
-pub fn parse_request(
-    payload: Value,
-    extra_token: Option<&str>,
-    max_event_bytes: usize,
-) -> Result<ParsedRequest, CaptureError> {
-    let (events, batch_token, sent_at) = match payload {
-        Value::Array(events) => (events, None, None),
-        Value::Object(mut envelope) if envelope.get("batch").is_some_and(Value::is_array) => {
-            let Some(Value::Array(events)) = envelope.remove("batch") else {
-                unreachable!("checked to be an array just above")
-            };
-            let token = token_of(&envelope);
-            let sent_at = envelope
-                .get("sent_at")
-                .or_else(|| envelope.get("created_at"))
-                .and_then(parse_client_time);
-            (events, token, sent_at)
+/// Refuses JSON nested deeper than [`MAX_JSON_DEPTH`], in one pass over the bytes (skipping
+/// events as raw spans does not count their depth; parsing them would, one at a time).
+fn check_depth(text: &str) -> Result<(), CaptureError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
         }
-        Value::Object(event) => (vec![Value::Object(event)], None, None),
-        other => return Err(CaptureError::UnexpectedShape(json_kind(&other))),
-    };
-
-    let token = resolve_token(batch_token, &events, extra_token)?;
-    let mut accepted = Vec::with_capacity(events.len());
-    let mut rejected = Vec::new();
-    for (index, event) in events.into_iter().enumerate() {
-        match validate_event(event, max_event_bytes) {
-            Ok(event) => accepted.push(event),
-            Err((uuid, error)) => rejected.push(Rejection { index, uuid, error }),
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(CaptureError::InvalidJson(format!(
+                        "nested deeper than {MAX_JSON_DEPTH} levels"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
         }
     }
-    Ok(ParsedRequest {
-        token,
-        sent_at,
-        accepted,
-        rejected,
-    })
+    Ok(())
+}
+
+fn span_of_trimmed(text: &str) -> Range<usize> {
+    let start = text.len() - text.trim_start().len();
+    start..text.trim_end().len()
+}
+
+/// Parses all of `text` with `seed`, turning serde_json's errors into precise ones.
+fn parse_whole<'de, S: DeserializeSeed<'de>>(
+    text: &'de str,
+    seed: S,
+    max_events: usize,
+) -> Result<S::Value, CaptureError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = seed
+        .deserialize(&mut de)
+        .map_err(|e| json_error(e, max_events))?;
+    de.end().map_err(|e| json_error(e, max_events))?;
+    Ok(value)
+}
+
+fn json_error(e: serde_json::Error, max_events: usize) -> CaptureError {
+    let text = e.to_string();
+    if text.starts_with(TOO_MANY) {
+        CaptureError::TooManyEvents { limit: max_events }
+    } else if text.starts_with("recursion limit exceeded") {
+        CaptureError::InvalidJson(format!(
+            "nested deeper than {MAX_JSON_DEPTH} levels ({text})"
+        ))
+    } else {
+        CaptureError::InvalidJson(text)
+    }
+}
+
+struct IgnoredAnySeed;
+
+impl<'de> DeserializeSeed<'de> for IgnoredAnySeed {
+    type Value = IgnoredAny;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<IgnoredAny, D::Error> {
+        IgnoredAny::deserialize(d)
+    }
+}
+
+/// An array of events, as spans (`&RawValue`), at most `max` of them.
+struct EventList {
+    max: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for EventList {
+    type Value = Vec<&'de RawValue>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EventList {
+    type Value = Vec<&'de RawValue>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of events")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+            if out.len() >= self.max {
+                return Err(de::Error::custom(TOO_MANY));
+            }
+            out.push(raw);
+        }
+        Ok(out)
+    }
+}
+
+/// `batch` when it is an array of events; anything else there means "not a batch".
+struct MaybeEventList {
+    max: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for MaybeEventList {
+    type Value = Option<Vec<&'de RawValue>>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let raw = <&'de RawValue>::deserialize(d)?;
+        if !raw.get().starts_with('[') {
+            return Ok(None);
+        }
+        let mut inner = serde_json::Deserializer::from_str(raw.get());
+        EventList { max: self.max }
+            .deserialize(&mut inner)
+            .map(Some)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// The top-level object: a batch envelope's fields, without building anything else.
+struct TopObject {
+    max: usize,
+}
+
+#[derive(Default)]
+struct Top<'de> {
+    batch: Option<Vec<&'de RawValue>>,
+    token: Option<String>,
+    sent_at: Option<Value>,
+    created_at: Option<Value>,
+}
+
+impl<'de> DeserializeSeed<'de> for TopObject {
+    type Value = Top<'de>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TopObject {
+    type Value = Top<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an event or a batch")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut top = Top::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "batch" => top.batch = map.next_value_seed(MaybeEventList { max: self.max })?,
+                "api_key" | "token" | "$token" => {
+                    let value: &RawValue = map.next_value()?;
+                    if top.token.is_none() {
+                        top.token = token_text(value);
+                    }
+                }
+                "sent_at" => top.sent_at = Some(map.next_value()?),
+                "created_at" => top.created_at = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        top.sent_at = top.sent_at.or(top.created_at.take());
+        Ok(top)
+    }
+}
+
+/// A token value as text: a non-empty string, trimmed.
+fn token_text(raw: &RawValue) -> Option<String> {
+    let text: String = serde_json::from_str(raw.get()).ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+/// The fields of an event that may carry the token; everything else is skipped unread.
+#[derive(Deserialize)]
+struct TokenFields<'a> {
+    #[serde(borrow)]
+    api_key: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
+    #[serde(borrow, rename = "$token")]
+    dollar_token: Option<&'a RawValue>,
+    #[serde(borrow)]
+    properties: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct PropertiesToken<'a> {
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
+}
+
+/// The token one event names, if any.
+fn event_token(json: &str) -> Option<String> {
+    let fields: TokenFields<'_> = serde_json::from_str(json).ok()?;
+    [fields.api_key, fields.token, fields.dollar_token]
+        .into_iter()
+        .flatten()
+        .find_map(token_text)
+        .or_else(|| {
+            let properties = fields.properties?;
+            let inner: PropertiesToken<'_> = serde_json::from_str(properties.get()).ok()?;
+            inner.token.and_then(token_text)
+        })
+}
+
+/// The request's project token: the batch envelope's, else the one its events name (they must
+/// agree), else `extra` (given outside the payload: `?token=`, or `Authorization: Bearer` in the
+/// v1 protocol). Events larger than `max_event_bytes` are not read (they are refused later).
+pub fn find_token(
+    split: &SplitPayload,
+    extra: Option<&str>,
+    max_event_bytes: usize,
+) -> Result<String, CaptureError> {
+    let token = match &split.envelope_token {
+        Some(token) => token.clone(),
+        None => {
+            let mut found: Option<String> = None;
+            for index in 0..split.events.len() {
+                let json = split.event(index);
+                if json.len() > max_event_bytes {
+                    continue;
+                }
+                if let Some(token) = event_token(json) {
+                    match &found {
+                        Some(f) if *f != token => return Err(CaptureError::TokenMismatch),
+                        Some(_) => {}
+                        None => found = Some(token),
+                    }
+                }
+            }
+            let extra = extra
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            found.or(extra).ok_or(CaptureError::MissingToken)?
+        }
+    };
+    if token.starts_with("phx_") {
+        return Err(CaptureError::PersonalApiKey);
+    }
+    Ok(token)
+}
+
+/// Parses, judges and normalises each event in turn; one event's tree at a time.
+pub fn build_rows(
+    split: &SplitPayload,
+    max_event_bytes: usize,
+    ctx: &RequestContext<'_>,
+) -> Judged {
+    let mut judged = Judged {
+        rows: Vec::with_capacity(split.events.len()),
+        ..Judged::default()
+    };
+    for index in 0..split.events.len() {
+        let json = split.event(index);
+        let outcome = if json.len() > max_event_bytes {
+            Err((
+                None,
+                format!(
+                    "event is {} bytes of JSON, more than the limit of {max_event_bytes}",
+                    json.len()
+                ),
+            ))
+        } else {
+            match serde_json::from_str::<Value>(json) {
+                Ok(value) => validate_event(value).map(|event| normalize(ctx, event).0),
+                Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err((
+                    None,
+                    format!("the event is nested deeper than {MAX_JSON_DEPTH} levels"),
+                )),
+                Err(e) => Err((None, format!("not valid JSON: {e}"))),
+            }
+        };
+        match outcome {
+            Ok(row) => judged.rows.push(row),
+            Err((uuid, error)) => {
+                judged.rejected_count += 1;
+                if judged.rejected.len() < MAX_LISTED_REJECTIONS {
+                    judged.rejected.push(Rejection { index, uuid, error });
+                }
+            }
+        }
+    }
+    judged
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -98,61 +413,8 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-fn token_of(object: &Map<String, Value>) -> Option<String> {
-    ["api_key", "token", "$token"]
-        .iter()
-        .filter_map(|key| object.get(*key).and_then(Value::as_str))
-        .chain(
-            object
-                .get("properties")
-                .and_then(|p| p.get("token"))
-                .and_then(Value::as_str),
-        )
-        .map(str::trim)
-        .find(|t| !t.is_empty())
-        .map(str::to_owned)
-}
-
-fn resolve_token(
-    batch_token: Option<String>,
-    events: &[Value],
-    extra: Option<&str>,
-) -> Result<String, CaptureError> {
-    let token = match batch_token {
-        Some(t) => t,
-        None => {
-            let mut found: Option<String> = None;
-            for event in events.iter().filter_map(Value::as_object) {
-                if let Some(t) = token_of(event) {
-                    match &found {
-                        Some(f) if *f != t => return Err(CaptureError::TokenMismatch),
-                        Some(_) => {}
-                        None => found = Some(t),
-                    }
-                }
-            }
-            match found.or_else(|| {
-                extra
-                    .map(str::trim)
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_owned)
-            }) {
-                Some(t) => t,
-                None => return Err(CaptureError::MissingToken),
-            }
-        }
-    };
-    if token.starts_with("phx_") {
-        return Err(CaptureError::PersonalApiKey);
-    }
-    Ok(token)
-}
-
 /// Checks one event; on success it has a string `distinct_id` and a hyphenated `uuid`.
-fn validate_event(
-    event: Value,
-    max_bytes: usize,
-) -> Result<Map<String, Value>, (Option<String>, String)> {
+fn validate_event(event: Value) -> Result<Map<String, Value>, (Option<String>, String)> {
     let Value::Object(mut event) = event else {
         return Err((
             None,
@@ -191,12 +453,6 @@ fn validate_event(
     };
     event.insert("uuid".into(), Value::String(uuid.hyphenated().to_string()));
     event.insert("distinct_id".into(), Value::String(distinct_id));
-    let size = json_size(&event);
-    if size > max_bytes {
-        return fail(format!(
-            "event is {size} bytes of JSON, more than the limit of {max_bytes}"
-        ));
-    }
     Ok(event)
 }
 
@@ -216,92 +472,84 @@ fn distinct_id_text(value: &Value) -> Option<String> {
     Some(text.chars().take(MAX_DISTINCT_ID_CHARS).collect())
 }
 
-/// Size of the event's JSON encoding, computed without allocating it.
-fn json_size(value: &Map<String, Value>) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    let _ = serde_json::to_writer(&mut counter, value);
-    counter.0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
+    fn split(payload: Value) -> SplitPayload {
+        split_payload(payload.to_string().into_bytes(), 1000).unwrap()
+    }
+
+    fn ctx() -> RequestContext<'static> {
+        RequestContext {
+            received_at: Utc::now(),
+            sent_at: None,
+            ip: None,
+            anonymize_ips: false,
+        }
+    }
+
     #[test]
     fn request_shapes_and_token_places() {
-        let p = parse_request(json!({"api_key": "phc_a", "batch": [{"event": "e", "distinct_id": 5}], "sent_at": "2026-01-01T00:00:00Z"}), None, 1 << 20).unwrap();
-        assert_eq!(p.token, "phc_a");
+        let p = split(
+            json!({"api_key": "phc_a", "batch": [{"event": "e", "distinct_id": 5}], "sent_at": "2026-01-01T00:00:00Z"}),
+        );
+        assert_eq!(find_token(&p, None, 1 << 20).unwrap(), "phc_a");
         assert!(p.sent_at.is_some());
-        assert_eq!(p.accepted[0]["distinct_id"], "5");
-        let p = parse_request(
-            json!([{"event": "e", "properties": {"token": "phc_b", "distinct_id": "x"}}]),
-            None,
-            1 << 20,
-        )
-        .unwrap();
-        assert_eq!(p.token, "phc_b");
-        let p = parse_request(
-            json!({"event": "e", "$token": "phc_c", "distinct_id": "x"}),
-            None,
-            1 << 20,
-        )
-        .unwrap();
-        assert_eq!(p.token, "phc_c");
-        let p = parse_request(
-            json!({"event": "e", "distinct_id": "x"}),
-            Some("phc_q"),
-            1 << 20,
-        )
-        .unwrap();
-        assert_eq!(p.token, "phc_q");
+        let rows = build_rows(&p, 1 << 20, &ctx()).rows;
+        assert_eq!(rows[0].distinct_id, "5");
+        let p =
+            split(json!([{"event": "e", "properties": {"token": "phc_b", "distinct_id": "x"}}]));
+        assert_eq!(find_token(&p, None, 1 << 20).unwrap(), "phc_b");
+        let p = split(json!({"event": "e", "$token": "phc_c", "distinct_id": "x"}));
+        assert_eq!(find_token(&p, None, 1 << 20).unwrap(), "phc_c");
+        assert_eq!(p.events.len(), 1, "an object without a batch is one event");
+        let p = split(json!({"event": "e", "distinct_id": "x"}));
+        assert_eq!(find_token(&p, Some("phc_q"), 1 << 20).unwrap(), "phc_q");
+        // A batch key that is not an array: the object is an event.
+        let p = split(json!({"event": "e", "batch": 3, "token": "phc_d", "distinct_id": "x"}));
+        assert_eq!(p.events.len(), 1);
+        assert_eq!(find_token(&p, None, 1 << 20).unwrap(), "phc_d");
     }
 
     #[test]
     fn token_errors() {
-        let missing = parse_request(json!({"event": "e", "distinct_id": "x"}), None, 1 << 20);
-        assert!(matches!(missing, Err(CaptureError::MissingToken)));
-        let personal = parse_request(json!({"api_key": "phx_secret", "batch": []}), None, 1 << 20);
-        assert!(matches!(personal, Err(CaptureError::PersonalApiKey)));
-        let mixed = parse_request(
-            json!([{"event": "e", "token": "phc_a"}, {"event": "e", "token": "phc_b"}]),
-            None,
-            1 << 20,
-        );
-        assert!(matches!(mixed, Err(CaptureError::TokenMismatch)));
+        let missing = split(json!({"event": "e", "distinct_id": "x"}));
+        assert!(matches!(
+            find_token(&missing, None, 1 << 20),
+            Err(CaptureError::MissingToken)
+        ));
+        let personal = split(json!({"api_key": "phx_secret", "batch": []}));
+        assert!(matches!(
+            find_token(&personal, None, 1 << 20),
+            Err(CaptureError::PersonalApiKey)
+        ));
+        let mixed =
+            split(json!([{"event": "e", "token": "phc_a"}, {"event": "e", "token": "phc_b"}]));
+        assert!(matches!(
+            find_token(&mixed, None, 1 << 20),
+            Err(CaptureError::TokenMismatch)
+        ));
     }
 
     #[test]
     fn each_event_is_judged_on_its_own() {
-        let p = parse_request(
-            json!({"api_key": "phc_a", "batch": [
-                {"event": "ok", "distinct_id": "a", "uuid": "0190A0B0-0000-7000-8000-000000000001"},
-                {"distinct_id": "a"},
-                {"event": "e"},
-                {"event": "e", "distinct_id": "a", "uuid": "nope"},
-                {"event": "e", "distinct_id": "a", "properties": []},
-                7
-            ]}),
-            None,
-            1 << 20,
-        )
-        .unwrap();
-        assert_eq!(p.accepted.len(), 1);
+        let p = split(json!({"api_key": "phc_a", "batch": [
+            {"event": "ok", "distinct_id": "a", "uuid": "0190A0B0-0000-7000-8000-000000000001"},
+            {"distinct_id": "a"},
+            {"event": "e"},
+            {"event": "e", "distinct_id": "a", "uuid": "nope"},
+            {"event": "e", "distinct_id": "a", "properties": []},
+            7
+        ]}));
+        let judged = build_rows(&p, 1 << 20, &ctx());
+        assert_eq!(judged.rows.len(), 1);
         assert_eq!(
-            p.accepted[0]["uuid"],
+            judged.rows[0].uuid.to_string(),
             "0190a0b0-0000-7000-8000-000000000001"
         );
-        let errors: Vec<_> = p
+        let errors: Vec<_> = judged
             .rejected
             .iter()
             .map(|r| (r.index, r.error.as_str()))
@@ -316,23 +564,62 @@ mod tests {
                 (5, "an event must be a JSON object, not a number"),
             ]
         );
+        assert_eq!(judged.rejected_count, 5);
     }
 
     #[test]
-    fn oversized_events_and_deep_nesting_are_refused() {
+    fn oversized_events_deep_nesting_and_too_many_events_are_refused() {
         let big = "x".repeat(2000);
-        let p = parse_request(json!({"api_key": "phc_a", "batch": [{"event": "e", "distinct_id": "a", "properties": {"big": big}}]}), None, 1000).unwrap();
+        let p = split(
+            json!({"api_key": "phc_a", "batch": [{"event": "e", "distinct_id": "a", "properties": {"big": big}}]}),
+        );
+        let judged = build_rows(&p, 1000, &ctx());
         assert!(
-            p.rejected[0].error.contains("more than the limit of 1000"),
+            judged.rejected[0]
+                .error
+                .contains("more than the limit of 1000"),
             "{:?}",
-            p.rejected
+            judged.rejected
         );
         let deep = "[".repeat(500) + &"]".repeat(500);
-        let err = parse_json(deep.as_bytes()).unwrap_err();
+        let err = split_payload(deep.into_bytes(), 10).unwrap_err();
         assert!(err.to_string().contains("nested deeper than 128"), "{err}");
+        // Brackets inside strings do not count; escaped quotes do not end a string.
+        let quoted = format!(
+            r#"[{{"event":"e","distinct_id":"a","properties":{{"s":"\"{}"}}}}]"#,
+            "[".repeat(500)
+        );
+        assert!(split_payload(quoted.into_bytes(), 10).is_ok());
         assert!(matches!(
-            parse_json(b"{\"a\": \"\xff\"}"),
+            split_payload(b"{\"a\": \"\xff\"}".to_vec(), 10),
             Err(CaptureError::InvalidUtf8 { offset: 7 })
         ));
+        let many = format!("[{}0]", "0,".repeat(10));
+        assert!(matches!(
+            split_payload(many.clone().into_bytes(), 10),
+            Err(CaptureError::TooManyEvents { limit: 10 })
+        ));
+        let batch = format!("{{\"api_key\":\"phc_a\",\"batch\":{many}}}");
+        assert!(matches!(
+            split_payload(batch.into_bytes(), 10),
+            Err(CaptureError::TooManyEvents { limit: 10 })
+        ));
+        assert!(matches!(
+            split_payload(b"\"just a string\"".to_vec(), 10),
+            Err(CaptureError::UnexpectedShape("a string"))
+        ));
+        assert!(matches!(
+            split_payload(b"nonsense".to_vec(), 10),
+            Err(CaptureError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn only_the_first_rejections_are_listed_but_all_are_counted() {
+        let events: Vec<Value> = (0..250).map(|_| json!(0)).collect();
+        let p = split_payload(json!(events).to_string().into_bytes(), 1000).unwrap();
+        let judged = build_rows(&p, 1 << 20, &ctx());
+        assert_eq!(judged.rejected.len(), MAX_LISTED_REJECTIONS);
+        assert_eq!(judged.rejected_count, 250);
     }
 }

@@ -83,7 +83,11 @@ enum Command {
         action: TeamCommand,
     },
     /// Print the admin API token that `/api/` requires (Authorization: Bearer …)
-    ApiToken,
+    ApiToken {
+        /// Replace it with a new one first (a running server takes the new one at once)
+        #[arg(long)]
+        rotate: bool,
+    },
     /// Install plugins and enable them per team (changes apply to a running server at once)
     Plugin {
         #[command(subcommand)]
@@ -133,6 +137,8 @@ impl CliError {
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
+    // Everything the appliance writes (state, events, plugins, secrets) is for its own user.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     let mut config = match Config::from_env() {
         Ok(c) => c,
@@ -163,8 +169,13 @@ fn operate(config: &Config, command: Command) -> Result<(), CliError> {
         Command::Plugin { action } => plugins::run(&ops, action),
         Command::Jobs { action } => jobs::run(&ops, action),
         Command::Export { action } => exports::run(&ops, action),
-        Command::ApiToken => {
-            println!("{}", ops.api_token()?.0);
+        Command::ApiToken { rotate } => {
+            let token = if rotate {
+                ops.rotate_api_token()?
+            } else {
+                ops.api_token()?.0
+            };
+            println!("{token}");
             Ok(())
         }
     }

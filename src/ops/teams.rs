@@ -18,4 +18,9 @@ impl Ops {
     pub fn api_token(&self) -> Result<(String, bool), OpError> {
         Ok(self.store.admin_api_token()?)
     }
+
+    /// Replaces the admin API token; the old one stops working at once.
+    pub fn rotate_api_token(&self) -> Result<String, OpError> {
+        Ok(self.store.rotate_admin_api_token()?)
+    }
 }

@@ -110,7 +110,7 @@ impl Store {
         timeout_ms: u64,
         now_ms: i64,
     ) -> Result<Export, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let export = {
             let id = {
                 let mut meta = txn.open_table(META)?;
@@ -152,7 +152,7 @@ impl Store {
                 .insert(id, encode_value(&export).as_slice())?;
             export
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(export)
     }
 
@@ -176,7 +176,7 @@ impl Store {
     /// Marks an export cancelled; its next page does not run (a page already running is asked
     /// to stop by the caller, through the job queue).
     pub fn cancel_export(&self, id: u64, now_ms: i64) -> Result<Export, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let export = {
             let mut table = txn.open_table(EXPORTS)?;
             let bytes = table
@@ -195,7 +195,7 @@ impl Store {
             table.insert(id, encode_value(&export).as_slice())?;
             export
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(export)
     }
 }

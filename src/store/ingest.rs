@@ -3,7 +3,7 @@
 //! Rows are keyed by a sequence number that only grows (kept in `META`, so it never goes back
 //! even when the queue is trimmed empty); sinks remember the last sequence they committed.
 
-use redb::{ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use super::{meta_get, Store, StoreError, META};
 use crate::event::IngestBatch;
@@ -11,10 +11,35 @@ use crate::event::IngestBatch;
 /// Sequence → encoded [`IngestBatch`].
 pub(super) const INGEST: TableDefinition<u64, &[u8]> = TableDefinition::new("ingest");
 const NEXT_SEQ: &str = "ingest_next_seq";
+/// Bytes of the records in the queue, kept with every append and trim.
+const QUEUED_BYTES: &str = "ingest_queued_bytes";
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(INGEST)?;
     Ok(())
+}
+
+/// Starts the queue's byte counter if this file has none yet (called with no table open).
+pub(super) fn init_queued_bytes(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let table = txn.open_table(INGEST)?;
+    let mut meta = txn.open_table(META)?;
+    if meta.get(QUEUED_BYTES)?.is_none() {
+        // A queue written before the counter existed: count it once.
+        let mut bytes = 0u64;
+        for row in table.iter()? {
+            bytes += row?.1.value().len() as u64;
+        }
+        meta.insert(QUEUED_BYTES, bytes)?;
+    }
+    Ok(())
+}
+
+/// Moves the queue's byte counter by `delta` in `txn`; returns the new count.
+pub(super) fn adjust_queued_bytes(txn: &WriteTransaction, delta: i64) -> Result<u64, StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let bytes = meta_get(&meta, QUEUED_BYTES)?.saturating_add_signed(delta);
+    meta.insert(QUEUED_BYTES, bytes)?;
+    Ok(bytes)
 }
 
 /// A batch read back from the queue with its position.
@@ -54,6 +79,8 @@ pub struct ReadLimits {
 pub struct IngestStats {
     /// Batches not yet trimmed (some may already be in the sink).
     pub queued_batches: u64,
+    /// Their bytes.
+    pub queued_bytes: u64,
     /// The sequence number the last appended batch received (0 if none ever).
     pub last_seq: u64,
 }
@@ -62,7 +89,7 @@ impl Store {
     /// Appends encoded batches in one durable transaction and returns the sequence number of
     /// the last. Nothing is visible, or acknowledged, unless the commit succeeds.
     pub fn append_ingest(&self, encoded: &[Vec<u8>]) -> Result<u64, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let last = {
             let mut meta = txn.open_table(META)?;
             let mut table = txn.open_table(INGEST)?;
@@ -74,7 +101,10 @@ impl Store {
             meta.insert(NEXT_SEQ, seq)?;
             seq - 1
         };
-        txn.commit()?;
+        let added: usize = encoded.iter().map(Vec::len).sum();
+        let queued = adjust_queued_bytes(&txn, added as i64)?;
+        self.commit(txn)?;
+        self.set_queued_bytes(queued);
         Ok(last)
     }
 
@@ -114,19 +144,21 @@ impl Store {
     /// Deletes every batch up to and including `seq`: call only once every sink has durably
     /// committed them.
     pub fn trim_ingest_through(&self, seq: u64) -> Result<u64, StoreError> {
-        let txn = self.db.begin_write()?;
-        let removed = {
+        let txn = self.write()?;
+        let (removed, bytes) = {
             let mut table = txn.open_table(INGEST)?;
-            let mut removed = 0;
+            let (mut removed, mut bytes) = (0, 0usize);
             for row in table.extract_from_if(..=seq, |_, _| true)? {
-                row?;
+                bytes += row?.1.value().len();
                 removed += 1;
             }
-            removed
+            (removed, bytes)
         };
+        let queued = adjust_queued_bytes(&txn, -(bytes as i64))?;
         // Trimming follows the sink write, which follows queuing the batch's deliveries.
         super::positions::mark_delivered(&txn, seq)?;
-        txn.commit()?;
+        self.commit(txn)?;
+        self.set_queued_bytes(queued);
         Ok(removed)
     }
 
@@ -136,6 +168,7 @@ impl Store {
         let meta = txn.open_table(META)?;
         Ok(IngestStats {
             queued_batches: table.len()?,
+            queued_bytes: meta_get(&meta, QUEUED_BYTES)?,
             last_seq: meta_get(&meta, NEXT_SEQ)?.saturating_sub(1),
         })
     }
@@ -227,6 +260,9 @@ mod tests {
             }
             let stats = store.ingest_stats().unwrap();
             assert_eq!(stats.queued_batches, model.len() as u64);
+            let bytes: usize = model.values().map(|b| b.encode().len()).sum();
+            assert_eq!(stats.queued_bytes, bytes as u64);
+            assert_eq!(store.room().queued_bytes, bytes as u64);
             assert_eq!(stats.last_seq, next - 1);
         }
     }

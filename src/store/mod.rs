@@ -16,9 +16,13 @@ mod secrets;
 mod teams;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use redb::{ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 
 pub use crate::ids::{JobId, PluginConfigId, PluginId, TeamId};
 pub use exports::{Export, ExportProgress, ExportState, PageCursor};
@@ -79,13 +83,78 @@ pub enum StoreError {
     /// A value the store refuses to keep (a malformed token).
     #[error("{0}")]
     Invalid(String),
+    /// The state file is being reopened after a storage failure (a full disk); retry later.
+    #[error(
+        "the state store is unavailable after a storage failure (is the disk full?); retrying"
+    )]
+    Unavailable,
 }
 
 /// A handle on the state store; cheap to clone and share between tasks.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `None` while the file is being reopened after a storage failure.
+    db: RwLock<Option<Arc<Database>>>,
     path: PathBuf,
+    data_dir: PathBuf,
+    /// Set when a transaction failed for a storage reason (a full disk, an I/O error): redb
+    /// refuses every later transaction until the file is reopened, so the next one reopens it.
+    failed: AtomicBool,
+    /// When the last reopening was tried, so a disk still full is not hammered.
+    last_reopen: Mutex<Option<Instant>>,
+    /// Bytes of records in the ingest queue (mirrors the `META` counter this process keeps).
+    queued_bytes: AtomicU64,
+    /// Free bytes on the data directory's disk, as last read.
+    free_bytes: AtomicU64,
+}
+
+/// How much room the appliance has: what capture checks before accepting more.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Room {
+    pub queued_bytes: u64,
+    pub free_disk_bytes: u64,
+}
+
+/// How often a failed store may try to reopen its file.
+const REOPEN_EVERY: Duration = Duration::from_millis(500);
+
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    Database::builder()
+        .set_concurrency_mode(ConcurrencyMode::MultiWriter)
+        .create(path)
+        .map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
+                path: path.to_owned(),
+            },
+            source => StoreError::Open {
+                path: path.to_owned(),
+                source,
+            },
+        })
+}
+
+impl StoreError {
+    /// True for failures of the storage itself (full disk, I/O), after which redb refuses every
+    /// transaction until the file is reopened.
+    fn is_storage_failure(&self) -> bool {
+        let storage = |e: &redb::StorageError| {
+            matches!(
+                e,
+                redb::StorageError::Io(_) | redb::StorageError::PreviousIo
+            )
+        };
+        match self {
+            StoreError::Storage(e) => storage(e),
+            StoreError::Transaction(redb::TransactionError::Storage(e)) => storage(e),
+            StoreError::Commit(redb::CommitError::Storage(e)) => storage(e),
+            StoreError::Table(redb::TableError::Storage(e)) => storage(e),
+            _ => false,
+        }
+    }
 }
 
 impl Store {
@@ -94,38 +163,127 @@ impl Store {
     /// The file is opened in redb's multi-writer mode so that CLI commands such as
     /// `appliance team create` work while the server runs; redb serialises the writers.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+        create_private_dir(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.to_owned(),
             source,
         })?;
         let path = data_dir.join(STATE_FILE);
-        let db = Database::builder()
-            .set_concurrency_mode(ConcurrencyMode::MultiWriter)
-            .create(&path)
-            .map_err(|source| match source {
-                redb::DatabaseError::DatabaseAlreadyOpen => {
-                    StoreError::InUse { path: path.clone() }
-                }
-                source => StoreError::Open {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
+        let db = open_database(&path)?;
         let store = Store {
-            db: Arc::new(db),
-            path,
+            inner: Arc::new(Inner {
+                db: RwLock::new(Some(Arc::new(db))),
+                path,
+                data_dir: data_dir.to_owned(),
+                failed: AtomicBool::new(false),
+                last_reopen: Mutex::new(None),
+                queued_bytes: AtomicU64::new(0),
+                free_bytes: AtomicU64::new(u64::MAX),
+            }),
         };
         store.initialise()?;
+        store.set_queued_bytes(store.ingest_stats()?.queued_bytes);
+        store.refresh_free_space();
         Ok(store)
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
+    }
+
+    /// The database, reopened first if a storage failure latched it.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        if self.inner.failed.load(Ordering::Acquire) {
+            self.reopen()?;
+        }
+        self.inner
+            .db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::Unavailable)
+    }
+
+    /// Reopens the file after a storage failure (at most every [`REOPEN_EVERY`]): redb latches
+    /// the first failed write and refuses every transaction after it, so once space returns
+    /// only a fresh handle works again. What was committed before the failure is kept.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut last = self
+            .inner
+            .last_reopen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !self.inner.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if last.is_some_and(|at| at.elapsed() < REOPEN_EVERY) {
+            return Err(StoreError::Unavailable);
+        }
+        *last = Some(Instant::now());
+        // Let go of the failed handle; transactions still running on it end on their own.
+        let old = self
+            .inner
+            .db
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(old);
+        match open_database(&self.inner.path) {
+            Ok(db) => {
+                *self.inner.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
+                self.inner.failed.store(false, Ordering::Release);
+                tracing::warn!(path = %self.inner.path.display(), "the state file was reopened after a storage failure");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the state file cannot be reopened yet; retrying");
+                Err(StoreError::Unavailable)
+            }
+        }
+    }
+
+    /// Notes a storage failure, so the next transaction reopens the file.
+    fn noted<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(e) = &result {
+            if e.is_storage_failure() && !self.inner.failed.swap(true, Ordering::AcqRel) {
+                tracing::error!(error = %e, "the state store failed to write; it reopens the file at the next transaction");
+            }
+        }
+        result
+    }
+
+    /// A write transaction.
+    fn write(&self) -> Result<WriteTransaction, StoreError> {
+        let db = self.db()?;
+        self.noted(db.begin_write().map_err(StoreError::from))
+    }
+
+    /// Commits `txn`; a storage failure latches the store for reopening.
+    fn commit(&self, txn: WriteTransaction) -> Result<(), StoreError> {
+        self.noted(txn.commit().map_err(StoreError::from))
+    }
+
+    /// Reads the free space of the data directory's disk (called on a clock by the server).
+    pub fn refresh_free_space(&self) {
+        if let Some(free) = free_space(&self.inner.data_dir) {
+            self.inner.free_bytes.store(free, Ordering::Relaxed);
+        }
+    }
+
+    fn set_queued_bytes(&self, bytes: u64) {
+        self.inner.queued_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// What capture checks before accepting more: the queue's size and the disk's free space.
+    pub fn room(&self) -> Room {
+        Room {
+            queued_bytes: self.inner.queued_bytes.load(Ordering::Relaxed),
+            free_disk_bytes: self.inner.free_bytes.load(Ordering::Relaxed),
+        }
     }
 
     /// Creates every table and checks the layout version, so readers never meet a missing table.
     fn initialise(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         {
             let mut meta = txn.open_table(META)?;
             let found = meta.get(LAYOUT_VERSION_KEY)?.map(|v| v.value());
@@ -149,13 +307,36 @@ impl Store {
             exports::create_tables(&txn)?;
             positions::create_tables(&txn)?;
         }
-        txn.commit()?;
+        ingest::init_queued_bytes(&txn)?;
+        self.commit(txn)?;
         Ok(())
     }
 
     fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        Ok(self.db.begin_read()?)
+        let db = self.db()?;
+        self.noted(db.begin_read().map_err(StoreError::from))
     }
+}
+
+/// Creates a directory (and its parents) readable by the owner only, whatever the umask: the
+/// data directory holds secrets and plugin configs.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Free bytes for an unprivileged writer on the disk holding `dir`.
+fn free_space(dir: &Path) -> Option<u64> {
+    let stat = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some((stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64))
 }
 
 /// A random token: `prefix` and 43 alphanumerics (PostHog's shape for project tokens).

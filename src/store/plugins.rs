@@ -103,7 +103,7 @@ impl Store {
         sha256: &str,
     ) -> Result<PluginRecord, StoreError> {
         // Read and write in one transaction, so two installs cannot both create the plugin.
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let existing = all_records::<PluginRecord>(&txn.open_table(PLUGINS)?, "plugin")?
             .into_iter()
             .find(|p| p.name == name);
@@ -120,7 +120,7 @@ impl Store {
         txn.open_table(PLUGINS)?
             .insert(record.id, encode_value(&record).as_slice())?;
         bump_generation(&txn)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(record)
     }
 
@@ -140,7 +140,7 @@ impl Store {
     ) -> Result<PluginConfig, StoreError> {
         // Read and write in one transaction, so concurrent changes (the CLI, the API, the pipeline
         // disabling a failing config) cannot create two configs for one team and plugin.
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let current: Vec<PluginConfig> =
             all_records(&txn.open_table(PLUGIN_CONFIGS)?, "plugin config")?;
         let existing = current
@@ -170,7 +170,7 @@ impl Store {
         txn.open_table(PLUGIN_CONFIGS)?
             .insert(record.id, encode_value(&record).as_slice())?;
         bump_generation(&txn)?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(record)
     }
 
@@ -211,7 +211,7 @@ impl Store {
         key: &str,
         value: Option<&str>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         {
             let mut table = txn.open_table(PLUGIN_STORAGE)?;
             match value {
@@ -223,7 +223,7 @@ impl Store {
                 }
             }
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -236,7 +236,7 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         {
             let mut meta = txn.open_table(META)?;
             let mut seq = meta_get(&meta, NEXT_LOG_SEQ)?.max(1);
@@ -248,7 +248,7 @@ impl Store {
             }
             meta.insert(NEXT_LOG_SEQ, seq)?;
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 

@@ -57,13 +57,14 @@ impl Store {
     /// Moves the queue record at `position` into the quarantine with `reason`, so the pipeline
     /// can go on past it. Returns false if no record is there (already moved).
     pub fn quarantine_ingest(&self, position: u64, reason: &str) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let moved = {
             let mut ingest = txn.open_table(INGEST)?;
             let bytes = ingest.remove(position)?.map(|v| v.value().to_vec());
             match bytes {
                 None => false,
                 Some(bytes) => {
+                    super::ingest::adjust_queued_bytes(&txn, -(bytes.len() as i64))?;
                     let record = QuarantinedRecord {
                         position,
                         reason: reason.to_owned(),
@@ -84,7 +85,8 @@ impl Store {
                 }
             }
         };
-        txn.commit()?;
+        self.commit(txn)?;
+        self.set_queued_bytes(self.ingest_stats()?.queued_bytes);
         Ok(moved)
     }
 

@@ -16,7 +16,7 @@ impl Store {
     /// The token `/api/` requires (`Authorization: Bearer …`), created on first use; returns
     /// it and whether it was created now.
     pub fn admin_api_token(&self) -> Result<(String, bool), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let (token, created) = {
             let mut table = txn.open_table(SECRETS)?;
             let existing = table.get(ADMIN_API_TOKEN)?.map(|v| v.value().to_owned());
@@ -29,7 +29,25 @@ impl Store {
                 }
             }
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok((token, created))
+    }
+
+    /// The admin API token as it is now, without creating one (read on every `/api/` request,
+    /// so a rotation from the CLI takes effect at once).
+    pub fn current_admin_api_token(&self) -> Result<Option<String>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(SECRETS)?;
+        Ok(table.get(ADMIN_API_TOKEN)?.map(|v| v.value().to_owned()))
+    }
+
+    /// Replaces the admin API token with a new random one and returns it.
+    pub fn rotate_admin_api_token(&self) -> Result<String, StoreError> {
+        let txn = self.write()?;
+        let token = super::random_token("apa_");
+        txn.open_table(SECRETS)?
+            .insert(ADMIN_API_TOKEN, token.as_str())?;
+        self.commit(txn)?;
+        Ok(token)
     }
 }

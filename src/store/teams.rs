@@ -63,7 +63,7 @@ impl Store {
             }
             None => generate_token(),
         };
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let team = {
             let mut tokens = txn.open_table(TEAM_TOKENS)?;
             if let Some(existing) = tokens.get(token.as_str())? {
@@ -87,7 +87,7 @@ impl Store {
             tokens.insert(token.as_str(), id)?;
             team
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(team)
     }
 

@@ -25,6 +25,7 @@ pub fn command(data_dir: &Path) -> Command {
         .env("DATA_DIR", data_dir)
         .env("WEB_HOSTNAME", "127.0.0.1")
         .env("WEB_PORT", "0")
+        .env("ADMIN_PORT", "0")
         .env("LOG_LEVEL", "warn");
     cmd
 }
@@ -51,6 +52,8 @@ pub fn create_team(data_dir: &Path, name: &str, token: &str) -> u64 {
 pub struct Appliance {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin listener (management API, health).
+    pub admin: SocketAddr,
     pub data_dir: PathBuf,
     stderr: mpsc::Receiver<String>,
 }
@@ -58,11 +61,21 @@ pub struct Appliance {
 impl Appliance {
     /// Starts `appliance run` on 127.0.0.1 with a free port and waits until it listens.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Appliance {
+        Appliance::start_with(data_dir, env, |_| {})
+    }
+
+    /// [`Appliance::start`], letting `customize` change the command first (limits, say).
+    pub fn start_with(
+        data_dir: &Path,
+        env: &[(&str, &str)],
+        customize: impl FnOnce(&mut Command),
+    ) -> Appliance {
         let mut cmd = command(data_dir);
         cmd.arg("run").stdout(Stdio::piped()).stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
+        customize(&mut cmd);
         let mut child = cmd.spawn().expect("spawn the appliance binary");
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
@@ -72,6 +85,9 @@ impl Appliance {
                 if let Some(addr) = line.strip_prefix("listening on http://") {
                     let _ = addr_tx.send(addr.to_owned());
                 }
+                if let Some(addr) = line.strip_prefix("admin listening on http://") {
+                    let _ = addr_tx.send(format!("admin {addr}"));
+                }
             }
         });
         let (err_tx, err_rx) = mpsc::channel();
@@ -80,27 +96,40 @@ impl Appliance {
                 let _ = err_tx.send(line);
             }
         });
-        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) => a.parse().expect("a socket address"),
-            Err(_) => {
-                let _ = child.kill();
-                let log: Vec<String> = err_rx.try_iter().collect();
-                panic!(
-                    "the appliance did not start listening within 60 s; stderr:\n{}",
-                    log.join("\n")
-                );
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || admin.is_none() {
+            match addr_rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => match line.strip_prefix("admin ") {
+                    Some(a) => admin = Some(a.parse().expect("a socket address")),
+                    None => addr = Some(line.parse().expect("a socket address")),
+                },
+                Err(_) => {
+                    let _ = child.kill();
+                    let log: Vec<String> = err_rx.try_iter().collect();
+                    panic!(
+                        "the appliance did not start listening within 60 s; stderr:\n{}",
+                        log.join("\n")
+                    );
+                }
             }
-        };
+        }
         Appliance {
             child,
-            addr,
+            addr: addr.expect("the capture address"),
+            admin: admin.expect("the admin address"),
             data_dir: data_dir.to_owned(),
             stderr: err_rx,
         }
     }
 
+    /// A URL on the capture listener.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// A URL on the admin listener (management API).
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
     }
 
     pub fn sqlite_path(&self) -> PathBuf {
@@ -311,7 +340,7 @@ pub struct Api {
 impl Api {
     pub fn new(app: &Appliance) -> Api {
         Api {
-            base: app.url(""),
+            base: app.admin_url(""),
             token: cli(&app.data_dir, &["api-token"]).trim().to_owned(),
             client: reqwest::Client::new(),
         }
@@ -396,4 +425,32 @@ pub async fn webhook(answer: Answer) -> (SocketAddr, Arc<Mutex<Vec<(u16, Value)>
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     (addr, seen)
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS` now, `VmHWM` the peak so far).
+pub fn memory_kib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Sends one small event as a well-behaved client would; returns its status and how long the
+/// answer took.
+pub async fn probe_event(app: &Appliance, name: &str) -> (u16, Duration) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let body =
+        serde_json::json!({"api_key": TOKEN, "batch": [{"event": name, "distinct_id": "probe"}]});
+    let status = match client.post(app.url("/batch/")).json(&body).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    };
+    (status, started.elapsed())
 }

@@ -30,7 +30,7 @@ impl Store {
         key_retention_ms: i64,
         delivered: Option<u64>,
     ) -> Result<Vec<JobId>, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let ids = {
             let mut tables = JobTables::open(&txn, now_ms)?;
             let mut ids = Vec::with_capacity(jobs.len());
@@ -42,7 +42,7 @@ impl Store {
         if let Some(position) = delivered {
             super::super::positions::mark_delivered(&txn, position)?;
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(ids)
     }
 
@@ -55,7 +55,7 @@ impl Store {
         max: usize,
         owner_room: &dyn Fn(u64) -> usize,
     ) -> Result<Claimed, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let claimed = {
             let mut tables = JobTables::open(&txn, now_ms)?;
             for (id, outcome) in finished {
@@ -67,7 +67,7 @@ impl Store {
                 Claimed::default()
             }
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(claimed)
     }
 
@@ -81,7 +81,7 @@ impl Store {
     /// Puts every claimed job back in the queue, each counting a failed attempt: called by a
     /// server at start-up, when every claim left in the file belongs to a process that died.
     pub fn recover_leases(&self, now_ms: i64, retry_at_ms: i64) -> Result<usize, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let recovered = {
             let mut tables = JobTables::open(&txn, now_ms)?;
             let ids: Vec<u128> = tables
@@ -101,7 +101,7 @@ impl Store {
             }
             ids.len()
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(recovered)
     }
 
@@ -112,7 +112,7 @@ impl Store {
         state: &str,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         {
             let mut tables = JobTables::open(&txn, now_ms)?;
             let mut job = tables.get(id)?.ok_or_else(|| {
@@ -122,7 +122,7 @@ impl Store {
             job.updated_ms = now_ms;
             tables.put(&job)?;
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -134,7 +134,7 @@ impl Store {
         control: Control,
         now_ms: i64,
     ) -> Result<JobState, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let state = {
             let mut tables = JobTables::open(&txn, now_ms)?;
             let job = tables.get(id)?.ok_or_else(|| {
@@ -157,7 +157,7 @@ impl Store {
                 JobState::Cancelled
             }
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(state)
     }
 
@@ -178,7 +178,7 @@ impl Store {
 
     /// Puts a dead or cancelled job back in the queue with fresh attempts, history kept.
     pub fn requeue_job(&self, id: JobId, now_ms: i64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         {
             let mut tables = JobTables::open(&txn, now_ms)?;
             let mut job = tables.get(id)?.ok_or_else(|| {
@@ -198,7 +198,7 @@ impl Store {
             tables.put(&job)?;
             tables.make_due(&job)?;
         }
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -251,7 +251,7 @@ impl Store {
 
     /// Forgets idempotency keys first used before `before_ms`.
     pub fn purge_job_keys(&self, before_ms: i64) -> Result<usize, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let removed = {
             let mut keys = txn.open_table(JOB_KEYS)?;
             let mut removed = 0;
@@ -261,7 +261,7 @@ impl Store {
             }
             removed
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(removed)
     }
 }

@@ -58,7 +58,7 @@ impl Store {
         now_ms: i64,
         update: impl FnOnce(&mut ScheduleTables<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let result = {
             let mut tables = ScheduleTables {
                 schedules: txn.open_table(SCHEDULES)?,
@@ -66,7 +66,7 @@ impl Store {
             };
             update(&mut tables)?
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(result)
     }
 }

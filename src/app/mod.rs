@@ -7,15 +7,16 @@
 //! the queue to the sink until it is empty or `SHUTDOWN_TIMEOUT_SECS` passes → exit 0.
 //! Must never: exit 0 before the ingest writer has answered every request it accepted.
 
+mod http;
+
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::admin::{self, AdminState};
-use crate::capture::{self, CaptureState, TeamDirectory};
+use crate::capture::{self, Admission, CaptureState, TeamDirectory};
 use crate::config::Config;
 use crate::geoip::GeoIp;
 use crate::ingest;
@@ -92,11 +93,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     })?;
 
     let runtime = Arc::new(plugin_runtime(&config)?);
-    let (api_token, api_token_created) = store.admin_api_token()?;
-    if api_token_created {
-        println!(
-            "created admin API token {api_token} (for /api/; `appliance api-token` shows it again)"
-        );
+    if store.admin_api_token()?.1 {
+        // The token itself is not printed: the service log is not a place for secrets.
+        println!("created the admin API token for /api/; `appliance api-token` shows it");
     }
     let queue = JobQueue::new(store.clone(), config.jobs);
     if let Err(e) = crate::wake::listen(&config.data_dir, queue.wake_handle()) {
@@ -176,24 +175,33 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     );
 
     let stopping = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(AdminState {
+        store: store.clone(),
+        sink_name: sink.name(),
+        max_queue_bytes: config.ingest_max_queue_bytes,
+        min_free_bytes: config.data_min_free_bytes,
+        pipeline: status,
+        stopping: stopping.clone(),
+    });
+    tokio::spawn(watch_free_space(store.clone()));
     if config.web_enabled {
-        let app = capture::router(Arc::new(CaptureState {
+        let capture = capture::router(Arc::new(CaptureState {
             ingest,
             teams: TeamDirectory::new(store.clone()),
             limits: config.capture,
             trust_proxy: config.trust_proxy,
+            admission: Admission::new(
+                &config.capture,
+                store.clone(),
+                config.ingest_max_queue_bytes,
+                config.data_min_free_bytes,
+            ),
         }))
-        .merge(admin::api::router(Arc::new(admin::api::ApiState {
-            ops: Ops::in_server(store.clone(), queue.clone(), &config.data_dir, runtime),
-            token: api_token,
-        })))
-        .merge(admin::router(Arc::new(AdminState {
-            store: store.clone(),
-            sink_name: sink.name(),
-            pipeline: status,
-            stopping: stopping.clone(),
-        })));
-        serve(&config, app, stopping).await?;
+        .merge(admin::router(health.clone()));
+        let ops = Ops::in_server(store.clone(), queue.clone(), &config.data_dir, runtime);
+        let management = admin::api::router(Arc::new(admin::api::ApiState::new(ops)))
+            .merge(admin::router(health));
+        http::serve_both(&config, capture, management, stopping).await?;
     } else {
         tracing::warn!("DISABLE_WEB is set: no capture endpoint; draining what is queued");
         drop(ingest);
@@ -223,42 +231,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     Ok(())
 }
 
-async fn serve(
-    config: &Config,
-    app: axum::Router,
-    stopping: Arc<AtomicBool>,
-) -> Result<(), AppError> {
-    let addr = SocketAddr::new(config.web_host, config.web_port);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Listen { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| AppError::Listen { addr, source })?;
-    // Tests and scripts read this line to find a port chosen with WEB_PORT=0.
-    println!("listening on http://{bound}");
-    tracing::info!(%bound, "serving capture and health endpoints");
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        stopping.store(true, Ordering::Relaxed);
-        tracing::info!("shutting down: no new connections; finishing in-flight requests");
-    })
-    .await
-    .map_err(|source| AppError::Io {
-        context: "the HTTP server failed",
-        source,
-    })
-}
-
 /// Holds the data directory's server lock for as long as the returned file lives. One server
 /// per data directory: the job queue treats every claim it finds at start-up as left by a dead
 /// process, which is only true if no other server is running.
 fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, AppError> {
-    std::fs::create_dir_all(data_dir).map_err(|source| AppError::Io {
+    crate::store::create_private_dir(data_dir).map_err(|source| AppError::Io {
         context: "cannot create the data directory",
         source,
     })?;
@@ -296,7 +273,22 @@ async fn run_idle(config: &Config) -> Result<(), AppError> {
         return Ok(());
     }
     let app = capture::idle_router().merge(admin::idle_router());
-    serve(config, app, Arc::new(AtomicBool::new(false))).await
+    http::serve_both(
+        config,
+        app,
+        admin::idle_router(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await
+}
+
+/// Reads the data directory's free space every second, for capture's floor and `/_ready`.
+async fn watch_free_space(store: Store) {
+    loop {
+        let reading = store.clone();
+        let _ = tokio::task::spawn_blocking(move || reading.refresh_free_space()).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

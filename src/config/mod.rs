@@ -7,136 +7,15 @@
 //! Must never: read the environment anywhere else, or let a bad value through with a fallback.
 //! A bad value is a [`ConfigError`] naming the variable, the value and what is allowed.
 
+mod settings;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// How the value of a setting is checked.
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Text,
-    Bool,
-    /// An unsigned integer within an inclusive range.
-    Int {
-        min: u64,
-        max: u64,
-    },
-    Url {
-        schemes: &'static [&'static str],
-    },
-    Base64,
-    LogLevel,
-    Host,
-    /// An IANA time zone name.
-    TimeZone,
-}
-
-/// One row of the settings table.
-pub struct Setting {
-    pub name: &'static str,
-    /// The default as written in `--help`; `None` means unset.
-    pub default: Option<&'static str>,
-    pub help: &'static str,
-    kind: Kind,
-}
-
-const fn setting(
-    name: &'static str,
-    default: Option<&'static str>,
-    kind: Kind,
-    help: &'static str,
-) -> Setting {
-    Setting {
-        name,
-        default,
-        help,
-        kind,
-    }
-}
-
-const PG: Kind = Kind::Url {
-    schemes: &["postgres", "postgresql"],
-};
-const REDIS: Kind = Kind::Url {
-    schemes: &["redis", "rediss", "redis+unix", "unix"],
-};
-const fn int(min: u64, max: u64) -> Kind {
-    Kind::Int { min, max }
-}
-const PORT: Kind = int(0, 65535);
-const COUNT: Kind = int(0, u32::MAX as u64);
-const POSITIVE: Kind = int(1, u32::MAX as u64);
-
-/// Every setting, in the order `--help` lists them: the seed's table first, then the
-/// appliance's own.
-pub const SETTINGS: &[Setting] = &[
-    // The seed's table (PostHog plugin server README).
-    setting("DATABASE_URL", Some("postgres://localhost:5432/posthog"), PG, "Postgres database URL (Postgres sink; not built yet, events go to SQLite)"),
-    setting("REDIS_URL", Some("redis://localhost"), REDIS, "Redis store URL (Celery source; not built yet)"),
-    setting("BASE_DIR", Some("."), Kind::Text, "base path for resolving local plugins"),
-    setting("WORKER_CONCURRENCY", Some("0"), COUNT, "number of concurrent workers; 0 means all cores"),
-    setting("TASKS_PER_WORKER", Some("10"), POSITIVE, "number of parallel tasks per worker"),
-    setting("REDIS_POOL_MIN_SIZE", Some("1"), POSITIVE, "minimum number of Redis connections"),
-    setting("REDIS_POOL_MAX_SIZE", Some("3"), POSITIVE, "maximum number of Redis connections"),
-    setting("SCHEDULE_TIMEZONE", Some("UTC"), Kind::TimeZone, "time zone whose midnight starts run-every-day slots (minute and hour slots follow UTC)"),
-    setting("SCHEDULE_LOCK_TTL", Some("60"), POSITIVE, "how many seconds to hold the lock for the schedule"),
-    setting("CELERY_DEFAULT_QUEUE", Some("celery"), Kind::Text, "Celery outgoing queue"),
-    setting("PLUGINS_CELERY_QUEUE", Some("posthog-plugins"), Kind::Text, "Celery incoming queue"),
-    setting("PLUGINS_RELOAD_PUBSUB_CHANNEL", Some("reload-plugins"), Kind::Text, "Redis channel for reload events"),
-    setting("CLICKHOUSE_HOST", Some("localhost"), Kind::Host, "ClickHouse host (ClickHouse sink; not built yet)"),
-    setting("CLICKHOUSE_DATABASE", Some("default"), Kind::Text, "ClickHouse database"),
-    setting("CLICKHOUSE_USER", Some("default"), Kind::Text, "ClickHouse username"),
-    setting("CLICKHOUSE_PASSWORD", None, Kind::Text, "ClickHouse password"),
-    setting("CLICKHOUSE_CA", None, Kind::Text, "ClickHouse CA certs"),
-    setting("CLICKHOUSE_SECURE", Some("false"), Kind::Bool, "whether to secure ClickHouse connection"),
-    setting("KAFKA_ENABLED", Some("false"), Kind::Bool, "consume events from Kafka (Kafka source; not built yet)"),
-    setting("KAFKA_HOSTS", None, Kind::Text, "comma-delimited Kafka hosts"),
-    setting("KAFKA_CONSUMPTION_TOPIC", Some("events_plugin_ingestion"), Kind::Text, "Kafka incoming events topic"),
-    setting("KAFKA_CLIENT_CERT_B64", None, Kind::Base64, "Kafka certificate in Base64"),
-    setting("KAFKA_CLIENT_CERT_KEY_B64", None, Kind::Base64, "Kafka certificate key in Base64"),
-    setting("KAFKA_TRUSTED_CERT_B64", None, Kind::Base64, "Kafka trusted CA in Base64"),
-    setting("KAFKA_PRODUCER_MAX_QUEUE_SIZE", Some("20"), POSITIVE, "Kafka producer batch max size before flushing"),
-    setting("KAFKA_FLUSH_FREQUENCY_MS", Some("500"), POSITIVE, "Kafka producer batch max duration before flushing"),
-    setting("KAFKA_MAX_MESSAGE_BATCH_SIZE", Some("900000"), POSITIVE, "Kafka producer batch max size in bytes before flushing"),
-    setting("DISABLE_WEB", Some("false"), Kind::Bool, "disable the web server (capture, health, admin). The seed defaulted to true; here the web server is the front door, so it is on unless disabled"),
-    setting("WEB_PORT", Some("3008"), PORT, "port for the web server; 0 picks a free port"),
-    setting("WEB_HOSTNAME", Some("0.0.0.0"), Kind::Host, "address for the web server to listen on"),
-    setting("LOG_LEVEL", Some("info"), Kind::LogLevel, "minimum log level: none, error, warn, info, log (= info), debug, trace"),
-    setting("SENTRY_DSN", None, Kind::Text, "Sentry ingestion URL (not built yet)"),
-    setting("STATSD_HOST", None, Kind::Host, "StatsD host - integration disabled if not provided (not built yet)"),
-    setting("STATSD_PORT", Some("8125"), PORT, "StatsD port"),
-    setting("STATSD_PREFIX", Some("plugin-server."), Kind::Text, "StatsD prefix"),
-    setting("DISABLE_MMDB", Some("false"), Kind::Bool, "whether to disable MMDB IP location capabilities"),
-    setting("GEOIP_MMDB_PATH", None, Kind::Text, "MaxMind DB file (GeoLite2/GeoIP2 City layout) for locating IPs; unset means GeoLite2-City.mmdb in DATA_DIR if it is there"),
-    setting("INTERNAL_MMDB_SERVER_PORT", Some("0"), PORT, "kept for compatibility: the MMDB is read in-process, no internal server is started"),
-    setting("DISTINCT_ID_LRU_SIZE", Some("10000"), POSITIVE, "size of persons distinct ID LRU cache"),
-    setting("PLUGIN_SERVER_IDLE", Some("false"), Kind::Bool, "start idle, processing nothing (same as --idle)"),
-    setting("CAPTURE_INTERNAL_METRICS", Some("false"), Kind::Bool, "whether to capture internal metrics as events (not built yet)"),
-    setting("PISCINA_USE_ATOMICS", Some("true"), Kind::Bool, "kept for compatibility; has no effect (no Piscina here)"),
-    setting("PISCINA_ATOMICS_TIMEOUT", Some("5000"), POSITIVE, "kept for compatibility; has no effect (no Piscina here)"),
-    // The appliance's own.
-    setting("DATA_DIR", Some("./data"), Kind::Text, "directory holding the appliance's state (redb) and the embedded SQLite event store"),
-    setting("SQLITE_PATH", None, Kind::Text, "path of the SQLite event store; default DATA_DIR/events.sqlite3"),
-    setting("TRUST_PROXY", Some("false"), Kind::Bool, "take the client IP from X-Forwarded-For (set only behind a proxy you run)"),
-    setting("CAPTURE_MAX_BODY_BYTES", Some("20971520"), int(1024, 1 << 30), "largest capture request body accepted, in bytes (413 above)"),
-    setting("CAPTURE_MAX_DECOMPRESSED_BYTES", Some("67108864"), int(1024, 1 << 32), "largest capture payload after decompression, in bytes (413 above)"),
-    setting("CAPTURE_MAX_EVENT_BYTES", Some("1048576"), int(256, 1 << 30), "largest single event, in bytes of JSON; larger events are rejected"),
-    setting("INGEST_CHANNEL_CAPACITY", Some("4096"), int(1, 1 << 20), "capture requests that may wait for the group commit before capture answers 503"),
-    setting("INGEST_COMMIT_MAX_REQUESTS", Some("2048"), int(1, 1 << 20), "most capture requests folded into one redb commit"),
-    setting("SINK_BATCH_EVENTS", Some("20000"), int(1, 1 << 20), "most events the pipeline writes to the sink in one transaction"),
-    setting("SINK_BATCH_BYTES", Some("33554432"), int(65536, 1 << 30), "most bytes of queued events the pipeline reads into one sink transaction (bounds its memory whatever the events' size)"),
-    setting("SINK_LINGER_MS", Some("200"), int(0, 60_000), "how long the pipeline lets a part-filled batch fill before writing it (fewer, larger sink transactions)"),
-    setting("PLUGIN_MEMORY_MB", Some("64"), int(1, 4096), "memory limit of each plugin instance, in MiB"),
-    setting("PLUGIN_PROCESS_EVENT_TIMEOUT_MS", Some("500"), int(1, 600_000), "deadline of one process-event call (a batch of events) of one plugin"),
-    setting("JOBS_PER_PLUGIN_CONFIG", Some("4"), POSITIVE, "jobs of one plugin config that may run at once, so one plugin cannot take every slot"),
-    setting("JOB_RETRY_BASE_MS", Some("1000"), int(1, 3_600_000), "delay before a failed job's first retry; doubled for each further one (with jitter), at most an hour"),
-    setting("JOB_KEY_RETENTION_HOURS", Some("24"), int(1, 8_760), "how long a job's idempotency key keeps deduplicating"),
-    setting("PLUGIN_TASK_TIMEOUT_SECS", Some("30"), int(1, 86_400), "deadline of plugin setup, scheduled tasks, jobs and exports"),
-    setting("APPLIANCE_FAILPOINTS", None, Kind::Text, "for crash tests only: comma-separated failure points at which the process aborts (pipeline.after_sink_write)"),
-    setting("PLUGIN_ALLOWED_HOSTS", None, Kind::Text, "comma-separated hosts plugins may fetch from; unset: any host a plugin declares in its plugin.json"),
-    setting("SHUTDOWN_TIMEOUT_SECS", Some("30"), int(0, 3600), "on SIGTERM, how long to keep flushing the queue to the sink before exiting"),
-];
+use settings::{check, log_filter};
+pub use settings::{parse_bool, settings_help, Setting, SETTINGS};
 
 /// A setting whose value was refused. Displayed as the one line start-up stops with.
 #[derive(Debug, thiserror::Error)]
@@ -156,11 +35,19 @@ pub struct Config {
     pub web_enabled: bool,
     pub web_host: IpAddr,
     pub web_port: u16,
+    pub admin_host: IpAddr,
+    pub admin_port: u16,
+    /// Limits of the capture listener's connections.
+    pub http: ServeLimits,
     pub log_filter: String,
     pub idle: bool,
     pub trust_proxy: bool,
     pub capture: CaptureLimits,
     pub ingest_channel_capacity: usize,
+    /// Most bytes of events waiting in the ingest queue.
+    pub ingest_max_queue_bytes: u64,
+    /// Free space kept on the data directory's disk.
+    pub data_min_free_bytes: u64,
     pub ingest_commit_max_requests: usize,
     pub sink_batch_events: usize,
     pub sink_batch_bytes: usize,
@@ -213,6 +100,28 @@ pub struct CaptureLimits {
     pub max_body_bytes: usize,
     pub max_decompressed_bytes: usize,
     pub max_event_bytes: usize,
+    pub max_events_per_request: usize,
+    /// Memory for bodies and decoded events of requests in flight, together.
+    pub max_inflight_bytes: usize,
+    pub body_timeout: Duration,
+    /// Requests per second per client address; 0 for none.
+    pub rate_per_ip: u32,
+    /// Events per second per project token; 0 for none.
+    pub rate_per_token: u32,
+}
+
+/// The connection limits and timeouts of a listener.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    /// Connections open at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Connections from one client address at once; 0 for no per-address cap.
+    pub max_connections_per_ip: usize,
+    /// A request's headers must arrive within this; an idle keep-alive connection is closed
+    /// after it too.
+    pub header_timeout: Duration,
+    /// How long shutdown waits for requests in flight before closing their connections.
+    pub drain_timeout: Duration,
 }
 
 impl Config {
@@ -266,6 +175,14 @@ impl Config {
             web_enabled: !flag("DISABLE_WEB"),
             web_host,
             web_port: num("WEB_PORT") as u16,
+            admin_host: resolve_listen_host(&get("ADMIN_HOSTNAME")).map_err(|allowed| {
+                ConfigError {
+                    name: "ADMIN_HOSTNAME",
+                    value: get("ADMIN_HOSTNAME"),
+                    allowed,
+                }
+            })?,
+            admin_port: num("ADMIN_PORT") as u16,
             log_filter: log_filter(&get("LOG_LEVEL")),
             idle: flag("PLUGIN_SERVER_IDLE"),
             trust_proxy: flag("TRUST_PROXY"),
@@ -273,7 +190,25 @@ impl Config {
                 max_body_bytes: num("CAPTURE_MAX_BODY_BYTES") as usize,
                 max_decompressed_bytes: num("CAPTURE_MAX_DECOMPRESSED_BYTES") as usize,
                 max_event_bytes: num("CAPTURE_MAX_EVENT_BYTES") as usize,
+                max_events_per_request: num("CAPTURE_MAX_EVENTS_PER_REQUEST") as usize,
+                max_inflight_bytes: num("CAPTURE_MAX_INFLIGHT_BYTES") as usize,
+                body_timeout: Duration::from_secs(num("CAPTURE_BODY_TIMEOUT_SECS")),
+                rate_per_ip: num("CAPTURE_RATE_LIMIT_PER_IP") as u32,
+                rate_per_token: num("CAPTURE_RATE_LIMIT_PER_TOKEN") as u32,
             },
+            http: ServeLimits {
+                max_connections: num("HTTP_MAX_CONNECTIONS") as usize,
+                max_connections_per_ip: if flag("TRUST_PROXY") {
+                    0
+                } else {
+                    num("HTTP_MAX_CONNECTIONS_PER_IP") as usize
+                },
+                header_timeout: Duration::from_secs(num("HTTP_HEADER_TIMEOUT_SECS")),
+                // A request in flight has at most its body deadline left, plus a moment to answer.
+                drain_timeout: Duration::from_secs(num("CAPTURE_BODY_TIMEOUT_SECS") + 5),
+            },
+            ingest_max_queue_bytes: num("INGEST_MAX_QUEUE_BYTES"),
+            data_min_free_bytes: num("DATA_DIR_MIN_FREE_MB") << 20,
             ingest_channel_capacity: num("INGEST_CHANNEL_CAPACITY") as usize,
             ingest_commit_max_requests: num("INGEST_COMMIT_MAX_REQUESTS") as usize,
             sink_batch_events: num("SINK_BATCH_EVENTS") as usize,
@@ -373,118 +308,6 @@ impl Config {
             );
         }
         notes
-    }
-}
-
-/// The settings table as text, for `--help`: each setting on a line with its default, and what it
-/// does on the next.
-pub fn settings_help() -> String {
-    let mut out = String::from("Settings (environment variables) and their defaults:\n");
-    for s in SETTINGS {
-        let default = s
-            .default
-            .map(|d| format!("'{d}'"))
-            .unwrap_or_else(|| "unset".into());
-        out.push_str(&format!(
-            "  {} [default: {}]\n      {}\n",
-            s.name, default, s.help
-        ));
-    }
-    out
-}
-
-fn check(s: &Setting, value: &str) -> Result<(), ConfigError> {
-    let fail = |allowed: String| ConfigError {
-        name: s.name,
-        value: value.to_owned(),
-        allowed,
-    };
-    match s.kind {
-        Kind::Text => Ok(()),
-        Kind::Bool => parse_bool(value)
-            .map(|_| ())
-            .ok_or_else(|| fail("expected true or false (also 1/0, yes/no, on/off)".into())),
-        Kind::Int { min, max } => match value.trim().parse::<u64>() {
-            Ok(n) if (min..=max).contains(&n) => Ok(()),
-            _ => Err(fail(format!("expected a whole number from {min} to {max}"))),
-        },
-        Kind::Url { schemes } => {
-            let scheme = value.split_once("://").map(|(scheme, _)| scheme);
-            match scheme {
-                Some(scheme) if schemes.contains(&scheme) => Ok(()),
-                _ => Err(fail(format!(
-                    "expected a URL starting with {}",
-                    schemes.join("://, ") + "://"
-                ))),
-            }
-        }
-        Kind::Base64 => {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD
-                .decode(value.trim())
-                .map(|_| ())
-                .map_err(|e| fail(format!("expected standard Base64 ({e})")))
-        }
-        Kind::TimeZone => value
-            .trim()
-            .parse::<chrono_tz::Tz>()
-            .map(|_| ())
-            .map_err(|_| {
-                fail("expected an IANA time zone name such as UTC or Europe/Berlin".into())
-            }),
-        Kind::LogLevel => {
-            if LOG_LEVELS
-                .iter()
-                .any(|(name, _)| name.eq_ignore_ascii_case(value))
-            {
-                Ok(())
-            } else {
-                let names: Vec<_> = LOG_LEVELS.iter().map(|(n, _)| *n).collect();
-                Err(fail(format!("expected one of {}", names.join(", "))))
-            }
-        }
-        Kind::Host => {
-            let ok = !value.is_empty()
-                && value.len() <= 253
-                && (value.parse::<IpAddr>().is_ok()
-                    || value.split('.').all(|label| {
-                        !label.is_empty()
-                            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                    }));
-            if ok {
-                Ok(())
-            } else {
-                Err(fail("expected a host name or an IP address".into()))
-            }
-        }
-    }
-}
-
-/// PostHog's log levels, mapped to `tracing` filters.
-const LOG_LEVELS: &[(&str, &str)] = &[
-    ("none", "off"),
-    ("error", "error"),
-    ("warn", "warn"),
-    ("info", "info"),
-    ("log", "info"),
-    ("debug", "debug"),
-    ("trace", "trace"),
-];
-
-fn log_filter(level: &str) -> String {
-    let level = LOG_LEVELS
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(level))
-        .map(|(_, filter)| *filter)
-        .unwrap_or("info");
-    format!("appliance={level},warn")
-}
-
-pub fn parse_bool(value: &str) -> Option<bool> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Some(true),
-        "false" | "0" | "no" | "off" => Some(false),
-        _ => None,
     }
 }
 
