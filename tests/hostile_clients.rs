@@ -289,3 +289,25 @@ async fn rate_limits_answer_429_with_retry_after() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["code"], "rate_limited", "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_on_a_stalled_upload_past_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    create_team(dir.path(), "t", TOKEN);
+    let app = Appliance::start(dir.path(), &[("CAPTURE_BODY_TIMEOUT_SECS", "2")]);
+    let mut stalled = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stalled
+        .write_all(b"POST /e/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let status = app.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "shutdown waited {:?} on a stalled upload",
+        started.elapsed()
+    );
+    drop(stalled);
+}
