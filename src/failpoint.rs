@@ -13,7 +13,7 @@ static ARMED: OnceLock<Vec<String>> = OnceLock::new();
 
 /// The points this build has, for `--help` and validation.
 pub const POINTS: &[&str] = &[
-    // After the sink committed a batch, before its deliveries are queued.
+    // After the sink committed a write that stored events, before their deliveries are queued.
     "pipeline.after_sink_write",
 ];
 

@@ -196,6 +196,7 @@ async fn hostile_plugins_are_contained_and_logged_against_their_config() {
             ("SINK_LINGER_MS", "0"),
             ("PLUGIN_PROCESS_EVENT_TIMEOUT_MS", "200"),
             ("PLUGIN_MEMORY_MB", "16"),
+            ("PLUGIN_ALLOWED_NETWORKS", "127.0.0.0/8"),
         ],
     );
     let health = app.url("/_health");
@@ -693,6 +694,7 @@ async fn https_fetches_are_verified_against_the_trusted_certificates() {
         &[
             ("SINK_LINGER_MS", "0"),
             ("SSL_CERT_FILE", trusted_ca.to_str().unwrap()),
+            ("PLUGIN_ALLOWED_NETWORKS", "127.0.0.0/8"),
         ],
     );
     for (name, token) in &tokens {

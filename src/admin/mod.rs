@@ -73,8 +73,15 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
     } else {
         "accepting"
     };
+    let deferred: serde_json::Map<String, serde_json::Value> = state
+        .store
+        .deferred_teams()
+        .into_iter()
+        .map(|(team, bytes)| (team.to_string(), json!(bytes)))
+        .collect();
     let room = json!({
         "capture": capture,
+        "deferred_bytes_by_team": deferred,
         "queued_bytes": room.queued_bytes,
         "max_queue_bytes": state.max_queue_bytes,
         "free_disk_bytes": room.free_disk_bytes,

@@ -8,6 +8,7 @@
 //! Must never: exit 0 before the ingest writer has answered every request it accepted.
 
 mod http;
+mod maintenance;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use crate::admin::{self, AdminState};
-use crate::capture::{self, Admission, CaptureState, TeamDirectory};
+use crate::capture::{self, Admission, CaptureState, RoomLimits, TeamDirectory};
 use crate::config::Config;
 use crate::geoip::GeoIp;
 use crate::ingest;
@@ -24,7 +25,7 @@ use crate::jobs::{self, JobQueue, Workers};
 use crate::ops::Ops;
 use crate::pipeline::{Deliveries, Pipeline, PipelineStatus};
 use crate::plugins::tasks::{PluginRunner, PluginSchedules};
-use crate::plugins::{Catalog, Chains, PluginError};
+use crate::plugins::{Catalog, Chains, PluginError, PluginPolicy};
 use crate::schedule::Scheduler;
 use crate::shutdown;
 use crate::sinks::sqlite::SqliteSink;
@@ -126,12 +127,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         runtime.clone(),
         store.clone(),
         &config.data_dir,
-        config.plugin_allowed_hosts.clone(),
+        PluginPolicy::new(
+            config.plugin_allowed_hosts.clone(),
+            config.plugin_quotas.clone(),
+        ),
         Some(queue.clone()),
         geoip,
     ));
     let status = Arc::new(PipelineStatus::default());
+    let chains = Arc::new(std::sync::Mutex::new(Chains::new(catalog.clone())));
     let (trigger, shutdown) = shutdown::channel();
+    let shutdown_for_maintenance = shutdown.clone();
     let pipeline = tokio::spawn(
         Pipeline {
             store: store.clone(),
@@ -141,7 +147,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 bytes: config.sink_batch_bytes,
             },
             linger: config.sink_linger,
-            plugins: Arc::new(std::sync::Mutex::new(Chains::new(catalog.clone()))),
+            plugins: chains.clone(),
             status: status.clone(),
             wake,
             deliveries: Some(Deliveries {
@@ -184,6 +190,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         stopping: stopping.clone(),
     });
     tokio::spawn(watch_free_space(store.clone()));
+    tokio::spawn(maintenance::run(
+        store.clone(),
+        config.jobs,
+        config.plugin_quotas.clone(),
+        shutdown_for_maintenance,
+    ));
     if config.web_enabled {
         let capture = capture::router(Arc::new(CaptureState {
             ingest,
@@ -193,8 +205,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             admission: Admission::new(
                 &config.capture,
                 store.clone(),
-                config.ingest_max_queue_bytes,
-                config.data_min_free_bytes,
+                RoomLimits {
+                    max_queue_bytes: config.ingest_max_queue_bytes,
+                    min_free_bytes: config.data_min_free_bytes,
+                    max_deferred_bytes: config.plugin_quotas.deferred_max_bytes,
+                },
             ),
         }))
         .merge(admin::router(health.clone()));
@@ -226,6 +241,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     if let Err(e) = scheduler.await {
         tracing::error!(error = %e, "the scheduler failed");
+    }
+    // The chains' instances are torn down last, each within its deadline.
+    let teardown = tokio::task::spawn_blocking(move || {
+        chains
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .shut_down()
+    });
+    if let Err(e) = teardown.await {
+        tracing::error!(error = %e, "tearing plugins down failed");
     }
     tracing::info!("stopped");
     Ok(())

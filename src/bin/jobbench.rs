@@ -96,6 +96,7 @@ async fn main() {
                 per_plugin_config: 4,
                 retry_base: Duration::from_secs(1),
                 key_retention: Duration::from_secs(3600),
+                dead_retention: Duration::from_secs(86_400),
             },
         );
         let recorder = Arc::new(Recorder {

@@ -119,7 +119,7 @@ fn run() -> Result<(), String> {
         runtime.clone(),
         store.clone(),
         &data,
-        Vec::new(),
+        appliance::plugins::PluginPolicy::closed(),
         None,
         Arc::new(appliance::geoip::GeoIp::disabled()),
     ));

@@ -71,6 +71,8 @@ pub enum CaptureError {
     OverBudget { budget: usize },
     #[error("the ingest queue holds {queued} bytes waiting for the sink, at its limit of {limit} (INGEST_MAX_QUEUE_BYTES); retry later")]
     QueueFull { queued: u64, limit: u64 },
+    #[error("this project's events wait for its plugins ({bytes} bytes, at PLUGIN_DEFERRED_MAX_BYTES of {limit}); retry later")]
+    TeamBacklog { bytes: u64, limit: u64 },
     #[error("the data directory's disk has {free} bytes free, under the floor of {floor} (DATA_DIR_MIN_FREE_MB); retry later")]
     DiskLow { free: u64, floor: u64 },
     #[error("too many {what}; retry in {retry_after} s")]
@@ -135,7 +137,12 @@ impl CaptureError {
                 "rate_limited",
                 "rate_limited",
             ),
-            Busy | Unavailable(_) | Idle | QueueFull { .. } | DiskLow { .. } => (
+            Busy
+            | Unavailable(_)
+            | Idle
+            | QueueFull { .. }
+            | DiskLow { .. }
+            | TeamBacklog { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 "retry_later",
@@ -150,6 +157,7 @@ impl CaptureError {
             CaptureError::Unavailable(_)
             | CaptureError::Idle
             | CaptureError::QueueFull { .. }
+            | CaptureError::TeamBacklog { .. }
             | CaptureError::DiskLow { .. } => Some(5),
             _ => None,
         }

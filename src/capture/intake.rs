@@ -152,6 +152,7 @@ async fn intake(
     let limits = state.limits;
     let token = find_token(&split, extra_token.as_deref(), limits.max_event_bytes)?;
     let team = state.teams.resolve(&token).await?;
+    state.admission.check_team_backlog(team.id)?;
     state
         .admission
         .rates

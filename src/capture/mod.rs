@@ -56,24 +56,42 @@ pub struct Admission {
     pub store: Store,
     pub max_queue_bytes: u64,
     pub min_free_bytes: u64,
+    /// Bytes of one team's events that may wait for its plugins.
+    pub max_deferred_bytes: u64,
+}
+
+/// The byte bounds capture keeps: the queue's, the disk's floor, a team's deferred backlog.
+#[derive(Clone, Copy, Debug)]
+pub struct RoomLimits {
+    pub max_queue_bytes: u64,
+    pub min_free_bytes: u64,
+    pub max_deferred_bytes: u64,
 }
 
 impl Admission {
-    pub fn new(
-        limits: &CaptureLimits,
-        store: Store,
-        max_queue_bytes: u64,
-        min_free_bytes: u64,
-    ) -> Admission {
+    pub fn new(limits: &CaptureLimits, store: Store, room: RoomLimits) -> Admission {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Admission {
             budget: MemoryBudget::new(limits.max_inflight_bytes),
             rates: RateLimits::new(limits.rate_per_ip, limits.rate_per_token),
             decode_slots: Arc::new(Semaphore::new(cores * 2)),
             store,
-            max_queue_bytes,
-            min_free_bytes,
+            max_queue_bytes: room.max_queue_bytes,
+            min_free_bytes: room.min_free_bytes,
+            max_deferred_bytes: room.max_deferred_bytes,
         }
+    }
+
+    /// Refuses a team whose events already wait for its plugins past the bound.
+    fn check_team_backlog(&self, team: crate::store::TeamId) -> Result<(), CaptureError> {
+        let waiting = self.store.deferred_bytes(team);
+        if waiting >= self.max_deferred_bytes {
+            return Err(CaptureError::TeamBacklog {
+                bytes: waiting,
+                limit: self.max_deferred_bytes,
+            });
+        }
+        Ok(())
     }
 
     /// Refuses when the queue is over its byte budget or the disk under its free-space floor.

@@ -25,8 +25,7 @@ use crate::event::EventRow;
 
 /// PostHog truncates distinct ids to this many characters.
 const MAX_DISTINCT_ID_CHARS: usize = 200;
-/// serde_json's own nesting limit; documented here because it is part of the contract.
-pub const MAX_JSON_DEPTH: usize = 128;
+pub use crate::event::MAX_JSON_DEPTH;
 /// Most rejected events an answer lists one by one; it counts the rest.
 pub const MAX_LISTED_REJECTIONS: usize = 100;
 /// What serde's error carries when the event cap is passed.
@@ -112,35 +111,16 @@ pub fn split_payload(bytes: Vec<u8>, max_events: usize) -> Result<SplitPayload, 
     })
 }
 
-/// Refuses JSON nested deeper than [`MAX_JSON_DEPTH`], in one pass over the bytes (skipping
-/// events as raw spans does not count their depth; parsing them would, one at a time).
+/// Refuses JSON nested deeper than [`MAX_JSON_DEPTH`] (skipping events as raw spans does not
+/// count their depth; parsing them would, one at a time).
 fn check_depth(text: &str) -> Result<(), CaptureError> {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in text.as_bytes() {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_JSON_DEPTH {
-                    return Err(CaptureError::InvalidJson(format!(
-                        "nested deeper than {MAX_JSON_DEPTH} levels"
-                    )));
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
+    if crate::event::json_depth_within(text, MAX_JSON_DEPTH) {
+        Ok(())
+    } else {
+        Err(CaptureError::InvalidJson(format!(
+            "nested deeper than {MAX_JSON_DEPTH} levels"
+        )))
     }
-    Ok(())
 }
 
 fn span_of_trimmed(text: &str) -> Range<usize> {

@@ -32,11 +32,18 @@ pub enum PluginCommand {
         team: u64,
         plugin: String,
     },
-    /// Show what a plugin config logged (its own lines and the host's about its failures)
+    /// Show what a plugin config logged (its own lines and the host's about its failures), the
+    /// newest last; each line starts with its number, for --before
     Logs {
         #[arg(long)]
         team: u64,
         plugin: String,
+        /// How many lines
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Only lines older than this line number (the next page back)
+        #[arg(long)]
+        before: Option<u64>,
     },
     /// Show what a plugin config keeps in storage, KEY=VALUE per line
     Storage {
@@ -96,10 +103,15 @@ pub(super) fn run(ops: &Ops, action: PluginCommand) -> Result<(), CliError> {
                 println!("{key}={value}");
             }
         }
-        PluginCommand::Logs { team, plugin } => {
-            for entry in ops.plugin_logs(team, &plugin)? {
+        PluginCommand::Logs {
+            team,
+            plugin,
+            limit,
+            before,
+        } => {
+            for (line, entry) in ops.plugin_logs(team, &plugin, before, limit)?.iter().rev() {
                 println!(
-                    "{} {:5} {}",
+                    "#{line} {} {:5} {}",
                     entry.at.format("%Y-%m-%d %H:%M:%S%.3f"),
                     entry.level,
                     entry.message

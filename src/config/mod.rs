@@ -55,6 +55,8 @@ pub struct Config {
     pub plugin_limits: PluginLimits,
     /// Operator's allow-list for plugin HTTP; empty means whatever plugins declare.
     pub plugin_allowed_hosts: Vec<String>,
+    /// What one plugin config may use of storage, cache, logs, jobs and the network.
+    pub plugin_quotas: PluginQuotas,
     pub shutdown_timeout: Duration,
     pub worker_concurrency: usize,
     pub jobs: JobSettings,
@@ -75,10 +77,45 @@ pub struct Config {
 #[derive(Clone, Copy, Debug)]
 pub struct PluginLimits {
     pub memory_bytes: usize,
+    /// Deadline of `setup` and `teardown`.
+    pub setup: Duration,
     /// Deadline of `process-event` calls (per batch call).
     pub process_event: Duration,
     /// Deadline of setup, scheduled tasks, jobs and exports.
     pub task: Duration,
+}
+
+/// What one plugin config may use, beyond its instance's memory and call deadlines.
+#[derive(Clone, Debug)]
+pub struct PluginQuotas {
+    /// Largest event a plugin may return (capture's own limit).
+    pub max_event_bytes: usize,
+    /// Time in process-event calls per minute.
+    pub time_budget_per_minute: Duration,
+    /// Bytes of one team's events that may wait for its plugins.
+    pub deferred_max_bytes: u64,
+    pub storage_max_bytes: u64,
+    pub storage_max_keys: u64,
+    pub storage_max_value_bytes: usize,
+    pub cache_max_bytes: usize,
+    pub log_line_max_bytes: usize,
+    pub log_lines_per_call: usize,
+    pub log_max_lines: u64,
+    pub log_retention: Duration,
+    pub max_queued_jobs: u64,
+    pub max_jobs_per_call: usize,
+    pub fetch_max_bytes: usize,
+    /// Loopback, link-local and private networks plugins may reach anyway.
+    pub allowed_networks: Vec<ipnet::IpNet>,
+}
+
+impl Default for PluginQuotas {
+    /// The defaults of the settings table.
+    fn default() -> PluginQuotas {
+        Config::from_vars(Vec::new())
+            .map(|c| c.plugin_quotas)
+            .unwrap_or_else(|_| unreachable!("the defaults are valid"))
+    }
 }
 
 /// How the job queue behaves.
@@ -92,6 +129,8 @@ pub struct JobSettings {
     pub retry_base: Duration,
     /// How long an idempotency key keeps deduplicating.
     pub key_retention: Duration,
+    /// How long dead and cancelled jobs are kept.
+    pub dead_retention: Duration,
 }
 
 /// Limits applied by capture to each request.
@@ -216,8 +255,31 @@ impl Config {
             sink_linger: Duration::from_millis(num("SINK_LINGER_MS")),
             plugin_limits: PluginLimits {
                 memory_bytes: (num("PLUGIN_MEMORY_MB") as usize) << 20,
+                setup: Duration::from_millis(num("PLUGIN_SETUP_TIMEOUT_MS")),
                 process_event: Duration::from_millis(num("PLUGIN_PROCESS_EVENT_TIMEOUT_MS")),
                 task: Duration::from_secs(num("PLUGIN_TASK_TIMEOUT_SECS")),
+            },
+            plugin_quotas: PluginQuotas {
+                max_event_bytes: num("CAPTURE_MAX_EVENT_BYTES") as usize,
+                time_budget_per_minute: Duration::from_millis(num(
+                    "PLUGIN_TIME_BUDGET_MS_PER_MINUTE",
+                )),
+                deferred_max_bytes: num("PLUGIN_DEFERRED_MAX_BYTES"),
+                storage_max_bytes: num("PLUGIN_STORAGE_MAX_BYTES"),
+                storage_max_keys: num("PLUGIN_STORAGE_MAX_KEYS"),
+                storage_max_value_bytes: num("PLUGIN_STORAGE_MAX_VALUE_BYTES") as usize,
+                cache_max_bytes: num("PLUGIN_CACHE_MAX_BYTES") as usize,
+                log_line_max_bytes: num("PLUGIN_LOG_LINE_MAX_BYTES") as usize,
+                log_lines_per_call: num("PLUGIN_LOG_LINES_PER_CALL") as usize,
+                log_max_lines: num("PLUGIN_LOG_MAX_LINES"),
+                log_retention: Duration::from_secs(num("PLUGIN_LOG_RETENTION_DAYS") * 86_400),
+                max_queued_jobs: num("PLUGIN_MAX_QUEUED_JOBS"),
+                max_jobs_per_call: num("PLUGIN_MAX_JOBS_PER_CALL") as usize,
+                fetch_max_bytes: num("PLUGIN_FETCH_MAX_BYTES") as usize,
+                allowed_networks: get("PLUGIN_ALLOWED_NETWORKS")
+                    .split(',')
+                    .filter_map(|n| n.trim().parse().ok())
+                    .collect(),
             },
             plugin_allowed_hosts: get("PLUGIN_ALLOWED_HOSTS")
                 .split(',')
@@ -237,6 +299,7 @@ impl Config {
                 per_plugin_config: num("JOBS_PER_PLUGIN_CONFIG").max(1) as usize,
                 retry_base: Duration::from_millis(num("JOB_RETRY_BASE_MS")),
                 key_retention: Duration::from_secs(num("JOB_KEY_RETENTION_HOURS") * 3600),
+                dead_retention: Duration::from_secs(num("JOB_DEAD_LETTER_RETENTION_DAYS") * 86_400),
             },
             schedule_timezone: get("SCHEDULE_TIMEZONE")
                 .trim()

@@ -24,6 +24,8 @@ pub(super) enum Kind {
     Host,
     /// An IANA time zone name.
     TimeZone,
+    /// Comma-separated networks in CIDR notation.
+    Networks,
 }
 
 /// One row of the settings table.
@@ -141,6 +143,22 @@ pub const SETTINGS: &[Setting] = &[
     setting("PLUGIN_TASK_TIMEOUT_SECS", Some("30"), int(1, 86_400), "deadline of plugin setup, scheduled tasks, jobs and exports"),
     setting("APPLIANCE_FAILPOINTS", None, Kind::Text, "for crash tests only: comma-separated failure points at which the process aborts (pipeline.after_sink_write)"),
     setting("PLUGIN_ALLOWED_HOSTS", None, Kind::Text, "comma-separated hosts plugins may fetch from; unset: any host a plugin declares in its plugin.json"),
+    setting("PLUGIN_ALLOWED_NETWORKS", None, Kind::Networks, "comma-separated networks (CIDR) plugins may reach although they are loopback, link-local or private, such as 10.0.0.0/8; unset: only public addresses"),
+    setting("PLUGIN_SETUP_TIMEOUT_MS", Some("5000"), int(1, 600_000), "deadline of a plugin's setup; it runs off the pipeline's path, the team's events waiting for it"),
+    setting("PLUGIN_TIME_BUDGET_MS_PER_MINUTE", Some("15000"), int(1, 60_000), "time one plugin config may spend in process-event calls per minute; past it the team's events wait (deferred) while other teams' flow"),
+    setting("PLUGIN_DEFERRED_MAX_BYTES", Some("67108864"), int(1 << 20, 1 << 40), "bytes of one team's events that may wait for its plugins; past it capture answers that team 503"),
+    setting("PLUGIN_STORAGE_MAX_BYTES", Some("10485760"), int(1024, 1 << 40), "storage one plugin config may keep, keys and values, in bytes"),
+    setting("PLUGIN_STORAGE_MAX_KEYS", Some("100000"), int(1, 1 << 32), "keys one plugin config may keep in storage"),
+    setting("PLUGIN_STORAGE_MAX_VALUE_BYTES", Some("1048576"), int(16, 1 << 30), "largest storage value, in bytes"),
+    setting("PLUGIN_CACHE_MAX_BYTES", Some("16777216"), int(1024, 1 << 40), "memory one plugin config's cache may use; the least recently used entries are evicted past it"),
+    setting("PLUGIN_LOG_LINE_MAX_BYTES", Some("4096"), int(64, 1 << 20), "longest plugin log line kept; longer ones are cut"),
+    setting("PLUGIN_LOG_LINES_PER_CALL", Some("1000"), int(1, 1 << 20), "log lines one plugin call may write; the rest are counted in one line"),
+    setting("PLUGIN_LOG_MAX_LINES", Some("10000"), int(1, 1 << 32), "log lines kept per plugin config; older ones are dropped"),
+    setting("PLUGIN_LOG_RETENTION_DAYS", Some("7"), int(1, 3650), "days plugin log lines are kept"),
+    setting("PLUGIN_MAX_QUEUED_JOBS", Some("10000"), int(1, 1 << 32), "jobs one plugin config may have queued (scheduled, retrying or waiting) at once"),
+    setting("PLUGIN_MAX_JOBS_PER_CALL", Some("1000"), int(1, 1 << 20), "jobs one plugin call may queue"),
+    setting("PLUGIN_FETCH_MAX_BYTES", Some("4194304"), int(1024, 1 << 30), "largest http.fetch response body, read as it streams"),
+    setting("JOB_DEAD_LETTER_RETENTION_DAYS", Some("7"), int(1, 3650), "days dead and cancelled jobs (delivery jobs hold copies of events) are kept before they are purged"),
     setting("SHUTDOWN_TIMEOUT_SECS", Some("30"), int(0, 3600), "on SIGTERM, how long to keep flushing the queue to the sink before exiting"),
 ];
 
@@ -199,6 +217,17 @@ pub(super) fn check(s: &Setting, value: &str) -> Result<(), ConfigError> {
             .map(|_| ())
             .map_err(|_| {
                 fail("expected an IANA time zone name such as UTC or Europe/Berlin".into())
+            }),
+        Kind::Networks => value
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .try_for_each(|n| {
+                n.parse::<ipnet::IpNet>().map(|_| ()).map_err(|_| {
+                    fail(format!(
+                        "{n:?} is not a network in CIDR notation, such as 10.0.0.0/8"
+                    ))
+                })
             }),
         Kind::LogLevel => {
             if LOG_LEVELS

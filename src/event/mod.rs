@@ -49,6 +49,39 @@ pub struct EventRow {
     pub elements_chain: String,
 }
 
+/// Deepest JSON nesting an event may have (serde_json's own limit when it builds values; the
+/// same for what plugins return).
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// True if `text` (JSON) nests no deeper than `max` arrays and objects, in one pass over its
+/// bytes without building anything.
+pub fn json_depth_within(text: &str, max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
 /// The text form of a stored time: RFC 3339, UTC, microseconds, fixed width, so that text order
 /// is time order.
 pub fn timestamp_text(t: DateTime<Utc>) -> String {

@@ -86,20 +86,32 @@ impl JobQueue {
 
     /// Enqueues in one durable transaction; returns the jobs' ids.
     pub fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, StoreError> {
-        self.enqueue_marking(jobs, None)
+        let ids = self
+            .store
+            .enqueue_jobs(jobs, now_ms(), self.key_retention_ms())?;
+        self.wake();
+        Ok(ids)
     }
 
-    /// [`JobQueue::enqueue`], recording in the same transaction that the pipeline's deliveries
-    /// are queued through ingest position `delivered`.
-    pub fn enqueue_marking(
+    /// Queues the pipeline's deliveries with the delivery mark and the deferred batches they
+    /// complete, in one transaction (see [`Store::commit_deliveries`]).
+    pub fn commit_deliveries(
         &self,
         jobs: Vec<NewJob>,
-        delivered: Option<u64>,
+        delivered: u64,
+        undefer: &[(crate::ids::TeamId, u64)],
     ) -> Result<Vec<JobId>, StoreError> {
-        let ids =
-            self.store
-                .enqueue_jobs_marking(jobs, now_ms(), self.key_retention_ms(), delivered)?;
-        self.wake();
+        let any = !jobs.is_empty();
+        let ids = self.store.commit_deliveries(
+            jobs,
+            now_ms(),
+            self.key_retention_ms(),
+            delivered,
+            undefer,
+        )?;
+        if any {
+            self.wake();
+        }
         Ok(ids)
     }
 

@@ -20,8 +20,6 @@ const CONTROL_POLL: Duration = Duration::from_millis(200);
 /// Without a wake-up the queue is looked at this often. Other processes (the CLI) wake the
 /// workers through the data directory's wake socket, so this only bounds a lost wake-up.
 const IDLE_POLL: Duration = Duration::from_secs(5);
-/// How often idempotency keys past their retention are forgotten.
-const KEY_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Most jobs claimed in one transaction.
 const MAX_CLAIM: usize = 1024;
 
@@ -140,8 +138,6 @@ impl Workers {
         let mut woken = true;
         let mut failing_since: Option<Instant> = None;
         let mut last_look = Instant::now();
-        // The first purge runs an interval after start-up, not during it.
-        let mut last_purge = Instant::now();
         loop {
             let ended = std::mem::take(&mut pool.lock().ended);
             for (id, schedule, outcome) in ended {
@@ -261,26 +257,8 @@ impl Workers {
                     next_due = due;
                 }
             }
-            if last_purge.elapsed() >= KEY_PURGE_INTERVAL {
-                last_purge = Instant::now();
-                self.purge_expired_keys().await;
-            }
         }
         pool.close();
-    }
-
-    /// Forgets idempotency keys older than the retention window.
-    async fn purge_expired_keys(&self) {
-        let store = self.queue.store.clone();
-        let before = now_ms() - self.queue.key_retention_ms();
-        match tokio::task::spawn_blocking(move || store.purge_job_keys(before)).await {
-            Ok(Ok(removed)) if removed > 0 => {
-                tracing::debug!(removed, "expired idempotency keys forgotten")
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot purge expired idempotency keys"),
-            Err(e) => tracing::warn!(error = %e, "cannot purge expired idempotency keys"),
-        }
     }
 
     fn ended(

@@ -165,10 +165,17 @@ impl Ops {
             .upsert_plugin_config(team, record.id, false, None, None)?)
     }
 
-    /// What the team's config of `plugin` logged.
-    pub fn plugin_logs(&self, team: TeamId, plugin: &str) -> Result<Vec<PluginLogEntry>, OpError> {
+    /// What the team's config of `plugin` logged: newest first, at most `limit` lines, older
+    /// than line `before` if given (each line comes with its number, to ask for the next page).
+    pub fn plugin_logs(
+        &self,
+        team: TeamId,
+        plugin: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, PluginLogEntry)>, OpError> {
         let (_, config) = team_config(&self.store, team, plugin)?;
-        Ok(self.store.plugin_logs(config.id)?)
+        Ok(self.store.plugin_logs(config.id, before, limit)?)
     }
 
     /// What the team's config of `plugin` keeps in storage.

@@ -8,7 +8,9 @@
 //! queued; skip a batch; run the plugins again over a batch the sink already holds.
 
 mod backoff;
+mod deliver;
 pub mod positions;
+mod prepare;
 mod status;
 
 use std::sync::{Arc, Mutex};
@@ -17,14 +19,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use crate::ids::TeamId;
 use crate::jobs::JobQueue;
-use crate::plugins::tasks::{self, ToDeliver};
 use crate::plugins::{Catalog, Chains};
 use crate::shutdown::Shutdown;
-use crate::sinks::{Sink, StoredRows, Written};
+use crate::sinks::{Sink, Written};
 use crate::store::{QueuedBatch, ReadLimits, Store, StoreError};
 use backoff::Backoff;
-use positions::{Plan, Positions};
+use positions::Positions;
 pub use status::{PipelineReport, PipelineStatus};
 
 /// How often the queue is trimmed behind the sink under load: each trim is an fsync, and the
@@ -35,6 +37,8 @@ const TRIM_INTERVAL: Duration = Duration::from_millis(500);
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How many prepared batches may wait for the sink: enough to keep both stages busy.
 const PREPARED_AHEAD: usize = 2;
+/// While deferred batches wait for their team's plugins, the queue is looked at this often.
+const BACKLOG_POLL: Duration = Duration::from_millis(200);
 
 pub struct Pipeline {
     pub store: Store,
@@ -70,15 +74,17 @@ enum StepError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// One read of the queue, ready for the sink.
-struct Prepared {
+/// One read of the queue (and of deferred batches whose team is ready again), for the sink.
+pub(super) struct Prepared {
     /// Batches the sink holds already, whose deliveries are rebuilt from its rows.
     redeliver: Vec<QueuedBatch>,
-    /// Batches through the plugins, to write; in queue order, after `redeliver`.
+    /// Batches through the plugins, to write.
     process: Arc<Vec<QueuedBatch>>,
-    /// Batches above this position have their deliveries queued (none at or below it).
-    deliver_after: u64,
-    /// Queue position of the last record read (unreadable ones included).
+    /// For each batch of `process`: whether its deliveries are to be queued.
+    deliver: Vec<bool>,
+    /// Deferred batches this completes (removed with the deliveries' transaction).
+    undefer: Vec<(TeamId, u64)>,
+    /// Queue position the sink reaches with this write.
     last: u64,
     events: usize,
 }
@@ -147,12 +153,31 @@ impl Pipeline {
     ) {
         let mut position = start.read_after();
         let mut backoff = Backoff::default();
+        let mut deferred = loop {
+            let store = self.store.clone();
+            match tokio::task::spawn_blocking(move || store.deferred_positions()).await {
+                Ok(Ok(found)) => break found,
+                Ok(Err(e)) => {
+                    backoff
+                        .wait(&self.status, "reading deferred batches", e, &mut shutdown)
+                        .await
+                }
+                Err(e) => {
+                    backoff
+                        .wait(&self.status, "reading deferred batches", e, &mut shutdown)
+                        .await
+                }
+            }
+            if shutdown.deadline_passed() {
+                return;
+            }
+        };
         loop {
             if shutdown.deadline_passed() {
                 break;
             }
             let draining = shutdown.is_draining();
-            match self.prepare(&start, position).await {
+            match self.prepare(&start, position, &mut deferred).await {
                 Ok(Some(prepared)) => {
                     backoff.reset();
                     position = prepared.last;
@@ -173,10 +198,16 @@ impl Pipeline {
                     if draining {
                         break;
                     }
+                    // Deferred batches wait for their team's plugins: look again soon.
+                    let poll = if self.store.deferred_teams().is_empty() {
+                        IDLE_POLL
+                    } else {
+                        BACKLOG_POLL
+                    };
                     tokio::select! {
                         _ = self.wake.notified() => {}
                         _ = shutdown.changed() => {}
-                        _ = tokio::time::sleep(IDLE_POLL) => {}
+                        _ = tokio::time::sleep(poll) => {}
                     }
                 }
                 Err(e) => {
@@ -186,74 +217,6 @@ impl Pipeline {
                 }
             }
         }
-    }
-
-    /// Reads the records after `position`; `None` when there are none.
-    async fn prepare(
-        &self,
-        start: &Positions,
-        position: u64,
-    ) -> Result<Option<Prepared>, StepError> {
-        let store = self.store.clone();
-        let limits = self.read_limits;
-        let read = tokio::task::spawn_blocking(move || store.read_ingest_after(position, limits))
-            .await??;
-        let Some(last) = read.last else {
-            return Ok(None);
-        };
-        for bad in &read.unreadable {
-            self.quarantine(bad.seq, &bad.reason).await?;
-        }
-        let (mut redeliver, mut process) = (Vec::new(), Vec::new());
-        for queued in read.batches {
-            match start.plan(queued.seq) {
-                Plan::Process { .. } => process.push(queued),
-                Plan::Redeliver => redeliver.push(queued),
-                Plan::Done => {}
-            }
-        }
-        if !process.is_empty() {
-            let chains = self.plugins.clone();
-            process = tokio::task::spawn_blocking(move || {
-                let mut chains = chains.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                if let Err(e) = chains.refresh() {
-                    tracing::error!(error = %e, "cannot reload plugin configs; keeping the previous chains");
-                }
-                for queued in &mut process {
-                    if chains.has_chain(queued.batch.team_id) {
-                        chains.process(&mut queued.batch);
-                    }
-                }
-                process
-            })
-            .await?;
-        }
-        let events = process
-            .iter()
-            .chain(&redeliver)
-            .map(|q| q.batch.events.len())
-            .sum();
-        Ok(Some(Prepared {
-            redeliver,
-            process: Arc::new(process),
-            deliver_after: start.delivered,
-            last,
-            events,
-        }))
-    }
-
-    /// Sets an unreadable queue record aside, visibly, so the events after it flow.
-    async fn quarantine(&self, seq: u64, reason: &str) -> Result<(), StepError> {
-        tracing::error!(
-            position = seq,
-            reason,
-            "an ingest queue record cannot be read; it is quarantined and the pipeline goes on"
-        );
-        let store = self.store.clone();
-        let why = reason.to_owned();
-        tokio::task::spawn_blocking(move || store.quarantine_ingest(seq, &why)).await??;
-        self.status.count_quarantined();
-        Ok(())
     }
 
     /// Writes prepared batches to the sink in order, queues their deliveries, and trims the
@@ -271,7 +234,9 @@ impl Pipeline {
                 break;
             };
             positions.stored(prepared.last);
-            crate::failpoint::hit("pipeline.after_sink_write");
+            if written.count() > 0 {
+                crate::failpoint::hit("pipeline.after_sink_write");
+            }
             if !self.deliver(&prepared, &written, &mut shutdown).await {
                 break;
             }
@@ -296,7 +261,7 @@ impl Pipeline {
         prepared: &Prepared,
         shutdown: &mut Shutdown,
     ) -> Option<Written> {
-        if prepared.last <= positions.sink {
+        if prepared.process.is_empty() && prepared.last <= positions.sink {
             return Some(Written::default());
         }
         let mut backoff = Backoff::default();
@@ -326,86 +291,6 @@ impl Pipeline {
                 }
             }
         }
-    }
-
-    /// Queues the deliveries of what the write inserted and of the stored batches being
-    /// redelivered, retrying until they are durable; `false` if the shutdown deadline passed
-    /// first (the batches are then read again at the next start, and not processed again).
-    async fn deliver(
-        &self,
-        prepared: &Prepared,
-        written: &Written,
-        shutdown: &mut Shutdown,
-    ) -> bool {
-        let Some(deliveries) = &self.deliveries else {
-            return true;
-        };
-        let mut backoff = Backoff::default();
-        loop {
-            if shutdown.deadline_passed() {
-                return false;
-            }
-            match self.queue_deliveries(deliveries, prepared, written).await {
-                Ok(()) => return true,
-                Err(e) => {
-                    backoff
-                        .wait(&self.status, "queuing deliveries", e, shutdown)
-                        .await
-                }
-            }
-        }
-    }
-
-    async fn queue_deliveries(
-        &self,
-        deliveries: &Deliveries,
-        prepared: &Prepared,
-        written: &Written,
-    ) -> Result<(), StepError> {
-        let catalog = deliveries.catalog.clone();
-        let teams = tokio::task::spawn_blocking(move || tasks::exporting_teams(&catalog)).await??;
-        let after = prepared.deliver_after;
-        let wanted = move |q: &QueuedBatch| teams.contains(&q.batch.team_id);
-        let redeliver: Vec<QueuedBatch> = prepared
-            .redeliver
-            .iter()
-            .filter(|q| wanted(q))
-            .cloned()
-            .collect();
-        let fresh = prepared.process.iter().any(|q| q.seq > after && wanted(q));
-        if redeliver.is_empty() && !fresh {
-            return Ok(());
-        }
-        let stored: StoredRows = if redeliver.is_empty() {
-            Vec::new()
-        } else {
-            self.sink.stored_rows(Arc::new(redeliver.clone())).await?
-        };
-        let (catalog, queue) = (deliveries.catalog.clone(), deliveries.queue.clone());
-        let (process, inserted, last) = (
-            prepared.process.clone(),
-            written.inserted.clone(),
-            prepared.last,
-        );
-        tokio::task::spawn_blocking(move || {
-            let mut items = Vec::new();
-            for (queued, rows) in redeliver.iter().zip(&stored) {
-                items.push(ToDeliver::of(&queued.batch, rows.iter().flatten()));
-            }
-            for (queued, inserted) in process.iter().zip(&inserted) {
-                if queued.seq > after && wanted(queued) {
-                    let rows = queued.batch.events.iter().zip(inserted);
-                    let rows = rows.filter(|(_, inserted)| **inserted).map(|(row, _)| row);
-                    items.push(ToDeliver::of(&queued.batch, rows));
-                }
-            }
-            let jobs = tasks::delivery_jobs(&catalog, &items)?;
-            if !jobs.is_empty() {
-                queue.enqueue_marking(jobs, Some(last))?;
-            }
-            Ok::<_, StepError>(())
-        })
-        .await?
     }
 
     /// Trims the queue through `position` if that is past what was trimmed; returns the new mark.

@@ -1,9 +1,12 @@
 //! What `/_ready` shows about the pipeline, updated as it works (atomics and a short lock).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::Serialize;
+
+use crate::ids::TeamId;
 
 #[derive(Default)]
 pub struct PipelineStatus {
@@ -14,6 +17,8 @@ pub struct PipelineStatus {
     quarantined: AtomicU64,
     healthy: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// Teams whose events wait for their plugins, and why.
+    waiting: Mutex<BTreeMap<TeamId, String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -32,6 +37,8 @@ pub struct PipelineReport {
     pub quarantined: u64,
     pub healthy: bool,
     pub last_error: Option<String>,
+    /// Teams whose events wait (deferred) for their plugins, and why.
+    pub waiting_teams: BTreeMap<TeamId, String>,
 }
 
 impl PipelineStatus {
@@ -45,6 +52,13 @@ impl PipelineStatus {
             quarantined: self.quarantined.load(Ordering::Relaxed),
             healthy: self.healthy.load(Ordering::Relaxed),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+            waiting_teams: self.waiting.lock().map(|w| w.clone()).unwrap_or_default(),
+        }
+    }
+
+    pub(super) fn set_waiting(&self, teams: BTreeMap<TeamId, String>) {
+        if let Ok(mut slot) = self.waiting.lock() {
+            *slot = teams;
         }
     }
 

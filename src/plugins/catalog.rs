@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::host::{HostState, JobContext, PluginScope, SharedCache};
+use super::host::cache::new_cache;
+use super::host::{HostState, JobContext, NetworkPolicy, PluginScope, SharedCache};
 use super::install::probe;
 use super::runtime::{CallError, Instance, Loaded, PluginInfo, Runtime};
 use super::{plugin_dir, PluginError};
+use crate::config::PluginQuotas;
 use crate::geoip::GeoIp;
 use crate::jobs::JobQueue;
 use crate::store::{PluginConfig, PluginConfigId, Store};
@@ -25,6 +27,31 @@ pub struct Entry {
     pub cache: SharedCache,
 }
 
+/// What the operator allows plugins: the hosts they may fetch from, the networks beyond the
+/// public internet, and the quotas of each config.
+#[derive(Clone)]
+pub struct PluginPolicy {
+    /// Operator's allow-list for `http.fetch`; empty means any host a plugin declares.
+    pub operator_hosts: Vec<String>,
+    pub quotas: Arc<PluginQuotas>,
+    pub network: Arc<NetworkPolicy>,
+}
+
+impl PluginPolicy {
+    pub fn new(operator_hosts: Vec<String>, quotas: PluginQuotas) -> PluginPolicy {
+        PluginPolicy {
+            operator_hosts,
+            network: NetworkPolicy::new(quotas.allowed_networks.clone()),
+            quotas: Arc::new(quotas),
+        }
+    }
+
+    /// The defaults, reaching public addresses only (tools and tests).
+    pub fn closed() -> PluginPolicy {
+        PluginPolicy::new(Vec::new(), PluginQuotas::default())
+    }
+}
+
 /// What is installed and enabled, compiled and ready: shared by the pipeline's chains, the job
 /// runner, the scheduler and the after-write deliveries, reloaded when the store's plugin
 /// generation changes.
@@ -32,8 +59,7 @@ pub struct Catalog {
     runtime: Arc<Runtime>,
     store: Store,
     data_dir: PathBuf,
-    /// Operator's allow-list for `http.fetch`; empty means any host a plugin declares.
-    operator_hosts: Vec<String>,
+    policy: PluginPolicy,
     jobs: Option<JobQueue>,
     geoip: Arc<GeoIp>,
     state: Mutex<CatalogState>,
@@ -53,7 +79,7 @@ impl Catalog {
         runtime: Arc<Runtime>,
         store: Store,
         data_dir: &Path,
-        operator_hosts: Vec<String>,
+        policy: PluginPolicy,
         jobs: Option<JobQueue>,
         geoip: Arc<GeoIp>,
     ) -> Catalog {
@@ -61,11 +87,15 @@ impl Catalog {
             runtime,
             store,
             data_dir: data_dir.to_owned(),
-            operator_hosts,
+            policy,
             jobs,
             geoip,
             state: Mutex::default(),
         }
+    }
+
+    pub fn policy(&self) -> &PluginPolicy {
+        &self.policy
     }
 
     pub fn store(&self) -> &Store {
@@ -136,7 +166,11 @@ impl Catalog {
             entries.push(Arc::new(Entry {
                 allowed_hosts: self.allowed_hosts(&plugin.manifest),
                 plugin_name: plugin.name.clone(),
-                cache: state.caches.entry(config.id).or_default().clone(),
+                cache: state
+                    .caches
+                    .entry(config.id)
+                    .or_insert_with(|| new_cache(self.policy.quotas.cache_max_bytes))
+                    .clone(),
                 config,
                 loaded,
                 info,
@@ -174,17 +208,31 @@ impl Catalog {
                     .collect()
             })
             .unwrap_or_default();
-        if self.operator_hosts.is_empty() {
+        if self.policy.operator_hosts.is_empty() {
             return declared;
         }
         declared
             .into_iter()
             .filter(|h| {
-                self.operator_hosts
+                self.policy
+                    .operator_hosts
                     .iter()
                     .any(|o| o.eq_ignore_ascii_case(h))
             })
             .collect()
+    }
+
+    /// Records a line against a plugin config from outside a call (no instance to buffer it).
+    pub fn log_error(&self, config: PluginConfigId, message: String) {
+        let entry = crate::store::PluginLogEntry {
+            at: chrono::Utc::now(),
+            level: "error".into(),
+            message,
+        };
+        let max = self.policy.quotas.log_max_lines;
+        if let Err(e) = self.store.append_plugin_logs(config, &[entry], max) {
+            tracing::warn!(config, error = %e, "cannot store a plugin log line");
+        }
     }
 
     /// A new instance of `entry`, set up, optionally running a job.
@@ -199,6 +247,8 @@ impl Catalog {
             job_names: entry.info.jobs.clone(),
             job_timeout: self.runtime.limits.task,
             geoip: self.geoip.clone(),
+            quotas: self.policy.quotas.clone(),
+            network: self.policy.network.clone(),
         };
         let mut state = HostState::new(scope, self.runtime.limits.memory_bytes);
         state.job = job;

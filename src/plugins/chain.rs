@@ -1,25 +1,101 @@
 //! Each team's chain of `process-event` plugins: run in order over a queued batch, events kept
-//! in the plugins' form from the first plugin to the last, each plugin's output checked, a
-//! failing plugin logged and skipped (its events go on unchanged), and a plugin that keeps
-//! failing disabled.
+//! in the plugins' form from the first plugin to the last, each plugin's output checked (a valid
+//! event of the same team and uuid, within capture's size and nesting limits), a failing plugin
+//! logged and skipped (its events go on unchanged), and a plugin that keeps failing disabled.
+//!
+//! One team's plugins cannot hold back another team's events: instances are made and `setup`
+//! run off the pipeline's path (a warm-up thread per config, within `PLUGIN_SETUP_TIMEOUT_MS`),
+//! and each config has a time budget per minute (`PLUGIN_TIME_BUDGET_MS_PER_MINUTE`). While a
+//! team's chain is warming up or over budget, [`Chains::readiness`] says so and the pipeline
+//! sets that team's batches aside (deferred) instead of waiting; other teams' events flow on.
+//! A replaced or disabled config's instance is torn down, off the path too.
 
 use std::collections::HashMap;
+use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::catalog::{Catalog, Entry};
 use super::runtime::{CallError, Exports, Instance, WitEvent};
-use super::{log_error, PluginError, DISABLE_AFTER_FAILURES};
-use crate::event::{timestamp_text, EventRow, IngestBatch};
+use super::{PluginError, DISABLE_AFTER_FAILURES};
+use crate::event::{json_depth_within, timestamp_text, EventRow, IngestBatch, MAX_JSON_DEPTH};
 use crate::store::{PluginConfig, PluginConfigId, TeamId};
+
+/// PostHog's longest event name and distinct id, in characters.
+const MAX_NAME_CHARS: usize = 200;
+/// How long a config whose start failed is skipped before it is tried again, at most.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Whether a team's batches can go through its chain now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// No `process-event` plugin: the events go on as they are.
+    NoChain,
+    Ready,
+    /// Not now (a plugin is starting, or over its time budget): set the batches aside.
+    Wait(String),
+}
+
+/// A config's allowance of call time, refilled continuously (a token bucket in milliseconds).
+struct TimeBudget {
+    available_ms: f64,
+    refilled: Instant,
+    per_minute_ms: f64,
+    /// When it last went over, so the operator is told once per spell.
+    reported_over: bool,
+}
+
+impl TimeBudget {
+    fn new(per_minute: Duration) -> TimeBudget {
+        let ms = per_minute.as_secs_f64() * 1000.0;
+        TimeBudget {
+            available_ms: ms,
+            refilled: Instant::now(),
+            per_minute_ms: ms,
+            reported_over: false,
+        }
+    }
+
+    fn refill(&mut self) {
+        let elapsed = self.refilled.elapsed().as_secs_f64();
+        self.refilled = Instant::now();
+        self.available_ms =
+            (self.available_ms + elapsed * self.per_minute_ms / 60.0).min(self.per_minute_ms);
+    }
+
+    fn spend(&mut self, took: Duration) {
+        self.refill();
+        self.available_ms -= took.as_secs_f64() * 1000.0;
+    }
+
+    fn over(&mut self) -> bool {
+        self.refill();
+        self.available_ms <= 0.0
+    }
+}
+
+/// Where a config's instance is.
+enum Life {
+    /// Not started (or discarded after a trap): start it when next needed.
+    Cold,
+    /// Being made and set up on its warm-up thread.
+    Warming(mpsc::Receiver<Result<Instance, CallError>>),
+    Ready(Box<Instance>),
+    /// Its start failed: skipped (its events go on unchanged) until `until`.
+    Failed {
+        until: Instant,
+    },
+}
 
 /// One plugin config in a team's chain.
 struct Slot {
     entry: Arc<Entry>,
-    instance: Option<Instance>,
+    life: Life,
     consecutive_failures: u32,
+    budget: TimeBudget,
 }
 
 /// The `process-event` chains of every team, as the store describes them.
@@ -27,19 +103,22 @@ pub struct Chains {
     catalog: Arc<Catalog>,
     generation: Option<u64>,
     teams: HashMap<TeamId, Vec<Slot>>,
+    budget_per_minute: Duration,
 }
 
 impl Chains {
     pub fn new(catalog: Arc<Catalog>) -> Chains {
+        let budget_per_minute = catalog.policy().quotas.time_budget_per_minute;
         Chains {
             catalog,
             generation: None,
             teams: HashMap::new(),
+            budget_per_minute,
         }
     }
 
-    /// Rebuilds the chains if plugins or configs changed since the last look. Calls already made
-    /// finished on the old instances; the next batch uses the new ones.
+    /// Rebuilds the chains if plugins or configs changed since the last look. An unchanged
+    /// config keeps its instance; the instance of one replaced or disabled is torn down.
     pub fn refresh(&mut self) -> Result<(), PluginError> {
         let (generation, entries) = self.catalog.enabled()?;
         if self.generation == Some(generation) {
@@ -59,32 +138,77 @@ impl Chains {
             {
                 continue;
             }
-            // An unchanged config keeps its live instance (and its plugin's in-memory state).
             let slot = match old.remove(&entry.config.id) {
                 Some(slot) if Arc::ptr_eq(&slot.entry, &entry) => slot,
-                _ => Slot {
-                    entry: entry.clone(),
-                    instance: None,
-                    consecutive_failures: 0,
-                },
+                previous => {
+                    if let Some(previous) = previous {
+                        tear_down(previous);
+                    }
+                    Slot {
+                        entry: entry.clone(),
+                        life: Life::Cold,
+                        consecutive_failures: 0,
+                        budget: TimeBudget::new(self.budget_per_minute),
+                    }
+                }
             };
             self.teams
                 .entry(entry.config.team_id)
                 .or_default()
                 .push(slot);
         }
+        for (_, gone) in old {
+            tear_down(gone);
+        }
         self.generation = Some(generation);
         Ok(())
     }
 
-    /// True when a team has at least one enabled `process-event` plugin.
-    pub fn has_chain(&self, team_id: TeamId) -> bool {
-        self.teams
-            .get(&team_id)
-            .is_some_and(|slots| !slots.is_empty())
+    /// Whether `team`'s batches can go through its chain now; starts (off the path) the
+    /// instances it needs.
+    pub fn readiness(&mut self, team: TeamId) -> Readiness {
+        let Some(slots) = self.teams.get_mut(&team) else {
+            return Readiness::NoChain;
+        };
+        if slots.is_empty() {
+            return Readiness::NoChain;
+        }
+        let mut waiting = Vec::new();
+        for slot in slots.iter_mut() {
+            advance(&self.catalog, slot);
+            match &slot.life {
+                Life::Warming(_) => waiting.push(format!(
+                    "{} (config {}) is starting",
+                    slot.entry.plugin_name, slot.entry.config.id
+                )),
+                Life::Ready(_) if slot.budget.over() => {
+                    if !slot.budget.reported_over {
+                        slot.budget.reported_over = true;
+                        let message = format!(
+                            "used its time budget (PLUGIN_TIME_BUDGET_MS_PER_MINUTE, {} ms a minute); the team's events wait until it refills",
+                            self.budget_per_minute.as_millis()
+                        );
+                        tracing::warn!(config = slot.entry.config.id, team, "plugin {message}");
+                        self.catalog.log_error(slot.entry.config.id, message);
+                    }
+                    waiting.push(format!(
+                        "{} (config {}) is over its time budget",
+                        slot.entry.plugin_name, slot.entry.config.id
+                    ));
+                }
+                Life::Ready(_) => slot.budget.reported_over = false,
+                Life::Cold | Life::Failed { .. } => {}
+            }
+        }
+        if waiting.is_empty() {
+            Readiness::Ready
+        } else {
+            Readiness::Wait(waiting.join("; "))
+        }
     }
 
     /// Runs the team's chain over one queued batch, in order. Failures leave events unchanged.
+    /// Call after [`Chains::readiness`] said `Ready`.
     ///
     /// Events are converted to the plugins' form once, stay in it from the first plugin to the
     /// last, and are converted back once: each plugin's output is checked against its input
@@ -93,6 +217,7 @@ impl Chains {
         let Some(slots) = self.teams.get_mut(&batch.team_id) else {
             return;
         };
+        let max_event_bytes = self.catalog.policy().quotas.max_event_bytes;
         let mut chain = ChainEvents {
             keys: batch.events.iter().map(|e| (e.uuid, e.timestamp)).collect(),
             events: batch
@@ -101,13 +226,14 @@ impl Chains {
                 .map(|e| to_wit(e, batch.team_id, batch.ip.as_deref()))
                 .collect(),
             team_id: batch.team_id,
+            max_event_bytes,
         };
         let mut disabled = Vec::new();
         for slot in slots.iter_mut() {
             if chain.events.is_empty() {
                 break;
             }
-            run_slot(&self.catalog, slot, &mut chain);
+            run_slot(slot, &mut chain);
             if slot.consecutive_failures >= DISABLE_AFTER_FAILURES {
                 disabled.push(slot.entry.config.clone());
             }
@@ -115,6 +241,19 @@ impl Chains {
         batch.events = chain.into_rows();
         for config in disabled {
             self.disable(config);
+        }
+    }
+
+    /// Tears every instance down (the server is stopping), each within its deadline, together.
+    pub fn shut_down(&mut self) {
+        let tearing: Vec<_> = self
+            .teams
+            .drain()
+            .flat_map(|(_, slots)| slots)
+            .filter_map(tear_down)
+            .collect();
+        for thread in tearing {
+            let _ = thread.join();
         }
     }
 
@@ -126,7 +265,7 @@ impl Chains {
             team = config.team_id,
             "plugin config {message}"
         );
-        log_error(store, config.id, message);
+        self.catalog.log_error(config.id, message);
         if let Err(e) =
             store.upsert_plugin_config(config.team_id, config.plugin_id, false, None, None)
         {
@@ -138,31 +277,79 @@ impl Chains {
     }
 }
 
-fn run_slot(catalog: &Catalog, slot: &mut Slot, chain: &mut ChainEvents) {
-    let mut instance = match slot.instance.take() {
-        Some(i) => i,
-        None => match catalog.start(&slot.entry, None) {
-            Ok(i) => i,
-            Err(e) => {
-                slot.consecutive_failures += 1;
-                log_error(
-                    catalog.store(),
-                    slot.entry.config.id,
-                    format!("{} could not start: {e}", slot.entry.plugin_name),
-                );
-                return;
-            }
-        },
-    };
-    if !instance
-        .info
-        .exports
-        .intersects(Exports::PROCESS_EVENT | Exports::PROCESS_EVENT_BATCH)
-    {
-        slot.instance = Some(instance);
-        return;
+/// Moves a slot's instance along: a cold one starts warming, a finished warm-up becomes ready
+/// (or failed, counted and logged), a failed one is tried again after its backoff.
+fn advance(catalog: &Arc<Catalog>, slot: &mut Slot) {
+    loop {
+        let next = match &slot.life {
+            Life::Cold => Life::Warming(warm_up(catalog, &slot.entry)),
+            Life::Warming(started) => match started.try_recv() {
+                Ok(Ok(instance)) => Life::Ready(Box::new(instance)),
+                Ok(Err(e)) => {
+                    slot.consecutive_failures += 1;
+                    catalog.log_error(
+                        slot.entry.config.id,
+                        format!("{} could not start: {e}", slot.entry.plugin_name),
+                    );
+                    let backoff = Duration::from_secs(1 << slot.consecutive_failures.min(6))
+                        .min(RESTART_BACKOFF_MAX);
+                    Life::Failed {
+                        until: Instant::now() + backoff,
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => Life::Cold,
+            },
+            Life::Failed { until } if Instant::now() >= *until => Life::Cold,
+            Life::Ready(_) | Life::Failed { .. } => return,
+        };
+        slot.life = next;
     }
+}
+
+/// Makes and sets up an instance of `entry` on a thread of its own.
+fn warm_up(
+    catalog: &Arc<Catalog>,
+    entry: &Arc<Entry>,
+) -> mpsc::Receiver<Result<Instance, CallError>> {
+    let (tx, rx) = mpsc::channel();
+    let (catalog, entry) = (catalog.clone(), entry.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("plugin-setup-{}", entry.config.id))
+        .spawn(move || {
+            let _ = tx.send(catalog.start(&entry, None));
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a plugin's warm-up thread");
+    }
+    rx
+}
+
+/// Runs `teardown` on a slot's live instance, on a thread of its own (its deadline bounds it).
+fn tear_down(slot: Slot) -> Option<std::thread::JoinHandle<()>> {
+    let Life::Ready(mut instance) = slot.life else {
+        return None;
+    };
+    let name = slot.entry.plugin_name.clone();
+    std::thread::Builder::new()
+        .name(format!("plugin-teardown-{}", slot.entry.config.id))
+        .spawn(move || {
+            if let Err(e) = instance.teardown() {
+                instance.host().log("error", format!("{name} teardown {e}"));
+                instance.host().end_call();
+            }
+        })
+        .ok()
+}
+
+fn run_slot(slot: &mut Slot, chain: &mut ChainEvents) {
+    let Life::Ready(instance) = &mut slot.life else {
+        // Failed to start: skipped, its events go on unchanged.
+        return;
+    };
+    let started = Instant::now();
     let outcome = instance.process_batch(&chain.events);
+    slot.budget.spend(started.elapsed());
     let keep_instance = match outcome {
         Ok(results) if results.len() == chain.events.len() => {
             slot.consecutive_failures = 0;
@@ -170,13 +357,14 @@ fn run_slot(catalog: &Catalog, slot: &mut Slot, chain: &mut ChainEvents) {
                 keys: Vec::with_capacity(results.len()),
                 events: Vec::with_capacity(results.len()),
                 team_id: chain.team_id,
+                max_event_bytes: chain.max_event_bytes,
             };
             let inputs = chain.events.drain(..).zip(chain.keys.drain(..));
             for ((input, key), result) in inputs.zip(results) {
                 let Some(changed) = result else {
                     continue;
                 };
-                match check_changed(changed, &input, key, chain.team_id) {
+                match check_changed(changed, &input, key, chain.team_id, chain.max_event_bytes) {
                     Ok((event, key)) => {
                         kept.events.push(event);
                         kept.keys.push(key);
@@ -223,10 +411,10 @@ fn run_slot(catalog: &Catalog, slot: &mut Slot, chain: &mut ChainEvents) {
             !fatal
         }
     };
-    instance.host().flush_logs();
+    instance.host().end_call();
     // After a trap, timeout or memory blow-up the instance's state is unknown: start afresh.
-    if keep_instance {
-        slot.instance = Some(instance);
+    if !keep_instance {
+        slot.life = Life::Cold;
     }
 }
 
@@ -236,6 +424,7 @@ struct ChainEvents {
     events: Vec<WitEvent>,
     keys: Vec<(Uuid, DateTime<Utc>)>,
     team_id: TeamId,
+    max_event_bytes: usize,
 }
 
 impl ChainEvents {
@@ -275,13 +464,15 @@ pub(super) fn to_wit(row: &EventRow, team_id: TeamId, ip: Option<&str>) -> WitEv
     }
 }
 
-/// Accepts a plugin's changed event only if it is still a valid event of the same team and uuid;
-/// what it left as it was is not checked again.
+/// Accepts a plugin's changed event only if it is still a valid event of the same team and uuid,
+/// within capture's limits (size, nesting, name and distinct id length); what it left as it was
+/// is not checked again.
 fn check_changed(
     e: WitEvent,
     input: &WitEvent,
     key: (Uuid, DateTime<Utc>),
     team_id: TeamId,
+    max_event_bytes: usize,
 ) -> Result<(WitEvent, (Uuid, DateTime<Utc>)), String> {
     if e.uuid != input.uuid {
         return Err(format!("the uuid changed to {:?}", e.uuid));
@@ -295,6 +486,17 @@ fn check_changed(
     if e.distinct_id.trim().is_empty() {
         return Err("the distinct_id is empty".into());
     }
+    if e.event.chars().count() > MAX_NAME_CHARS || e.distinct_id.chars().count() > MAX_NAME_CHARS {
+        return Err(format!(
+            "the event name or distinct_id is longer than {MAX_NAME_CHARS} characters"
+        ));
+    }
+    let size = e.event.len() + e.distinct_id.len() + e.properties.len() + e.elements_chain.len();
+    if size > max_event_bytes {
+        return Err(format!(
+            "the event is {size} bytes, more than CAPTURE_MAX_EVENT_BYTES ({max_event_bytes})"
+        ));
+    }
     let timestamp = if e.timestamp == input.timestamp {
         key.1
     } else {
@@ -304,6 +506,11 @@ fn check_changed(
     };
     if e.properties != input.properties {
         // Checked without building the object: it is stored as text.
+        if !json_depth_within(&e.properties, MAX_JSON_DEPTH) {
+            return Err(format!(
+                "the properties are nested deeper than {MAX_JSON_DEPTH} levels"
+            ));
+        }
         let is_object = e.properties.trim_start().starts_with('{')
             && serde_json::from_str::<serde::de::IgnoredAny>(&e.properties).is_ok();
         if !is_object {

@@ -5,10 +5,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::archive;
-use super::host::{HostState, PluginScope, SharedCache};
+use super::host::cache::new_cache;
+use super::host::{HostState, NetworkPolicy, PluginScope};
 use super::manifest::Manifest;
 use super::runtime::{Instance, Loaded, Runtime};
 use super::{plugin_dir, PluginError};
+use crate::config::PluginQuotas;
 use crate::geoip::GeoIp;
 use crate::store::{PluginRecord, Store};
 
@@ -99,11 +101,13 @@ pub(super) fn probe(
         config,
         allowed_hosts: Vec::new(),
         store: store.clone(),
-        cache: SharedCache::default(),
+        cache: new_cache(64 * 1024),
         jobs: None,
         job_names: Vec::new(),
         job_timeout: runtime.limits.task,
         geoip: Arc::new(GeoIp::disabled()),
+        quotas: Arc::new(PluginQuotas::default()),
+        network: NetworkPolicy::new(Vec::new()),
     };
     runtime
         .instantiate(loaded, HostState::new(scope, runtime.limits.memory_bytes))

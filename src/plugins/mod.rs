@@ -22,11 +22,9 @@ pub mod tasks;
 
 use std::path::{Path, PathBuf};
 
-use chrono::Utc;
-
-use crate::store::{PluginConfigId, Store, StoreError};
-pub use catalog::{Catalog, Entry};
-pub use chain::Chains;
+use crate::store::StoreError;
+pub use catalog::{Catalog, Entry, PluginPolicy};
+pub use chain::{Chains, Readiness};
 pub use install::{install, install_archive, install_parts};
 use manifest::ManifestError;
 
@@ -58,16 +56,4 @@ pub enum PluginError {
 /// Where installed components are kept, by content hash.
 pub fn plugin_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("plugins")
-}
-
-/// Records a line against a plugin config from outside a call (no instance to buffer it).
-fn log_error(store: &Store, config: PluginConfigId, message: String) {
-    let entry = crate::store::PluginLogEntry {
-        at: Utc::now(),
-        level: "error".into(),
-        message,
-    };
-    if let Err(e) = store.append_plugin_logs(config, &[entry]) {
-        tracing::warn!(config, error = %e, "cannot store a plugin log line");
-    }
 }

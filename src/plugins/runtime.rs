@@ -114,6 +114,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| PluginError::Runtime(e.to_string()))?;
+        super::host::clock::shadow_sleeps(&mut linker)
+            .map_err(|e| PluginError::Runtime(e.to_string()))?;
         Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(|e| PluginError::Runtime(e.to_string()))?;
         std::fs::create_dir_all(cache_dir)
@@ -222,14 +224,39 @@ impl Instance {
         self.store.data_mut()
     }
 
+    /// Runs `setup`, within `PLUGIN_SETUP_TIMEOUT_MS`.
     pub fn setup(&mut self) -> Result<(), CallError> {
         if !self.info.exports.contains(Exports::SETUP) {
             return Ok(());
         }
-        let deadline = self.limits.task;
+        let deadline = self.limits.setup;
         self.arm(deadline);
         let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
         let result = plugin.call_setup(&mut self.store);
+        self.ended(result, deadline)
+    }
+
+    /// Runs `teardown` (a config disabled or replaced, or the server stopping), within
+    /// `PLUGIN_SETUP_TIMEOUT_MS`.
+    pub fn teardown(&mut self) -> Result<(), CallError> {
+        if !self.info.exports.contains(Exports::TEARDOWN) {
+            return Ok(());
+        }
+        let deadline = self.limits.setup;
+        self.arm(deadline);
+        let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
+        let result = plugin.call_teardown(&mut self.store).map(Ok);
+        self.ended(result, deadline)
+    }
+
+    /// Ends a call: its storage writes and log lines are committed, its result classified.
+    fn ended<T>(
+        &mut self,
+        result: wasmtime::Result<Result<T, WitPluginError>>,
+        deadline: Duration,
+    ) -> Result<T, CallError> {
+        self.store.data_mut().end_call();
+        self.store.data_mut().deadline = None;
         finish(&self.store, &self.limits, result, deadline)
     }
 
@@ -243,14 +270,23 @@ impl Instance {
         let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
         if self.info.exports.contains(Exports::PROCESS_EVENT_BATCH) {
             let result = plugin.call_process_event_batch(&mut self.store, events);
-            return finish(&self.store, &self.limits, result, deadline);
+            return self.ended(result, deadline);
         }
         let mut out = Vec::with_capacity(events.len());
+        let mut failed = None;
         for event in events {
-            let result = plugin.call_process_event(&mut self.store, event);
-            out.push(finish(&self.store, &self.limits, result, deadline)?);
+            match plugin.call_process_event(&mut self.store, event) {
+                Ok(Ok(result)) => out.push(result),
+                other => {
+                    failed = Some(other);
+                    break;
+                }
+            }
         }
-        Ok(out)
+        match failed {
+            Some(result) => self.ended(result.map(|r| r.map(|_| Vec::new())), deadline),
+            None => self.ended(Ok(Ok(out)), deadline),
+        }
     }
 }
 
@@ -265,7 +301,7 @@ impl Instance {
         self.arm(deadline);
         let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
         let result = plugin.call_run_job(&mut self.store, name, payload);
-        finish(&self.store, &self.limits, result, deadline)
+        self.ended(result, deadline)
     }
 
     /// Runs one of the plugin's `run-every-*` tasks within `deadline`.
@@ -285,24 +321,26 @@ impl Instance {
             Cadence::Hour => plugin.call_run_every_hour(&mut self.store),
             Cadence::Day => plugin.call_run_every_day(&mut self.store),
         };
-        finish(&self.store, &self.limits, result, deadline)
+        self.ended(result, deadline)
     }
 
     /// Hands stored events to `export-events` (one call) or else `on-event` (one call each).
     pub fn deliver(&mut self, events: &[WitEvent], deadline: Duration) -> Result<(), CallError> {
         self.arm(deadline);
         let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
+        let mut result = Ok(Ok(()));
         if self.info.exports.contains(Exports::EXPORT_EVENTS) {
-            let result = plugin.call_export_events(&mut self.store, events);
-            finish(&self.store, &self.limits, result, deadline)?;
+            result = plugin.call_export_events(&mut self.store, events);
         }
-        if self.info.exports.contains(Exports::ON_EVENT) {
+        if self.info.exports.contains(Exports::ON_EVENT) && matches!(result, Ok(Ok(()))) {
             for event in events {
-                let result = plugin.call_on_event(&mut self.store, event);
-                finish(&self.store, &self.limits, result, deadline)?;
+                result = plugin.call_on_event(&mut self.store, event);
+                if !matches!(result, Ok(Ok(()))) {
+                    break;
+                }
             }
         }
-        Ok(())
+        self.ended(result, deadline)
     }
 }
 

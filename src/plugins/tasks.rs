@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::chain::to_wit;
 use super::host::JobContext;
 use super::runtime::{CallError, Exports, Instance, WitEvent};
-use super::{log_error, Catalog, Entry};
+use super::{Catalog, Entry};
 use crate::event::{timestamp_text, EventRow, IngestBatch};
 use crate::jobs::{Done, InternalRunner, RunError, Runner, StopFlags};
 use crate::schedule::ScheduleSource;
@@ -219,7 +219,7 @@ impl Runner for PluginRunner {
             .as_mut()
             .map(|j| std::mem::take(&mut j.follow_ups))
             .unwrap_or_default();
-        instance.host().flush_logs();
+        instance.host().end_call();
         follow_ups.extend(pages);
         match result {
             Ok(()) => Ok(Done { follow_ups, export }),
@@ -341,7 +341,7 @@ fn failure(
     e: CallError,
 ) -> RunError {
     let message = format!("{} ({}) {what}: {e}", job.kind.label(), job.id);
-    log_error(catalog.store(), config, message.clone());
+    catalog.log_error(config, message.clone());
     match e {
         CallError::Failed(_) => RunError::Failed(message),
         _ => RunError::Retry(message),

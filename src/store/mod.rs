@@ -7,9 +7,11 @@
 //! Must never: be bypassed. No other module opens the file or names a redb table; callers ask
 //! for typed operations ("append these batches", "read after this position").
 
+mod deferred;
 mod exports;
 mod ingest;
 mod jobs;
+mod plugin_data;
 mod plugins;
 mod positions;
 mod secrets;
@@ -31,7 +33,8 @@ pub use jobs::{
     Attempt, Cadence, Claimed, Control, Job, JobKind, JobState, JobStats, JobTables, NewJob,
     Outcome, ScheduleState, ScheduleTables,
 };
-pub use plugins::{PluginConfig, PluginLogEntry, PluginRecord};
+pub use plugin_data::{PluginLogEntry, StorageQuota};
+pub use plugins::{PluginConfig, PluginRecord};
 pub use positions::QuarantinedRecord;
 pub use teams::Team;
 
@@ -110,6 +113,8 @@ struct Inner {
     queued_bytes: AtomicU64,
     /// Free bytes on the data directory's disk, as last read.
     free_bytes: AtomicU64,
+    /// Bytes of each team's deferred batches (mirrors the table this process keeps).
+    deferred: Mutex<std::collections::BTreeMap<TeamId, u64>>,
 }
 
 /// How much room the appliance has: what capture checks before accepting more.
@@ -178,10 +183,12 @@ impl Store {
                 last_reopen: Mutex::new(None),
                 queued_bytes: AtomicU64::new(0),
                 free_bytes: AtomicU64::new(u64::MAX),
+                deferred: Mutex::default(),
             }),
         };
         store.initialise()?;
         store.set_queued_bytes(store.ingest_stats()?.queued_bytes);
+        store.load_deferred_bytes()?;
         store.refresh_free_space();
         Ok(store)
     }
@@ -302,10 +309,12 @@ impl Store {
             teams::create_tables(&txn)?;
             ingest::create_tables(&txn)?;
             plugins::create_tables(&txn)?;
+            plugin_data::create_tables(&txn)?;
             secrets::create_tables(&txn)?;
             jobs::create_tables(&txn)?;
             exports::create_tables(&txn)?;
             positions::create_tables(&txn)?;
+            deferred::create_tables(&txn)?;
         }
         ingest::init_queued_bytes(&txn)?;
         self.commit(txn)?;

@@ -13,13 +13,8 @@ use crate::ids::{PluginConfigId, PluginId, TeamId};
 
 const PLUGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("plugins");
 const PLUGIN_CONFIGS: TableDefinition<u64, &[u8]> = TableDefinition::new("plugin_configs");
-/// (plugin config, key) → value.
-const PLUGIN_STORAGE: TableDefinition<(u64, &str), &str> = TableDefinition::new("plugin_storage");
-/// (plugin config, sequence) → encoded [`PluginLogEntry`].
-const PLUGIN_LOGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("plugin_logs");
 const NEXT_PLUGIN_ID: &str = "next_plugin_id";
 const NEXT_PLUGIN_CONFIG_ID: &str = "next_plugin_config_id";
-const NEXT_LOG_SEQ: &str = "next_plugin_log_seq";
 const GENERATION: &str = "plugins_generation";
 
 /// An installed plugin: its manifest and the hash of its component file.
@@ -46,13 +41,6 @@ pub struct PluginConfig {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PluginLogEntry {
-    pub at: DateTime<Utc>,
-    pub level: String,
-    pub message: String,
-}
-
 /// Every record of a table of versioned JSON values, in id order.
 fn all_records<T: DeserializeOwned>(
     table: &impl ReadableTable<u64, &'static [u8]>,
@@ -68,8 +56,6 @@ fn all_records<T: DeserializeOwned>(
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(PLUGINS)?;
     txn.open_table(PLUGIN_CONFIGS)?;
-    txn.open_table(PLUGIN_STORAGE)?;
-    txn.open_table(PLUGIN_LOGS)?;
     Ok(())
 }
 
@@ -178,89 +164,6 @@ impl Store {
         let txn = self.read()?;
         all_records(&txn.open_table(PLUGIN_CONFIGS)?, "plugin config")
     }
-
-    pub fn plugin_storage_get(
-        &self,
-        config: PluginConfigId,
-        key: &str,
-    ) -> Result<Option<String>, StoreError> {
-        let txn = self.read()?;
-        let table = txn.open_table(PLUGIN_STORAGE)?;
-        let value = table.get((config, key))?.map(|v| v.value().to_owned());
-        Ok(value)
-    }
-
-    /// Everything a plugin config keeps in storage, by key.
-    pub fn plugin_storage_all(
-        &self,
-        config: PluginConfigId,
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        let txn = self.read()?;
-        let table = txn.open_table(PLUGIN_STORAGE)?;
-        let mut out = Vec::new();
-        for row in table.range((config, "")..(config + 1, ""))? {
-            let (key, value) = row?;
-            out.push((key.value().1.to_owned(), value.value().to_owned()));
-        }
-        Ok(out)
-    }
-
-    pub fn plugin_storage_set(
-        &self,
-        config: PluginConfigId,
-        key: &str,
-        value: Option<&str>,
-    ) -> Result<(), StoreError> {
-        let txn = self.write()?;
-        {
-            let mut table = txn.open_table(PLUGIN_STORAGE)?;
-            match value {
-                Some(v) => {
-                    table.insert((config, key), v)?;
-                }
-                None => {
-                    table.remove((config, key))?;
-                }
-            }
-        }
-        self.commit(txn)?;
-        Ok(())
-    }
-
-    /// Appends log entries of a plugin config in one transaction.
-    pub fn append_plugin_logs(
-        &self,
-        config: PluginConfigId,
-        entries: &[PluginLogEntry],
-    ) -> Result<(), StoreError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let txn = self.write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            let mut seq = meta_get(&meta, NEXT_LOG_SEQ)?.max(1);
-            let mut table = txn.open_table(PLUGIN_LOGS)?;
-            for entry in entries {
-                let bytes = encode_value(entry);
-                table.insert((config, seq), bytes.as_slice())?;
-                seq += 1;
-            }
-            meta.insert(NEXT_LOG_SEQ, seq)?;
-        }
-        self.commit(txn)?;
-        Ok(())
-    }
-
-    pub fn plugin_logs(&self, config: PluginConfigId) -> Result<Vec<PluginLogEntry>, StoreError> {
-        let txn = self.read()?;
-        let table = txn.open_table(PLUGIN_LOGS)?;
-        let mut out = Vec::new();
-        for row in table.range((config, 0)..=(config, u64::MAX))? {
-            out.push(decode_value("plugin log", row?.1.value())?);
-        }
-        Ok(out)
-    }
 }
 
 #[cfg(test)]
@@ -306,37 +209,5 @@ mod tests {
         );
         assert_eq!(b.order, 5);
         assert_eq!(store.list_plugin_configs().unwrap().len(), 2);
-
-        store
-            .plugin_storage_set(a.id, "key", Some("for a"))
-            .unwrap();
-        assert_eq!(
-            store.plugin_storage_get(a.id, "key").unwrap().as_deref(),
-            Some("for a")
-        );
-        assert_eq!(
-            store.plugin_storage_get(b.id, "key").unwrap(),
-            None,
-            "storage is per config"
-        );
-        store.plugin_storage_set(a.id, "key", None).unwrap();
-        assert_eq!(store.plugin_storage_get(a.id, "key").unwrap(), None);
-
-        let entry = |m: &str| PluginLogEntry {
-            at: Utc::now(),
-            level: "info".into(),
-            message: m.into(),
-        };
-        store
-            .append_plugin_logs(a.id, &[entry("a1"), entry("a2")])
-            .unwrap();
-        store.append_plugin_logs(b.id, &[entry("b1")]).unwrap();
-        let messages: Vec<String> = store
-            .plugin_logs(a.id)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.message)
-            .collect();
-        assert_eq!(messages, vec!["a1", "a2"]);
     }
 }

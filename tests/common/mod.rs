@@ -173,7 +173,8 @@ impl Appliance {
         let _ = self.child.wait();
     }
 
-    /// Waits until everything queued has reached the sink; returns the readiness report.
+    /// Waits until everything queued has reached the sink (none of it deferred for a team's
+    /// plugins); returns the readiness report.
     pub async fn wait_drained(&self) -> Value {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -187,7 +188,10 @@ impl Appliance {
                 .await
                 .expect("/_ready answers JSON");
             let last = ready["queue"]["last_seq"].as_u64().unwrap_or(u64::MAX);
-            if ready["sink"]["position"].as_u64() == Some(last) {
+            let deferred = ready["room"]["deferred_bytes_by_team"]
+                .as_object()
+                .is_some_and(|d| !d.is_empty());
+            if ready["sink"]["position"].as_u64() == Some(last) && !deferred {
                 return ready;
             }
             assert!(
@@ -382,6 +386,22 @@ impl Api {
             .await;
         assert_eq!(status, 200, "{body}");
         body
+    }
+
+    /// Waits until job `id` has saved `checkpoint` (a running job's durable sign of progress).
+    pub async fn wait_checkpoint(&self, id: &str, checkpoint: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let job = self.job(id).await;
+            if job["checkpoint"] == checkpoint {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never saved checkpoint {checkpoint:?}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn wait_job_state(&self, id: &str, state: &str) -> Value {

@@ -225,7 +225,8 @@ pub mod storage {
     pub fn get(key: &str) -> Option<String> {
         storage::get(key)
     }
-    pub fn set(key: &str, value: &str) {
+    /// Stores `value` at `key`; fails (storing nothing) past the config's storage quota.
+    pub fn set(key: &str, value: &str) -> Result<(), String> {
         storage::set(key, value)
     }
     pub fn delete(key: &str) {
@@ -240,7 +241,8 @@ pub mod cache {
     pub fn get(key: &str) -> Option<String> {
         cache::get(key)
     }
-    pub fn set(key: &str, value: &str, ttl_seconds: Option<u32>) {
+    /// Caches `value`; fails only for a value larger than the whole cache.
+    pub fn set(key: &str, value: &str, ttl_seconds: Option<u32>) -> Result<(), String> {
         cache::set(key, value, ttl_seconds)
     }
     pub fn incr(key: &str, by: i64) -> i64 {

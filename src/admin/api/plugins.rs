@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -103,12 +103,31 @@ pub(super) async fn configure(
     ))
 }
 
+#[derive(Deserialize)]
+pub(super) struct LogPage {
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+/// A page of log lines, newest first; `next_before` asks for the page after it.
 pub(super) async fn logs(
     State(state): State<Arc<ApiState>>,
     Path((team, plugin)): Path<(TeamId, String)>,
+    Query(page): Query<LogPage>,
 ) -> Result<Json<Value>, ApiError> {
-    let logs = blocking(&state, move |ops| ops.plugin_logs(team, &plugin)).await?;
-    Ok(Json(json!({ "logs": logs })))
+    let limit = page.limit.unwrap_or(100).min(10_000);
+    let lines = blocking(&state, move |ops| {
+        ops.plugin_logs(team, &plugin, page.before, limit)
+    })
+    .await?;
+    let next_before = (lines.len() == limit)
+        .then(|| lines.last().map(|(n, _)| *n))
+        .flatten();
+    let logs: Vec<Value> = lines
+        .into_iter()
+        .map(|(line, e)| json!({"line": line, "at": e.at, "level": e.level, "message": e.message}))
+        .collect();
+    Ok(Json(json!({ "logs": logs, "next_before": next_before })))
 }
 
 pub(super) async fn storage(

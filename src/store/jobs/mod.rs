@@ -238,6 +238,11 @@ pub enum Outcome {
     },
     /// Never started (the server is stopping): back to the queue, no attempt counted.
     Released,
+    /// The server stopped while it ran (found at the next start): it runs again at
+    /// `retry_at_ms`, no attempt counted.
+    Interrupted {
+        retry_at_ms: i64,
+    },
 }
 
 /// A request to stop a running job.

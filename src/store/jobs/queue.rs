@@ -6,9 +6,25 @@ use uuid::Uuid;
 
 use super::super::{decode_value, Store, StoreError};
 use super::tables::{
-    earliest, first_due_per_owner, JOBS, JOBS_DUE, JOBS_LEASED, JOB_CONTROL, JOB_KEYS,
+    earliest, first_due_per_owner, JOBS, JOBS_DUE, JOBS_FINAL, JOBS_LEASED, JOB_CONTROL, JOB_KEYS,
+    JOB_OWNER_COUNTS,
 };
 use super::{Claimed, Control, Job, JobId, JobState, JobStats, JobTables, NewJob, Outcome};
+use crate::ids::TeamId;
+
+fn insert_all(
+    txn: &redb::WriteTransaction,
+    jobs: Vec<NewJob>,
+    now_ms: i64,
+    key_retention_ms: i64,
+) -> Result<Vec<JobId>, StoreError> {
+    let mut tables = JobTables::open(txn, now_ms)?;
+    let mut ids = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        ids.push(tables.insert(job, key_retention_ms)?);
+    }
+    Ok(ids)
+}
 
 impl Store {
     /// Enqueues jobs in one durable transaction; returns each job's id (an idempotency key
@@ -19,30 +35,29 @@ impl Store {
         now_ms: i64,
         key_retention_ms: i64,
     ) -> Result<Vec<JobId>, StoreError> {
-        self.enqueue_jobs_marking(jobs, now_ms, key_retention_ms, None)
+        let txn = self.write()?;
+        let ids = insert_all(&txn, jobs, now_ms, key_retention_ms)?;
+        self.commit(txn)?;
+        Ok(ids)
     }
 
-    /// [`Store::enqueue_jobs`], also recording that deliveries are queued through `delivered`.
-    pub fn enqueue_jobs_marking(
+    /// Queues the pipeline's after-write deliveries in one transaction that also moves the
+    /// delivery mark to `delivered` and removes the `undefer`red batches whose processing they
+    /// complete.
+    pub fn commit_deliveries(
         &self,
         jobs: Vec<NewJob>,
         now_ms: i64,
         key_retention_ms: i64,
-        delivered: Option<u64>,
+        delivered: u64,
+        undefer: &[(TeamId, u64)],
     ) -> Result<Vec<JobId>, StoreError> {
         let txn = self.write()?;
-        let ids = {
-            let mut tables = JobTables::open(&txn, now_ms)?;
-            let mut ids = Vec::with_capacity(jobs.len());
-            for job in jobs {
-                ids.push(tables.insert(job, key_retention_ms)?);
-            }
-            ids
-        };
-        if let Some(position) = delivered {
-            super::super::positions::mark_delivered(&txn, position)?;
-        }
+        let ids = insert_all(&txn, jobs, now_ms, key_retention_ms)?;
+        super::super::positions::mark_delivered(&txn, delivered)?;
+        let teams = super::super::deferred::undefer(&txn, undefer)?;
         self.commit(txn)?;
+        self.set_deferred_bytes(teams);
         Ok(ids)
     }
 
@@ -78,8 +93,9 @@ impl Store {
         Ok(earliest(&first_due_per_owner(&due)?))
     }
 
-    /// Puts every claimed job back in the queue, each counting a failed attempt: called by a
-    /// server at start-up, when every claim left in the file belongs to a process that died.
+    /// Puts every claimed job back in the queue, noting the interruption without counting an
+    /// attempt (a stop of the server is not the job's failure): called by a server at start-up,
+    /// when every claim left in the file belongs to a process that died.
     pub fn recover_leases(&self, now_ms: i64, retry_at_ms: i64) -> Result<usize, StoreError> {
         let txn = self.write()?;
         let recovered = {
@@ -92,10 +108,7 @@ impl Store {
             for id in &ids {
                 tables.finish(
                     Uuid::from_u128(*id),
-                    Outcome::Retry {
-                        error: "the server stopped before the job finished (crash, kill or shutdown deadline)".into(),
-                        retry_at_ms,
-                    },
+                    Outcome::Interrupted { retry_at_ms },
                     0,
                 )?;
             }
@@ -190,16 +203,64 @@ impl Store {
                     job.state.name()
                 )));
             }
+            tables.finals.remove((job.updated_ms, id.as_u128()))?;
             job.state = JobState::Scheduled;
             job.attempts = 0;
             job.run_at_ms = now_ms;
             job.updated_ms = now_ms;
             job.waiting_on = 0;
             tables.put(&job)?;
+            tables.count_live(job.kind.owner(), 1)?;
             tables.make_due(&job)?;
         }
         self.commit(txn)?;
         Ok(())
+    }
+
+    /// The job an idempotency key names, if the key was first used within `retention_ms`.
+    pub fn job_for_key(
+        &self,
+        key: &str,
+        now_ms: i64,
+        retention_ms: i64,
+    ) -> Result<Option<JobId>, StoreError> {
+        let txn = self.read()?;
+        let keys = txn.open_table(JOB_KEYS)?;
+        Ok(keys
+            .get(key)?
+            .map(|v| v.value())
+            .filter(|(_, first_ms)| now_ms - first_ms < retention_ms)
+            .map(|(id, _)| Uuid::from_u128(id)))
+    }
+
+    /// Jobs of `owner` (a plugin config) that may still run: scheduled, retrying, waiting or
+    /// running.
+    pub fn live_jobs_of(&self, owner: u64) -> Result<u64, StoreError> {
+        let txn = self.read()?;
+        Ok(txn
+            .open_table(JOB_OWNER_COUNTS)?
+            .get(owner)?
+            .map_or(0, |n| n.value()))
+    }
+
+    /// Deletes dead and cancelled jobs last changed before `before_ms` (their retention is
+    /// over); returns how many.
+    pub fn purge_final_jobs(&self, before_ms: i64) -> Result<usize, StoreError> {
+        let txn = self.write()?;
+        let removed = {
+            let mut finals = txn.open_table(JOBS_FINAL)?;
+            let mut jobs = txn.open_table(JOBS)?;
+            let mut removed = 0;
+            for row in finals.extract_from_if(..(before_ms, 0u128), |_, _| true)? {
+                let (key, _) = row?;
+                let (_, id) = key.value();
+                jobs.remove(id)?;
+                removed += 1;
+            }
+            removed
+        };
+        self.commit(txn)?;
+        Ok(removed)
     }
 
     /// A job as it is now, if it is still kept.

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 use uuid::Uuid;
 
 use super::super::exports::{apply_progress, EXPORTS};
@@ -21,6 +21,17 @@ pub(super) const JOBS_LEASED: TableDefinition<u128, i64> = TableDefinition::new(
 pub(super) const JOB_KEYS: TableDefinition<&str, (u128, i64)> = TableDefinition::new("job_keys");
 /// Job id → requested [`super::Control`], for jobs that are running.
 pub(super) const JOB_CONTROL: TableDefinition<u128, u8> = TableDefinition::new("job_control");
+/// Owner → jobs of it that may still run (scheduled, retrying, waiting, running): what the
+/// per-config job quota counts.
+pub(super) const JOB_OWNER_COUNTS: TableDefinition<u64, u64> =
+    TableDefinition::new("job_owner_counts");
+/// (ms of the last change, job id) of dead and cancelled jobs, for their retention.
+pub(super) const JOBS_FINAL: TableDefinition<(i64, u128), ()> = TableDefinition::new("jobs_final");
+/// What a job's history says when the server stopped while it ran.
+pub(super) const INTERRUPTED: &str =
+    "the server stopped while the job ran (crash, kill or shutdown deadline)";
+/// Server stops a job may see before it is taken for the cause and becomes a dead letter.
+pub(super) const MAX_INTERRUPTIONS: usize = 10;
 
 /// Each owner that has jobs waiting for their time, with its earliest run-at: one look-up per
 /// owner, jumping from one owner's range to the next.
@@ -51,11 +62,29 @@ pub(super) fn earliest(owners: &[(u64, i64)]) -> Option<i64> {
 }
 
 pub(in crate::store) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
-    txn.open_table(JOBS)?;
+    let jobs = txn.open_table(JOBS)?;
     txn.open_table(JOBS_DUE)?;
     txn.open_table(JOBS_LEASED)?;
     txn.open_table(JOB_KEYS)?;
     txn.open_table(JOB_CONTROL)?;
+    let mut counts = txn.open_table(JOB_OWNER_COUNTS)?;
+    let mut finals = txn.open_table(JOBS_FINAL)?;
+    // A file written before the counts and the final index: build them once.
+    if counts.is_empty()? && finals.is_empty()? && !jobs.is_empty()? {
+        let mut live: HashMap<u64, u64> = HashMap::new();
+        for row in jobs.iter()? {
+            let (id, bytes) = row?;
+            let job: Job = decode_value("job", bytes.value())?;
+            if job.state.is_final() {
+                finals.insert((job.updated_ms, id.value()), ())?;
+            } else {
+                *live.entry(job.kind.owner()).or_default() += 1;
+            }
+        }
+        for (owner, n) in live {
+            counts.insert(owner, n)?;
+        }
+    }
     super::schedules::create_tables(txn)
 }
 
@@ -66,6 +95,8 @@ pub struct JobTables<'txn> {
     pub(super) leased: Table<'txn, u128, i64>,
     pub(super) keys: Table<'txn, &'static str, (u128, i64)>,
     pub(super) control: Table<'txn, u128, u8>,
+    pub(super) owner_counts: Table<'txn, u64, u64>,
+    pub(super) finals: Table<'txn, (i64, u128), ()>,
     pub(super) exports: Table<'txn, u64, &'static [u8]>,
     pub(super) now_ms: i64,
 }
@@ -81,6 +112,8 @@ impl<'txn> JobTables<'txn> {
             leased: txn.open_table(JOBS_LEASED)?,
             keys: txn.open_table(JOB_KEYS)?,
             control: txn.open_table(JOB_CONTROL)?,
+            owner_counts: txn.open_table(JOB_OWNER_COUNTS)?,
+            finals: txn.open_table(JOBS_FINAL)?,
             exports: txn.open_table(EXPORTS)?,
             now_ms,
         })
@@ -97,6 +130,25 @@ impl<'txn> JobTables<'txn> {
         self.jobs
             .insert(job.id.as_u128(), encode_value(job).as_slice())?;
         Ok(())
+    }
+
+    /// Moves the count of `owner`'s jobs that may still run.
+    pub(super) fn count_live(&mut self, owner: u64, delta: i64) -> Result<(), StoreError> {
+        let now = self.owner_counts.get(owner)?.map_or(0, |n| n.value());
+        let next = now.saturating_add_signed(delta);
+        if next == 0 {
+            self.owner_counts.remove(owner)?;
+        } else {
+            self.owner_counts.insert(owner, next)?;
+        }
+        Ok(())
+    }
+
+    /// Stores a job that has just become dead or cancelled, indexed for its retention.
+    fn put_final(&mut self, job: &Job) -> Result<(), StoreError> {
+        self.put(job)?;
+        self.finals.insert((job.updated_ms, job.id.as_u128()), ())?;
+        self.count_live(job.kind.owner(), -1)
     }
 
     pub(super) fn make_due(&mut self, job: &Job) -> Result<(), StoreError> {
@@ -152,6 +204,7 @@ impl<'txn> JobTables<'txn> {
             updated_ms: self.now_ms,
         };
         self.put(&job)?;
+        self.count_live(job.kind.owner(), 1)?;
         if waiting_on == 0 {
             self.make_due(&job)?;
         }
@@ -223,6 +276,7 @@ impl<'txn> JobTables<'txn> {
         match outcome {
             Outcome::Succeeded { follow_ups, export } => {
                 self.jobs.remove(id.as_u128())?;
+                self.count_live(job.kind.owner(), -1)?;
                 if let Some(progress) = export {
                     apply_progress(&mut self.exports, progress, self.now_ms)?;
                 }
@@ -237,7 +291,7 @@ impl<'txn> JobTables<'txn> {
                 self.record_failure(&mut job, error);
                 if job.attempts >= job.max_attempts {
                     job.state = JobState::Dead;
-                    self.put(&job)?;
+                    self.put_final(&job)?;
                 } else {
                     job.state = JobState::Retrying;
                     job.run_at_ms = retry_at_ms;
@@ -248,7 +302,29 @@ impl<'txn> JobTables<'txn> {
             Outcome::Failed { error } => {
                 self.record_failure(&mut job, error);
                 job.state = JobState::Dead;
-                self.put(&job)?;
+                self.put_final(&job)?;
+            }
+            Outcome::Interrupted { retry_at_ms } => {
+                // A stop of the server is not the job's failure: no attempt is counted. Only a
+                // job that keeps being interrupted is suspected and set aside.
+                job.note(INTERRUPTED.into());
+                let interruptions = job
+                    .history
+                    .iter()
+                    .filter(|a| a.error == INTERRUPTED)
+                    .count();
+                if interruptions >= MAX_INTERRUPTIONS {
+                    job.note(format!(
+                        "interrupted by {interruptions} server stops; set aside as a dead letter in case it causes them"
+                    ));
+                    job.state = JobState::Dead;
+                    self.put_final(&job)?;
+                } else {
+                    job.state = JobState::Retrying;
+                    job.run_at_ms = retry_at_ms;
+                    self.put(&job)?;
+                    self.make_due(&job)?;
+                }
             }
             Outcome::Cancelled { reason } => {
                 self.cancel_tree(job, reason)?;
@@ -290,6 +366,7 @@ impl<'txn> JobTables<'txn> {
         while let Some((mut job, reason)) = pending.pop() {
             self.due
                 .remove((job.kind.owner(), job.run_at_ms, job.id.as_u128()))?;
+            let was_live = !job.state.is_final();
             job.state = JobState::Cancelled;
             job.updated_ms = self.now_ms;
             job.note(reason);
@@ -301,7 +378,11 @@ impl<'txn> JobTables<'txn> {
                     }
                 }
             }
-            self.put(&job)?;
+            if was_live {
+                self.put_final(&job)?;
+            } else {
+                self.put(&job)?;
+            }
         }
         Ok(())
     }

@@ -201,18 +201,74 @@ fn one_owner_cannot_take_every_claim() {
 }
 
 #[test]
-fn claims_left_by_a_dead_server_are_recovered_as_a_failed_attempt() {
+fn claims_left_by_a_dead_server_run_again_without_counting_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let id = store
+        .enqueue_jobs(
+            vec![NewJob {
+                max_attempts: 1,
+                ..new_job(1, 0)
+            }],
+            0,
+            RETAIN,
+        )
+        .unwrap()[0];
+    assert_eq!(store.live_jobs_of(1).unwrap(), 1);
+    for stop in 1..=tables::MAX_INTERRUPTIONS as i64 {
+        assert_eq!(claim_all(&store, stop * 10).len(), 1, "stop {stop}");
+        drop(store);
+        store = Store::open(dir.path()).unwrap();
+        assert!(claim_all(&store, stop * 10 + 1).is_empty(), "still leased");
+        assert_eq!(
+            store.recover_leases(stop * 10 + 2, stop * 10 + 2).unwrap(),
+            1
+        );
+        let job = store.job(id).unwrap().unwrap();
+        assert_eq!(job.attempts, 0, "a server stop is not the job's failure");
+        if stop < tables::MAX_INTERRUPTIONS as i64 {
+            assert_eq!(job.state, JobState::Retrying);
+        } else {
+            assert_eq!(
+                job.state,
+                JobState::Dead,
+                "a job that keeps being interrupted is set aside"
+            );
+            assert_eq!(store.live_jobs_of(1).unwrap(), 0);
+        }
+    }
+}
+
+#[test]
+fn dead_and_cancelled_jobs_are_purged_after_their_retention() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let id = store.enqueue_jobs(vec![new_job(1, 0)], 0, RETAIN).unwrap()[0];
-    assert_eq!(claim_all(&store, 0).len(), 1);
-    drop(store);
-    let store = Store::open(dir.path()).unwrap();
-    assert!(claim_all(&store, 10).is_empty(), "still leased");
-    assert_eq!(store.recover_leases(10, 10).unwrap(), 1);
-    let job = store.job(id).unwrap().unwrap();
-    assert_eq!((job.state, job.attempts), (JobState::Retrying, 1));
-    assert_eq!(claim_all(&store, 10).len(), 1);
+    let ids = store
+        .enqueue_jobs(vec![new_job(1, 0), new_job(1, 5000)], 0, RETAIN)
+        .unwrap();
+    let claimed = claim_all(&store, 0);
+    finish(
+        &store,
+        claimed[0].id,
+        Outcome::Failed { error: "no".into() },
+        100,
+    );
+    store.control_job(ids[1], Control::Cancel, 200).unwrap();
+    assert_eq!(store.live_jobs_of(1).unwrap(), 0);
+    assert_eq!(
+        store.purge_final_jobs(150).unwrap(),
+        1,
+        "the dead letter of 100"
+    );
+    assert!(store.job(ids[0]).unwrap().is_none());
+    assert!(store.job(ids[1]).unwrap().is_some());
+    store.requeue_job(ids[1], 300).unwrap();
+    assert_eq!(store.live_jobs_of(1).unwrap(), 1);
+    assert_eq!(
+        store.purge_final_jobs(1000).unwrap(),
+        0,
+        "a re-queued job is live again"
+    );
 }
 
 #[test]

@@ -22,10 +22,11 @@ fn seen_before(key: &str) -> bool {
         return true;
     }
     let seen = storage::get(key).is_some();
-    if !seen {
-        storage::set(key, "1");
+    // A full storage or cache only means the next event is checked again.
+    if !seen && storage::set(key, "1").is_err() {
+        return seen;
     }
-    cache::set(key, "1", Some(3600));
+    let _ = cache::set(key, "1", Some(3600));
     seen
 }
 

@@ -22,14 +22,15 @@ impl Plugin for ScheduledDigest {
 
     fn run_every_minute() -> Result<(), Error> {
         let pending = cache::incr("pending", 0);
-        cache::set("pending", "0", None);
+        cache::set("pending", "0", None).map_err(Error::retry)?;
         let minute = jobs::current_job().unwrap_or_default();
         let options = jobs::options(Some(&format!("fold:{minute}")), &[]);
         jobs::enqueue_job("fold", &json!({ "events": pending }), &options).map_err(Error::retry)?;
         storage::set(
             "scheduled_runs",
             &(number("scheduled_runs") + 1).to_string(),
-        );
+        )
+        .map_err(Error::retry)?;
         Ok(())
     }
 
@@ -38,8 +39,8 @@ impl Plugin for ScheduledDigest {
             return Err(Error::failed(format!("no job named {name:?}")));
         }
         let events = payload["events"].as_i64().unwrap_or(0);
-        storage::set("total", &(number("total") + events).to_string());
-        storage::set("runs", &(number("runs") + 1).to_string());
+        storage::set("total", &(number("total") + events).to_string()).map_err(Error::retry)?;
+        storage::set("runs", &(number("runs") + 1).to_string()).map_err(Error::retry)?;
         Ok(())
     }
 }

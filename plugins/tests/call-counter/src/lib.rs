@@ -15,7 +15,7 @@ impl Plugin for CallCounter {
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0)
             + 1;
-        storage::set(&key, &calls.to_string());
+        storage::set(&key, &calls.to_string()).map_err(Error::retry)?;
         event.properties.insert("processed_times", calls);
         Ok(Some(event))
     }
