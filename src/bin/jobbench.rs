@@ -97,6 +97,7 @@ async fn main() {
                 retry_base: Duration::from_secs(1),
                 key_retention: Duration::from_secs(3600),
                 dead_retention: Duration::from_secs(86_400),
+                idle_poll: Duration::from_secs(5),
             },
         );
         let recorder = Arc::new(Recorder {

@@ -131,6 +131,9 @@ pub struct JobSettings {
     pub key_retention: Duration,
     /// How long dead and cancelled jobs are kept.
     pub dead_retention: Duration,
+    /// How often idle workers look at the queue without a wake-up (other processes wake them
+    /// through the data directory's socket, so this only bounds a lost wake-up).
+    pub idle_poll: Duration,
 }
 
 /// Limits applied by capture to each request.
@@ -300,6 +303,7 @@ impl Config {
                 retry_base: Duration::from_millis(num("JOB_RETRY_BASE_MS")),
                 key_retention: Duration::from_secs(num("JOB_KEY_RETENTION_HOURS") * 3600),
                 dead_retention: Duration::from_secs(num("JOB_DEAD_LETTER_RETENTION_DAYS") * 86_400),
+                idle_poll: Duration::from_millis(num("JOB_IDLE_POLL_MS")),
             },
             schedule_timezone: get("SCHEDULE_TIMEZONE")
                 .trim()

@@ -139,6 +139,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("PLUGIN_PROCESS_EVENT_TIMEOUT_MS", Some("500"), int(1, 600_000), "deadline of one process-event call (a batch of events) of one plugin"),
     setting("JOBS_PER_PLUGIN_CONFIG", Some("4"), POSITIVE, "jobs of one plugin config that may run at once, so one plugin cannot take every slot"),
     setting("JOB_RETRY_BASE_MS", Some("1000"), int(1, 3_600_000), "delay before a failed job's first retry; doubled for each further one (with jitter), at most an hour"),
+    setting("JOB_IDLE_POLL_MS", Some("5000"), int(10, 3_600_000), "how often idle job workers look at the queue without a wake-up (the CLI wakes them through a socket in the data directory; this bounds a lost wake-up)"),
     setting("JOB_KEY_RETENTION_HOURS", Some("24"), int(1, 8_760), "how long a job's idempotency key keeps deduplicating"),
     setting("PLUGIN_TASK_TIMEOUT_SECS", Some("30"), int(1, 86_400), "deadline of plugin setup, scheduled tasks, jobs and exports"),
     setting("APPLIANCE_FAILPOINTS", None, Kind::Text, "for crash tests only: comma-separated failure points at which the process aborts (pipeline.after_sink_write)"),

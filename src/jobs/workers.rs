@@ -17,9 +17,6 @@ use crate::store::{Control, Job, JobId, JobKind, Outcome};
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// How often running jobs' stop requests are looked for in the store (the CLI writes them there).
 const CONTROL_POLL: Duration = Duration::from_millis(200);
-/// Without a wake-up the queue is looked at this often. Other processes (the CLI) wake the
-/// workers through the data directory's wake socket, so this only bounds a lost wake-up.
-const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Most jobs claimed in one transaction.
 const MAX_CLAIM: usize = 1024;
 
@@ -227,7 +224,7 @@ impl Workers {
                 break;
             }
             let poll = if held.is_empty() {
-                IDLE_POLL
+                settings.idle_poll
             } else {
                 CONTROL_POLL
             };
