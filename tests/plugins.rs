@@ -200,7 +200,7 @@ async fn hostile_plugins_are_contained_and_logged_against_their_config() {
         ],
     );
     let health = app.url("/_health");
-    let undeclared = health.replace("127.0.0.1", "localhost");
+    let undeclared = health.replace("127.0.0.1", "127.0.0.2");
     let modes: Vec<(&str, Vec<String>, &str)> = vec![
         ("loop", vec![], "ran past its deadline"),
         ("memory", vec![], "exceeded its memory limit"),

@@ -226,13 +226,17 @@ impl http::Host for HostState {
                 }
             }
         };
-        io_runtime()?.block_on(async move {
+        let result = io_runtime()?.block_on(async move {
             tokio::select! {
                 result = exchange => result,
                 _ = tokio::time::sleep(wait) => Err(format!("no answer within {} ms (the call's deadline or the request's timeout)", wait.as_millis())),
                 _ = terminated => Err("the job was terminated".into()),
             }
-        })
+        });
+        if let Err(e) = &result {
+            self.log("warn", format!("http.fetch to {host} failed: {e}"));
+        }
+        result
     }
 }
 

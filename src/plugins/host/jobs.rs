@@ -1,5 +1,6 @@
-//! `jobs`: what a plugin queues. Outside a job the jobs are queued at once; inside a running
-//! job they are follow-ups, queued only if the job succeeds, in the same transaction. Either
+//! `jobs`: what a plugin queues. Outside a job the jobs are queued when the call ends, all in
+//! one transaction; inside a running job they are follow-ups, queued only if the job succeeds,
+//! in the same transaction as its completion. Either
 //! way a call queues at most `PLUGIN_MAX_JOBS_PER_CALL`, a config has at most
 //! `PLUGIN_MAX_QUEUED_JOBS` queued, an idempotency key already used (by a kept job or earlier in
 //! the same call) answers that job's id, and `after` must name jobs that exist.
@@ -9,24 +10,22 @@ use super::{HostState, DEFAULT_JOB_ATTEMPTS};
 use crate::store::{JobId, JobKind, NewJob};
 
 impl HostState {
-    /// Jobs this call has queued so far.
-    fn queued_this_call(&self) -> usize {
+    /// Jobs this call has queued so far (committed when it ends).
+    fn queued_this_call(&self) -> &[NewJob] {
         match &self.job {
-            Some(running) => running.follow_ups.len(),
-            None => self.jobs_this_call,
+            Some(running) => &running.follow_ups,
+            None => &self.pending_jobs,
         }
     }
 
-    /// The id an idempotency key already names, in this call's follow-ups or in the store.
+    /// The id an idempotency key already names, among this call's jobs or in the store.
     fn job_for_key(&self, key: &str) -> Result<Option<JobId>, String> {
-        if let Some(running) = &self.job {
-            if let Some(job) = running
-                .follow_ups
-                .iter()
-                .find(|j| j.idempotency_key.as_deref() == Some(key))
-            {
-                return Ok(Some(job.id));
-            }
+        if let Some(job) = self
+            .queued_this_call()
+            .iter()
+            .find(|j| j.idempotency_key.as_deref() == Some(key))
+        {
+            return Ok(Some(job.id));
         }
         let retention = self
             .scope
@@ -42,10 +41,7 @@ impl HostState {
     /// Checks that every `after` id names a kept job or one queued earlier in this call.
     fn check_after(&self, after: &[JobId]) -> Result<(), String> {
         for id in after {
-            let queued_here = self
-                .job
-                .as_ref()
-                .is_some_and(|running| running.follow_ups.iter().any(|j| j.id == *id));
+            let queued_here = self.queued_this_call().iter().any(|j| j.id == *id);
             if queued_here {
                 continue;
             }
@@ -87,7 +83,8 @@ impl HostState {
             }
         }
         let quotas = self.scope.quotas.clone();
-        if self.queued_this_call() >= quotas.max_jobs_per_call {
+        let this_call = self.queued_this_call().len() as u64;
+        if this_call >= quotas.max_jobs_per_call as u64 {
             return Err(format!(
                 "this call has queued {} jobs, its limit (PLUGIN_MAX_JOBS_PER_CALL)",
                 quotas.max_jobs_per_call
@@ -98,11 +95,10 @@ impl HostState {
             .store
             .live_jobs_of(config)
             .map_err(|e| format!("cannot count this plugin config's jobs: {e}"))?;
-        let pending = self.job.as_ref().map_or(0, |j| j.follow_ups.len() as u64);
-        if live + pending >= quotas.max_queued_jobs {
+        if live + this_call >= quotas.max_queued_jobs {
             return Err(format!(
                 "this plugin config has {} jobs queued, its limit (PLUGIN_MAX_QUEUED_JOBS)",
-                live + pending
+                live + this_call
             ));
         }
         let now = crate::jobs::now_ms();
@@ -136,18 +132,12 @@ impl HostState {
             after,
         };
         let id = job.id.to_string();
-        if let Some(running) = &mut self.job {
-            running.follow_ups.push(job);
-            return Ok(id);
+        match &mut self.job {
+            Some(running) => running.follow_ups.push(job),
+            None if self.scope.jobs.is_some() => self.pending_jobs.push(job),
+            None => return Err("there is no job queue in this process".into()),
         }
-        self.jobs_this_call += 1;
-        match &self.scope.jobs {
-            Some(queue) => queue
-                .enqueue(vec![job])
-                .map(|ids| ids.first().map(|i| i.to_string()).unwrap_or(id))
-                .map_err(|e| format!("cannot queue the job: {e}")),
-            None => Err("there is no job queue in this process".into()),
-        }
+        Ok(id)
     }
 }
 
@@ -217,4 +207,19 @@ impl jobs::Host for HostState {
     fn cancelled(&mut self) -> bool {
         self.job.as_ref().is_some_and(|j| j.stop.cancelled())
     }
+}
+
+/// Queues the jobs a call (outside a job) asked for, in one transaction; returns a log line if
+/// that failed.
+pub(super) fn commit(state: &mut HostState) -> Option<String> {
+    let jobs = std::mem::take(&mut state.pending_jobs);
+    if jobs.is_empty() {
+        return None;
+    }
+    let queue = state.scope.jobs.as_ref()?;
+    let count = jobs.len();
+    queue
+        .enqueue(jobs)
+        .err()
+        .map(|e| format!("the {count} jobs this call queued were lost: {e}"))
 }

@@ -83,8 +83,8 @@ pub struct HostState {
     dropped_logs: usize,
     /// Storage writes of the current call, committed together when it ends.
     pub(super) writes: storage::PendingWrites,
-    /// Jobs queued by the current call (outside a job), for the per-call cap.
-    pub(super) jobs_this_call: usize,
+    /// Jobs queued by the current call (outside a job), queued together when it ends.
+    pub(super) pending_jobs: Vec<NewJob>,
     /// The running job, while the instance runs one.
     pub job: Option<JobContext>,
     /// When the current call must end.
@@ -112,7 +112,7 @@ impl HostState {
             pending_logs: Vec::new(),
             dropped_logs: 0,
             writes: storage::PendingWrites::default(),
-            jobs_this_call: 0,
+            pending_jobs: Vec::new(),
             job: None,
             deadline: None,
         }
@@ -173,12 +173,14 @@ impl HostState {
         });
     }
 
-    /// Ends a call: commits its storage writes in one transaction and writes its log lines.
+    /// Ends a call: commits its storage writes in one transaction, queues the jobs it asked for
+    /// in another, and writes its log lines.
     pub fn end_call(&mut self) {
-        self.jobs_this_call = 0;
-        let refused = storage::commit(self);
-        if let Some(refused) = refused {
+        if let Some(refused) = storage::commit(self) {
             self.log("error", refused);
+        }
+        if let Some(lost) = jobs::commit(self) {
+            self.log("error", lost);
         }
         if self.dropped_logs > 0 {
             let dropped = std::mem::take(&mut self.dropped_logs);

@@ -45,6 +45,8 @@ impl Plugin for JobLab {
         "extract",
         "transform",
         "load",
+        "reuse-key",
+        "bad-after",
     ];
 
     fn run_job(name: &str, payload: Value) -> Result<(), Error> {
@@ -165,6 +167,30 @@ impl Plugin for JobLab {
                     .map(|r| r.iter().filter_map(Value::as_i64).sum())
                     .unwrap_or(0);
                 storage::set("loaded", &sum.to_string()).map_err(Error::retry)?;
+                Ok(())
+            }
+            "reuse-key" => {
+                // A key a kept job already holds, then one new key used twice in this job.
+                let key = payload["key"].as_str().unwrap_or("dup");
+                let existing =
+                    jobs::enqueue_job("part", &json!({}), &jobs::options(Some(key), &[]))
+                        .map_err(Error::failed)?;
+                let first =
+                    jobs::enqueue_job("part", &json!({}), &jobs::options(Some("fresh"), &[]))
+                        .map_err(Error::failed)?;
+                let second =
+                    jobs::enqueue_job("part", &json!({}), &jobs::options(Some("fresh"), &[]))
+                        .map_err(Error::failed)?;
+                storage::set("reuse_existing", &existing).map_err(Error::retry)?;
+                storage::set("reuse_first", &first).map_err(Error::retry)?;
+                storage::set("reuse_second", &second).map_err(Error::retry)?;
+                Ok(())
+            }
+            "bad-after" => {
+                let unknown = payload["after"].as_str().unwrap_or_default().to_owned();
+                let refused =
+                    jobs::enqueue_job("part", &json!({}), &jobs::options(None, &[unknown]));
+                storage::set("bad_after", &format!("{refused:?}")).map_err(Error::retry)?;
                 Ok(())
             }
             other => Err(Error::failed(format!("no job named {other:?}"))),
