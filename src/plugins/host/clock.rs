@@ -1,8 +1,8 @@
 //! WASI sleeps bounded by the call's deadline. A plugin's `std::thread::sleep` (or any wait on a
 //! `wasi:clocks/monotonic-clock` pollable) would block its thread, past the call's deadline and
 //! out of reach of the epoch interruption that stops running code. The two subscriptions are
-//! shadowed here so that a wait ends no later than the call's deadline (or at once when the job
-//! was terminated); the interruption then stops the plugin as soon as it runs again.
+//! shadowed here so that a wait ends no later than the call's deadline, or as soon as its job is
+//! terminated; the interruption then stops the plugin as soon as it runs again.
 
 use std::time::Duration;
 
@@ -15,15 +15,25 @@ use super::HostState;
 /// against an older 0.2 link to it too).
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
-/// A wait that ends at `until`.
+/// A wait that ends at `until`, or as soon as the running job is terminated.
 struct Wake {
     until: tokio::time::Instant,
+    stop: Option<std::sync::Arc<crate::jobs::StopFlags>>,
 }
+
+/// How often a wait looks whether its job was terminated.
+const STOP_POLL: Duration = Duration::from_millis(20);
 
 #[wasmtime_wasi::async_trait]
 impl Pollable for Wake {
     async fn ready(&mut self) {
-        tokio::time::sleep_until(self.until).await;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= self.until || self.stop.as_ref().is_some_and(|s| s.terminated()) {
+                return;
+            }
+            tokio::time::sleep((self.until - now).min(STOP_POLL)).await;
+        }
     }
 }
 
@@ -34,7 +44,8 @@ fn bounded_wait(
 ) -> wasmtime::Result<Resource<DynPollable>> {
     let wait = wanted.min(state.remaining());
     let until = tokio::time::Instant::now() + wait;
-    let resource = state.table.push(Wake { until })?;
+    let stop = state.job.as_ref().map(|j| j.stop.clone());
+    let resource = state.table.push(Wake { until, stop })?;
     subscribe(&mut state.table, resource)
 }
 

@@ -47,6 +47,7 @@ impl Plugin for JobLab {
         "load",
         "reuse-key",
         "bad-after",
+        "nap",
     ];
 
     fn run_job(name: &str, payload: Value) -> Result<(), Error> {
@@ -184,6 +185,11 @@ impl Plugin for JobLab {
                 storage::set("reuse_existing", &existing).map_err(Error::retry)?;
                 storage::set("reuse_first", &first).map_err(Error::retry)?;
                 storage::set("reuse_second", &second).map_err(Error::retry)?;
+                Ok(())
+            }
+            "nap" => {
+                jobs::save_checkpoint("napping").map_err(Error::retry)?;
+                std::thread::sleep(Duration::from_secs(60));
                 Ok(())
             }
             "bad-after" => {
