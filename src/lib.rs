@@ -22,4 +22,5 @@ pub mod serve;
 pub mod shutdown;
 pub mod sinks;
 pub mod store;
+pub mod telemetry;
 pub mod wake;

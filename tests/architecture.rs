@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first. Keep in step with `ARCHITECTURE.md`.
 const LAYERS: &[&[&str]] = &[
     &["ids", "codec", "shutdown", "wake", "failpoint", "config"],
-    &["event", "geoip", "serve"],
+    &["event", "geoip", "serve", "telemetry"],
     &["store"],
     &["sinks", "ingest"],
     &["jobs"],

@@ -7,6 +7,7 @@
 //! short read transaction.
 
 pub mod api;
+pub mod metrics;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,6 +37,17 @@ pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/_health", get(health))
         .route("/_ready", get(ready))
+        .with_state(state)
+}
+
+/// `/metrics`, for the admin listener: open to loopback, the API token needed from elsewhere.
+pub fn metrics_router(state: Arc<AdminState>, api: Arc<api::ApiState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::scrape))
+        .route_layer(axum::middleware::from_fn_with_state(
+            api,
+            api::require_token_off_loopback,
+        ))
         .with_state(state)
 }
 

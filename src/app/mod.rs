@@ -62,6 +62,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         return run_idle(&config).await;
     }
     crate::failpoint::arm(config.failpoints.clone());
+    crate::telemetry::install(&config);
     let _server_lock = lock_data_dir(&config.data_dir)?;
     let store = Store::open(&config.data_dir)?;
     if let Some(team) = store.ensure_default_team()? {
@@ -214,7 +215,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }))
         .merge(admin::router(health.clone()));
         let ops = Ops::in_server(store.clone(), queue.clone(), &config.data_dir, runtime);
-        let management = admin::api::router(Arc::new(admin::api::ApiState::new(ops)))
+        let api = Arc::new(admin::api::ApiState::new(ops));
+        let management = admin::api::router(api.clone())
+            .merge(admin::metrics_router(health.clone(), api))
             .merge(admin::router(health));
         http::serve_both(&config, capture, management, stopping).await?;
     } else {

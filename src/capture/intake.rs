@@ -328,6 +328,10 @@ async fn commit(
         rejected_count,
     } = judged;
     let stored = rows.len();
+    let events_metric = crate::telemetry::names::CAPTURE_EVENTS;
+    if rejected_count > 0 {
+        metrics::counter!(events_metric, "outcome" => "rejected").increment(rejected_count as u64);
+    }
     if stored == 0 {
         return Ok((0, rejected, rejected_count));
     }
@@ -346,6 +350,7 @@ async fn commit(
         IngestError::Busy => CaptureError::Busy,
         other => CaptureError::Unavailable(other.to_string()),
     })?;
+    metrics::counter!(events_metric, "outcome" => "accepted").increment(stored as u64);
     tracing::trace!(
         events = stored,
         took_us = started.elapsed().as_micros() as u64,

@@ -181,7 +181,36 @@ fn event_routes<S: Clone + Send + Sync + 'static>(
     router
         .route("/i/v1/analytics/events", v1)
         .merge(flag_routes())
+        .layer(axum::middleware::from_fn(record_request))
         .layer(cors())
+}
+
+/// Counts each capture request by its route and answer, and times it: for an event route the
+/// time until the events were durable (or refused), which is what a client waits for.
+async fn record_request(
+    path: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use crate::telemetry::names;
+    let started = std::time::Instant::now();
+    // The matched route, not the URI: its values are a fixed set.
+    let endpoint = path.map_or_else(
+        || "unmatched".to_owned(),
+        |p| p.as_str().trim_end_matches('/').to_owned(),
+    );
+    let response = next.run(request).await;
+    let status = response.status();
+    let outcome = if status.is_success() {
+        "ok".to_owned()
+    } else {
+        status.as_str().to_owned()
+    };
+    metrics::histogram!(names::CAPTURE_ACK_SECONDS, "endpoint" => endpoint.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(names::CAPTURE_REQUESTS, "endpoint" => endpoint, "outcome" => outcome)
+        .increment(1);
+    response
 }
 
 fn flag_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {

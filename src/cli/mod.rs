@@ -144,7 +144,7 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return report(Err(e.into())),
     };
-    init_logging(&config);
+    crate::telemetry::init_logging(&config);
     if cli.healthcheck {
         return healthcheck(&config);
     }
@@ -196,16 +196,6 @@ fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Other(e.to_string()))?;
     println!("{text}");
     Ok(())
-}
-
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
 }
 
 fn run_server(config: Config) -> Result<(), CliError> {

@@ -40,6 +40,7 @@ pub struct Config {
     /// Limits of the capture listener's connections.
     pub http: ServeLimits,
     pub log_filter: String,
+    pub log_format: LogFormat,
     pub idle: bool,
     pub trust_proxy: bool,
     pub capture: CaptureLimits,
@@ -71,6 +72,13 @@ pub struct Config {
     raw: BTreeMap<&'static str, Option<String>>,
     /// Names set explicitly in the environment (not defaulted).
     explicit: Vec<&'static str>,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Limits applied to every plugin call.
@@ -226,6 +234,13 @@ impl Config {
             })?,
             admin_port: num("ADMIN_PORT") as u16,
             log_filter: log_filter(&get("LOG_LEVEL")),
+            log_format: match get("LOG_FORMAT").trim().to_ascii_lowercase().as_str() {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                // systemd sets JOURNAL_STREAM for a service whose stderr is the journal.
+                _ if given.contains_key("JOURNAL_STREAM") => LogFormat::Json,
+                _ => LogFormat::Text,
+            },
             idle: flag("PLUGIN_SERVER_IDLE"),
             trust_proxy: flag("TRUST_PROXY"),
             capture: CaptureLimits {
@@ -361,9 +376,6 @@ impl Config {
         }
         if set("CLICKHOUSE_HOST") {
             notes.push("CLICKHOUSE_HOST: the ClickHouse sink is not built yet; events are stored in the embedded SQLite database".to_owned());
-        }
-        if set("STATSD_HOST") {
-            notes.push("STATSD_HOST: StatsD export is not built yet".to_owned());
         }
         if set("SENTRY_DSN") {
             notes.push("SENTRY_DSN: Sentry reporting is not built yet".to_owned());

@@ -26,6 +26,10 @@ pub(super) enum Kind {
     TimeZone,
     /// Comma-separated networks in CIDR notation.
     Networks,
+    /// One of a few words.
+    Choice {
+        choices: &'static [&'static str],
+    },
 }
 
 /// One row of the settings table.
@@ -101,8 +105,9 @@ pub const SETTINGS: &[Setting] = &[
     setting("ADMIN_HOSTNAME", Some("127.0.0.1"), Kind::Host, "address of the admin listener: the management API (/api/), health and readiness; loopback keeps it off the network (reach it through an SSH tunnel or a proxy you run)"),
     setting("ADMIN_PORT", Some("3009"), PORT, "port of the admin listener; 0 picks a free port"),
     setting("LOG_LEVEL", Some("info"), Kind::LogLevel, "minimum log level: none, error, warn, info, log (= info), debug, trace"),
+    setting("LOG_FORMAT", Some("auto"), Kind::Choice { choices: &["auto", "text", "json"] }, "log lines as text or as JSON objects; auto: JSON when stderr is the systemd journal, else text"),
     setting("SENTRY_DSN", None, Kind::Text, "Sentry ingestion URL (not built yet)"),
-    setting("STATSD_HOST", None, Kind::Host, "StatsD host - integration disabled if not provided (not built yet)"),
+    setting("STATSD_HOST", None, Kind::Host, "StatsD host: the metrics of /metrics are also sent there; unset, StatsD is not used"),
     setting("STATSD_PORT", Some("8125"), PORT, "StatsD port"),
     setting("STATSD_PREFIX", Some("plugin-server."), Kind::Text, "StatsD prefix"),
     setting("DISABLE_MMDB", Some("false"), Kind::Bool, "whether to disable MMDB IP location capabilities"),
@@ -219,6 +224,13 @@ pub(super) fn check(s: &Setting, value: &str) -> Result<(), ConfigError> {
             .map_err(|_| {
                 fail("expected an IANA time zone name such as UTC or Europe/Berlin".into())
             }),
+        Kind::Choice { choices } => {
+            if choices.iter().any(|c| c.eq_ignore_ascii_case(value.trim())) {
+                Ok(())
+            } else {
+                Err(fail(format!("expected one of {}", choices.join(", "))))
+            }
+        }
         Kind::Networks => value
             .split(',')
             .map(str::trim)

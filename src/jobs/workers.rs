@@ -87,7 +87,9 @@ impl Pool {
                 }
             };
             let schedule = matches!(job.kind, JobKind::Schedule { .. });
+            let started = std::time::Instant::now();
             let outcome = attempt(runner, &job, &stop, settings);
+            record_attempt(&job.kind, started, &outcome);
             self.lock().ended.push((job.id, schedule, outcome));
             self.ended.notify_one();
         }
@@ -324,6 +326,29 @@ impl Workers {
             }
         }
     }
+}
+
+/// Counts an attempt by its kind and how it ended, and its duration.
+fn record_attempt(kind: &JobKind, started: std::time::Instant, outcome: &Outcome) {
+    use crate::telemetry::names;
+    let kind = match kind {
+        JobKind::Noop => "noop",
+        JobKind::Plugin { .. } => "plugin",
+        JobKind::Schedule { .. } => "schedule",
+        JobKind::Deliver { .. } => "deliver",
+        JobKind::ExportPage { .. } => "export",
+    };
+    let ended = match outcome {
+        Outcome::Succeeded { .. } => "succeeded",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Cancelled { .. } => "cancelled",
+        Outcome::Released => "released",
+        Outcome::Interrupted { .. } => "interrupted",
+    };
+    metrics::histogram!(names::JOB_RUN_SECONDS, "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(names::JOBS_FINISHED, "kind" => kind, "outcome" => ended).increment(1);
 }
 
 /// Runs one attempt and turns its result into what the queue records.

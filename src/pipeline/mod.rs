@@ -25,6 +25,7 @@ use crate::plugins::{Catalog, Chains};
 use crate::shutdown::Shutdown;
 use crate::sinks::{Sink, Written};
 use crate::store::{QueuedBatch, ReadLimits, Store, StoreError};
+use crate::telemetry::names;
 use backoff::Backoff;
 use positions::Positions;
 pub use status::{PipelineReport, PipelineStatus};
@@ -265,6 +266,7 @@ impl Pipeline {
             return Some(Written::default());
         }
         let mut backoff = Backoff::default();
+        let sink = self.sink.name();
         loop {
             if shutdown.deadline_passed() {
                 tracing::warn!(
@@ -273,18 +275,28 @@ impl Pipeline {
                 );
                 return None;
             }
-            match self
+            let started = Instant::now();
+            let result = self
                 .sink
                 .write(prepared.process.clone(), prepared.last)
-                .await
-            {
+                .await;
+            metrics::histogram!(names::SINK_WRITE_SECONDS, "sink" => sink)
+                .record(started.elapsed().as_secs_f64());
+            match result {
                 Ok(written) => {
                     let stored = written.count();
                     let total: usize = prepared.process.iter().map(|q| q.batch.events.len()).sum();
                     self.status.count_written(stored, total - stored);
+                    metrics::histogram!(names::SINK_BATCH_EVENTS, "sink" => sink)
+                        .record(total as f64);
+                    metrics::counter!(names::SINK_EVENTS, "sink" => sink, "outcome" => "stored")
+                        .increment(stored as u64);
+                    metrics::counter!(names::SINK_EVENTS, "sink" => sink, "outcome" => "duplicate")
+                        .increment((total - stored) as u64);
                     return Some(written);
                 }
                 Err(e) => {
+                    metrics::counter!(names::SINK_ERRORS, "sink" => sink).increment(1);
                     backoff
                         .wait(&self.status, "writing to the sink", e, shutdown)
                         .await

@@ -14,6 +14,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::host::HostState;
 use super::PluginError;
 pub use crate::config::PluginLimits as Limits;
+use crate::ids::PluginConfigId;
 use crate::store::Cadence;
 
 /// Host bindings of `wit/plugin.wit`.
@@ -190,8 +191,9 @@ impl Runtime {
                 jobs: Vec::new(),
             },
             limits: self.limits,
+            call: None,
         };
-        instance.arm(self.limits.task);
+        instance.arm("instantiate", self.limits.task);
         let limits = self.limits;
         let plugin = loaded
             .pre
@@ -211,11 +213,15 @@ pub struct Instance {
     store: Store<HostState>,
     pub info: PluginInfo,
     limits: Limits,
+    /// The running call's kind and start, for its metrics.
+    call: Option<(&'static str, std::time::Instant)>,
 }
 
 impl Instance {
-    fn arm(&mut self, deadline: Duration) {
-        self.store.data_mut().deadline = Some(std::time::Instant::now() + deadline);
+    fn arm(&mut self, kind: &'static str, deadline: Duration) {
+        let now = std::time::Instant::now();
+        self.call = Some((kind, now));
+        self.store.data_mut().deadline = Some(now + deadline);
         self.store
             .set_epoch_deadline(ticks(deadline.min(CHECK_EVERY)));
     }
@@ -230,7 +236,7 @@ impl Instance {
             return Ok(());
         }
         let deadline = self.limits.setup;
-        self.arm(deadline);
+        self.arm("setup", deadline);
         let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
         let result = plugin.call_setup(&mut self.store);
         self.ended(result, deadline)
@@ -243,7 +249,7 @@ impl Instance {
             return Ok(());
         }
         let deadline = self.limits.setup;
-        self.arm(deadline);
+        self.arm("teardown", deadline);
         let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
         let result = plugin.call_teardown(&mut self.store).map(Ok);
         self.ended(result, deadline)
@@ -257,7 +263,11 @@ impl Instance {
     ) -> Result<T, CallError> {
         self.store.data_mut().end_call();
         self.store.data_mut().deadline = None;
-        finish(&self.store, &self.limits, result, deadline)
+        let result = finish(&self.store, &self.limits, result, deadline);
+        if let Some((kind, started)) = self.call.take() {
+            record_call(self.store.data().config_id(), kind, started, &result);
+        }
+        result
     }
 
     /// Runs `process-event-batch` (or `process-event` per event) over `events`.
@@ -266,7 +276,7 @@ impl Instance {
         events: &[WitEvent],
     ) -> Result<Vec<Option<WitEvent>>, CallError> {
         let deadline = self.limits.process_event;
-        self.arm(deadline);
+        self.arm("process_event", deadline);
         let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
         if self.info.exports.contains(Exports::PROCESS_EVENT_BATCH) {
             let result = plugin.call_process_event_batch(&mut self.store, events);
@@ -298,7 +308,7 @@ impl Instance {
         payload: &str,
         deadline: Duration,
     ) -> Result<(), CallError> {
-        self.arm(deadline);
+        self.arm("job", deadline);
         let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
         let result = plugin.call_run_job(&mut self.store, name, payload);
         self.ended(result, deadline)
@@ -314,7 +324,7 @@ impl Instance {
         if !self.info.exports.contains(export) {
             return Ok(());
         }
-        self.arm(deadline);
+        self.arm("schedule", deadline);
         let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
         let result = match cadence {
             Cadence::Minute => plugin.call_run_every_minute(&mut self.store),
@@ -326,7 +336,7 @@ impl Instance {
 
     /// Hands stored events to `export-events` (one call) or else `on-event` (one call each).
     pub fn deliver(&mut self, events: &[WitEvent], deadline: Duration) -> Result<(), CallError> {
-        self.arm(deadline);
+        self.arm("export", deadline);
         let plugin = self.plugin.as_ref().ok_or_else(uninitialised)?;
         let mut result = Ok(Ok(()));
         if self.info.exports.contains(Exports::EXPORT_EVENTS) {
@@ -373,6 +383,30 @@ fn classify(
         stderr if stderr.is_empty() => CallError::Trap(what),
         stderr => CallError::Trap(format!("{what}; the plugin wrote: {stderr}")),
     }
+}
+
+/// Counts a finished call and its duration under its plugin config and kind.
+fn record_call<T>(
+    config: PluginConfigId,
+    kind: &'static str,
+    started: std::time::Instant,
+    result: &Result<T, CallError>,
+) {
+    use crate::telemetry::names;
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(CallError::Timeout(_)) => "timeout",
+        Err(CallError::OutOfMemory(_)) => "out_of_memory",
+        Err(CallError::Trap(_)) => "trap",
+        Err(CallError::Terminated) => "terminated",
+        Err(CallError::Retry(_)) => "retry",
+        Err(CallError::Failed(_)) => "failed",
+    };
+    let config = config.to_string();
+    metrics::histogram!(names::PLUGIN_CALL_SECONDS, "config" => config.clone(), "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(names::PLUGIN_CALLS, "config" => config, "kind" => kind, "outcome" => outcome)
+        .increment(1);
 }
 
 fn finish<T>(

@@ -189,7 +189,10 @@ impl Scheduler {
             .await;
             match result {
                 Ok(Ok(queued)) if !queued.is_empty() => {
+                    let now_s = crate::jobs::now_ms() / 1000;
                     for (config, cadence, slot) in &queued {
+                        metrics::gauge!(crate::telemetry::names::SCHEDULE_LAG, "cadence" => cadence.name())
+                            .set((now_s - slot).max(0) as f64);
                         tracing::debug!(
                             config,
                             cadence = cadence.name(),

@@ -162,6 +162,23 @@ impl Store {
         Ok(removed)
     }
 
+    /// When the first batch after `position` was received: how long the oldest event the sink
+    /// has not stored has waited. `None` when nothing waits (or the record is unreadable).
+    pub fn ingest_received_after(
+        &self,
+        position: u64,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(INGEST)?;
+        let first = table.range(position.saturating_add(1)..)?.next();
+        Ok(match first {
+            Some(row) => IngestBatch::decode(row?.1.value())
+                .ok()
+                .map(|b| b.received_at),
+            None => None,
+        })
+    }
+
     pub fn ingest_stats(&self) -> Result<IngestStats, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(INGEST)?;
