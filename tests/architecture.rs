@@ -22,7 +22,7 @@ const LAYERS: &[&[&str]] = &[
     &["schedule"],
     &["plugins"],
     &["pipeline"],
-    &["ops"],
+    &["ops", "backup"],
     &["capture", "admin"],
     &["app"],
     &["cli"],

@@ -292,3 +292,48 @@ mod reqwest {
             .block_on(f)
     }
 }
+
+#[test]
+fn an_env_file_configures_what_the_environment_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let file_dir = dir.path().join("from-file");
+    let env_file = dir.path().join("appliance.env");
+    std::fs::write(
+        &env_file,
+        format!(
+            "# comments and quotes as shells write them\nDATA_DIR=\"{}\"\nexport LOG_LEVEL=warn\n",
+            file_dir.display()
+        ),
+    )
+    .unwrap();
+    // DATA_DIR comes from the file when the environment does not set it…
+    let out = std::process::Command::new(common::binary())
+        .env_clear()
+        .env("APPLIANCE_ENV_FILE", &env_file)
+        .args(["team", "create", "from-file", "--token", "phc_fromTheFile1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(file_dir.join("state.redb").exists());
+    // …and the environment wins over the file.
+    let out = command(dir.path())
+        .env("APPLIANCE_ENV_FILE", &env_file)
+        .args(["team", "create", "from-env", "--token", "phc_fromTheEnvir1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(dir.path().join("state.redb").exists());
+
+    // A bad value in the file is refused like one in the environment; a missing file too.
+    std::fs::write(&env_file, "CAPTURE_MAX_BODY_BYTES=eighty\n").unwrap();
+    for file in [env_file.clone(), dir.path().join("missing.env")] {
+        let out = command(dir.path())
+            .env("APPLIANCE_ENV_FILE", &file)
+            .args(["team", "list"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78), "{out:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+}

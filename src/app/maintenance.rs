@@ -2,10 +2,12 @@
 //! start-up), what is past its retention is purged: idempotency keys (`JOB_KEY_RETENTION_HOURS`),
 //! dead and cancelled jobs, delivery jobs with their copies of events among them
 //! (`JOB_DEAD_LETTER_RETENTION_DAYS`), and plugin log lines (`PLUGIN_LOG_RETENTION_DAYS`).
+//! And the daily backup into `BACKUP_DIR` when it is set (see `backup::scheduled`).
 
 use std::time::Duration;
 
-use crate::config::{JobSettings, PluginQuotas};
+use crate::backup::{scheduled, Sources};
+use crate::config::{Config, JobSettings, PluginQuotas};
 use crate::jobs::now_ms;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
@@ -53,4 +55,53 @@ pub fn purge(store: &Store, jobs: JobSettings, log_retention: Duration) {
         store.purge_final_jobs(dead_before),
     );
     report("plugin log lines", store.purge_plugin_logs(logs_before));
+}
+
+/// How often the daily backup looks whether it is due.
+const BACKUP_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// After a failed scheduled backup, the wait before the next attempt.
+const BACKUP_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Takes the daily backup into `BACKUP_DIR` when it is due, until shutdown.
+pub(super) async fn backups(store: Store, config: Config, mut shutdown: Shutdown) {
+    let Some(dir) = config.backup.dir.clone() else {
+        return;
+    };
+    let mut wait = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        wait = BACKUP_CHECK_EVERY;
+        let now = chrono::Utc::now().with_timezone(&config.schedule_timezone);
+        let record = store
+            .note(scheduled::NOTE)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if !scheduled::due(&record, now, config.backup.hour) {
+            continue;
+        }
+        let (store, config, dir) = (store.clone(), config.clone(), dir.clone());
+        let taken = tokio::task::spawn_blocking(move || {
+            let env_file = config.env_file();
+            let sources = Sources {
+                store: &store,
+                data_dir: &config.data_dir,
+                sqlite_path: &config.sqlite_path,
+                env_file: env_file.as_deref(),
+            };
+            scheduled::take(&sources, &dir, config.backup.keep, now)
+        })
+        .await;
+        match taken {
+            Ok(record) if record.last_error.is_none() => {}
+            Ok(_) => wait = BACKUP_RETRY_AFTER,
+            Err(e) => {
+                tracing::error!(error = %e, "the scheduled backup's task failed");
+                wait = BACKUP_RETRY_AFTER;
+            }
+        }
+    }
 }

@@ -78,6 +78,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         events = %config.sqlite_path.display(),
         "storage opened"
     );
+    // A restored state file may be older than the restored events: new batches must get
+    // positions past everything the sink holds.
+    let sink_position = sink.position().await?;
+    if store.ensure_sequence_after(sink_position)? {
+        tracing::warn!(
+            sink_position,
+            "the event store is ahead of the ingest queue (a restore?); new batches are numbered after it"
+        );
+    }
     for note in config.unbuilt_components() {
         tracing::warn!("{note}");
     }
@@ -191,6 +200,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         stopping: stopping.clone(),
     });
     tokio::spawn(watch_free_space(store.clone()));
+    tokio::spawn(maintenance::backups(
+        store.clone(),
+        config.clone(),
+        shutdown_for_maintenance.clone(),
+    ));
     tokio::spawn(maintenance::run(
         store.clone(),
         config.jobs,
@@ -263,25 +277,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 /// per data directory: the job queue treats every claim it finds at start-up as left by a dead
 /// process, which is only true if no other server is running.
 fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, AppError> {
-    crate::store::create_private_dir(data_dir).map_err(|source| AppError::Io {
-        context: "cannot create the data directory",
-        source,
-    })?;
-    let path = data_dir.join("server.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| AppError::Io {
-            context: "cannot open the server lock file",
-            source,
-        })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(AppError::Locked(data_dir.to_owned())),
-        Err(std::fs::TryLockError::Error(source)) => Err(AppError::Io {
-            context: "cannot lock the server lock file",
+    match crate::store::try_lock_data_dir(data_dir) {
+        Ok(Some(file)) => Ok(file),
+        Ok(None) => Err(AppError::Locked(data_dir.to_owned())),
+        Err(source) => Err(AppError::Io {
+            context: "cannot take the data directory's server lock",
             source,
         }),
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, Subcommand};
 
+mod backup;
 mod exports;
 mod jobs;
 mod plugins;
@@ -103,6 +104,26 @@ enum Command {
         #[command(subcommand)]
         action: ExportCommand,
     },
+    /// Write one archive of everything the appliance holds (works while the server runs), or check one
+    Backup {
+        /// Where to write it (default: appliance-<UTC time>.tar.zst in the current directory)
+        #[arg(long, value_name = "FILE", conflicts_with = "verify")]
+        to: Option<std::path::PathBuf>,
+        /// Check an archive end to end (checksums of every file) instead of writing one
+        #[arg(long, value_name = "FILE")]
+        verify: Option<std::path::PathBuf>,
+    },
+    /// Restore an archive into a new or empty data directory (never under a running server)
+    Restore {
+        /// The archive `appliance backup` wrote
+        archive: std::path::PathBuf,
+        /// Where to restore (default: DATA_DIR)
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<std::path::PathBuf>,
+        /// Replace the appliance data already in the directory (its server must be stopped)
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Why a command failed: each kind has its exit status (see [`CliError::exit_code`]).
@@ -161,10 +182,19 @@ pub fn main() -> ExitCode {
 
 /// Runs an operator's command against the data directory (beside a running server or not).
 fn operate(config: &Config, command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Backup { to, verify } => return backup::backup(config, to, verify),
+        Command::Restore {
+            archive,
+            data_dir,
+            force,
+        } => return backup::restore(config, &archive, data_dir, force),
+        _ => {}
+    }
     let store = Store::open(&config.data_dir)?;
     let ops = Ops::remote(store, &config.data_dir, config.jobs, config.plugin_limits);
     match command {
-        Command::Run => Ok(()),
+        Command::Run | Command::Backup { .. } | Command::Restore { .. } => Ok(()),
         Command::Team { action } => teams::run(&ops, action),
         Command::Plugin { action } => plugins::run(&ops, action),
         Command::Jobs { action } => jobs::run(&ops, action),

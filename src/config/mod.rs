@@ -70,8 +70,39 @@ pub struct Config {
     pub failpoints: Vec<String>,
     /// Every setting's effective value, by name.
     raw: BTreeMap<&'static str, Option<String>>,
-    /// Names set explicitly in the environment (not defaulted).
+    /// Names set explicitly in the environment or the env file (not defaulted).
     explicit: Vec<&'static str>,
+    /// Names whose value came from the env file.
+    from_file: Vec<&'static str>,
+    pub backup: BackupSchedule,
+}
+
+/// The daily backup, when `BACKUP_DIR` is set.
+#[derive(Clone, Debug)]
+pub struct BackupSchedule {
+    pub dir: Option<PathBuf>,
+    pub keep: usize,
+    pub hour: u32,
+}
+
+/// Where a setting's value came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Default,
+    EnvFile,
+    Environment,
+}
+
+/// The `NAME=value` lines of an env file (comments, quotes and `export` as shells write them).
+fn read_env_file(path: &std::path::Path) -> Result<Vec<(String, String)>, ConfigError> {
+    let refuse = |e: &dyn std::fmt::Display| ConfigError {
+        name: "APPLIANCE_ENV_FILE",
+        value: path.display().to_string(),
+        allowed: format!("a readable file of NAME=value lines: {e}"),
+    };
+    let lines = dotenvy::from_path_iter(path).map_err(|e| refuse(&e))?;
+    lines.map(|line| line.map_err(|e| refuse(&e))).collect()
 }
 
 /// How log lines are written.
@@ -175,9 +206,43 @@ pub struct ServeLimits {
 }
 
 impl Config {
-    /// Reads the process environment.
+    /// Reads the process environment, and the file `APPLIANCE_ENV_FILE` names for what the
+    /// environment does not set.
     pub fn from_env() -> Result<Config, ConfigError> {
-        Config::from_vars(std::env::vars())
+        let mut vars: BTreeMap<String, String> = std::env::vars().collect();
+        let mut from_file = Vec::new();
+        if let Some(path) = vars.get("APPLIANCE_ENV_FILE").filter(|p| !p.is_empty()) {
+            let path = PathBuf::from(path);
+            for (name, value) in read_env_file(&path)? {
+                if let std::collections::btree_map::Entry::Vacant(slot) = vars.entry(name) {
+                    from_file.push(slot.key().clone());
+                    slot.insert(value);
+                }
+            }
+        }
+        let mut config = Config::from_vars(vars)?;
+        config.from_file = SETTINGS
+            .iter()
+            .map(|s| s.name)
+            .filter(|name| from_file.iter().any(|f| f == name))
+            .collect();
+        Ok(config)
+    }
+
+    /// Where a setting's value came from, for the admin page's settings list.
+    pub fn source(&self, name: &str) -> Source {
+        if self.from_file.contains(&name) {
+            Source::EnvFile
+        } else if self.explicit.contains(&name) {
+            Source::Environment
+        } else {
+            Source::Default
+        }
+    }
+
+    /// The configuration file in use, if any.
+    pub fn env_file(&self) -> Option<PathBuf> {
+        self.value("APPLIANCE_ENV_FILE").map(PathBuf::from)
     }
 
     /// Builds a configuration from `(name, value)` pairs; unknown names are ignored.
@@ -335,8 +400,14 @@ impl Config {
                 .map(|p| p.trim().to_owned())
                 .filter(|p| !p.is_empty())
                 .collect(),
+            backup: BackupSchedule {
+                dir: raw.get("BACKUP_DIR").cloned().flatten().map(PathBuf::from),
+                keep: num("BACKUP_KEEP") as usize,
+                hour: num("BACKUP_HOUR") as u32,
+            },
             raw: raw.clone(),
             explicit,
+            from_file: Vec::new(),
         };
         if config.capture.max_decompressed_bytes < config.capture.max_event_bytes {
             return Err(ConfigError {

@@ -119,6 +119,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("PISCINA_USE_ATOMICS", Some("true"), Kind::Bool, "kept for compatibility; has no effect (no Piscina here)"),
     setting("PISCINA_ATOMICS_TIMEOUT", Some("5000"), POSITIVE, "kept for compatibility; has no effect (no Piscina here)"),
     // The appliance's own.
+    setting("APPLIANCE_ENV_FILE", None, Kind::Text, "file of NAME=value lines read at start (the .deb's /etc/appliance/appliance.env); the environment wins over it; it is part of backups"),
     setting("DATA_DIR", Some("./data"), Kind::Text, "directory holding the appliance's state (redb) and the embedded SQLite event store"),
     setting("SQLITE_PATH", None, Kind::Text, "path of the SQLite event store; default DATA_DIR/events.sqlite3"),
     setting("TRUST_PROXY", Some("false"), Kind::Bool, "take the client IP from X-Forwarded-For (set only behind a proxy you run)"),
@@ -166,6 +167,9 @@ pub const SETTINGS: &[Setting] = &[
     setting("PLUGIN_FETCH_MAX_BYTES", Some("4194304"), int(1024, 1 << 30), "largest http.fetch response body, read as it streams"),
     setting("JOB_DEAD_LETTER_RETENTION_DAYS", Some("7"), int(1, 3650), "days dead and cancelled jobs (delivery jobs hold copies of events) are kept before they are purged"),
     setting("SHUTDOWN_TIMEOUT_SECS", Some("30"), int(0, 3600), "on SIGTERM, how long to keep flushing the queue to the sink before exiting"),
+    setting("BACKUP_DIR", None, Kind::Text, "directory for a daily backup (appliance-<time>.tar.zst, as `appliance backup` writes); unset, no scheduled backup"),
+    setting("BACKUP_KEEP", Some("7"), int(1, 1000), "scheduled backups kept in BACKUP_DIR; older ones are deleted"),
+    setting("BACKUP_HOUR", Some("3"), int(0, 23), "hour of the day (SCHEDULE_TIMEZONE) from which the daily backup runs; a day missed while stopped is made up at the next start"),
 ];
 
 /// The settings table as text, for `--help`: each setting on a line with its default, and what it

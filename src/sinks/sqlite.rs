@@ -66,6 +66,44 @@ fn apply_migrations(conn: &mut Connection) -> Result<usize, SinkError> {
     Ok(report.applied_migrations().len())
 }
 
+/// What a copy of the events database holds.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct EventsSummary {
+    /// The queue position the copy has stored everything through.
+    pub sink_position: u64,
+    pub events: u64,
+    /// The last migration applied.
+    pub migrations: u32,
+}
+
+/// Summarises a copy of the events database.
+pub fn describe_copy(conn: &Connection) -> Result<EventsSummary, String> {
+    let read = || -> rusqlite::Result<EventsSummary> {
+        let position: Option<i64> = conn
+            .query_row(
+                "SELECT position FROM appliance_sink_position WHERE sink = ?1",
+                [NAME],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let events: i64 = conn.query_row("SELECT count(*) FROM posthog_event", [], |r| r.get(0))?;
+        let migrations: Option<i64> = conn
+            .query_row(
+                "SELECT max(version) FROM refinery_schema_history",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        Ok(EventsSummary {
+            sink_position: position.unwrap_or(0) as u64,
+            events: events as u64,
+            migrations: migrations.unwrap_or(0) as u32,
+        })
+    };
+    read().map_err(|e| e.to_string())
+}
+
 impl SqliteSink {
     pub fn open(path: &Path) -> Result<SqliteSink, SinkError> {
         let mut conn = connect(path)?;

@@ -14,9 +14,11 @@ use crate::event::IngestBatch;
 use crate::ids::TeamId;
 
 /// (team, queue position) → encoded [`IngestBatch`].
-const DEFERRED: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("deferred_batches");
+pub(in crate::store) const DEFERRED: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("deferred_batches");
 /// Team → bytes of its deferred batches.
-const DEFERRED_BYTES: TableDefinition<u64, u64> = TableDefinition::new("deferred_bytes");
+pub(in crate::store) const DEFERRED_BYTES: TableDefinition<u64, u64> =
+    TableDefinition::new("deferred_bytes");
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(DEFERRED)?;

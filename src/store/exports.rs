@@ -10,7 +10,7 @@ use super::{decode_value, encode_value, meta_get, Store, StoreError, META};
 use crate::ids::{JobId, PluginConfigId, TeamId};
 
 /// Export id → encoded [`Export`].
-pub(super) const EXPORTS: TableDefinition<u64, &[u8]> = TableDefinition::new("exports");
+pub(in crate::store) const EXPORTS: TableDefinition<u64, &[u8]> = TableDefinition::new("exports");
 const NEXT_EXPORT_ID: &str = "next_export_id";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

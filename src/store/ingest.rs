@@ -9,8 +9,8 @@ use super::{meta_get, Store, StoreError, META};
 use crate::event::IngestBatch;
 
 /// Sequence → encoded [`IngestBatch`].
-pub(super) const INGEST: TableDefinition<u64, &[u8]> = TableDefinition::new("ingest");
-const NEXT_SEQ: &str = "ingest_next_seq";
+pub(in crate::store) const INGEST: TableDefinition<u64, &[u8]> = TableDefinition::new("ingest");
+pub(in crate::store) const NEXT_SEQ: &str = "ingest_next_seq";
 /// Bytes of the records in the queue, kept with every append and trim.
 const QUEUED_BYTES: &str = "ingest_queued_bytes";
 
@@ -160,6 +160,25 @@ impl Store {
         self.commit(txn)?;
         self.set_queued_bytes(queued);
         Ok(removed)
+    }
+
+    /// Moves the next queue position past `sink_position` if it is not already: after a
+    /// restore, the sink's copy may hold batches the state file's copy never saw, and a new
+    /// batch must never get a position the sink counts as stored.
+    pub fn ensure_sequence_after(&self, sink_position: u64) -> Result<bool, StoreError> {
+        let txn = self.write()?;
+        let moved = {
+            let mut meta = txn.open_table(META)?;
+            let next = meta_get(&meta, NEXT_SEQ)?.max(1);
+            if next <= sink_position {
+                meta.insert(NEXT_SEQ, sink_position + 1)?;
+                true
+            } else {
+                false
+            }
+        };
+        self.commit(txn)?;
+        Ok(moved)
     }
 
     /// When the first batch after `position` was received: how long the oldest event the sink

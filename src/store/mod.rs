@@ -11,10 +11,12 @@ mod deferred;
 mod exports;
 mod ingest;
 mod jobs;
+mod notes;
 mod plugin_data;
 mod plugins;
 mod positions;
 mod secrets;
+mod snapshot;
 mod teams;
 
 use std::path::{Path, PathBuf};
@@ -36,13 +38,14 @@ pub use jobs::{
 pub use plugin_data::{PluginLogEntry, StorageQuota};
 pub use plugins::{PluginConfig, PluginRecord};
 pub use positions::QuarantinedRecord;
+pub use snapshot::SnapshotInfo;
 pub use teams::Team;
 
 /// Name of the redb file inside the data directory.
 pub const STATE_FILE: &str = "state.redb";
 
 /// Small counters and markers, by name.
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(in crate::store) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Version of the table layout as a whole, kept in `META`.
 const LAYOUT_VERSION_KEY: &str = "layout_version";
 const LAYOUT_VERSION: u64 = 1;
@@ -311,6 +314,7 @@ impl Store {
             plugins::create_tables(&txn)?;
             plugin_data::create_tables(&txn)?;
             secrets::create_tables(&txn)?;
+            notes::create_tables(&txn)?;
             jobs::create_tables(&txn)?;
             exports::create_tables(&txn)?;
             positions::create_tables(&txn)?;
@@ -340,6 +344,23 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
+}
+
+/// Takes the data directory's server lock (`server.lock`), held for as long as the returned
+/// file lives; `Ok(None)` if another process holds it. One server per data directory, and no
+/// restore under a running one.
+pub fn try_lock_data_dir(data_dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    create_private_dir(data_dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join("server.lock"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// Free bytes for an unprivileged writer on the disk holding `dir`.

@@ -10,14 +10,17 @@ use super::{decode_value, encode_value, meta_get, Store, StoreError, META};
 use crate::ids::PluginConfigId;
 
 /// (plugin config, key) → value.
-const PLUGIN_STORAGE: TableDefinition<(u64, &str), &str> = TableDefinition::new("plugin_storage");
+pub(in crate::store) const PLUGIN_STORAGE: TableDefinition<(u64, &str), &str> =
+    TableDefinition::new("plugin_storage");
 /// Plugin config → (keys, bytes of keys and values) in its storage.
-const STORAGE_USAGE: TableDefinition<u64, (u64, u64)> =
+pub(in crate::store) const STORAGE_USAGE: TableDefinition<u64, (u64, u64)> =
     TableDefinition::new("plugin_storage_usage");
 /// (plugin config, sequence) → encoded [`PluginLogEntry`].
-const PLUGIN_LOGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("plugin_logs");
+pub(in crate::store) const PLUGIN_LOGS: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("plugin_logs");
 /// Plugin config → log lines kept.
-const LOG_COUNTS: TableDefinition<u64, u64> = TableDefinition::new("plugin_log_counts");
+pub(in crate::store) const LOG_COUNTS: TableDefinition<u64, u64> =
+    TableDefinition::new("plugin_log_counts");
 const NEXT_LOG_SEQ: &str = "next_plugin_log_seq";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -11,8 +11,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use super::{decode_value, encode_value, meta_get, Store, StoreError, META};
 use crate::ids::{PluginConfigId, PluginId, TeamId};
 
-const PLUGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("plugins");
-const PLUGIN_CONFIGS: TableDefinition<u64, &[u8]> = TableDefinition::new("plugin_configs");
+pub(in crate::store) const PLUGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("plugins");
+pub(in crate::store) const PLUGIN_CONFIGS: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("plugin_configs");
 const NEXT_PLUGIN_ID: &str = "next_plugin_id";
 const NEXT_PLUGIN_CONFIG_ID: &str = "next_plugin_config_id";
 const GENERATION: &str = "plugins_generation";

@@ -17,7 +17,8 @@ use super::{decode_value, encode_value, Store, StoreError, META};
 /// The last ingest position whose after-write deliveries are queued.
 const DELIVERED_THROUGH: &str = "delivered_through";
 /// Queue position → encoded [`QuarantinedRecord`]: queue records that could not be decoded.
-const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("ingest_quarantine");
+pub(in crate::store) const QUARANTINE: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("ingest_quarantine");
 /// Quarantined records kept at most; the oldest go first (the count is still reported).
 const QUARANTINE_KEEP: u64 = 1_000;
 const QUARANTINED_TOTAL: &str = "ingest_quarantined_total";

@@ -4,7 +4,7 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{Store, StoreError};
 
-const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
+pub(in crate::store) const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
 const ADMIN_API_TOKEN: &str = "admin_api_token";
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {

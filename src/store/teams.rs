@@ -8,9 +8,10 @@ use super::{decode_value, encode_value, meta_get, Store, StoreError, META};
 use crate::ids::TeamId;
 
 /// Team records by id ([`Team`]).
-const TEAMS: TableDefinition<u64, &[u8]> = TableDefinition::new("teams");
+pub(in crate::store) const TEAMS: TableDefinition<u64, &[u8]> = TableDefinition::new("teams");
 /// Project token → team id.
-const TEAM_TOKENS: TableDefinition<&str, u64> = TableDefinition::new("team_tokens");
+pub(in crate::store) const TEAM_TOKENS: TableDefinition<&str, u64> =
+    TableDefinition::new("team_tokens");
 const NEXT_TEAM_ID: &str = "next_team_id";
 
 /// A team (PostHog calls it a project): events are stored under its id.

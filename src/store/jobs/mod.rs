@@ -11,8 +11,8 @@
 //! follow-up jobs it enqueued.
 
 mod queue;
-mod schedules;
-mod tables;
+pub(in crate::store) mod schedules;
+pub(in crate::store) mod tables;
 #[cfg(test)]
 mod tests;
 

@@ -8,7 +8,8 @@ use super::{Cadence, JobTables, ScheduleKey, ScheduleState};
 use crate::ids::PluginConfigId;
 
 /// (plugin config, cadence) → encoded [`ScheduleState`].
-const SCHEDULES: TableDefinition<(u64, u8), &[u8]> = TableDefinition::new("schedules");
+pub(in crate::store) const SCHEDULES: TableDefinition<(u64, u8), &[u8]> =
+    TableDefinition::new("schedules");
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(SCHEDULES)?;

@@ -12,21 +12,26 @@ use super::super::{decode_value, encode_value, StoreError};
 use super::{Attempt, Claimed, Job, JobId, JobState, NewJob, Outcome, HISTORY_LEN};
 
 /// Job id → encoded [`Job`].
-pub(super) const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
+pub(in crate::store) const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
 /// (owner, run-at ms, job id): jobs waiting for their time. Owner 0 is the appliance itself.
-pub(super) const JOBS_DUE: TableDefinition<(u64, i64, u128), ()> = TableDefinition::new("jobs_due");
+pub(in crate::store) const JOBS_DUE: TableDefinition<(u64, i64, u128), ()> =
+    TableDefinition::new("jobs_due");
 /// Job id → ms when the running server claimed it.
-pub(super) const JOBS_LEASED: TableDefinition<u128, i64> = TableDefinition::new("jobs_leased");
+pub(in crate::store) const JOBS_LEASED: TableDefinition<u128, i64> =
+    TableDefinition::new("jobs_leased");
 /// Idempotency key → (job id, ms when the key was first used).
-pub(super) const JOB_KEYS: TableDefinition<&str, (u128, i64)> = TableDefinition::new("job_keys");
+pub(in crate::store) const JOB_KEYS: TableDefinition<&str, (u128, i64)> =
+    TableDefinition::new("job_keys");
 /// Job id → requested [`super::Control`], for jobs that are running.
-pub(super) const JOB_CONTROL: TableDefinition<u128, u8> = TableDefinition::new("job_control");
+pub(in crate::store) const JOB_CONTROL: TableDefinition<u128, u8> =
+    TableDefinition::new("job_control");
 /// Owner → jobs of it that may still run (scheduled, retrying, waiting, running): what the
 /// per-config job quota counts.
-pub(super) const JOB_OWNER_COUNTS: TableDefinition<u64, u64> =
+pub(in crate::store) const JOB_OWNER_COUNTS: TableDefinition<u64, u64> =
     TableDefinition::new("job_owner_counts");
 /// (ms of the last change, job id) of dead and cancelled jobs, for their retention.
-pub(super) const JOBS_FINAL: TableDefinition<(i64, u128), ()> = TableDefinition::new("jobs_final");
+pub(in crate::store) const JOBS_FINAL: TableDefinition<(i64, u128), ()> =
+    TableDefinition::new("jobs_final");
 /// What a job's history says when the server stopped while it ran.
 pub(super) const INTERRUPTED: &str =
     "the server stopped while the job ran (crash, kill or shutdown deadline)";
