@@ -45,10 +45,13 @@ pub(super) async fn serve_both(
     println!("listening on http://{capture_at}");
     println!("admin listening on http://{admin_at}");
     tracing::info!(%capture_at, %admin_at, "serving capture, and management on the admin address");
+    // Under systemd (Type=notify): ready once capture listens and the queue is open.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
         stopping.store(true, Ordering::Relaxed);
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         tracing::info!("shutting down: no new connections; finishing in-flight requests");
         let _ = stop_tx.send(true);
     });

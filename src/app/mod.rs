@@ -190,6 +190,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         .run(shutdown),
     );
 
+    spawn_watchdog(status.clone());
     let stopping = Arc::new(AtomicBool::new(false));
     let health = Arc::new(AdminState {
         store: store.clone(),
@@ -308,6 +309,42 @@ async fn run_idle(config: &Config) -> Result<(), AppError> {
         Arc::new(AtomicBool::new(false)),
     )
     .await
+}
+
+/// Under systemd with `WatchdogSec=`: pings the watchdog at half its interval for as long as the
+/// pipeline's loops keep going round; a stalled pipeline (or runtime) stops the pings and
+/// systemd restarts the service.
+fn spawn_watchdog(pipeline: Arc<PipelineStatus>) {
+    let Some(limit) = watchdog_interval() else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(limit / 2).await;
+            let stalled = pipeline.since_beat();
+            if stalled < limit {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            } else {
+                tracing::error!(
+                    stalled_ms = stalled.as_millis() as u64,
+                    "the pipeline has stalled; not pinging the watchdog"
+                );
+            }
+        }
+    });
+}
+
+/// The service watchdog's interval, read as libsystemd's `sd_watchdog_enabled` does:
+/// `WATCHDOG_USEC`, for this process if `WATCHDOG_PID` names one (the sd-notify crate insists
+/// on `WATCHDOG_PID`, which systemd sets but a supervisor need not).
+fn watchdog_interval() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| std::time::Duration::from_micros(usec))
 }
 
 /// Reads the data directory's free space every second, for capture's floor and `/_ready`.

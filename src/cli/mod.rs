@@ -17,6 +17,7 @@ mod backup;
 mod exports;
 mod jobs;
 mod plugins;
+mod setup;
 mod teams;
 
 use crate::config::{settings_help, Config};
@@ -78,6 +79,12 @@ pub struct Cli {
 enum Command {
     /// Start the server (the default)
     Run,
+    /// Check that the appliance can start here: configuration, data directory, plugin files,
+    /// configured services; one line per problem (exit 78 on a configuration error, 1 on others)
+    Check,
+    /// Print an env file with every setting, commented out at its default (the .deb installs it
+    /// as /etc/appliance/appliance.env)
+    EnvFile,
     /// Manage teams (PostHog projects) and their project tokens
     Team {
         #[command(subcommand)]
@@ -183,6 +190,11 @@ pub fn main() -> ExitCode {
 /// Runs an operator's command against the data directory (beside a running server or not).
 fn operate(config: &Config, command: Command) -> Result<(), CliError> {
     match command {
+        Command::Check => return setup::run_check(config),
+        Command::EnvFile => {
+            print!("{}", setup::env_file_text());
+            return Ok(());
+        }
         Command::Backup { to, verify } => return backup::backup(config, to, verify),
         Command::Restore {
             archive,
@@ -194,7 +206,11 @@ fn operate(config: &Config, command: Command) -> Result<(), CliError> {
     let store = Store::open(&config.data_dir)?;
     let ops = Ops::remote(store, &config.data_dir, config.jobs, config.plugin_limits);
     match command {
-        Command::Run | Command::Backup { .. } | Command::Restore { .. } => Ok(()),
+        Command::Run
+        | Command::Check
+        | Command::EnvFile
+        | Command::Backup { .. }
+        | Command::Restore { .. } => Ok(()),
         Command::Team { action } => teams::run(&ops, action),
         Command::Plugin { action } => plugins::run(&ops, action),
         Command::Jobs { action } => jobs::run(&ops, action),

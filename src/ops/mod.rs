@@ -1,11 +1,12 @@
 //! The operator's operations, written once for both faces: the CLI (`cli`) and the management
-//! API (`admin::api`). Teams, plugins, jobs and historical exports.
+//! API (`admin::api`). Teams, plugins, jobs, historical exports, and the pre-start check.
 //!
 //! Owns: each operation's rules and its one typed error ([`OpError`]), which the API maps to
 //! HTTP statuses and the CLI to exit codes, each in one place.
 //! Must never: format for a terminal or build an HTTP response; wake the workers other than
 //! through [`JobQueue::wake`] (which reaches a server in another process too).
 
+pub mod check;
 pub mod exports;
 pub mod jobs;
 pub mod plugins;

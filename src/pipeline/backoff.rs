@@ -34,6 +34,8 @@ impl Backoff {
     ) {
         tracing::error!(error = %error, retry_in_ms = self.next.as_millis() as u64, "{what} failed; retrying");
         status.set_error(Some(error.to_string()));
+        // Waiting out a failure is the loop going round, not a stall.
+        status.beat();
         tokio::select! {
             _ = tokio::time::sleep(self.next) => {}
             _ = shutdown.changed() => {}

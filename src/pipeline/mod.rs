@@ -177,6 +177,7 @@ impl Pipeline {
             if shutdown.deadline_passed() {
                 break;
             }
+            self.status.beat();
             let draining = shutdown.is_draining();
             match self.prepare(&start, position, &mut deferred).await {
                 Ok(Some(prepared)) => {
@@ -231,6 +232,7 @@ impl Pipeline {
         let mut trimmed = 0u64;
         let mut last_trim = Instant::now();
         while let Some(prepared) = input.recv().await {
+            self.status.beat();
             let Some(written) = self.write(&positions, &prepared, &mut shutdown).await else {
                 break;
             };

@@ -19,6 +19,14 @@ pub struct PipelineStatus {
     last_error: Mutex<Option<String>>,
     /// Teams whose events wait for their plugins, and why.
     waiting: Mutex<BTreeMap<TeamId, String>>,
+    /// When the pipeline's loops last went round, in ms after [`clock_base`].
+    last_beat_ms: AtomicU64,
+}
+
+/// The base of the pipeline's heartbeat clock (monotonic).
+fn clock_base() -> std::time::Instant {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(std::time::Instant::now)
 }
 
 #[derive(Debug, Serialize)]
@@ -42,6 +50,21 @@ pub struct PipelineReport {
 }
 
 impl PipelineStatus {
+    /// Notes that a loop of the pipeline went round (read, write, or a wait between retries).
+    pub(super) fn beat(&self) {
+        let ms = clock_base().elapsed().as_millis() as u64;
+        self.last_beat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago the pipeline last went round; the service watchdog pings only while this
+    /// stays short.
+    pub fn since_beat(&self) -> std::time::Duration {
+        let now = clock_base().elapsed().as_millis() as u64;
+        std::time::Duration::from_millis(
+            now.saturating_sub(self.last_beat_ms.load(Ordering::Relaxed)),
+        )
+    }
+
     pub fn report(&self, sink: &'static str) -> PipelineReport {
         PipelineReport {
             sink,

@@ -66,6 +66,44 @@ fn apply_migrations(conn: &mut Connection) -> Result<usize, SinkError> {
     Ok(report.applied_migrations().len())
 }
 
+/// How an existing events database's schema stands against the migrations this build has.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SchemaState {
+    /// Every migration this build knows is applied.
+    Current,
+    /// Older: start-up (or `--migrate`) applies the rest.
+    Behind { applied: u32, known: u32 },
+    /// Written by a newer build: this one must not touch it.
+    Ahead { applied: u32, known: u32 },
+}
+
+/// Reads an events database's applied migrations without changing anything.
+pub fn schema_state(path: &Path) -> Result<SchemaState, String> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| e.to_string())?;
+    let applied: Option<i64> = conn
+        .query_row(
+            "SELECT max(version) FROM refinery_schema_history",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| e.to_string())?
+        .flatten();
+    let applied = applied.unwrap_or(0) as u32;
+    let known = embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0) as u32;
+    Ok(match applied.cmp(&known) {
+        std::cmp::Ordering::Equal => SchemaState::Current,
+        std::cmp::Ordering::Less => SchemaState::Behind { applied, known },
+        std::cmp::Ordering::Greater => SchemaState::Ahead { applied, known },
+    })
+}
+
 /// What a copy of the events database holds.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct EventsSummary {

@@ -364,7 +364,7 @@ pub fn try_lock_data_dir(data_dir: &Path) -> std::io::Result<Option<std::fs::Fil
 }
 
 /// Free bytes for an unprivileged writer on the disk holding `dir`.
-fn free_space(dir: &Path) -> Option<u64> {
+pub fn free_space(dir: &Path) -> Option<u64> {
     let stat = nix::sys::statvfs::statvfs(dir).ok()?;
     Some((stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64))
 }
