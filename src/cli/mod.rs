@@ -81,10 +81,19 @@ enum Command {
     Run,
     /// Check that the appliance can start here: configuration, data directory, plugin files,
     /// configured services; one line per problem (exit 78 on a configuration error, 1 on others)
-    Check,
+    Check {
+        /// Leave out the connections to Postgres, ClickHouse, Kafka and Redis (the unit's
+        /// pre-start check: the queue holds events while a service is away)
+        #[arg(long)]
+        skip_services: bool,
+    },
     /// Print an env file with every setting, commented out at its default (the .deb installs it
     /// as /etc/appliance/appliance.env)
-    EnvFile,
+    EnvFile {
+        /// A setting to write uncommented with this value (NAME=VALUE; repeatable)
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+    },
     /// Manage teams (PostHog projects) and their project tokens
     Team {
         #[command(subcommand)]
@@ -173,6 +182,9 @@ pub fn main() -> ExitCode {
         Err(e) => return report(Err(e.into())),
     };
     crate::telemetry::init_logging(&config);
+    if let Err(e) = setup::act_as_data_dir_owner(&config.data_dir) {
+        return report(Err(e));
+    }
     if cli.healthcheck {
         return healthcheck(&config);
     }
@@ -190,9 +202,9 @@ pub fn main() -> ExitCode {
 /// Runs an operator's command against the data directory (beside a running server or not).
 fn operate(config: &Config, command: Command) -> Result<(), CliError> {
     match command {
-        Command::Check => return setup::run_check(config),
-        Command::EnvFile => {
-            print!("{}", setup::env_file_text());
+        Command::Check { skip_services } => return setup::run_check(config, skip_services),
+        Command::EnvFile { set } => {
+            print!("{}", setup::env_file_text(&set)?);
             return Ok(());
         }
         Command::Backup { to, verify } => return backup::backup(config, to, verify),
@@ -207,8 +219,8 @@ fn operate(config: &Config, command: Command) -> Result<(), CliError> {
     let ops = Ops::remote(store, &config.data_dir, config.jobs, config.plugin_limits);
     match command {
         Command::Run
-        | Command::Check
-        | Command::EnvFile
+        | Command::Check { .. }
+        | Command::EnvFile { .. }
         | Command::Backup { .. }
         | Command::Restore { .. } => Ok(()),
         Command::Team { action } => teams::run(&ops, action),

@@ -11,7 +11,7 @@ mod settings;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use settings::{check, log_filter};
@@ -93,6 +93,9 @@ pub enum Source {
     EnvFile,
     Environment,
 }
+
+/// The configuration file the `.deb` installs, read when `APPLIANCE_ENV_FILE` is not set.
+pub const PACKAGE_ENV_FILE: &str = "/etc/appliance/appliance.env";
 
 /// The `NAME=value` lines of an env file (comments, quotes and `export` as shells write them).
 fn read_env_file(path: &std::path::Path) -> Result<Vec<(String, String)>, ConfigError> {
@@ -211,6 +214,11 @@ impl Config {
     pub fn from_env() -> Result<Config, ConfigError> {
         let mut vars: BTreeMap<String, String> = std::env::vars().collect();
         let mut from_file = Vec::new();
+        // Unset: the package's file if it is there, so that every `appliance` command on a
+        // packaged box sees the service's configuration. Set but empty: no file.
+        if !vars.contains_key("APPLIANCE_ENV_FILE") && Path::new(PACKAGE_ENV_FILE).exists() {
+            vars.insert("APPLIANCE_ENV_FILE".into(), PACKAGE_ENV_FILE.into());
+        }
         if let Some(path) = vars.get("APPLIANCE_ENV_FILE").filter(|p| !p.is_empty()) {
             let path = PathBuf::from(path);
             for (name, value) in read_env_file(&path)? {

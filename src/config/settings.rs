@@ -119,7 +119,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("PISCINA_USE_ATOMICS", Some("true"), Kind::Bool, "kept for compatibility; has no effect (no Piscina here)"),
     setting("PISCINA_ATOMICS_TIMEOUT", Some("5000"), POSITIVE, "kept for compatibility; has no effect (no Piscina here)"),
     // The appliance's own.
-    setting("APPLIANCE_ENV_FILE", None, Kind::Text, "file of NAME=value lines read at start (the .deb's /etc/appliance/appliance.env); the environment wins over it; it is part of backups"),
+    setting("APPLIANCE_ENV_FILE", None, Kind::Text, "file of NAME=value lines read at start; the environment wins over it; it is part of backups. Unset: /etc/appliance/appliance.env (the .deb's) if it exists; empty: no file"),
     setting("DATA_DIR", Some("./data"), Kind::Text, "directory holding the appliance's state (redb) and the embedded SQLite event store"),
     setting("SQLITE_PATH", None, Kind::Text, "path of the SQLite event store; default DATA_DIR/events.sqlite3"),
     setting("TRUST_PROXY", Some("false"), Kind::Bool, "take the client IP from X-Forwarded-For (set only behind a proxy you run)"),

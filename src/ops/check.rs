@@ -72,14 +72,16 @@ impl CheckReport {
 
 /// Runs every check against a configuration that parsed (a setting that does not parse is the
 /// caller's configuration error).
-pub fn check(config: &Config) -> CheckReport {
+pub fn check(config: &Config, services: bool) -> CheckReport {
     let mut report = CheckReport::default();
     if check_data_dir(config, &mut report) {
         check_state(&config.data_dir, &mut report);
         check_events_db(&config.sqlite_path, &mut report);
     }
     check_named_files(config, &mut report);
-    check_services(config, &mut report);
+    if services {
+        check_services(config, &mut report);
+    }
     report
 }
 

@@ -23,6 +23,8 @@ pub fn command(data_dir: &Path) -> Command {
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATA_DIR", data_dir)
+        // Never the package's /etc/appliance/appliance.env of the machine running the tests.
+        .env("APPLIANCE_ENV_FILE", "")
         .env("WEB_HOSTNAME", "127.0.0.1")
         .env("WEB_PORT", "0")
         .env("ADMIN_PORT", "0")
