@@ -202,7 +202,7 @@ pub fn main() -> ExitCode {
 /// Runs an operator's command against the data directory (beside a running server or not).
 fn operate(config: &Config, command: Command) -> Result<(), CliError> {
     match command {
-        Command::Check { skip_services } => return setup::run_check(config, skip_services),
+        Command::Check { skip_services } => return setup::run_check(config, !skip_services),
         Command::EnvFile { set } => {
             print!("{}", setup::env_file_text(&set)?);
             return Ok(());
