@@ -47,6 +47,39 @@ const EVENT_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 2
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// One plugin config's calls since start, for the admin page (Prometheus has the same figures
+/// as counters and histograms; these read back without parsing them).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PluginTotals {
+    pub calls: u64,
+    pub failures: u64,
+    /// Time spent in `process-event` calls.
+    pub process_event: std::time::Duration,
+}
+
+/// Per plugin config id; one entry per config that ever ran, so bounded by the configs.
+static PLUGIN_TOTALS: std::sync::Mutex<std::collections::BTreeMap<u64, PluginTotals>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Counts one finished plugin call.
+pub fn count_plugin_call(config: u64, kind: &str, elapsed: std::time::Duration, failed: bool) {
+    let mut totals = PLUGIN_TOTALS.lock().unwrap_or_else(|p| p.into_inner());
+    let entry = totals.entry(config).or_default();
+    entry.calls += 1;
+    entry.failures += u64::from(failed);
+    if kind == "process_event" {
+        entry.process_event += elapsed;
+    }
+}
+
+/// Every plugin config's totals since start.
+pub fn plugin_totals() -> std::collections::BTreeMap<u64, PluginTotals> {
+    PLUGIN_TOTALS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
 /// Installs the recorders once per process; later calls do nothing. A StatsD recorder joins
 /// when `STATSD_HOST` is set (failures to start it are reported, not fatal).
 pub fn install(config: &Config) {

@@ -1,5 +1,5 @@
-//! Operator-facing HTTP: liveness (`/_health`), readiness (`/_ready`), and the management API
-//! under `/api/` ([`api`]); the admin page joins here.
+//! Operator-facing HTTP: liveness (`/_health`), readiness (`/_ready`), the management API under
+//! `/api/` ([`api`]), `/metrics`, and the admin page ([`page`]) with its sessions.
 //!
 //! Owns: what the appliance reports about itself over HTTP, and management over HTTP behind the
 //! admin API token.
@@ -8,6 +8,9 @@
 
 pub mod api;
 pub mod metrics;
+pub mod page;
+pub mod session;
+mod throttle;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

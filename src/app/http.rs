@@ -36,6 +36,7 @@ pub(super) async fn serve_both(
     capture: axum::Router,
     management: axum::Router,
     stopping: Arc<AtomicBool>,
+    setup_token: Option<String>,
 ) -> Result<(), AppError> {
     let (capture_listener, capture_at) =
         bind(SocketAddr::new(config.web_host, config.web_port)).await?;
@@ -45,6 +46,17 @@ pub(super) async fn serve_both(
     println!("listening on http://{capture_at}");
     println!("admin listening on http://{admin_at}");
     tracing::info!(%capture_at, %admin_at, "serving capture, and management on the admin address");
+    if let Some(token) = setup_token {
+        let host = match admin_at.ip() {
+            ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+            ip if ip.is_ipv6() => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let link = format!("http://{host}:{}/setup?token={token}", admin_at.port());
+        // One use, 24 hours; `appliance admin setup-link` prints a new one.
+        println!("admin set-up link (no password is set yet; one use): {link}");
+        tracing::warn!(%link, "no admin password is set yet: open the set-up link to choose it");
+    }
     // Under systemd (Type=notify): ready once capture listens and the queue is open.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -42,6 +42,8 @@ pub enum AppError {
     Plugin(#[from] PluginError),
     #[error(transparent)]
     GeoIp(#[from] crate::geoip::GeoIpError),
+    #[error("cannot prepare the admin page: {0}")]
+    Admin(#[from] crate::ops::OpError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -73,6 +75,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     let sqlite = Arc::new(SqliteSink::open(&config.sqlite_path)?);
     let sink: Arc<dyn Sink> = sqlite.clone();
+    let events: Arc<dyn crate::sinks::EventReader> = sqlite.clone();
     tracing::info!(
         state = %store.path().display(),
         events = %config.sqlite_path.display(),
@@ -173,7 +176,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             queue: queue.clone(),
             runner: Arc::new(PluginRunner {
                 catalog: catalog.clone(),
-                events: Some(sqlite),
+                events: Some(sqlite.clone()),
             }),
             schedule_done: Some(schedule_done.clone()),
         }
@@ -230,11 +233,28 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }))
         .merge(admin::router(health.clone()));
         let ops = Ops::in_server(store.clone(), queue.clone(), &config.data_dir, runtime);
-        let api = Arc::new(admin::api::ApiState::new(ops));
+        let sessions = admin::session::Sessions::load(&ops)?;
+        let setup_token = if ops.admin_exists()? {
+            None
+        } else {
+            Some(ops.new_setup_token(false)?)
+        };
+        let traffic = Arc::new(admin::page::Traffic::default());
+        traffic.spawn_sampler(health.pipeline.clone(), health.sink_name);
+        let page = admin::page::router(Arc::new(admin::page::PageState::new(
+            ops.clone(),
+            sessions.clone(),
+            health.clone(),
+            Arc::new(config.clone()),
+            traffic,
+            events,
+        )));
+        let api = Arc::new(admin::api::ApiState::new(ops, sessions));
         let management = admin::api::router(api.clone())
             .merge(admin::metrics_router(health.clone(), api))
+            .merge(page)
             .merge(admin::router(health));
-        http::serve_both(&config, capture, management, stopping).await?;
+        http::serve_both(&config, capture, management, stopping, setup_token).await?;
     } else {
         tracing::warn!("DISABLE_WEB is set: no capture endpoint; draining what is queued");
         drop(ingest);
@@ -307,6 +327,7 @@ async fn run_idle(config: &Config) -> Result<(), AppError> {
         app,
         admin::idle_router(),
         Arc::new(AtomicBool::new(false)),
+        None,
     )
     .await
 }

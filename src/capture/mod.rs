@@ -115,23 +115,67 @@ impl Admission {
 
 /// Project token → team, read from the store and remembered. Teams created while the server
 /// runs (for example by `appliance team create` in another process) are found on first use.
+/// A changed team (a rotated token, say) is noticed within [`TEAMS_RECHECK`]: the store's teams
+/// generation is read at most that often, and a new one forgets everything remembered.
 pub struct TeamDirectory {
     store: Store,
     known: RwLock<HashMap<String, Team>>,
+    /// The teams generation `known` was read under, and when it was last compared.
+    checked: std::sync::Mutex<(u64, std::time::Instant)>,
 }
+
+/// How often capture looks whether teams changed.
+const TEAMS_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl TeamDirectory {
     pub fn new(store: Store) -> TeamDirectory {
+        let generation = store.teams_generation().unwrap_or(0);
         TeamDirectory {
             store,
             known: RwLock::new(HashMap::new()),
+            checked: std::sync::Mutex::new((generation, std::time::Instant::now())),
         }
     }
 
+    /// Forgets remembered teams if the store says they changed (looked at once per
+    /// [`TEAMS_RECHECK`], by one request; the others go on with what is remembered).
+    async fn recheck(&self) {
+        let due = self
+            .checked
+            .try_lock()
+            .ok()
+            .filter(|c| c.1.elapsed() >= TEAMS_RECHECK)
+            .map(|mut c| {
+                c.1 = std::time::Instant::now();
+                c.0
+            });
+        let Some(seen) = due else { return };
+        let store = self.store.clone();
+        let Ok(Ok(now)) = tokio::task::spawn_blocking(move || store.teams_generation()).await
+        else {
+            return;
+        };
+        if now != seen {
+            // The generation first: a look-up begun under the old one will not be remembered.
+            if let Ok(mut checked) = self.checked.lock() {
+                checked.0 = now;
+            }
+            if let Ok(mut known) = self.known.write() {
+                known.clear();
+            }
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.checked.lock().map(|c| c.0).unwrap_or(0)
+    }
+
     async fn resolve(&self, token: &str) -> Result<Team, CaptureError> {
+        self.recheck().await;
         if let Some(team) = self.known.read().ok().and_then(|m| m.get(token).cloned()) {
             return Ok(team);
         }
+        let generation = self.generation();
         let store = self.store.clone();
         let key = token.to_owned();
         let found = tokio::task::spawn_blocking(move || store.team_by_token(&key))
@@ -140,7 +184,9 @@ impl TeamDirectory {
             .map_err(|e| CaptureError::Unavailable(format!("team lookup failed: {e}")))?;
         let team = found.ok_or(CaptureError::UnknownToken)?;
         if let Ok(mut known) = self.known.write() {
-            known.insert(token.to_owned(), team.clone());
+            if self.generation() == generation {
+                known.insert(token.to_owned(), team.clone());
+            }
         }
         Ok(team)
     }

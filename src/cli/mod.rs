@@ -105,6 +105,11 @@ enum Command {
         #[arg(long)]
         rotate: bool,
     },
+    /// The admin page's account
+    Admin {
+        #[command(subcommand)]
+        action: AdminCommand,
+    },
     /// Install plugins and enable them per team (changes apply to a running server at once)
     Plugin {
         #[command(subcommand)]
@@ -139,6 +144,16 @@ enum Command {
         /// Replace the appliance data already in the directory (its server must be stopped)
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Print a one-time link (24 h) to set the admin password; with a password set, only with --reset
+    SetupLink {
+        /// Remove the current password first and end every session (a forgotten password)
+        #[arg(long)]
+        reset: bool,
     },
 }
 
@@ -227,6 +242,18 @@ fn operate(config: &Config, command: Command) -> Result<(), CliError> {
         Command::Plugin { action } => plugins::run(&ops, action),
         Command::Jobs { action } => jobs::run(&ops, action),
         Command::Export { action } => exports::run(&ops, action),
+        Command::Admin {
+            action: AdminCommand::SetupLink { reset },
+        } => {
+            let token = ops.new_setup_token(reset)?;
+            let host = match config.admin_host {
+                ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+                ip if ip.is_ipv6() => format!("[{ip}]"),
+                ip => ip.to_string(),
+            };
+            println!("http://{host}:{}/setup?token={token}", config.admin_port);
+            Ok(())
+        }
         Command::ApiToken { rotate } => {
             let token = if rotate {
                 ops.rotate_api_token()?

@@ -158,6 +158,18 @@ impl Ops {
         Ok(self.store.control_job(id, control, now_ms())?)
     }
 
+    /// An operator's action on a job by name: `cancel`, `terminate` or `retry`.
+    pub fn act_on_job(&self, id: JobId, action: &str) -> Result<JobState, OpError> {
+        match action {
+            "cancel" => self.control_job(id, Control::Cancel),
+            "terminate" => self.control_job(id, Control::Terminate),
+            "retry" => self.retry_job(id),
+            other => Err(OpError::NotFound(format!(
+                "no job action {other:?}: cancel, terminate or retry"
+            ))),
+        }
+    }
+
     /// Puts a dead or cancelled job back in the queue with fresh attempts, and wakes the workers.
     pub fn retry_job(&self, id: JobId) -> Result<JobState, OpError> {
         self.store.requeue_job(id, now_ms())?;

@@ -6,6 +6,7 @@
 //! Must never: format for a terminal or build an HTTP response; wake the workers other than
 //! through [`JobQueue::wake`] (which reaches a server in another process too).
 
+pub mod admin;
 pub mod check;
 pub mod exports;
 pub mod jobs;

@@ -151,7 +151,20 @@ impl Ops {
         let record = find(&self.store, plugin)?;
         let manifest: Manifest = serde_json::from_value(record.manifest.clone())
             .map_err(|e| PluginError::Manifest(ManifestError::Parse(e.to_string())))?;
-        let values = manifest.validate_config(given).map_err(PluginError::from)?;
+        // A secret left out (or empty) keeps the value stored before: pages and lists never show
+        // secrets, so re-enabling must not ask for them again.
+        let mut given = given.clone();
+        if let Ok(existing) = config_of(&self.store, team, &record) {
+            for field in manifest.config.iter().filter(|f| f.secret) {
+                let missing = given.get(&field.key).is_none_or(|v| v.is_empty());
+                if let (true, Some(kept)) = (missing, existing.config.get(&field.key)) {
+                    given.insert(field.key.clone(), kept.clone());
+                }
+            }
+        }
+        let values = manifest
+            .validate_config(&given)
+            .map_err(PluginError::from)?;
         let config = self
             .store
             .upsert_plugin_config(team, record.id, true, order, Some(values))?;

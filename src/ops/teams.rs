@@ -1,8 +1,8 @@
-//! Team operations: create (with a chosen or random project token) and list; the admin API
-//! token.
+//! Team operations: create (with a chosen or random project token), list, change (rename,
+//! rotate the token, anonymise IPs); the admin API token.
 
 use super::{OpError, Ops};
-use crate::store::Team;
+use crate::store::{Team, TeamChange, TeamId};
 
 impl Ops {
     /// Creates a team; a token is generated unless one is given.
@@ -12,6 +12,12 @@ impl Ops {
 
     pub fn list_teams(&self) -> Result<Vec<Team>, OpError> {
         Ok(self.store.list_teams()?)
+    }
+
+    /// Renames a team, rotates its token or switches IP anonymisation; capture sees the change
+    /// within a second.
+    pub fn update_team(&self, id: TeamId, change: &TeamChange) -> Result<Team, OpError> {
+        Ok(self.store.update_team(id, change)?)
     }
 
     /// The token `/api/` requires, created on first use; and whether it was created now.

@@ -402,9 +402,11 @@ fn record_call<T>(
         Err(CallError::Retry(_)) => "retry",
         Err(CallError::Failed(_)) => "failed",
     };
+    let elapsed = started.elapsed();
+    crate::telemetry::count_plugin_call(config, kind, elapsed, result.is_err());
     let config = config.to_string();
     metrics::histogram!(names::PLUGIN_CALL_SECONDS, "config" => config.clone(), "kind" => kind)
-        .record(started.elapsed().as_secs_f64());
+        .record(elapsed.as_secs_f64());
     metrics::counter!(names::PLUGIN_CALLS, "config" => config, "kind" => kind, "outcome" => outcome)
         .increment(1);
 }

@@ -58,6 +58,8 @@ pub trait EventReader: Send + Sync {
         after: Option<&(String, i64)>,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, SinkError>;
+    /// The `limit` events of `team` stored last, newest first (the admin page's live tail).
+    fn latest_events(&self, team: u64, limit: u32) -> Result<Vec<StoredEvent>, SinkError>;
 }
 
 pub type SinkFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SinkError>> + Send + 'a>>;

@@ -339,21 +339,39 @@ impl EventReader for SqliteSink {
         let rows = statement
             .query_map(
                 params![team as i64, range.0, range.1, after_time, after_id, limit],
-                |row| {
-                    Ok(StoredEvent {
-                        row_id: row.get(0)?,
-                        uuid: row.get(1)?,
-                        event: row.get(2)?,
-                        distinct_id: row.get(3)?,
-                        team_id: row.get::<_, i64>(4)? as u64,
-                        timestamp: row.get(5)?,
-                        properties: row.get(6)?,
-                        elements_chain: row.get(7)?,
-                    })
-                },
+                stored_event,
             )
             .map_err(|e| read_error(e.to_string()))?;
         rows.collect::<Result<_, _>>()
             .map_err(|e| read_error(e.to_string()))
     }
+
+    fn latest_events(&self, team: u64, limit: u32) -> Result<Vec<StoredEvent>, SinkError> {
+        let conn = self.reader()?;
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT id, uuid, event, distinct_id, team_id, timestamp, properties, elements_chain
+                 FROM posthog_event WHERE team_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(|e| read_error(e.to_string()))?;
+        let rows = statement
+            .query_map(params![team as i64, limit], stored_event)
+            .map_err(|e| read_error(e.to_string()))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| read_error(e.to_string()))
+    }
+}
+
+/// A row of the columns both readers select, in their order.
+fn stored_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        row_id: row.get(0)?,
+        uuid: row.get(1)?,
+        event: row.get(2)?,
+        distinct_id: row.get(3)?,
+        team_id: row.get::<_, i64>(4)? as u64,
+        timestamp: row.get(5)?,
+        properties: row.get(6)?,
+        elements_chain: row.get(7)?,
+    })
 }

@@ -39,7 +39,7 @@ pub use plugin_data::{PluginLogEntry, StorageQuota};
 pub use plugins::{PluginConfig, PluginRecord};
 pub use positions::QuarantinedRecord;
 pub use snapshot::SnapshotInfo;
-pub use teams::Team;
+pub use teams::{Team, TeamChange};
 
 /// Name of the redb file inside the data directory.
 pub const STATE_FILE: &str = "state.redb";

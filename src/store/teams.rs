@@ -13,6 +13,18 @@ pub(in crate::store) const TEAMS: TableDefinition<u64, &[u8]> = TableDefinition:
 pub(in crate::store) const TEAM_TOKENS: TableDefinition<&str, u64> =
     TableDefinition::new("team_tokens");
 const NEXT_TEAM_ID: &str = "next_team_id";
+/// Changes whenever a team changes (renamed, token rotated, IPs anonymised): capture's cache of
+/// tokens watches it.
+const GENERATION: &str = "teams_generation";
+
+/// What an operator changes about a team.
+#[derive(Clone, Debug, Default)]
+pub struct TeamChange {
+    pub name: Option<String>,
+    pub anonymize_ips: Option<bool>,
+    /// A new random project token; the old one stops working.
+    pub rotate_token: bool,
+}
 
 /// A team (PostHog calls it a project): events are stored under its id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,9 +66,18 @@ pub fn validate_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A team's name: what the admin page and the CLI show.
+fn validate_team_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() || name.chars().count() > 200 {
+        return Err("a team name must be 1 to 200 characters long".into());
+    }
+    Ok(())
+}
+
 impl Store {
     /// Creates a team; a token is generated unless one is given.
     pub fn create_team(&self, name: &str, token: Option<&str>) -> Result<Team, StoreError> {
+        validate_team_name(name).map_err(StoreError::Invalid)?;
         let token = match token {
             Some(t) => {
                 validate_token(t).map_err(StoreError::Invalid)?;
@@ -113,6 +134,46 @@ impl Store {
             .get(id)?
             .map(|v| decode_value("team", v.value()))
             .transpose()?;
+        Ok(team)
+    }
+
+    /// Changes whenever a team changes.
+    pub fn teams_generation(&self) -> Result<u64, StoreError> {
+        let txn = self.read()?;
+        meta_get(&txn.open_table(META)?, GENERATION)
+    }
+
+    /// Applies `change` to team `id`.
+    pub fn update_team(&self, id: TeamId, change: &TeamChange) -> Result<Team, StoreError> {
+        if let Some(name) = &change.name {
+            validate_team_name(name).map_err(StoreError::Invalid)?;
+        }
+        let txn = self.write()?;
+        let team = {
+            let mut teams = txn.open_table(TEAMS)?;
+            let mut team: Team = match teams.get(id)? {
+                Some(v) => decode_value("team", v.value())?,
+                None => return Err(StoreError::NotFound(format!("no team {id}"))),
+            };
+            if let Some(name) = &change.name {
+                team.name = name.clone();
+            }
+            if let Some(anonymize) = change.anonymize_ips {
+                team.anonymize_ips = anonymize;
+            }
+            if change.rotate_token {
+                let mut tokens = txn.open_table(TEAM_TOKENS)?;
+                tokens.remove(team.api_token.as_str())?;
+                team.api_token = generate_token();
+                tokens.insert(team.api_token.as_str(), id)?;
+            }
+            teams.insert(id, encode_value(&team).as_slice())?;
+            let mut meta = txn.open_table(META)?;
+            let generation = meta_get(&meta, GENERATION)?;
+            meta.insert(GENERATION, generation + 1)?;
+            team
+        };
+        self.commit(txn)?;
         Ok(team)
     }
 

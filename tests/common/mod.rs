@@ -58,6 +58,8 @@ pub struct Appliance {
     pub admin: SocketAddr,
     pub data_dir: PathBuf,
     stderr: mpsc::Receiver<String>,
+    /// The admin page's first-run link, if the appliance printed one.
+    setup_link: Arc<Mutex<Option<String>>>,
 }
 
 impl Appliance {
@@ -82,6 +84,8 @@ impl Appliance {
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let (addr_tx, addr_rx) = mpsc::channel();
+        let setup_link = Arc::new(Mutex::new(None));
+        let setup_slot = setup_link.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("listening on http://") {
@@ -89,6 +93,13 @@ impl Appliance {
                 }
                 if let Some(addr) = line.strip_prefix("admin listening on http://") {
                     let _ = addr_tx.send(format!("admin {addr}"));
+                }
+                if let Some((_, link)) = line.split_once("admin set-up link") {
+                    if let Some((_, url)) = link.split_once(": ") {
+                        if let Ok(mut slot) = setup_slot.lock() {
+                            *slot = Some(url.to_owned());
+                        }
+                    }
                 }
             }
         });
@@ -121,6 +132,21 @@ impl Appliance {
             admin: admin.expect("the admin address"),
             data_dir: data_dir.to_owned(),
             stderr: err_rx,
+            setup_link,
+        }
+    }
+
+    /// The first-run set-up link the appliance printed (it comes just after the listening lines).
+    pub fn setup_link(&self) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(link) = self.setup_link.lock().ok().and_then(|l| l.clone()) {
+                return Some(link);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -11,8 +11,7 @@ use serde_json::{json, Value};
 
 use super::{blocking, ApiError, ApiState};
 use crate::ops::jobs::{parse_job_id, parse_job_state, JobRequest, DEFAULT_LIST_LIMIT};
-use crate::ops::OpError;
-use crate::store::{Control, TeamId};
+use crate::store::TeamId;
 
 #[derive(Deserialize)]
 pub(super) struct EnqueueBody {
@@ -74,15 +73,7 @@ pub(super) async fn control(
     Path((id, action)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_job_id(&id)?;
-    let new_state = blocking(&state, move |ops| match action.as_str() {
-        "cancel" => ops.control_job(id, Control::Cancel),
-        "terminate" => ops.control_job(id, Control::Terminate),
-        "retry" => ops.retry_job(id),
-        other => Err(OpError::NotFound(format!(
-            "no job action {other:?}: cancel, terminate or retry"
-        ))),
-    })
-    .await?;
+    let new_state = blocking(&state, move |ops| ops.act_on_job(id, &action)).await?;
     Ok(Json(
         json!({ "id": id.to_string(), "state": new_state.name() }),
     ))

@@ -1,6 +1,8 @@
 //! The JSON management API under `/api/`: the operations of `ops` over HTTP, for the admin page
 //! and for scripts, one file per resource. Every request needs
-//! `Authorization: Bearer <admin API token>` (`appliance api-token` prints it).
+//! `Authorization: Bearer <admin API token>` (`appliance api-token` prints it, the settings
+//! page shows and rotates it) or an admin page session (with its CSRF token in
+//! `X-CSRF-Token` unless it only reads).
 //!
 //! Owns: routing, request and response shapes, and the one mapping of [`OpError`] to HTTP
 //! statuses ([`ApiError`]'s `IntoResponse`).
@@ -11,22 +13,21 @@ mod exports;
 mod jobs;
 mod plugins;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::json;
 
+use super::session::{Sessions, CSRF_HEADER};
+use super::throttle::FailedAuth;
+use crate::ops::admin::constant_time_eq;
 use crate::ops::{OpError, Ops};
 
 /// Largest request body accepted (a plugin upload travels base64-encoded in JSON).
@@ -34,62 +35,36 @@ const MAX_UPLOAD_BYTES: usize = 64 << 20;
 
 pub struct ApiState {
     pub ops: Ops,
+    /// Admin page sessions, which `/api/` accepts beside the token.
+    pub sessions: Sessions,
     failures: FailedAuth,
 }
 
 impl ApiState {
-    pub fn new(ops: Ops) -> ApiState {
+    pub fn new(ops: Ops, sessions: Sessions) -> ApiState {
         ApiState {
             ops,
+            sessions,
             failures: FailedAuth::new(),
         }
     }
-}
 
-/// Wrong tokens an address may send per minute; one more locks it out (429, the token not even
-/// looked at) until its allowance comes back.
-const AUTH_FAILURES_PER_MINUTE: u32 = 10;
-/// Addresses remembered as locked out at most; the oldest lockouts go first.
-const MAX_LOCKED: usize = 10_000;
-
-/// Throttles failed authentication per client address.
-struct FailedAuth {
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
-    locked: Mutex<HashMap<IpAddr, Instant>>,
-}
-
-impl FailedAuth {
-    fn new() -> FailedAuth {
-        let per_minute = NonZeroU32::new(AUTH_FAILURES_PER_MINUTE).unwrap_or(NonZeroU32::MIN);
-        FailedAuth {
-            limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
-            locked: Mutex::default(),
-        }
-    }
-
-    /// When `ip` may try again, if it is locked out now.
-    fn locked_until(&self, ip: IpAddr) -> Option<Instant> {
-        let locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
-        locked
-            .get(&ip)
-            .copied()
-            .filter(|until| *until > Instant::now())
-    }
-
-    /// Counts a failure from `ip`; past the allowance the address is locked out.
-    fn failed(&self, ip: IpAddr) {
-        if self.limiter.len() > MAX_LOCKED {
-            self.limiter.retain_recent();
-        }
-        if let Err(not_until) = self.limiter.check_key(&ip) {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            locked.retain(|_, until| *until > now);
-            if locked.len() < MAX_LOCKED {
-                locked.insert(ip, now + wait);
-            }
-        }
+    /// Whether the request carries a live admin page session, with its CSRF token in
+    /// [`CSRF_HEADER`] unless it only reads.
+    async fn session_admits(&self, headers: &axum::http::HeaderMap, method: &Method) -> bool {
+        let ops = self.ops.clone();
+        let Ok(Ok(epoch)) = tokio::task::spawn_blocking(move || ops.session_epoch()).await else {
+            return false;
+        };
+        let Some(session) = self.sessions.check(headers, epoch) else {
+            return false;
+        };
+        let reads = matches!(*method, Method::GET | Method::HEAD);
+        reads
+            || headers
+                .get(CSRF_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|given| session.csrf_matches(given))
     }
 }
 
@@ -165,16 +140,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Compares without stopping at the first difference, so timing does not leak the token.
-fn same_token(given: &str, expected: &str) -> bool {
-    given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
 /// Admits a request with the current admin API token (read from the store each time, so a
 /// rotation applies at once); throttles an address that keeps sending wrong ones.
 async fn require_token(
@@ -187,13 +152,21 @@ async fn require_token(
         let seconds = until.saturating_duration_since(Instant::now()).as_secs() + 1;
         return ApiError::Throttled { seconds }.into_response();
     }
-    let given = request
+    let Some(given) = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .to_owned();
+        .map(str::to_owned)
+    else {
+        if state
+            .session_admits(request.headers(), request.method())
+            .await
+        {
+            return next.run(request).await;
+        }
+        return ApiError::Unauthorized.into_response();
+    };
     let store = state.ops.store.clone();
     let expected = tokio::task::spawn_blocking(move || store.current_admin_api_token()).await;
     let expected = match expected {
@@ -202,7 +175,7 @@ async fn require_token(
         Ok(Err(e)) => return ApiError::Op(OpError::Internal(e.to_string())).into_response(),
         Err(e) => return ApiError::Op(OpError::Internal(e.to_string())).into_response(),
     };
-    if same_token(&given, &expected) {
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
         next.run(request).await
     } else {
         state.failures.failed(peer.ip());

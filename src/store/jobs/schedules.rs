@@ -53,6 +53,21 @@ impl ScheduleTables<'_> {
 }
 
 impl Store {
+    /// Every schedule's progress, for the admin page.
+    pub fn list_schedules(&self) -> Result<Vec<(ScheduleKey, ScheduleState)>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(SCHEDULES)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (key, value) = row?;
+            let (config, code) = key.value();
+            if let Some(cadence) = Cadence::from_code(code) {
+                out.push(((config, cadence), decode_value("schedule", value.value())?));
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs `update` over the schedules and the job queue in one durable transaction.
     pub fn update_schedules<T>(
         &self,
