@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{command, create_team, Appliance, TOKEN};
+use common::{cli, cli_error, command, create_team, Appliance, TOKEN};
 
 #[test]
 fn help_lists_every_setting_with_its_default() {
@@ -160,6 +160,47 @@ fn teams_are_created_and_listed_even_while_the_server_runs() {
         .unwrap();
     assert!(!dup.status.success());
     assert!(String::from_utf8_lossy(&dup.stderr).contains(&format!("already used by team {first}")));
+}
+
+#[test]
+fn a_rotated_token_stops_working_within_a_second_and_the_new_one_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "shop", TOKEN).to_string();
+    let app = Appliance::start(dir.path(), &[]);
+    let send = |token: &str| {
+        reqwest::blocking_post(
+            &app.url("/e/"),
+            &format!(r#"{{"event":"e","distinct_id":"d","token":"{token}"}}"#),
+        )
+    };
+    // The running server has the old token in its cache.
+    assert_eq!(send(TOKEN), 200);
+    let out = cli(
+        dir.path(),
+        &[
+            "team",
+            "update",
+            &team,
+            "--rotate-token",
+            "--name",
+            "boutique",
+        ],
+    );
+    let new_token = out
+        .split("project token ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap()
+        .to_owned();
+    assert!(
+        out.contains("(boutique)") && new_token.starts_with("phc_"),
+        "{out}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(send(TOKEN), 401, "the old token still works");
+    assert_eq!(send(&new_token), 200);
+    let missing = cli_error(dir.path(), &["team", "update", "99", "--name", "x"]);
+    assert!(missing.contains("no team 99"), "{missing}");
 }
 
 #[test]

@@ -37,11 +37,13 @@ pub(super) async fn serve_both(
     management: axum::Router,
     stopping: Arc<AtomicBool>,
     setup_token: Option<String>,
+    capture_bound: Arc<std::sync::OnceLock<SocketAddr>>,
 ) -> Result<(), AppError> {
     let (capture_listener, capture_at) =
         bind(SocketAddr::new(config.web_host, config.web_port)).await?;
     let (admin_listener, admin_at) =
         bind(SocketAddr::new(config.admin_host, config.admin_port)).await?;
+    let _ = capture_bound.set(capture_at);
     // Tests and scripts read these lines to find ports chosen with WEB_PORT=0 / ADMIN_PORT=0.
     println!("listening on http://{capture_at}");
     println!("admin listening on http://{admin_at}");

@@ -240,6 +240,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             Some(ops.new_setup_token(false)?)
         };
         let traffic = Arc::new(admin::page::Traffic::default());
+        let capture_bound = Arc::new(std::sync::OnceLock::new());
         traffic.spawn_sampler(health.pipeline.clone(), health.sink_name);
         let page = admin::page::router(Arc::new(admin::page::PageState::new(
             ops.clone(),
@@ -248,13 +249,22 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             Arc::new(config.clone()),
             traffic,
             events,
+            capture_bound.clone(),
         )));
         let api = Arc::new(admin::api::ApiState::new(ops, sessions));
         let management = admin::api::router(api.clone())
             .merge(admin::metrics_router(health.clone(), api))
             .merge(page)
             .merge(admin::router(health));
-        http::serve_both(&config, capture, management, stopping, setup_token).await?;
+        http::serve_both(
+            &config,
+            capture,
+            management,
+            stopping,
+            setup_token,
+            capture_bound,
+        )
+        .await?;
     } else {
         tracing::warn!("DISABLE_WEB is set: no capture endpoint; draining what is queued");
         drop(ingest);
@@ -328,6 +338,7 @@ async fn run_idle(config: &Config) -> Result<(), AppError> {
         admin::idle_router(),
         Arc::new(AtomicBool::new(false)),
         None,
+        Arc::default(),
     )
     .await
 }

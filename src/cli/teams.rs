@@ -4,6 +4,7 @@ use clap::Subcommand;
 
 use super::CliError;
 use crate::ops::Ops;
+use crate::store::TeamChange;
 
 #[derive(Subcommand, Debug)]
 pub enum TeamCommand {
@@ -18,6 +19,20 @@ pub enum TeamCommand {
     },
     /// List teams with their project tokens
     List,
+    /// Rename a team, rotate its project token or switch IP anonymisation (a running server
+    /// sees the change within a second)
+    Update {
+        /// The team's id
+        id: u64,
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace the project token with a new random one; the old one stops working
+        #[arg(long)]
+        rotate_token: bool,
+        /// Do not store the request IP as $ip (true) or store it again (false)
+        #[arg(long, value_name = "BOOL")]
+        anonymize_ips: Option<bool>,
+    },
 }
 
 pub(super) fn run(ops: &Ops, action: TeamCommand) -> Result<(), CliError> {
@@ -27,6 +42,30 @@ pub(super) fn run(ops: &Ops, action: TeamCommand) -> Result<(), CliError> {
             println!(
                 "team {} ({}) created; project token {}",
                 team.id, team.name, team.api_token
+            );
+        }
+        TeamCommand::Update {
+            id,
+            name,
+            rotate_token,
+            anonymize_ips,
+        } => {
+            let change = TeamChange {
+                name,
+                anonymize_ips,
+                rotate_token,
+            };
+            let team = ops.update_team(id, &change)?;
+            println!(
+                "team {} ({}) updated; project token {}; IPs {}",
+                team.id,
+                team.name,
+                team.api_token,
+                if team.anonymize_ips {
+                    "anonymised"
+                } else {
+                    "stored"
+                }
             );
         }
         TeamCommand::List => {

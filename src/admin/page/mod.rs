@@ -16,7 +16,8 @@ mod plugins;
 mod settings;
 mod teams;
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
@@ -45,6 +46,8 @@ pub struct PageState {
     pub config: Arc<Config>,
     pub traffic: Arc<Traffic>,
     pub events: Arc<dyn EventReader>,
+    /// Where capture listens, once it does (the port may have been chosen by the system).
+    pub capture_bound: Arc<OnceLock<SocketAddr>>,
     failures: FailedAuth,
 }
 
@@ -56,6 +59,7 @@ impl PageState {
         config: Arc<Config>,
         traffic: Arc<Traffic>,
         events: Arc<dyn EventReader>,
+        capture_bound: Arc<OnceLock<SocketAddr>>,
     ) -> PageState {
         PageState {
             ops,
@@ -64,6 +68,7 @@ impl PageState {
             config,
             traffic,
             events,
+            capture_bound,
             failures: FailedAuth::new(),
         }
     }

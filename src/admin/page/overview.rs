@@ -76,7 +76,8 @@ fn minute_now() -> u64 {
 /// A line chart of `values` (oldest first) with its peak labelled.
 fn chart(values: &[f64], caption: &str) -> Markup {
     let (width, height) = (600.0, 140.0);
-    let peak = values.iter().cloned().fold(0.0, f64::max).max(1.0);
+    let highest = values.iter().cloned().fold(0.0, f64::max);
+    let peak = highest.max(1.0);
     let step = width / (values.len().max(2) - 1) as f64;
     let points: Vec<String> = values
         .iter()
@@ -93,7 +94,7 @@ fn chart(values: &[f64], caption: &str) -> Markup {
         figure {
             svg.chart viewBox="0 0 600 150" preserveAspectRatio="none" role="img" aria-label=(caption) {
                 polyline points=(points.join(" ")) {}
-                text x="4" y="12" { "peak " (format!("{peak:.1}")) " events/s" }
+                text x="4" y="12" { "peak " (format!("{highest:.1}")) " events/s" }
             }
             figcaption.muted { (caption) }
         }

@@ -29,7 +29,11 @@ fn capture_url(state: &Shared, headers: &HeaderMap) -> String {
             _ => h,
         })
         .unwrap_or("localhost");
-    format!("http://{host}:{}", state.config.web_port)
+    let port = state
+        .capture_bound
+        .get()
+        .map_or(state.config.web_port, |at| at.port());
+    format!("http://{host}:{port}")
 }
 
 /// posthog-js, ready to paste: the CDN bundle (it defines `window.posthog`, as the SDK tests
