@@ -13,10 +13,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    cli, create_team, enable_plugin, install_plugin, plugin_folder, webhook, Api, Appliance, TOKEN,
+    cli, create_team, enable_plugin, install_plugin, plugin_folder, send_past_events, webhook, Api,
+    Appliance, TOKEN,
 };
 use fantoccini::{Client, ClientBuilder, Locator};
-use serde_json::{json, Value};
+use serde_json::json;
 
 type Step = Result<(), String>;
 
@@ -158,21 +159,7 @@ async fn an_operator_runs_the_appliance_from_the_browser() {
     let (hook, seen) = webhook(|_| (Duration::from_secs(3), 200)).await;
 
     // 1,500 past events for the export: three pages of 500.
-    let start = chrono::DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z").unwrap();
-    let batch: Vec<Value> = (0..1500)
-        .map(|i| {
-            let at = start + chrono::TimeDelta::seconds(i);
-            json!({"event": "past", "distinct_id": "u", "timestamp": at.to_rfc3339()})
-        })
-        .collect();
-    let response = reqwest::Client::new()
-        .post(app.url("/batch/"))
-        .json(&json!({"api_key": TOKEN, "batch": batch}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    app.wait_drained().await;
+    send_past_events(&app, 1500).await;
 
     // A dead letter to retry.
     let api = Api::new(&app);

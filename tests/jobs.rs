@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    cli, create_team, enable_plugin, install_plugin, storage, wait_storage, webhook, Api,
-    Appliance, TOKEN,
+    cli, create_team, enable_plugin, install_plugin, send_past_events, storage, wait_storage,
+    webhook, Api, Appliance, TOKEN,
 };
 use serde_json::{json, Value};
 
@@ -467,25 +467,7 @@ async fn a_historical_export_pages_through_stored_events_and_resumes_after_a_cra
     let team = create_team(dir.path(), "shop", TOKEN).to_string();
     let app = Appliance::start(dir.path(), FAST);
     // 1,000 events one second apart from 2026-11-01T00:00:00Z, stored before any exporter exists.
-    let start = chrono::DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z").unwrap();
-    for chunk in (0..1000).collect::<Vec<i64>>().chunks(250) {
-        let batch: Vec<Value> = chunk
-            .iter()
-            .map(|i| {
-                let at = start + chrono::TimeDelta::seconds(*i);
-                json!({"event": "past", "distinct_id": "u", "timestamp": at.to_rfc3339(),
-                       "properties": {"i": i}})
-            })
-            .collect();
-        let response = reqwest::Client::new()
-            .post(app.url("/batch/"))
-            .json(&json!({"api_key": TOKEN, "batch": batch}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-    }
-    app.wait_drained().await;
+    send_past_events(&app, 1000).await;
 
     let (addr, seen) = webhook(|_| (Duration::from_millis(300), 200)).await;
     install_plugin(

@@ -86,12 +86,7 @@ pub(super) async fn backups(store: Store, config: Config, mut shutdown: Shutdown
         let (store, config, dir) = (store.clone(), config.clone(), dir.clone());
         let taken = tokio::task::spawn_blocking(move || {
             let env_file = config.env_file();
-            let sources = Sources {
-                store: &store,
-                data_dir: &config.data_dir,
-                sqlite_path: &config.sqlite_path,
-                env_file: env_file.as_deref(),
-            };
+            let sources = Sources::of(&store, &config, env_file.as_deref());
             scheduled::take(&sources, &dir, config.backup.keep, now)
         })
         .await;

@@ -26,6 +26,7 @@ use rusqlite::OpenFlags;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::config::Config;
 use crate::store::{SnapshotInfo, Store, StoreError};
 
 pub use archive::verify;
@@ -99,6 +100,19 @@ pub struct Sources<'a> {
     pub sqlite_path: &'a Path,
     /// The configuration file the appliance read (`APPLIANCE_ENV_FILE`), if any.
     pub env_file: Option<&'a Path>,
+}
+
+impl<'a> Sources<'a> {
+    /// What the configuration names, with `env_file` its `APPLIANCE_ENV_FILE` (borrowed from the
+    /// caller, which owns the path).
+    pub fn of(store: &'a Store, config: &'a Config, env_file: Option<&'a Path>) -> Sources<'a> {
+        Sources {
+            store,
+            data_dir: &config.data_dir,
+            sqlite_path: &config.sqlite_path,
+            env_file,
+        }
+    }
 }
 
 /// What a backup is doing, for a progress display.

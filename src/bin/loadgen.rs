@@ -41,6 +41,13 @@ struct Args {
     /// team; needs the plugins built (`cd plugins && cargo build --release --target wasm32-wasip2`)
     #[arg(long)]
     plugin_chain: bool,
+    /// Measure memory instead: RSS at rest with one plugin enabled, then the peak RSS while
+    /// capturing --memory-rate events/s in batches of 50 for --duration seconds
+    #[arg(long)]
+    memory: bool,
+    /// Events per second of the memory scenario
+    #[arg(long, default_value_t = 10_000.0)]
+    memory_rate: f64,
 }
 
 /// The targets on a 2-core machine; latency is also measured at half of each.
@@ -244,8 +251,12 @@ impl Drop for Server {
     }
 }
 
-/// Installs and enables three process-event plugins for team 1 in `dir`.
-fn install_plugin_chain(exe: &std::path::Path, dir: &std::path::Path) -> Result<(), String> {
+/// Installs and enables the first `count` plugins of the benchmark chain for team 1.
+fn install_plugin_chain(
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+    count: usize,
+) -> Result<(), String> {
     let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
     let built = plugins.join("target/wasm32-wasip2/release");
     let chain: [(&str, &str, &str, &[&str]); 3] = [
@@ -268,7 +279,7 @@ fn install_plugin_chain(exe: &std::path::Path, dir: &std::path::Path) -> Result<
             &["mode=tag", "name=b"],
         ),
     ];
-    for (name, crate_dir, wasm, config) in chain {
+    for (name, crate_dir, wasm, config) in chain.into_iter().take(count) {
         let folder = dir.join(format!("plugin-{}", name.replace(' ', "-")));
         std::fs::create_dir_all(&folder).map_err(|e| e.to_string())?;
         let manifest_text = std::fs::read_to_string(plugins.join(crate_dir).join("plugin.json"))
@@ -311,7 +322,7 @@ fn install_plugin_chain(exe: &std::path::Path, dir: &std::path::Path) -> Result<
     Ok(())
 }
 
-fn start_server(plugin_chain: bool) -> Result<(Server, String), String> {
+fn start_server(plugins: usize) -> Result<(Server, String), String> {
     let exe = std::env::current_exe()
         .map_err(|e| e.to_string())?
         .with_file_name("appliance");
@@ -331,13 +342,15 @@ fn start_server(plugin_chain: bool) -> Result<(Server, String), String> {
     if !created.status.success() {
         return Err(String::from_utf8_lossy(&created.stderr).into_owned());
     }
-    if plugin_chain {
-        install_plugin_chain(&exe, &dir)?;
+    if plugins > 0 {
+        install_plugin_chain(&exe, &dir, plugins)?;
     }
     let mut child = Command::new(&exe)
         .env("DATA_DIR", &dir)
         .env("WEB_HOSTNAME", "127.0.0.1")
         .env("WEB_PORT", "0")
+        .env("ADMIN_PORT", "0")
+        .env("APPLIANCE_ENV_FILE", "")
         .env("LOG_LEVEL", "warn")
         .arg("run")
         .stdout(Stdio::piped())
@@ -364,7 +377,13 @@ async fn main() {
     let args = Args::parse();
     let (_server, base) = match &args.url {
         Some(url) => (None, url.trim_end_matches('/').to_owned()),
-        None => match start_server(args.plugin_chain) {
+        None => match start_server(if args.memory {
+            1
+        } else if args.plugin_chain {
+            3
+        } else {
+            0
+        }) {
             Ok((server, addr)) => (Some(server), addr),
             Err(e) => {
                 eprintln!("loadgen: {e}");
@@ -372,6 +391,14 @@ async fn main() {
             }
         },
     };
+    if args.memory {
+        let Some(pid) = _server.as_ref().map(|s| s.child.id()) else {
+            eprintln!("loadgen: --memory starts its own appliance; leave out --url");
+            std::process::exit(2);
+        };
+        memory(pid, &base, &args).await;
+        return;
+    }
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let duration = Duration::from_secs(args.duration);
     let client = reqwest::Client::new();
@@ -437,4 +464,62 @@ async fn main() {
             wait_drained(&client, &base).await;
         }
     }
+}
+
+/// The resident memory of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// RSS at rest (one plugin enabled, after ten quiet seconds), then the peak RSS while capturing
+/// at a steady rate, sampled every 100 ms.
+async fn memory(pid: u32, base: &str, args: &Args) {
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let rest = rss_kib(pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        })
+    };
+    let batch = 50;
+    let paced = run(
+        base,
+        &args.token,
+        Shape::Batch(batch),
+        args.connections,
+        Duration::from_secs(args.duration),
+        Some(args.memory_rate / batch as f64),
+    )
+    .await;
+    wait_drained(&reqwest::Client::new(), base).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
+    paced.print(&format!(
+        "batches of {batch} at {:.0} events/s, one plugin",
+        args.memory_rate
+    ));
+    println!(
+        "memory at rest, one plugin enabled: {:.0} MiB RSS",
+        rest as f64 / 1024.0
+    );
+    println!(
+        "memory while capturing {:.0} events/s: peak {:.0} MiB RSS (until the sink caught up)",
+        args.memory_rate,
+        peak as f64 / 1024.0
+    );
 }

@@ -80,12 +80,7 @@ pub fn backup(
     let target = to.unwrap_or_else(|| PathBuf::from(backup::scheduled_name(chrono::Utc::now())));
     let store = Store::open(&config.data_dir)?;
     let env_file = config.env_file();
-    let sources = Sources {
-        store: &store,
-        data_dir: &config.data_dir,
-        sqlite_path: &config.sqlite_path,
-        env_file: env_file.as_deref(),
-    };
+    let sources = Sources::of(&store, config, env_file.as_deref());
     let progress = Progress::new();
     let result = backup::create(&sources, &target, &mut |step| progress.step(step));
     progress.finish();

@@ -502,3 +502,27 @@ pub async fn probe_event(app: &Appliance, name: &str) -> (u16, Duration) {
     };
     (status, started.elapsed())
 }
+
+/// Sends `count` events named `past`, one second apart from 2026-11-01T00:00:00Z (each with its
+/// index as property `i`), in batches of 250 with [`TOKEN`], and waits until they are stored.
+pub async fn send_past_events(app: &Appliance, count: i64) {
+    let start = chrono::DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z").unwrap();
+    for chunk in (0..count).collect::<Vec<i64>>().chunks(250) {
+        let batch: Vec<Value> = chunk
+            .iter()
+            .map(|i| {
+                let at = start + chrono::TimeDelta::seconds(*i);
+                serde_json::json!({"event": "past", "distinct_id": "u", "timestamp": at.to_rfc3339(),
+                       "properties": {"i": i}})
+            })
+            .collect();
+        let response = reqwest::Client::new()
+            .post(app.url("/batch/"))
+            .json(&serde_json::json!({"api_key": TOKEN, "batch": batch}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    app.wait_drained().await;
+}

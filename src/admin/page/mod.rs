@@ -216,17 +216,24 @@ const NAV: &[(&str, &str)] = &[
     ("/settings", "Settings"),
 ];
 
+/// The `<head>` every page shares.
+fn head(title: &str) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { (title) " · appliance" }
+            link rel="stylesheet" href="/assets/style.css";
+        }
+    }
+}
+
 /// A signed-in page: the navigation, `here` marked, and `body`.
 pub fn layout(admin: &Admin, here: &str, title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · appliance" }
-                link rel="stylesheet" href="/assets/style.css";
-            }
+            (head(title))
             body {
                 header {
                     span.brand { "appliance" }
@@ -255,12 +262,7 @@ pub fn bare(title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · appliance" }
-                link rel="stylesheet" href="/assets/style.css";
-            }
+            (head(title))
             body { main.login { h1 { (title) } (body) } }
         }
     }
