@@ -423,6 +423,16 @@ async fn scenario(
             jobs.status()
         ));
     }
+    // A log-in form is small: a huge one is refused before anything is parsed or hashed.
+    let huge = http
+        .post(admin("/login"))
+        .form(&[("password", "x".repeat(200_000))])
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if huge.status() != 413 {
+        return Err(format!("a 200 KB log-in form got {}", huge.status()));
+    }
     // A log-in flood from one address is cut off.
     let mut last = 0;
     for _ in 0..12 {

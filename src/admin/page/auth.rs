@@ -16,6 +16,11 @@ use crate::admin::session::is_https;
 use crate::ops::admin::{PASSWORD_MAX_CHARS, PASSWORD_MIN_CHARS};
 use crate::ops::OpError;
 
+/// The hashing semaphore is never closed; this maps the impossible error.
+fn closed(_: tokio::sync::AcquireError) -> PageError {
+    OpError::Internal("the password check is unavailable".into()).into()
+}
+
 #[derive(Deserialize)]
 pub struct SetupQuery {
     #[serde(default)]
@@ -80,6 +85,7 @@ pub async fn setup(
     if form.password != form.confirm {
         return Err(OpError::Invalid("the two passwords differ".into()).into());
     }
+    let _permit = state.hashing.acquire().await.map_err(closed)?;
     let epoch = blocking(&state, move |ops| {
         ops.complete_setup(&form.token, &form.password)
     })
@@ -135,7 +141,9 @@ pub async fn login(
         let seconds = until.saturating_duration_since(Instant::now()).as_secs() + 1;
         return Err(PageError::Throttled(seconds));
     }
+    let permit = state.hashing.acquire().await.map_err(closed)?;
     let epoch = blocking(&state, move |ops| ops.verify_admin_password(&form.password)).await?;
+    drop(permit);
     match epoch {
         Some(epoch) => {
             let jar = state.sessions.start(epoch, is_https(&headers));

@@ -36,8 +36,12 @@ use crate::sinks::EventReader;
 
 pub use overview::Traffic;
 
-/// Largest form or upload the page accepts (a plugin archive).
-const MAX_FORM_BYTES: usize = 64 << 20;
+/// Largest plugin archive the upload form accepts.
+const MAX_UPLOAD_BYTES: usize = 64 << 20;
+/// Largest body of every other form (set-up and log-in included: no one needs more).
+const MAX_FORM_BYTES: usize = 64 << 10;
+/// Password hashes computed at once (argon2id takes ~19 MiB and tens of ms each).
+const CONCURRENT_HASHES: usize = 2;
 
 pub struct PageState {
     pub ops: Ops,
@@ -49,6 +53,8 @@ pub struct PageState {
     /// Where capture listens, once it does (the port may have been chosen by the system).
     pub capture_bound: Arc<OnceLock<SocketAddr>>,
     failures: FailedAuth,
+    /// Bounds the memory and CPU that log-in and set-up attempts can take at once.
+    hashing: tokio::sync::Semaphore,
 }
 
 impl PageState {
@@ -70,6 +76,7 @@ impl PageState {
             events,
             capture_bound,
             failures: FailedAuth::new(),
+            hashing: tokio::sync::Semaphore::new(CONCURRENT_HASHES),
         }
     }
 }
@@ -85,7 +92,10 @@ pub fn router(state: Shared) -> Router {
         .route("/teams", get(teams::page).post(teams::create))
         .route("/teams/{id}", post(teams::update))
         .route("/plugins", get(plugins::page))
-        .route("/plugins/upload", post(plugins::upload))
+        .route(
+            "/plugins/upload",
+            post(plugins::upload).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
+        )
         .route(
             "/plugins/{plugin}/teams/{team}",
             get(plugins::config_form).post(plugins::configure),
