@@ -11,7 +11,7 @@ use axum::Form;
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::{bare, blocking, Admin, PageError, Shared};
+use super::{bare, blocking, Admin, CsrfForm, PageError, Shared};
 use crate::admin::session::is_https;
 use crate::ops::admin::{PASSWORD_MAX_CHARS, PASSWORD_MIN_CHARS};
 use crate::ops::OpError;
@@ -155,11 +155,6 @@ pub async fn login(
             Ok(Redirect::to("/login?error=Wrong+password").into_response())
         }
     }
-}
-
-#[derive(Deserialize)]
-pub struct CsrfForm {
-    csrf: String,
 }
 
 pub async fn logout(

@@ -9,19 +9,13 @@ use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::{back_to, blocking, csrf_field, flash, layout, Admin, PageError, Shared};
+use super::{back_to, blocking, csrf_field, layout, Admin, CsrfForm, Outcome, PageError, Shared};
 use crate::ops::exports::ExportView;
 use crate::ops::jobs::{parse_job_id, parse_job_state, JobView};
 use crate::ops::OpError;
 
 /// Jobs listed per state.
 const LISTED: usize = 100;
-
-#[derive(Deserialize, Default)]
-pub struct Outcome {
-    done: Option<String>,
-    error: Option<String>,
-}
 
 fn job_table(admin: &Admin, jobs: &[JobView], actions: &[&str]) -> Markup {
     html! {
@@ -130,7 +124,7 @@ pub async fn page(
         })
         .collect();
     let body = html! {
-        (flash(outcome.done.as_deref(), outcome.error.as_deref()))
+        (outcome.flash())
         p { (stats.queued) " queued, " (stats.running) " running, " (stats.total) " kept in all." }
         h2 { "Dead letters" }
         (job_table(&admin, &dead, &["retry"]))
@@ -193,11 +187,6 @@ pub async fn exports_fragment(
 ) -> Result<Markup, PageError> {
     let exports = blocking(&state, |ops| ops.list_exports()).await?;
     Ok(exports_table(&admin, &exports))
-}
-
-#[derive(Deserialize)]
-pub struct CsrfForm {
-    csrf: String,
 }
 
 pub async fn control(

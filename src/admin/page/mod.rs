@@ -283,12 +283,27 @@ pub fn csrf_field(admin: &Admin) -> Markup {
     html! { input type="hidden" name="csrf" value=(admin.0.csrf()); }
 }
 
-/// A one-line message above a page's content, from a `?done=` or `?error=` query.
-pub fn flash(done: Option<&str>, error: Option<&str>) -> Markup {
-    html! {
-        @if let Some(text) = done { div.flash.ok { (text) } }
-        @if let Some(text) = error { div.flash.error { (text) } }
+/// A form's outcome, carried to the next page by [`back_to`] as `?done=` (or `?error=`).
+#[derive(serde::Deserialize, Default)]
+pub struct Outcome {
+    done: Option<String>,
+    error: Option<String>,
+}
+
+impl Outcome {
+    /// A one-line message above a page's content.
+    pub fn flash(&self) -> Markup {
+        html! {
+            @if let Some(text) = &self.done { div.flash.ok { (text) } }
+            @if let Some(text) = &self.error { div.flash.error { (text) } }
+        }
     }
+}
+
+/// A form that carries nothing but its CSRF token (a button).
+#[derive(serde::Deserialize)]
+pub struct CsrfForm {
+    pub csrf: String,
 }
 
 /// A redirect after a form, carrying its outcome for [`flash`].

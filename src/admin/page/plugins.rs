@@ -10,16 +10,10 @@ use axum::Form;
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::{back_to, blocking, bytes, csrf_field, flash, layout, Admin, PageError, Shared};
+use super::{back_to, blocking, bytes, csrf_field, layout, Admin, Outcome, PageError, Shared};
 use crate::ops::plugins::{config_of, find, Upload};
 use crate::ops::OpError;
 use crate::plugins::manifest::{ConfigField, FieldKind, Manifest};
-
-#[derive(Deserialize, Default)]
-pub struct Outcome {
-    done: Option<String>,
-    error: Option<String>,
-}
 
 pub async fn page(
     State(state): State<Shared>,
@@ -37,7 +31,7 @@ pub async fn page(
     .await?;
     let totals = crate::telemetry::plugin_totals();
     let body = html! {
-        (flash(outcome.done.as_deref(), outcome.error.as_deref()))
+        (outcome.flash())
         section.card {
             h2 { "Upload a plugin" }
             p.muted { "A .tar.gz or .zip of the plugin's folder: plugin.json and its WebAssembly component." }
@@ -172,7 +166,7 @@ pub async fn config_form(
     let action = format!("/plugins/{}/teams/{team}", record.id);
     let current = |key: &str| config.as_ref().and_then(|c| c.config.get(key));
     let body = html! {
-        (flash(outcome.done.as_deref(), outcome.error.as_deref()))
+        (outcome.flash())
         @if !manifest.description.is_empty() { p { (manifest.description) } }
         section.card {
             form method="post" action=(action) {

@@ -6,17 +6,10 @@ use axum::extract::{Query, State};
 use axum::response::Redirect;
 use axum::Form;
 use maud::{html, Markup};
-use serde::Deserialize;
 
-use super::{back_to, blocking, csrf_field, flash, layout, Admin, PageError, Shared};
+use super::{back_to, blocking, csrf_field, layout, Admin, CsrfForm, Outcome, PageError, Shared};
 use crate::backup::scheduled::{ScheduledRecord, NOTE};
 use crate::config::{Source, SETTINGS};
-
-#[derive(Deserialize, Default)]
-pub struct Outcome {
-    done: Option<String>,
-    error: Option<String>,
-}
 
 /// Whether a setting's value may hold a secret.
 fn secret(name: &str) -> bool {
@@ -46,7 +39,7 @@ pub async fn page(
     .await?;
     let config = &state.config;
     let body = html! {
-        (flash(outcome.done.as_deref(), outcome.error.as_deref()))
+        (outcome.flash())
         section.card {
             h2 { "Management API token" }
             p.muted { "Scripts call " code { "/api/" } " with " code { "Authorization: Bearer <token>" } "." }
@@ -92,11 +85,6 @@ pub async fn page(
         }
     };
     Ok(layout(&admin, "/settings", "Settings", body))
-}
-
-#[derive(Deserialize)]
-pub struct CsrfForm {
-    csrf: String,
 }
 
 pub async fn rotate_api_token(

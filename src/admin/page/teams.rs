@@ -8,15 +8,9 @@ use axum::Form;
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::{back_to, blocking, csrf_field, flash, layout, Admin, PageError, Shared};
+use super::{back_to, blocking, csrf_field, layout, Admin, Outcome, PageError, Shared};
 use crate::ops::OpError;
 use crate::store::{Team, TeamChange};
-
-#[derive(Deserialize, Default)]
-pub struct Outcome {
-    done: Option<String>,
-    error: Option<String>,
-}
 
 /// Where SDKs reach capture, as far as this request tells: the host the admin page was reached
 /// by, with the capture port.
@@ -58,7 +52,7 @@ pub async fn page(
     let teams = blocking(&state, |ops| ops.list_teams()).await?;
     let url = capture_url(&state, &headers);
     let body = html! {
-        (flash(outcome.done.as_deref(), outcome.error.as_deref()))
+        (outcome.flash())
         section.card {
             h2 { "New team" }
             form method="post" action="/teams" {
