@@ -149,6 +149,25 @@ impl<'txn> JobTables<'txn> {
         Ok(())
     }
 
+    /// After a failed or interrupted attempt: a dead letter if `dead`, else due again at
+    /// `retry_at_ms`.
+    fn retry_or_bury(
+        &mut self,
+        mut job: Job,
+        dead: bool,
+        retry_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        if dead {
+            job.state = JobState::Dead;
+            self.put_final(&job)
+        } else {
+            job.state = JobState::Retrying;
+            job.run_at_ms = retry_at_ms;
+            self.put(&job)?;
+            self.make_due(&job)
+        }
+    }
+
     /// Stores a job that has just become dead or cancelled, indexed for its retention.
     fn put_final(&mut self, job: &Job) -> Result<(), StoreError> {
         self.put(job)?;
@@ -294,15 +313,8 @@ impl<'txn> JobTables<'txn> {
             }
             Outcome::Retry { error, retry_at_ms } => {
                 self.record_failure(&mut job, error);
-                if job.attempts >= job.max_attempts {
-                    job.state = JobState::Dead;
-                    self.put_final(&job)?;
-                } else {
-                    job.state = JobState::Retrying;
-                    job.run_at_ms = retry_at_ms;
-                    self.put(&job)?;
-                    self.make_due(&job)?;
-                }
+                let spent = job.attempts >= job.max_attempts;
+                self.retry_or_bury(job, spent, retry_at_ms)?;
             }
             Outcome::Failed { error } => {
                 self.record_failure(&mut job, error);
@@ -318,18 +330,13 @@ impl<'txn> JobTables<'txn> {
                     .iter()
                     .filter(|a| a.error == INTERRUPTED)
                     .count();
-                if interruptions >= MAX_INTERRUPTIONS {
+                let suspected = interruptions >= MAX_INTERRUPTIONS;
+                if suspected {
                     job.note(format!(
                         "interrupted by {interruptions} server stops; set aside as a dead letter in case it causes them"
                     ));
-                    job.state = JobState::Dead;
-                    self.put_final(&job)?;
-                } else {
-                    job.state = JobState::Retrying;
-                    job.run_at_ms = retry_at_ms;
-                    self.put(&job)?;
-                    self.make_due(&job)?;
                 }
+                self.retry_or_bury(job, suspected, retry_at_ms)?;
             }
             Outcome::Cancelled { reason } => {
                 self.cancel_tree(job, reason)?;
