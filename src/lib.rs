@@ -16,6 +16,7 @@ pub mod ids;
 pub mod ingest;
 pub mod jobs;
 pub mod ops;
+pub mod person;
 pub mod pipeline;
 pub mod plugins;
 pub mod schedule;

@@ -12,7 +12,7 @@ mod maintenance;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -23,7 +23,7 @@ use crate::geoip::GeoIp;
 use crate::ingest;
 use crate::jobs::{self, JobQueue, Workers};
 use crate::ops::Ops;
-use crate::pipeline::{Deliveries, Pipeline, PipelineStatus};
+use crate::pipeline::{Deliveries, PersonEngine, Pipeline, PipelineStatus};
 use crate::plugins::tasks::{PluginRunner, PluginSchedules};
 use crate::plugins::{Catalog, Chains, PluginError, PluginPolicy};
 use crate::schedule::Scheduler;
@@ -167,6 +167,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 catalog: catalog.clone(),
                 queue: queue.clone(),
             }),
+            persons: Arc::new(Mutex::new(PersonEngine::new(
+                store.clone(),
+                config.distinct_id_lru_size,
+            ))),
         }
         .run(shutdown.clone()),
     );

@@ -64,6 +64,8 @@ pub struct Config {
     /// Where day slots of schedules start.
     pub schedule_timezone: chrono_tz::Tz,
     pub disable_mmdb: bool,
+    /// How many distinct ids (and as many persons) the person step keeps in memory.
+    pub distinct_id_lru_size: usize,
     /// The GeoIP database named by the operator, if any.
     pub geoip_mmdb: Option<PathBuf>,
     /// Failure points armed for a crash test.
@@ -398,6 +400,7 @@ impl Config {
                 .parse()
                 .unwrap_or(chrono_tz::UTC),
             disable_mmdb: flag("DISABLE_MMDB"),
+            distinct_id_lru_size: num("DISTINCT_ID_LRU_SIZE") as usize,
             geoip_mmdb: raw
                 .get("GEOIP_MMDB_PATH")
                 .cloned()

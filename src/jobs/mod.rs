@@ -100,6 +100,7 @@ impl JobQueue {
         jobs: Vec<NewJob>,
         delivered: u64,
         undefer: &[(crate::ids::TeamId, u64)],
+        persons: &crate::person::PersonUpdates,
     ) -> Result<Vec<JobId>, StoreError> {
         let any = !jobs.is_empty();
         let ids = self.store.commit_deliveries(
@@ -108,6 +109,7 @@ impl JobQueue {
             self.key_retention_ms(),
             delivered,
             undefer,
+            persons,
         )?;
         if any {
             self.wake();

@@ -60,13 +60,13 @@ impl Pipeline {
         if redeliver.is_empty() && !fresh {
             return self.finish_deferred(prepared).await;
         }
-        let stored: StoredRows = if redeliver.is_empty() {
-            Vec::new()
-        } else {
-            self.sink
-                .stored_rows(std::sync::Arc::new(redeliver.clone()))
-                .await?
-        };
+        let stored: StoredRows = prepared
+            .redeliver
+            .iter()
+            .zip(&prepared.redeliver_rows)
+            .filter(|(q, _)| wanted(q))
+            .map(|(_, rows)| rows.clone())
+            .collect();
         let Deliveries { catalog, queue } = deliveries;
         let (catalog, queue) = (catalog.clone(), queue.clone());
         let (process, deliver, inserted) = (
@@ -75,6 +75,7 @@ impl Pipeline {
             written.inserted.clone(),
         );
         let (last, undefer) = (prepared.last, prepared.undefer.clone());
+        let persons = prepared.persons.clone();
         tokio::task::spawn_blocking(move || {
             let mut items = Vec::new();
             for (queued, rows) in redeliver.iter().zip(&stored) {
@@ -88,22 +89,31 @@ impl Pipeline {
                 }
             }
             let jobs = tasks::delivery_jobs(&catalog, &items)?;
-            if !jobs.is_empty() || !undefer.is_empty() {
-                queue.commit_deliveries(jobs, last, &undefer)?;
+            if !jobs.is_empty() || !undefer.is_empty() || !persons.is_empty() {
+                queue.commit_deliveries(jobs, last, &undefer, &persons)?;
             }
             Ok::<_, StepError>(())
         })
         .await?
     }
 
-    /// With no deliveries to queue, still records that deferred batches are complete.
+    /// With no deliveries to queue, still commits the person changes and records that deferred
+    /// batches are complete.
     async fn finish_deferred(&self, prepared: &Prepared) -> Result<(), StepError> {
-        if prepared.undefer.is_empty() {
+        if prepared.undefer.is_empty() && prepared.persons.is_empty() {
             return Ok(());
         }
         let (store, last, undefer) = (self.store.clone(), prepared.last, prepared.undefer.clone());
+        let persons = prepared.persons.clone();
         tokio::task::spawn_blocking(move || {
-            store.commit_deliveries(Vec::new(), crate::jobs::now_ms(), 0, last, &undefer)
+            store.commit_deliveries(
+                Vec::new(),
+                crate::jobs::now_ms(),
+                0,
+                last,
+                &undefer,
+                &persons,
+            )
         })
         .await??;
         Ok(())

@@ -9,6 +9,7 @@
 
 mod backoff;
 mod deliver;
+mod persons;
 pub mod positions;
 mod prepare;
 mod status;
@@ -21,12 +22,14 @@ use tokio::time::Instant;
 
 use crate::ids::TeamId;
 use crate::jobs::JobQueue;
+use crate::person::{PersonColumns, PersonUpdates};
 use crate::plugins::{Catalog, Chains};
 use crate::shutdown::Shutdown;
-use crate::sinks::{Sink, Written};
+use crate::sinks::{Sink, SinkWrite, StoredRows, Written};
 use crate::store::{QueuedBatch, ReadLimits, Store, StoreError};
 use crate::telemetry::names;
 use backoff::Backoff;
+pub use persons::PersonEngine;
 use positions::Positions;
 pub use status::{PipelineReport, PipelineStatus};
 
@@ -55,6 +58,8 @@ pub struct Pipeline {
     pub wake: Arc<Notify>,
     /// Where written events are handed to `on-event`/`export-events` plugins.
     pub deliveries: Option<Deliveries>,
+    /// The person step, run on each batch after the plugins.
+    pub persons: Arc<Mutex<PersonEngine>>,
 }
 
 /// After-write deliveries: written events become jobs of the plugins that export them.
@@ -79,8 +84,14 @@ enum StepError {
 pub(super) struct Prepared {
     /// Batches the sink holds already, whose deliveries are rebuilt from its rows.
     redeliver: Vec<QueuedBatch>,
-    /// Batches through the plugins, to write.
+    /// The rows the sink stored for each batch of `redeliver`.
+    redeliver_rows: StoredRows,
+    /// Batches through the plugins and the person step, to write.
     process: Arc<Vec<QueuedBatch>>,
+    /// For each event of `process`, its person columns.
+    columns: Arc<Vec<Vec<PersonColumns>>>,
+    /// What the person step changed (committed with the deliveries).
+    persons: Arc<PersonUpdates>,
     /// For each batch of `process`: whether its deliveries are to be queued.
     deliver: Vec<bool>,
     /// Deferred batches this completes (removed with the deliveries' transaction).
@@ -243,6 +254,10 @@ impl Pipeline {
             if !self.deliver(&prepared, &written, &mut shutdown).await {
                 break;
             }
+            self.persons
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .committed(prepared.last);
             positions.delivered(prepared.last);
             self.status
                 .set_positions(positions.sink, positions.delivered);
@@ -278,10 +293,12 @@ impl Pipeline {
                 return None;
             }
             let started = Instant::now();
-            let result = self
-                .sink
-                .write(prepared.process.clone(), prepared.last)
-                .await;
+            let write = SinkWrite {
+                batches: prepared.process.clone(),
+                columns: prepared.columns.clone(),
+                persons: prepared.persons.clone(),
+            };
+            let result = self.sink.write(write, prepared.last).await;
             metrics::histogram!(names::SINK_WRITE_SECONDS, "sink" => sink)
                 .record(started.elapsed().as_secs_f64());
             match result {

@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use super::positions::{Plan, Positions};
 use super::{Pipeline, Prepared, StepError};
-use crate::event::IngestBatch;
+use crate::event::{EventRow, IngestBatch};
 use crate::ids::TeamId;
+use crate::person::{PersonColumns, PersonUpdates};
 use crate::plugins::Readiness;
 use crate::sinks::StoredRows;
-use crate::store::QueuedBatch;
+use crate::store::{QueuedBatch, StoreError};
 
 /// What the plugin chains made of one read.
 struct Chained {
@@ -88,14 +89,57 @@ impl Pipeline {
             .map(|q| q.batch.events.len())
             .sum();
         let (process, deliver): (Vec<_>, Vec<_>) = process.into_iter().unzip();
+        let redeliver_rows = if redeliver.is_empty() {
+            Vec::new()
+        } else {
+            self.sink.stored_rows(Arc::new(redeliver.clone())).await?
+        };
+        let (process, columns, persons) = self
+            .person_step(process, &redeliver, &redeliver_rows, last)
+            .await?;
         Ok(Some(Prepared {
             redeliver,
+            redeliver_rows,
             process: Arc::new(process),
+            columns: Arc::new(columns),
+            persons: Arc::new(persons),
             deliver,
             undefer,
             last,
             events,
         }))
+    }
+
+    /// The person step: first the batches the sink stored before a crash (recomputed from its
+    /// rows, whose person changes were not committed), then the batches to write.
+    async fn person_step(
+        &self,
+        mut process: Vec<QueuedBatch>,
+        redeliver: &[QueuedBatch],
+        redeliver_rows: &StoredRows,
+        last: u64,
+    ) -> Result<(Vec<QueuedBatch>, Vec<Vec<PersonColumns>>, PersonUpdates), StepError> {
+        let stored: Vec<(TeamId, Vec<EventRow>)> = redeliver
+            .iter()
+            .zip(redeliver_rows)
+            .map(|(q, rows)| (q.batch.team_id, rows.iter().flatten().cloned().collect()))
+            .collect();
+        let engine = self.persons.clone();
+        let step = tokio::task::spawn_blocking(move || {
+            let mut engine = engine
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut updates = if stored.is_empty() {
+                PersonUpdates::default()
+            } else {
+                engine.recompute(stored, last)?
+            };
+            let step = engine.process(&mut process, last)?;
+            updates.extend(step.updates);
+            Ok::<_, StoreError>((process, step.columns, updates))
+        })
+        .await??;
+        Ok(step)
     }
 
     /// Runs the chains over the batches that can go now, and sorts out the rest.

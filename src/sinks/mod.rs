@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::event::EventRow;
+use crate::person::{PersonColumns, PersonUpdates};
 use crate::store::QueuedBatch;
 
 #[derive(Debug, thiserror::Error)]
@@ -71,14 +72,24 @@ pub trait Sink: Send + Sync {
     /// The last ingest-queue position this sink has durably committed (0 if none).
     fn position(&self) -> SinkFuture<'_, u64>;
 
-    /// Writes the events of `batches` and records `position` as reached, atomically where the
-    /// store allows. Events whose (team, uuid) is already stored are skipped; the answer says
-    /// which events this write inserted.
-    fn write(&self, batches: Arc<Vec<QueuedBatch>>, position: u64) -> SinkFuture<'_, Written>;
+    /// Writes the events of `write` with their person columns, and its persons, distinct ids
+    /// and groups, and records `position` as reached, atomically where the store allows.
+    /// Events whose (team, uuid) is already stored are skipped; the answer says which events
+    /// this write inserted.
+    fn write(&self, write: SinkWrite, position: u64) -> SinkFuture<'_, Written>;
 
     /// For each event of `batches`, the row as stored, if the batch's own write inserted it
     /// (after a crash, the deliveries of a stored batch are rebuilt from these).
     fn stored_rows(&self, batches: Arc<Vec<QueuedBatch>>) -> SinkFuture<'_, StoredRows>;
+}
+
+/// One write: processed batches, each event's person columns, and the person changes.
+#[derive(Clone, Debug, Default)]
+pub struct SinkWrite {
+    pub batches: Arc<Vec<QueuedBatch>>,
+    /// For each batch, each event's person columns.
+    pub columns: Arc<Vec<Vec<PersonColumns>>>,
+    pub persons: Arc<PersonUpdates>,
 }
 
 /// Which events of each written batch were inserted (false: the sink already held that event).

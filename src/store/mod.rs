@@ -12,6 +12,7 @@ mod exports;
 mod ingest;
 mod jobs;
 mod notes;
+mod persons;
 mod plugin_data;
 mod plugins;
 mod positions;
@@ -35,6 +36,7 @@ pub use jobs::{
     Attempt, Cadence, Claimed, Control, Job, JobKind, JobState, JobStats, JobTables, NewJob,
     Outcome, ScheduleState, ScheduleTables,
 };
+pub use persons::{PersonView, PersonsReader, MAX_WARNINGS_PER_TEAM};
 pub use plugin_data::{PluginLogEntry, StorageQuota};
 pub use plugins::{PluginConfig, PluginRecord};
 pub use positions::QuarantinedRecord;
@@ -319,6 +321,7 @@ impl Store {
             exports::create_tables(&txn)?;
             positions::create_tables(&txn)?;
             deferred::create_tables(&txn)?;
+            persons::create_tables(&txn)?;
         }
         ingest::init_queued_bytes(&txn)?;
         self.commit(txn)?;

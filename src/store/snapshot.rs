@@ -110,6 +110,13 @@ fn copy_all(c: &mut Copier) -> Result<(), StoreError> {
     c.copy(jobs::JOBS_FINAL)?;
     c.copy(schedules::SCHEDULES)?;
     c.copy(super::exports::EXPORTS)?;
+    c.copy(super::persons::PERSONS)?;
+    c.copy(super::persons::DISTINCT_IDS)?;
+    c.copy(super::persons::PERSON_DISTINCT_IDS)?;
+    c.copy(super::persons::PERSONLESS_IDS)?;
+    c.copy(super::persons::GROUP_TYPES)?;
+    c.copy(super::persons::GROUPS)?;
+    c.copy(super::persons::WARNINGS)?;
     Ok(())
 }
 

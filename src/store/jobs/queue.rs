@@ -51,9 +51,11 @@ impl Store {
         key_retention_ms: i64,
         delivered: u64,
         undefer: &[(TeamId, u64)],
+        persons: &crate::person::PersonUpdates,
     ) -> Result<Vec<JobId>, StoreError> {
         let txn = self.write()?;
         let ids = insert_all(&txn, jobs, now_ms, key_retention_ms)?;
+        super::super::persons::apply(&txn, persons)?;
         super::super::positions::mark_delivered(&txn, delivered)?;
         let teams = super::super::deferred::undefer(&txn, undefer)?;
         self.commit(txn)?;

@@ -10,7 +10,11 @@ use std::sync::{Arc, Mutex};
 use chrono::Utc;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{EventReader, Sink, SinkError, SinkFuture, StoredEvent, StoredRows, Written};
+mod persons;
+
+use super::{
+    EventReader, Sink, SinkError, SinkFuture, SinkWrite, StoredEvent, StoredRows, Written,
+};
 use crate::event::{timestamp_text, EventRow};
 use crate::store::QueuedBatch;
 
@@ -197,22 +201,27 @@ impl Sink for SqliteSink {
         })
     }
 
-    fn write(&self, batches: Arc<Vec<QueuedBatch>>, position: u64) -> SinkFuture<'_, Written> {
+    fn write(&self, write: SinkWrite, position: u64) -> SinkFuture<'_, Written> {
         self.with_conn(move |conn| {
             let created_at = timestamp_text(Utc::now());
             let tx = conn.transaction()?;
             let mut written = Written::default();
             {
                 let mut insert = tx.prepare_cached(
-                    "INSERT INTO posthog_event (uuid, event, properties, elements_chain, timestamp, team_id, distinct_id, created_at, queue_position)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                    "INSERT INTO posthog_event (uuid, event, properties, elements_chain, timestamp, team_id, distinct_id, created_at, queue_position,
+                        person_id, person_properties, person_created_at, person_mode)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
                      ON CONFLICT(team_id, uuid) DO NOTHING",
                 )?;
                 let mut uuid_text = uuid::Uuid::encode_buffer();
-                for queued in batches.iter() {
+                let mut person_text = uuid::Uuid::encode_buffer();
+                let no_columns = Vec::new();
+                for (index, queued) in write.batches.iter().enumerate() {
                     let batch = &queued.batch;
+                    let columns = write.columns.get(index).unwrap_or(&no_columns);
                     let mut inserted = Vec::with_capacity(batch.events.len());
-                    for e in &batch.events {
+                    for (at, e) in batch.events.iter().enumerate() {
+                        let person = columns.get(at);
                         let changed = insert.execute(params![
                             &*e.uuid.hyphenated().encode_lower(&mut uuid_text),
                             e.event,
@@ -223,11 +232,16 @@ impl Sink for SqliteSink {
                             e.distinct_id,
                             created_at,
                             queued.seq as i64,
+                            person.map(|p| &*p.person_id.hyphenated().encode_lower(&mut person_text)),
+                            person.map_or("{}", |p| p.person_properties.as_str()),
+                            person.map(|p| timestamp_text(p.person_created_at)),
+                            person.map_or("full", |p| p.person_mode.as_str()),
                         ])?;
                         inserted.push(changed == 1);
                     }
                     written.inserted.push(inserted);
                 }
+                persons::write(&tx, &write.persons)?;
                 tx.execute(
                     "INSERT INTO appliance_sink_position (sink, position) VALUES (?1, ?2)
                      ON CONFLICT(sink) DO UPDATE SET position = MAX(position, excluded.position)",

@@ -1,0 +1,670 @@
+//! One event's person step, as PostHog's ingestion does it: personless events, merges
+//! (`$identify`, `$create_alias`, `$merge_dangerously`), the property update, then groups
+//! (`$groups`, `$groupidentify`).
+//!
+//! Sources: `person-state.ts`, `person-merge-service.ts`, `processPersonlessStep.ts`,
+//! `groups.ts` and `create-event.ts` of PostHog's plugin server (notes §3). Where versions of
+//! PostHog differ, the current one is followed: the survivor of a merge is the event's own
+//! distinct id's person, its version is one past the higher of the two, and properties that
+//! only describe the device do not make an update on their own.
+
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use super::rules::{self, Properties, PropertyUpdate};
+use super::{
+    person_uuid, placeholder_created_at, DistinctId, Group, IngestionWarning, Person, PersonChange,
+    PersonColumns, PersonMode, PersonUpdates, MAX_GROUP_TYPES, MAX_PROPERTIES_BYTES,
+};
+use crate::event::EventRow;
+use crate::ids::TeamId;
+
+/// The persons, distinct ids and groups as they stand before the step: what the processor
+/// reads. Its own changes it keeps in its [`PersonUpdates`] and reads from there first.
+pub trait PersonState {
+    type Error;
+    fn distinct_id(&mut self, team: TeamId, id: &str) -> Result<Option<DistinctId>, Self::Error>;
+    fn person(&mut self, team: TeamId, uuid: Uuid) -> Result<Option<Person>, Self::Error>;
+    /// The distinct ids pointing at a person.
+    fn distinct_ids_of(&mut self, team: TeamId, uuid: Uuid) -> Result<Vec<String>, Self::Error>;
+    /// `Some(is_merged)` if the id was seen on a personless event.
+    fn personless(&mut self, team: TeamId, id: &str) -> Result<Option<bool>, Self::Error>;
+    /// The team's group types and their indexes.
+    fn group_types(&mut self, team: TeamId) -> Result<Vec<(String, u8)>, Self::Error>;
+    fn group(&mut self, team: TeamId, index: u8, key: &str) -> Result<Option<Group>, Self::Error>;
+}
+
+/// Events that a personless event may not be.
+const PERSON_EVENTS: [&str; 4] = [
+    "$identify",
+    "$create_alias",
+    "$merge_dangerously",
+    "$groupidentify",
+];
+
+/// Runs the person step over events, in order, against `state`.
+pub struct PersonProcessor<'s, S: PersonState> {
+    state: &'s mut S,
+    pub updates: PersonUpdates,
+}
+
+/// How a person's version moves when this event's changes are written.
+#[derive(Clone, Copy)]
+enum NextVersion {
+    /// Created by this event: version 0.
+    New,
+    /// Existing: one past what it had.
+    After(u64),
+    /// Merged: one past the higher of the two persons.
+    Merged(u64),
+}
+
+/// The person an event is about, while the event changes it.
+struct Working {
+    person: Person,
+    next: NextVersion,
+    changed: bool,
+}
+
+impl<'s, S: PersonState> PersonProcessor<'s, S> {
+    pub fn new(state: &'s mut S) -> Self {
+        PersonProcessor {
+            state,
+            updates: PersonUpdates::default(),
+        }
+    }
+
+    /// Processes one event: its properties are rewritten as PostHog stores them, and the answer
+    /// is its person columns, or `None` if the event is dropped (with a warning).
+    pub fn process(
+        &mut self,
+        team: TeamId,
+        row: &mut EventRow,
+    ) -> Result<Option<PersonColumns>, S::Error> {
+        let mut properties: Map<String, Value> = match serde_json::from_str(&row.properties) {
+            Ok(Value::Object(map)) => map,
+            _ => Map::new(),
+        };
+        let personless = properties.get("$process_person_profile") == Some(&Value::Bool(false));
+        let columns = if personless {
+            if PERSON_EVENTS.contains(&row.event.as_str()) {
+                self.warn(
+                    team,
+                    "invalid_event_when_process_person_profile_is_false",
+                    json!({"eventUuid": row.uuid, "event": row.event, "distinctId": row.distinct_id}),
+                    row.timestamp,
+                );
+                return Ok(None);
+            }
+            for key in ["$set", "$set_once", "$unset"] {
+                properties.remove(key);
+            }
+            self.personless_columns(team, row)?
+        } else {
+            properties.remove("$process_person_profile");
+            rules::add_auto_person_properties(&row.event, &mut properties);
+            self.full(team, row, &properties)?
+        };
+        self.groups(team, row, &mut properties)?;
+        if personless {
+            for index in 0..MAX_GROUP_TYPES {
+                properties.remove(&format!("$group_{index}"));
+            }
+        }
+        // Serialising a map of JSON values cannot fail.
+        row.properties = serde_json::to_string(&properties).unwrap_or_default();
+        Ok(Some(columns))
+    }
+
+    fn personless_columns(
+        &mut self,
+        team: TeamId,
+        row: &EventRow,
+    ) -> Result<PersonColumns, S::Error> {
+        if let Some(found) = self.distinct_id(team, &row.distinct_id)? {
+            if let Some(person) = self.person(team, found.person)? {
+                let upgrade = row.timestamp > person.created_at + Duration::minutes(1);
+                return Ok(PersonColumns {
+                    person_id: person.uuid,
+                    person_properties: "{}".into(),
+                    person_created_at: person.created_at,
+                    person_mode: if upgrade {
+                        PersonMode::ForceUpgrade
+                    } else {
+                        PersonMode::Propertyless
+                    },
+                });
+            }
+        }
+        if self.personless(team, &row.distinct_id)?.is_none() {
+            self.updates
+                .personless
+                .insert((team, row.distinct_id.clone()), false);
+        }
+        Ok(PersonColumns {
+            person_id: person_uuid(team, &row.distinct_id),
+            person_properties: "{}".into(),
+            person_created_at: placeholder_created_at(),
+            person_mode: PersonMode::Propertyless,
+        })
+    }
+
+    fn full(
+        &mut self,
+        team: TeamId,
+        row: &EventRow,
+        properties: &Map<String, Value>,
+    ) -> Result<PersonColumns, S::Error> {
+        let update = PropertyUpdate::of(properties);
+        let other = match row.event.as_str() {
+            "$identify" => properties.get("$anon_distinct_id").map(id_text),
+            "$create_alias" | "$merge_dangerously" => {
+                properties.get("alias").filter(|v| truthy(v)).map(id_text)
+            }
+            _ => None,
+        };
+        let mut working = match other {
+            Some(other) if other != row.distinct_id => self.merge(team, row, &other, &update)?,
+            _ => None,
+        };
+        if working.is_none() {
+            working = match self.distinct_id(team, &row.distinct_id)? {
+                Some(found) => self.person(team, found.person)?.map(|person| Working {
+                    next: NextVersion::After(person.version),
+                    person,
+                    changed: false,
+                }),
+                None => None,
+            };
+        }
+        let mut working = match working {
+            Some(w) => {
+                if !rules::never_updates_person(&row.event) {
+                    self.apply(team, row, w, &update)
+                } else {
+                    w
+                }
+            }
+            None => {
+                let person = self.new_person(
+                    team,
+                    row,
+                    &update,
+                    person_uuid(team, &row.distinct_id),
+                    false,
+                );
+                self.updates.distinct_ids.insert(
+                    (team, row.distinct_id.clone()),
+                    Some(DistinctId {
+                        person: person.uuid,
+                        version: 0,
+                    }),
+                );
+                Working {
+                    person,
+                    next: NextVersion::New,
+                    changed: true,
+                }
+            }
+        };
+        if working.changed {
+            working.person.version = match working.next {
+                NextVersion::New => 0,
+                NextVersion::After(v) => v + 1,
+                NextVersion::Merged(v) => v,
+            };
+            self.updates.persons.insert(
+                (team, working.person.uuid),
+                PersonChange::Upsert(working.person.clone()),
+            );
+        }
+        // PostHog's `person_properties`: the person's properties with this event's `$set` over
+        // them (what a device property that did not trigger an update would have been).
+        let mut shown = working.person.properties.clone();
+        shown.extend(update.set.clone());
+        Ok(PersonColumns {
+            person_id: working.person.uuid,
+            person_properties: serde_json::to_string(&shown).unwrap_or_default(),
+            person_created_at: working.person.created_at,
+            person_mode: PersonMode::Full,
+        })
+    }
+
+    /// Applies the event's property update to `working`, unless the result would be too big.
+    fn apply(
+        &mut self,
+        team: TeamId,
+        row: &EventRow,
+        mut working: Working,
+        update: &PropertyUpdate,
+    ) -> Working {
+        if update.is_empty() {
+            return working;
+        }
+        let before = working.person.clone();
+        let person = &mut working.person;
+        let target = Properties {
+            values: &mut person.properties,
+            last_operation: &mut person.properties_last_operation,
+            last_updated_at: &mut person.properties_last_updated_at,
+        };
+        if !rules::apply_update(target, update, &row.event, row.timestamp) {
+            return working;
+        }
+        if json_len(&working.person.properties) > MAX_PROPERTIES_BYTES {
+            self.warn(
+                team,
+                "person_properties_size_violation",
+                json!({"personId": before.uuid, "distinctId": row.distinct_id, "eventUuid": row.uuid}),
+                row.timestamp,
+            );
+            working.person = before;
+            return working;
+        }
+        working.changed = true;
+        working
+    }
+
+    fn new_person(
+        &mut self,
+        team: TeamId,
+        row: &EventRow,
+        update: &PropertyUpdate,
+        uuid: Uuid,
+        is_identified: bool,
+    ) -> Person {
+        let mut properties = update.set_once.clone();
+        properties.extend(update.set.clone());
+        let stamp = Value::String(crate::event::timestamp_text(row.timestamp));
+        let mut last_operation = Map::new();
+        let mut last_updated_at = Map::new();
+        for key in properties.keys() {
+            let op = if update.set.contains_key(key) {
+                "set"
+            } else {
+                "set_once"
+            };
+            last_operation.insert(key.clone(), Value::String(op.into()));
+            last_updated_at.insert(key.clone(), stamp.clone());
+        }
+        if json_len(&properties) > MAX_PROPERTIES_BYTES {
+            self.warn(
+                team,
+                "person_properties_size_violation",
+                json!({"personId": uuid, "distinctId": row.distinct_id, "eventUuid": row.uuid}),
+                row.timestamp,
+            );
+            properties.clear();
+            last_operation.clear();
+            last_updated_at.clear();
+        }
+        properties.insert(
+            "$creator_event_uuid".into(),
+            Value::String(row.uuid.to_string()),
+        );
+        Person {
+            uuid,
+            properties,
+            properties_last_operation: last_operation,
+            properties_last_updated_at: last_updated_at,
+            created_at: row.timestamp,
+            version: 0,
+            is_identified,
+        }
+    }
+
+    /// `other` (the anonymous id or alias) joins the person of the event's own distinct id.
+    /// Answers the person the event then belongs to, if the merge decided it.
+    fn merge(
+        &mut self,
+        team: TeamId,
+        row: &EventRow,
+        other: &str,
+        update: &PropertyUpdate,
+    ) -> Result<Option<Working>, S::Error> {
+        let into = row.distinct_id.as_str();
+        for (illegal, fine) in [(into, other), (other, into)] {
+            if rules::is_illegal_distinct_id(illegal) {
+                self.warn(
+                    team,
+                    "cannot_merge_with_illegal_distinct_id",
+                    json!({"illegalDistinctId": illegal, "otherDistinctId": fine, "eventUuid": row.uuid}),
+                    row.timestamp,
+                );
+                return Ok(None);
+            }
+        }
+        let target = self.person_of(team, into)?;
+        let source = self.person_of(team, other)?;
+        let working = match (target, source) {
+            (Some(target), Some(source)) if target.uuid == source.uuid => identified(target),
+            (Some(target), Some(source)) => {
+                if source.is_identified && row.event != "$merge_dangerously" {
+                    self.warn(
+                        team,
+                        "cannot_merge_already_identified",
+                        json!({"sourcePersonDistinctId": other, "targetPersonDistinctId": into, "eventUuid": row.uuid}),
+                        row.timestamp,
+                    );
+                    return Ok(None);
+                }
+                self.merge_people(team, target, source)?
+            }
+            (Some(person), None) => {
+                self.add_distinct_id(team, other, person.uuid)?;
+                identified(person)
+            }
+            (None, Some(person)) => {
+                self.add_distinct_id(team, into, person.uuid)?;
+                identified(person)
+            }
+            (None, None) => {
+                // The uuid of the anonymous id's placeholder person if its events were stored
+                // personless, so they already point at this person.
+                let other_personless = self.personless(team, other)?.is_some();
+                let first = if other_personless { other } else { into };
+                let person = self.new_person(team, row, update, person_uuid(team, first), true);
+                for id in [into, other] {
+                    let version = u64::from(id != first && self.personless(team, id)?.is_some());
+                    self.set_distinct_id(team, id, person.uuid, version);
+                }
+                if other_personless {
+                    self.updates
+                        .personless
+                        .insert((team, other.to_owned()), true);
+                }
+                Working {
+                    person,
+                    next: NextVersion::New,
+                    changed: true,
+                }
+            }
+        };
+        Ok(Some(working))
+    }
+
+    /// Points `id` at `person` as a new distinct id: version 0, or 1 if events of the id were
+    /// stored personless under its placeholder uuid (so sinks override those).
+    fn add_distinct_id(&mut self, team: TeamId, id: &str, person: Uuid) -> Result<(), S::Error> {
+        let was_personless = self.personless(team, id)?.is_some();
+        self.set_distinct_id(team, id, person, u64::from(was_personless));
+        if was_personless {
+            self.updates.personless.insert((team, id.to_owned()), true);
+        }
+        Ok(())
+    }
+
+    fn set_distinct_id(&mut self, team: TeamId, id: &str, person: Uuid, version: u64) {
+        self.updates
+            .distinct_ids
+            .insert((team, id.to_owned()), Some(DistinctId { person, version }));
+    }
+
+    /// PostHog's `mergePeople`: `source`'s distinct ids move to `target`, properties of
+    /// `target` win, the older `created_at` stays, and `source` is deleted.
+    fn merge_people(
+        &mut self,
+        team: TeamId,
+        target: Person,
+        source: Person,
+    ) -> Result<Working, S::Error> {
+        let mut merged = target.clone();
+        for (mine, theirs) in [
+            (&mut merged.properties, &source.properties),
+            (
+                &mut merged.properties_last_operation,
+                &source.properties_last_operation,
+            ),
+            (
+                &mut merged.properties_last_updated_at,
+                &source.properties_last_updated_at,
+            ),
+        ] {
+            let mut combined = theirs.clone();
+            combined.extend(std::mem::take(mine));
+            *mine = combined;
+        }
+        merged.created_at = target.created_at.min(source.created_at);
+        merged.is_identified = true;
+        for id in self.distinct_ids_of(team, source.uuid)? {
+            let version = self.distinct_id(team, &id)?.map_or(0, |d| d.version + 1);
+            self.set_distinct_id(team, &id, target.uuid, version);
+        }
+        self.updates.persons.insert(
+            (team, source.uuid),
+            PersonChange::Deleted {
+                version: source.version,
+            },
+        );
+        Ok(Working {
+            next: NextVersion::Merged(target.version.max(source.version) + 1),
+            person: merged,
+            changed: true,
+        })
+    }
+
+    /// `$groups` to `$group_N`, and `$groupidentify` to a group.
+    fn groups(
+        &mut self,
+        team: TeamId,
+        row: &EventRow,
+        properties: &mut Map<String, Value>,
+    ) -> Result<(), S::Error> {
+        if row.event == "$groupidentify" {
+            let group_type = properties.get("$group_type").map(id_text);
+            let key = properties
+                .get("$group_key")
+                .filter(|v| !v.is_null())
+                .map(id_text);
+            if let (Some(group_type), Some(key)) = (group_type, key) {
+                if let Some(index) = self.group_type_index(team, &group_type, row)? {
+                    let set = match properties.get("$group_set") {
+                        Some(Value::Object(set)) => set.clone(),
+                        _ => Map::new(),
+                    };
+                    self.upsert_group(team, index, key, set, row)?;
+                }
+            }
+        }
+        let Some(Value::Object(groups)) = properties.get("$groups").cloned() else {
+            return Ok(());
+        };
+        for (group_type, key) in groups {
+            if let Some(index) = self.group_type_index(team, &group_type, row)? {
+                properties.insert(format!("$group_{index}"), key);
+            }
+        }
+        Ok(())
+    }
+
+    fn group_type_index(
+        &mut self,
+        team: TeamId,
+        group_type: &str,
+        row: &EventRow,
+    ) -> Result<Option<u8>, S::Error> {
+        let mut known = self.state.group_types(team)?;
+        known.extend(
+            self.updates
+                .group_types
+                .iter()
+                .filter(|((t, _), _)| *t == team)
+                .map(|((_, name), index)| (name.clone(), *index)),
+        );
+        if let Some((_, index)) = known.iter().find(|(name, _)| name == group_type) {
+            return Ok(Some(*index));
+        }
+        let next = known.len() as u8;
+        if next >= MAX_GROUP_TYPES {
+            self.warn(
+                team,
+                "group_type_limit_reached",
+                json!({"groupType": group_type, "eventUuid": row.uuid}),
+                row.timestamp,
+            );
+            return Ok(None);
+        }
+        self.updates
+            .group_types
+            .insert((team, group_type.to_owned()), next);
+        Ok(Some(next))
+    }
+
+    fn upsert_group(
+        &mut self,
+        team: TeamId,
+        index: u8,
+        key: String,
+        set: Map<String, Value>,
+        row: &EventRow,
+    ) -> Result<(), S::Error> {
+        let existing = match self.updates.groups.get(&(team, index, key.clone())) {
+            Some(group) => Some(group.clone()),
+            None => self.state.group(team, index, &key)?,
+        };
+        let update = PropertyUpdate {
+            set,
+            ..PropertyUpdate::default()
+        };
+        let group = match existing {
+            Some(mut group) => {
+                let target = Properties {
+                    values: &mut group.properties,
+                    last_operation: &mut group.properties_last_operation,
+                    last_updated_at: &mut group.properties_last_updated_at,
+                };
+                // Every group property triggers an update ($groupidentify is a person event).
+                if !rules::apply_update(target, &update, "$identify", row.timestamp) {
+                    return Ok(());
+                }
+                group.version += 1;
+                group
+            }
+            None => {
+                let mut group = Group {
+                    properties: Map::new(),
+                    properties_last_operation: Map::new(),
+                    properties_last_updated_at: Map::new(),
+                    created_at: row.timestamp,
+                    version: 1,
+                };
+                let target = Properties {
+                    values: &mut group.properties,
+                    last_operation: &mut group.properties_last_operation,
+                    last_updated_at: &mut group.properties_last_updated_at,
+                };
+                rules::apply_update(target, &update, "$identify", row.timestamp);
+                group
+            }
+        };
+        if json_len(&group.properties) > MAX_PROPERTIES_BYTES {
+            self.warn(
+                team,
+                "group_properties_size_violation",
+                json!({"groupKey": key, "eventUuid": row.uuid}),
+                row.timestamp,
+            );
+            return Ok(());
+        }
+        self.updates.groups.insert((team, index, key), group);
+        Ok(())
+    }
+
+    /// Records an ingestion warning.
+    fn warn(&mut self, team: TeamId, kind: &str, details: Value, at: DateTime<Utc>) {
+        self.updates.warnings.push((
+            team,
+            IngestionWarning {
+                kind: kind.into(),
+                details: details.to_string(),
+                timestamp: at,
+            },
+        ));
+    }
+
+    // Reads through this step's own changes first.
+
+    fn distinct_id(&mut self, team: TeamId, id: &str) -> Result<Option<DistinctId>, S::Error> {
+        match self.updates.distinct_ids.get(&(team, id.to_owned())) {
+            Some(found) => Ok(found.clone()),
+            None => self.state.distinct_id(team, id),
+        }
+    }
+
+    fn person(&mut self, team: TeamId, uuid: Uuid) -> Result<Option<Person>, S::Error> {
+        match self.updates.persons.get(&(team, uuid)) {
+            Some(PersonChange::Upsert(person)) => Ok(Some(person.clone())),
+            Some(PersonChange::Deleted { .. }) => Ok(None),
+            None => self.state.person(team, uuid),
+        }
+    }
+
+    fn person_of(&mut self, team: TeamId, id: &str) -> Result<Option<Person>, S::Error> {
+        match self.distinct_id(team, id)? {
+            Some(found) => self.person(team, found.person),
+            None => Ok(None),
+        }
+    }
+
+    fn personless(&mut self, team: TeamId, id: &str) -> Result<Option<bool>, S::Error> {
+        match self.updates.personless.get(&(team, id.to_owned())) {
+            Some(merged) => Ok(Some(*merged)),
+            None => self.state.personless(team, id),
+        }
+    }
+
+    fn distinct_ids_of(&mut self, team: TeamId, uuid: Uuid) -> Result<Vec<String>, S::Error> {
+        let mut ids: Vec<String> = self
+            .state
+            .distinct_ids_of(team, uuid)?
+            .into_iter()
+            .filter(
+                |id| match self.updates.distinct_ids.get(&(team, id.clone())) {
+                    Some(now) => now.as_ref().is_some_and(|d| d.person == uuid),
+                    None => true,
+                },
+            )
+            .collect();
+        for ((t, id), now) in &self.updates.distinct_ids {
+            if *t == team && now.as_ref().is_some_and(|d| d.person == uuid) && !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// The person, marked identified (a change if it was not).
+fn identified(mut person: Person) -> Working {
+    let changed = !person.is_identified;
+    person.is_identified = true;
+    Working {
+        next: NextVersion::After(person.version),
+        person,
+        changed,
+    }
+}
+
+/// JavaScript's `String(value)` for an id: strings as they are, other values as JSON text.
+fn id_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// JavaScript truthiness of a JSON value.
+fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(_) | Value::Object(_) => true,
+    }
+}
+
+fn json_len(map: &Map<String, Value>) -> usize {
+    serde_json::to_string(map).map_or(0, |s| s.len())
+}

@@ -1,0 +1,365 @@
+//! PostHog's rules for person properties and distinct ids, as plain functions.
+//!
+//! Sources (see `../shared/notes/posthog-persons-sinks-sources.md` §3): the illegal distinct ids
+//! of `person-merge-service.ts`, the property update of `person-update.ts`
+//! (`computeEventPropertyUpdates`), the automatic person properties of
+//! `person-property-utils.ts` and the newest `FILTERED_PERSON_UPDATE_PROPERTIES`.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+/// Ids that never merge, whatever their case.
+const ILLEGAL_IDS_ANY_CASE: [&str; 10] = [
+    "anonymous",
+    "guest",
+    "distinctid",
+    "distinct_id",
+    "id",
+    "not_authenticated",
+    "email",
+    "undefined",
+    "true",
+    "false",
+];
+/// Ids that never merge, exactly as written.
+const ILLEGAL_IDS_EXACT: [&str; 7] = [
+    "[object Object]",
+    "NaN",
+    "None",
+    "none",
+    "null",
+    "0",
+    "undefined",
+];
+
+/// PostHog's `isDistinctIdIllegal`: blank, or on one of its two lists (also wrapped in single or
+/// double quotes).
+pub fn is_illegal_distinct_id(id: &str) -> bool {
+    if id.trim().is_empty() {
+        return true;
+    }
+    let unquoted = ['"', '\'']
+        .iter()
+        .find_map(|q| {
+            id.strip_prefix(*q)
+                .and_then(|rest| rest.strip_suffix(*q))
+                .filter(|inner| !inner.is_empty())
+        })
+        .unwrap_or(id);
+    let lower = unquoted.to_lowercase();
+    ILLEGAL_IDS_ANY_CASE.contains(&lower.as_str()) || ILLEGAL_IDS_EXACT.contains(&unquoted)
+}
+
+/// Event properties that PostHog copies to the person: into `$set` (unless the event sets the
+/// key itself) and, as `$initial_<name>`, into `$set_once`.
+pub const EVENT_TO_PERSON_PROPERTIES: [&str; 19] = [
+    "$app_build",
+    "$app_name",
+    "$app_namespace",
+    "$app_version",
+    "$browser",
+    "$browser_version",
+    "$device_type",
+    "$current_url",
+    "$pathname",
+    "$os",
+    "$os_name",
+    "$os_version",
+    "$referring_domain",
+    "$referrer",
+    "$screen_height",
+    "$screen_width",
+    "$viewport_height",
+    "$viewport_width",
+    "$raw_user_agent",
+];
+
+/// Properties that do not, on their own, make a person update (they are written when something
+/// else changes).
+const FILTERED_PERSON_UPDATE_PROPERTIES: [&str; 31] = [
+    "$current_url",
+    "$pathname",
+    "$referring_domain",
+    "$referrer",
+    "$screen_height",
+    "$screen_width",
+    "$viewport_height",
+    "$viewport_width",
+    "$browser",
+    "$browser_version",
+    "$device_type",
+    "$raw_user_agent",
+    "$os",
+    "$os_name",
+    "$os_version",
+    "$geoip_postal_code",
+    "$geoip_time_zone",
+    "$geoip_latitude",
+    "$geoip_longitude",
+    "$geoip_accuracy_radius",
+    "$geoip_subdivision_1_code",
+    "$geoip_subdivision_1_name",
+    "$geoip_subdivision_2_code",
+    "$geoip_subdivision_2_name",
+    "$geoip_subdivision_3_code",
+    "$geoip_subdivision_3_name",
+    "$geoip_city_confidence",
+    "$geoip_country_confidence",
+    "$geoip_postal_code_confidence",
+    "$geoip_subdivision_1_confidence",
+    "$geoip_subdivision_2_confidence",
+];
+
+/// Events that never update a person's properties.
+pub fn never_updates_person(event: &str) -> bool {
+    matches!(event, "$exception" | "$$heatmap")
+}
+
+/// Events whose automatic person properties are not added.
+fn skips_auto_properties(event: &str) -> bool {
+    matches!(event, "$snapshot" | "$performance_event")
+}
+
+/// Adds PostHog's automatic person properties of `event` to its `$set` and `$set_once`.
+pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Value>) {
+    if skips_auto_properties(event) {
+        return;
+    }
+    let is_server = properties.get("$is_server") == Some(&Value::Bool(true));
+    let mut set = Map::new();
+    let mut set_once = Map::new();
+    for key in EVENT_TO_PERSON_PROPERTIES {
+        let Some(value) = properties.get(key) else {
+            continue;
+        };
+        // `$os_name` is another name for `$os`.
+        let person_key = if key == "$os_name" { "$os" } else { key };
+        if is_server && matches!(person_key, "$os" | "$os_version") {
+            continue;
+        }
+        set.entry(person_key).or_insert_with(|| value.clone());
+        if !value.is_null() {
+            let initial = format!("$initial_{}", person_key.trim_start_matches('$'));
+            set_once.entry(initial).or_insert_with(|| value.clone());
+        }
+    }
+    for (name, extra) in [("$set", set), ("$set_once", set_once)] {
+        if extra.is_empty() {
+            continue;
+        }
+        let target = properties
+            .entry(name)
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !target.is_object() {
+            *target = Value::Object(Map::new());
+        }
+        if let Value::Object(target) = target {
+            for (key, value) in extra {
+                target.entry(key).or_insert(value);
+            }
+        }
+    }
+}
+
+/// What an event asks of its person's properties.
+#[derive(Debug, Default, PartialEq)]
+pub struct PropertyUpdate {
+    pub set_once: Map<String, Value>,
+    pub set: Map<String, Value>,
+    pub unset: Vec<String>,
+}
+
+impl PropertyUpdate {
+    /// Reads `$set_once`, `$set` and `$unset` (an array of keys, or an object whose keys count).
+    pub fn of(properties: &Map<String, Value>) -> PropertyUpdate {
+        let object = |key: &str| match properties.get(key) {
+            Some(Value::Object(map)) => map.clone(),
+            _ => Map::new(),
+        };
+        let unset = match properties.get("$unset") {
+            Some(Value::Array(keys)) => keys
+                .iter()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect(),
+            Some(Value::Object(map)) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        PropertyUpdate {
+            set_once: object("$set_once"),
+            set: object("$set"),
+            unset,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set_once.is_empty() && self.set.is_empty() && self.unset.is_empty()
+    }
+}
+
+/// The properties a person or group keeps, with per-key bookkeeping.
+pub struct Properties<'a> {
+    pub values: &'a mut Map<String, Value>,
+    pub last_operation: &'a mut Map<String, Value>,
+    pub last_updated_at: &'a mut Map<String, Value>,
+}
+
+/// Applies `update` in PostHog's order (set_once, set, unset); answers whether anything
+/// changed that warrants a write. A change only to properties that do not trigger an update on
+/// their own is applied only if `event` is one of the person events, or something else changed.
+pub fn apply_update(
+    target: Properties<'_>,
+    update: &PropertyUpdate,
+    event: &str,
+    at: DateTime<Utc>,
+) -> bool {
+    let person_event = matches!(
+        event,
+        "$identify" | "$create_alias" | "$merge_dangerously" | "$set"
+    );
+    let mut pending: Vec<(&String, &Value, &'static str)> = Vec::new();
+    let mut triggers = false;
+    for (key, value) in &update.set_once {
+        if !target.values.contains_key(key) {
+            pending.push((key, value, "set_once"));
+            triggers = true;
+        }
+    }
+    for (key, value) in &update.set {
+        // A key set once and set by the same event ends up with the `$set` value.
+        let current = pending
+            .iter()
+            .rev()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, v, _)| *v)
+            .or_else(|| target.values.get(key));
+        if current != Some(value) {
+            pending.push((key, value, "set"));
+            if person_event || !is_filtered(key) {
+                triggers = true;
+            }
+        }
+    }
+    let unset: Vec<&String> = update
+        .unset
+        .iter()
+        .filter(|k| target.values.contains_key(*k) || pending.iter().any(|(p, _, _)| p == k))
+        .collect();
+    if !unset.is_empty() {
+        triggers = true;
+    }
+    if !triggers {
+        return false;
+    }
+    let stamp = Value::String(crate::event::timestamp_text(at));
+    for (key, value, operation) in pending {
+        target.values.insert(key.clone(), value.clone());
+        target
+            .last_operation
+            .insert(key.clone(), Value::String(operation.into()));
+        target.last_updated_at.insert(key.clone(), stamp.clone());
+    }
+    for key in unset {
+        target.values.remove(key);
+        target.last_operation.remove(key);
+        target.last_updated_at.remove(key);
+    }
+    true
+}
+
+fn is_filtered(key: &str) -> bool {
+    FILTERED_PERSON_UPDATE_PROPERTIES.contains(&key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn illegal_ids_follow_posthogs_lists() {
+        for id in [
+            "",
+            "  ",
+            "anonymous",
+            "Anonymous",
+            "'guest'",
+            "\"null\"",
+            "0",
+            "NaN",
+            "None",
+            "undefined",
+            "UNDEFINED",
+            "[object Object]",
+            "'0'",
+        ] {
+            assert!(is_illegal_distinct_id(id), "{id:?} should be illegal");
+        }
+        for id in ["NULL", "nan", "user-1", "00", "'", "\"\""] {
+            assert!(!is_illegal_distinct_id(id), "{id:?} should be legal");
+        }
+    }
+
+    #[test]
+    fn auto_properties_fill_set_and_initial_set_once() {
+        let mut p = map(
+            json!({"$browser": "Firefox", "$os": "Linux", "$current_url": null,
+            "$set": {"$browser": "Mine"}}),
+        );
+        add_auto_person_properties("$pageview", &mut p);
+        assert_eq!(
+            p["$set"],
+            json!({"$browser": "Mine", "$os": "Linux", "$current_url": null})
+        );
+        assert_eq!(
+            p["$set_once"],
+            json!({"$initial_browser": "Firefox", "$initial_os": "Linux"})
+        );
+        let mut server = map(json!({"$os": "Linux", "$is_server": true}));
+        add_auto_person_properties("e", &mut server);
+        assert!(!server.contains_key("$set"));
+    }
+
+    #[test]
+    fn set_once_then_set_then_unset() {
+        let (mut values, mut op, mut at) =
+            (map(json!({"a": 1, "gone": true})), Map::new(), Map::new());
+        let update = PropertyUpdate::of(&map(json!({
+            "$set_once": {"a": 9, "b": 2, "c": 3},
+            "$set": {"c": 4},
+            "$unset": ["gone", "missing"],
+        })));
+        let target = Properties {
+            values: &mut values,
+            last_operation: &mut op,
+            last_updated_at: &mut at,
+        };
+        assert!(apply_update(target, &update, "e", Utc::now()));
+        assert_eq!(values, map(json!({"a": 1, "b": 2, "c": 4})));
+        assert_eq!(op["c"], "set");
+        assert_eq!(op["b"], "set_once");
+    }
+
+    #[test]
+    fn filtered_properties_alone_do_not_update() {
+        let (mut values, mut op, mut at) = (map(json!({"$browser": "A"})), Map::new(), Map::new());
+        let update = PropertyUpdate::of(&map(json!({"$set": {"$browser": "B"}})));
+        let target = Properties {
+            values: &mut values,
+            last_operation: &mut op,
+            last_updated_at: &mut at,
+        };
+        assert!(!apply_update(target, &update, "$pageview", Utc::now()));
+        assert_eq!(values["$browser"], "A");
+        let target = Properties {
+            values: &mut values,
+            last_operation: &mut op,
+            last_updated_at: &mut at,
+        };
+        assert!(apply_update(target, &update, "$identify", Utc::now()));
+        assert_eq!(values["$browser"], "B");
+    }
+}

@@ -1,0 +1,285 @@
+//! The pipeline's person step: runs PostHog's person rules ([`crate::person::process`]) over
+//! each prepared batch in queue order, with the persons read from memory in front of redb.
+//!
+//! What a step changes is not committed here: it waits as a pending layer until the write stage
+//! commits it with the delivery mark (`Store::commit_deliveries`), so persons always stand
+//! exactly at that mark. Later steps read through the pending layers, newest first, then the
+//! cache of committed state (bounded by `DISTINCT_ID_LRU_SIZE`), then the store. After a crash
+//! the pending layers are gone with the memory, and the batches they came from are recomputed
+//! from the rows the sink stored (the rows already carry the step's rewriting, and the rules give
+//! the same changes over them).
+
+use std::collections::VecDeque;
+use std::num::NonZeroUsize;
+
+use lru::LruCache;
+use uuid::Uuid;
+
+use crate::event::EventRow;
+use crate::ids::TeamId;
+use crate::person::process::{PersonProcessor, PersonState};
+use crate::person::{DistinctId, Group, Person, PersonChange, PersonColumns, PersonUpdates};
+use crate::store::{PersonsReader, QueuedBatch, Store, StoreError};
+
+/// The person step's memory: committed state cached, and the steps not yet committed.
+pub struct PersonEngine {
+    store: Store,
+    distinct_ids: LruCache<(TeamId, String), Option<DistinctId>>,
+    persons: LruCache<(TeamId, Uuid), Option<Person>>,
+    personless: LruCache<(TeamId, String), Option<bool>>,
+    groups: LruCache<(TeamId, u8, String), Option<Group>>,
+    group_types: LruCache<TeamId, Vec<(String, u8)>>,
+    /// Changes of steps not yet committed, oldest first, with the queue position of each.
+    pending: VecDeque<(u64, PersonUpdates)>,
+}
+
+/// What the step made of one prepared batch list.
+pub struct Step {
+    /// For each batch given, the person columns of each event kept.
+    pub columns: Vec<Vec<PersonColumns>>,
+    pub updates: PersonUpdates,
+}
+
+impl PersonEngine {
+    pub fn new(store: Store, cache_size: usize) -> PersonEngine {
+        let size = NonZeroUsize::new(cache_size.max(1)).unwrap_or(NonZeroUsize::MIN);
+        let small = NonZeroUsize::new(cache_size.clamp(1, 1_000)).unwrap_or(NonZeroUsize::MIN);
+        PersonEngine {
+            store,
+            distinct_ids: LruCache::new(size),
+            persons: LruCache::new(size),
+            personless: LruCache::new(size),
+            groups: LruCache::new(small),
+            group_types: LruCache::new(small),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Runs the step over `batches` (in the order given, which is queue order per team):
+    /// events are rewritten in place and dropped ones removed. `through` is the queue position
+    /// the step's changes commit with.
+    pub fn process(
+        &mut self,
+        batches: &mut [QueuedBatch],
+        through: u64,
+    ) -> Result<Step, StoreError> {
+        let mut view = View {
+            engine: self,
+            reader: None,
+        };
+        let mut processor = PersonProcessor::new(&mut view);
+        let mut columns = Vec::with_capacity(batches.len());
+        for queued in batches.iter_mut() {
+            let team = queued.batch.team_id;
+            let mut kept: Vec<EventRow> = Vec::with_capacity(queued.batch.events.len());
+            let mut batch_columns = Vec::with_capacity(queued.batch.events.len());
+            for mut row in std::mem::take(&mut queued.batch.events) {
+                if let Some(found) = processor.process(team, &mut row)? {
+                    kept.push(row);
+                    batch_columns.push(found);
+                }
+            }
+            queued.batch.events = kept;
+            columns.push(batch_columns);
+        }
+        let updates = processor.updates;
+        if !updates.is_empty() {
+            self.pending.push_back((through, updates.clone()));
+        }
+        Ok(Step { columns, updates })
+    }
+
+    /// Recomputes the changes of batches the sink stored before a crash, from its rows.
+    pub fn recompute(
+        &mut self,
+        batches: Vec<(TeamId, Vec<EventRow>)>,
+        through: u64,
+    ) -> Result<PersonUpdates, StoreError> {
+        let mut queued: Vec<QueuedBatch> = batches
+            .into_iter()
+            .map(|(team, events)| QueuedBatch {
+                seq: through,
+                batch: crate::event::IngestBatch {
+                    team_id: team,
+                    received_at: chrono::DateTime::UNIX_EPOCH,
+                    sent_at: None,
+                    ip: None,
+                    events,
+                },
+            })
+            .collect();
+        Ok(self.process(&mut queued, through)?.updates)
+    }
+
+    /// The write stage committed everything through `position`: those layers become the cache's.
+    pub fn committed(&mut self, position: u64) {
+        while let Some((through, _)) = self.pending.front() {
+            if *through > position {
+                break;
+            }
+            let Some((_, updates)) = self.pending.pop_front() else {
+                break;
+            };
+            self.cache(updates);
+        }
+    }
+
+    /// Forgets everything not committed (the write stage gave up: the batches are read again
+    /// at the next start).
+    pub fn abandon(&mut self) {
+        self.pending.clear();
+        self.clear_cache();
+    }
+
+    /// Forgets the cache (persons changed outside the pipeline).
+    pub fn clear_cache(&mut self) {
+        self.distinct_ids.clear();
+        self.persons.clear();
+        self.personless.clear();
+        self.groups.clear();
+        self.group_types.clear();
+    }
+
+    fn cache(&mut self, updates: PersonUpdates) {
+        for ((team, uuid), change) in updates.persons {
+            let person = match change {
+                PersonChange::Upsert(person) => Some(person),
+                PersonChange::Deleted { .. } => None,
+            };
+            self.persons.put((team, uuid), person);
+        }
+        for (key, now) in updates.distinct_ids {
+            self.distinct_ids.put(key, now);
+        }
+        for (key, merged) in updates.personless {
+            self.personless.put(key, Some(merged));
+        }
+        for ((team, _), _) in updates.group_types {
+            self.group_types.pop(&team);
+        }
+        for (key, group) in updates.groups {
+            self.groups.put(key, Some(group));
+        }
+    }
+}
+
+/// The state one step reads: pending layers, newest first, then the cache, then the store.
+struct View<'a> {
+    engine: &'a mut PersonEngine,
+    reader: Option<PersonsReader>,
+}
+
+impl View<'_> {
+    fn reader(&mut self) -> Result<&PersonsReader, StoreError> {
+        if self.reader.is_none() {
+            self.reader = Some(self.engine.store.persons_reader()?);
+        }
+        match &self.reader {
+            Some(reader) => Ok(reader),
+            None => Err(StoreError::Unavailable),
+        }
+    }
+
+    fn pending<T>(&self, find: impl Fn(&PersonUpdates) -> Option<T>) -> Option<T> {
+        self.engine.pending.iter().rev().find_map(|(_, u)| find(u))
+    }
+}
+
+impl PersonState for View<'_> {
+    type Error = StoreError;
+
+    fn distinct_id(&mut self, team: TeamId, id: &str) -> Result<Option<DistinctId>, StoreError> {
+        let key = (team, id.to_owned());
+        if let Some(found) = self.pending(|u| u.distinct_ids.get(&key).cloned()) {
+            return Ok(found);
+        }
+        if let Some(found) = self.engine.distinct_ids.get(&key) {
+            return Ok(found.clone());
+        }
+        let found = self.reader()?.distinct_id(team, id)?;
+        self.engine.distinct_ids.put(key, found.clone());
+        Ok(found)
+    }
+
+    fn person(&mut self, team: TeamId, uuid: Uuid) -> Result<Option<Person>, StoreError> {
+        let key = (team, uuid);
+        if let Some(found) = self.pending(|u| u.persons.get(&key).cloned()) {
+            return Ok(match found {
+                PersonChange::Upsert(person) => Some(person),
+                PersonChange::Deleted { .. } => None,
+            });
+        }
+        if let Some(found) = self.engine.persons.get(&key) {
+            return Ok(found.clone());
+        }
+        let found = self.reader()?.person(team, uuid)?;
+        self.engine.persons.put(key, found.clone());
+        Ok(found)
+    }
+
+    fn distinct_ids_of(&mut self, team: TeamId, uuid: Uuid) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = self.reader()?.distinct_ids_of(team, uuid)?;
+        // Pending layers, oldest first, move ids to and from the person.
+        for (_, layer) in &self.engine.pending {
+            for ((t, id), now) in &layer.distinct_ids {
+                if *t != team {
+                    continue;
+                }
+                let points_here = now.as_ref().is_some_and(|d| d.person == uuid);
+                match (points_here, ids.iter().position(|known| known == id)) {
+                    (true, None) => ids.push(id.clone()),
+                    (false, Some(at)) => {
+                        ids.remove(at);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    fn personless(&mut self, team: TeamId, id: &str) -> Result<Option<bool>, StoreError> {
+        let key = (team, id.to_owned());
+        if let Some(found) = self.pending(|u| u.personless.get(&key).copied()) {
+            return Ok(Some(found));
+        }
+        if let Some(found) = self.engine.personless.get(&key) {
+            return Ok(*found);
+        }
+        let found = self.reader()?.personless(team, id)?;
+        self.engine.personless.put(key, found);
+        Ok(found)
+    }
+
+    fn group_types(&mut self, team: TeamId) -> Result<Vec<(String, u8)>, StoreError> {
+        let mut types = match self.engine.group_types.get(&team) {
+            Some(types) => types.clone(),
+            None => {
+                let types = self.reader()?.group_types(team)?;
+                self.engine.group_types.put(team, types.clone());
+                types
+            }
+        };
+        for (_, layer) in &self.engine.pending {
+            for ((t, name), index) in &layer.group_types {
+                if *t == team && !types.iter().any(|(known, _)| known == name) {
+                    types.push((name.clone(), *index));
+                }
+            }
+        }
+        Ok(types)
+    }
+
+    fn group(&mut self, team: TeamId, index: u8, key: &str) -> Result<Option<Group>, StoreError> {
+        let cache_key = (team, index, key.to_owned());
+        if let Some(found) = self.pending(|u| u.groups.get(&cache_key).cloned()) {
+            return Ok(Some(found));
+        }
+        if let Some(found) = self.engine.groups.get(&cache_key) {
+            return Ok(found.clone());
+        }
+        let found = self.reader()?.group(team, index, key)?;
+        self.engine.groups.put(cache_key, found.clone());
+        Ok(found)
+    }
+}

@@ -1,0 +1,261 @@
+//! Persons, distinct ids, personless ids, group types, groups and ingestion warnings.
+//!
+//! Written only by [`apply`], inside the pipeline's delivery transaction (so the persons always
+//! stand exactly at the delivery mark: a batch's person changes and the pipeline's progress
+//! past it commit together), and by the deletion an operator asks for.
+
+use redb::{
+    ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
+use uuid::Uuid;
+
+use super::{decode_value, encode_value, meta_get, Store, StoreError, META};
+use crate::ids::TeamId;
+use crate::person::{DistinctId, Group, IngestionWarning, Person, PersonChange, PersonUpdates};
+
+/// (team, person uuid) → [`Person`].
+pub(in crate::store) const PERSONS: TableDefinition<(u64, u128), &[u8]> =
+    TableDefinition::new("persons");
+/// (team, distinct id) → [`DistinctId`].
+pub(in crate::store) const DISTINCT_IDS: TableDefinition<(u64, &str), &[u8]> =
+    TableDefinition::new("distinct_ids");
+/// (team, person uuid, distinct id): the distinct ids of each person.
+pub(in crate::store) const PERSON_DISTINCT_IDS: TableDefinition<(u64, u128, &str), ()> =
+    TableDefinition::new("person_distinct_ids");
+/// (team, distinct id) → merged (1) or not (0): ids seen on personless events.
+pub(in crate::store) const PERSONLESS_IDS: TableDefinition<(u64, &str), u8> =
+    TableDefinition::new("personless_distinct_ids");
+/// (team, group type) → its index (0–4).
+pub(in crate::store) const GROUP_TYPES: TableDefinition<(u64, &str), u8> =
+    TableDefinition::new("group_types");
+/// (team, group type index, group key) → [`Group`].
+pub(in crate::store) const GROUPS: TableDefinition<(u64, u8, &str), &[u8]> =
+    TableDefinition::new("groups");
+/// (team, sequence) → [`IngestionWarning`]; the oldest go past [`MAX_WARNINGS_PER_TEAM`].
+pub(in crate::store) const WARNINGS: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("ingestion_warnings");
+const NEXT_WARNING: &str = "next_ingestion_warning";
+
+/// Ingestion warnings kept per team: a flood of bad events keeps only the newest.
+pub const MAX_WARNINGS_PER_TEAM: usize = 1_000;
+
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(PERSONS)?;
+    txn.open_table(DISTINCT_IDS)?;
+    txn.open_table(PERSON_DISTINCT_IDS)?;
+    txn.open_table(PERSONLESS_IDS)?;
+    txn.open_table(GROUP_TYPES)?;
+    txn.open_table(GROUPS)?;
+    txn.open_table(WARNINGS)?;
+    Ok(())
+}
+
+/// Writes one step's person changes.
+pub(super) fn apply(txn: &WriteTransaction, updates: &PersonUpdates) -> Result<(), StoreError> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let mut persons = txn.open_table(PERSONS)?;
+    let mut distinct_ids = txn.open_table(DISTINCT_IDS)?;
+    let mut index = txn.open_table(PERSON_DISTINCT_IDS)?;
+    for ((team, uuid), change) in &updates.persons {
+        match change {
+            PersonChange::Upsert(person) => {
+                persons.insert((*team, uuid.as_u128()), encode_value(person).as_slice())?;
+            }
+            PersonChange::Deleted { .. } => {
+                persons.remove((*team, uuid.as_u128()))?;
+            }
+        }
+    }
+    for ((team, id), now) in &updates.distinct_ids {
+        let before = distinct_ids
+            .get((*team, id.as_str()))?
+            .map(|v| decode_value::<DistinctId>("distinct id", v.value()))
+            .transpose()?;
+        if let Some(before) = before {
+            index.remove((*team, before.person.as_u128(), id.as_str()))?;
+        }
+        match now {
+            Some(now) => {
+                distinct_ids.insert((*team, id.as_str()), encode_value(now).as_slice())?;
+                index.insert((*team, now.person.as_u128(), id.as_str()), ())?;
+            }
+            None => {
+                distinct_ids.remove((*team, id.as_str()))?;
+            }
+        }
+    }
+    let mut personless = txn.open_table(PERSONLESS_IDS)?;
+    for ((team, id), merged) in &updates.personless {
+        personless.insert((*team, id.as_str()), u8::from(*merged))?;
+    }
+    let mut group_types = txn.open_table(GROUP_TYPES)?;
+    for ((team, name), index) in &updates.group_types {
+        group_types.insert((*team, name.as_str()), *index)?;
+    }
+    let mut groups = txn.open_table(GROUPS)?;
+    for ((team, index, key), group) in &updates.groups {
+        groups.insert(
+            (*team, *index, key.as_str()),
+            encode_value(group).as_slice(),
+        )?;
+    }
+    add_warnings(txn, &updates.warnings)
+}
+
+fn add_warnings(
+    txn: &WriteTransaction,
+    warnings: &[(TeamId, IngestionWarning)],
+) -> Result<(), StoreError> {
+    if warnings.is_empty() {
+        return Ok(());
+    }
+    let mut meta = txn.open_table(META)?;
+    let mut next = meta_get(&meta, NEXT_WARNING)?;
+    let mut table = txn.open_table(WARNINGS)?;
+    let mut teams = std::collections::BTreeSet::new();
+    for (team, warning) in warnings {
+        next += 1;
+        table.insert((*team, next), encode_value(warning).as_slice())?;
+        teams.insert(*team);
+    }
+    meta.insert(NEXT_WARNING, next)?;
+    for team in teams {
+        let kept = table.range((team, 0)..=(team, u64::MAX))?.count();
+        if kept > MAX_WARNINGS_PER_TEAM {
+            let oldest: Vec<u64> = table
+                .range((team, 0)..=(team, u64::MAX))?
+                .take(kept - MAX_WARNINGS_PER_TEAM)
+                .map(|row| row.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()?;
+            for seq in oldest {
+                table.remove((team, seq))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A person with everything that points at it, as `appliance persons show` prints it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PersonView {
+    pub team_id: TeamId,
+    pub person: Person,
+    pub distinct_ids: Vec<(String, u64)>,
+}
+
+/// Reads persons, distinct ids and groups in one read transaction (the pipeline's person step
+/// takes one per batch for what its cache does not hold).
+pub struct PersonsReader {
+    txn: ReadTransaction,
+}
+
+impl PersonsReader {
+    pub fn distinct_id(&self, team: TeamId, id: &str) -> Result<Option<DistinctId>, StoreError> {
+        let table = self.txn.open_table(DISTINCT_IDS)?;
+        let found = table.get((team, id))?;
+        found
+            .map(|v| decode_value("distinct id", v.value()))
+            .transpose()
+    }
+
+    pub fn person(&self, team: TeamId, uuid: Uuid) -> Result<Option<Person>, StoreError> {
+        let table = self.txn.open_table(PERSONS)?;
+        let found = table.get((team, uuid.as_u128()))?;
+        found.map(|v| decode_value("person", v.value())).transpose()
+    }
+
+    pub fn distinct_ids_of(&self, team: TeamId, uuid: Uuid) -> Result<Vec<String>, StoreError> {
+        let table = self.txn.open_table(PERSON_DISTINCT_IDS)?;
+        let key = uuid.as_u128();
+        let mut ids = Vec::new();
+        for row in table.range((team, key, "")..)? {
+            let (k, _) = row?;
+            let (t, p, id) = k.value();
+            if t != team || p != key {
+                break;
+            }
+            ids.push(id.to_owned());
+        }
+        Ok(ids)
+    }
+
+    pub fn personless(&self, team: TeamId, id: &str) -> Result<Option<bool>, StoreError> {
+        let table = self.txn.open_table(PERSONLESS_IDS)?;
+        let found = table.get((team, id))?;
+        Ok(found.map(|v| v.value() != 0))
+    }
+
+    pub fn group_types(&self, team: TeamId) -> Result<Vec<(String, u8)>, StoreError> {
+        let table = self.txn.open_table(GROUP_TYPES)?;
+        let mut types = Vec::new();
+        for row in table.range((team, "")..)? {
+            let (k, v) = row?;
+            let (t, name) = k.value();
+            if t != team {
+                break;
+            }
+            types.push((name.to_owned(), v.value()));
+        }
+        types.sort_by_key(|(_, index)| *index);
+        Ok(types)
+    }
+
+    pub fn group(&self, team: TeamId, index: u8, key: &str) -> Result<Option<Group>, StoreError> {
+        let table = self.txn.open_table(GROUPS)?;
+        let found = table.get((team, index, key))?;
+        found.map(|v| decode_value("group", v.value())).transpose()
+    }
+}
+
+impl Store {
+    pub fn persons_reader(&self) -> Result<PersonsReader, StoreError> {
+        Ok(PersonsReader { txn: self.read()? })
+    }
+
+    /// The person a distinct id points at, with all its distinct ids.
+    pub fn person_view(&self, team: TeamId, id: &str) -> Result<Option<PersonView>, StoreError> {
+        let reader = self.persons_reader()?;
+        let Some(found) = reader.distinct_id(team, id)? else {
+            return Ok(None);
+        };
+        let Some(person) = reader.person(team, found.person)? else {
+            return Ok(None);
+        };
+        let mut distinct_ids = Vec::new();
+        for id in reader.distinct_ids_of(team, person.uuid)? {
+            let version = reader.distinct_id(team, &id)?.map_or(0, |d| d.version);
+            distinct_ids.push((id, version));
+        }
+        Ok(Some(PersonView {
+            team_id: team,
+            person,
+            distinct_ids,
+        }))
+    }
+
+    /// The team's ingestion warnings, newest first, at most `limit`.
+    pub fn ingestion_warnings(
+        &self,
+        team: TeamId,
+        limit: usize,
+    ) -> Result<Vec<IngestionWarning>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(WARNINGS)?;
+        let mut out = Vec::new();
+        for row in table.range((team, 0)..=(team, u64::MAX))?.rev().take(limit) {
+            let (_, v) = row?;
+            out.push(decode_value("ingestion warning", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Counts of what the person tables hold (for `/_ready` and tests).
+    pub fn person_counts(&self) -> Result<(u64, u64), StoreError> {
+        let txn = self.read()?;
+        let persons = txn.open_table(PERSONS)?.len()?;
+        let ids = txn.open_table(DISTINCT_IDS)?.len()?;
+        Ok((persons, ids))
+    }
+}
