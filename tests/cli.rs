@@ -94,7 +94,7 @@ fn migrate_creates_the_storage_and_exits() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("2 SQLite migration(s) applied"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 SQLite migration(s) applied"));
     let conn = rusqlite::Connection::open(dir.path().join("events.sqlite3")).unwrap();
     let tables: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")

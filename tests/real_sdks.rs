@@ -5,39 +5,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use common::{create_team, read_events, Appliance, TOKEN};
+use common::{create_team, drive, read_events, sdk_dir, Appliance, TOKEN};
 use serde_json::Value;
-
-fn sdk_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk")
-}
-
-/// Runs a driver script and returns what it reports having sent.
-fn drive(program: &str, script: &str, app: &Appliance, run: &str) -> Vec<Value> {
-    let out = Command::new(program)
-        .arg(sdk_dir().join(script))
-        .args([&format!("http://{}", app.addr), TOKEN, run])
-        .current_dir(sdk_dir())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}; install it (see .ci/run)"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("No module named 'posthog'") && !stderr.contains("Cannot find package 'posthog-node'"),
-        "the SDK is not installed: run `pip install -r tests/sdk/requirements.txt` and `npm ci --prefix tests/sdk`\n{stderr}"
-    );
-    assert!(
-        out.status.success(),
-        "{script} failed\nstdout: {stdout}\nstderr: {stderr}"
-    );
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{script} printed no report ({e}): {stdout}"));
-    assert_eq!(report["errors"], serde_json::json!([]), "{script}");
-    report["sent"].as_array().cloned().unwrap_or_default()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_and_node_sdks_deliver_every_event() {
@@ -45,8 +16,8 @@ async fn python_and_node_sdks_deliver_every_event() {
     let team = create_team(dir.path(), "sdk", TOKEN);
     let app = Appliance::start(dir.path(), &[]);
     let run = std::process::id().to_string();
-    let python = tokio::task::block_in_place(|| drive("python3", "python_sdk.py", &app, &run));
-    let node = tokio::task::block_in_place(|| drive("node", "node_sdk.mjs", &app, &run));
+    let python = tokio::task::block_in_place(|| drive("python3", "python_sdk.py", &app, &[&run]));
+    let node = tokio::task::block_in_place(|| drive("node", "node_sdk.mjs", &app, &[&run]));
     assert_eq!(python.len(), 30);
     assert_eq!(node.len(), 29);
     app.wait_drained().await;

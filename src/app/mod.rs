@@ -40,8 +40,6 @@ pub enum AppError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
-    #[error(transparent)]
-    GeoIp(#[from] crate::geoip::GeoIpError),
     #[error("cannot prepare the admin page: {0}")]
     Admin(#[from] crate::ops::OpError),
     #[error("cannot listen on {addr}: {source}")]
@@ -127,15 +125,14 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         config.disable_mmdb,
         config.geoip_mmdb.as_deref(),
         &config.data_dir,
-    )?);
-    if geoip.is_loaded() {
-        tracing::info!("GeoIP database loaded");
-    } else if !config.disable_mmdb {
+    ));
+    if !geoip.is_loaded() && !config.disable_mmdb {
         tracing::info!(
-            "no GeoIP database (set GEOIP_MMDB_PATH or put {} in the data directory); plugins' geoip.locate finds nothing",
+            "no GeoIP database yet (set GEOIP_MMDB_PATH or put {} in the data directory; it is loaded when it appears)",
             crate::geoip::DEFAULT_FILE
         );
     }
+    spawn_geoip_watch(geoip.clone());
     let catalog = Arc::new(Catalog::new(
         runtime.clone(),
         store.clone(),
@@ -145,7 +142,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             config.plugin_quotas.clone(),
         ),
         Some(queue.clone()),
-        geoip,
+        geoip.clone(),
     ));
     let status = Arc::new(PipelineStatus::default());
     let chains = Arc::new(std::sync::Mutex::new(Chains::new(catalog.clone())));
@@ -225,6 +222,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             teams: TeamDirectory::new(store.clone()),
             limits: config.capture,
             trust_proxy: config.trust_proxy,
+            geoip: geoip.clone(),
             admission: Admission::new(
                 &config.capture,
                 store.clone(),
@@ -350,6 +348,23 @@ async fn run_idle(config: &Config) -> Result<(), AppError> {
 /// Under systemd with `WatchdogSec=`: pings the watchdog at half its interval for as long as the
 /// pipeline's loops keep going round; a stalled pipeline (or runtime) stops the pings and
 /// systemd restarts the service.
+/// How often the GeoIP database file is looked at for a replacement.
+const GEOIP_WATCH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reloads the GeoIP database when its file is replaced (a metadata read every two seconds).
+fn spawn_geoip_watch(geoip: Arc<GeoIp>) {
+    if !geoip.is_enabled() {
+        return;
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(GEOIP_WATCH).await;
+            let geoip = geoip.clone();
+            let _ = tokio::task::spawn_blocking(move || geoip.refresh()).await;
+        }
+    });
+}
+
 fn spawn_watchdog(pipeline: Arc<PipelineStatus>) {
     let Some(limit) = watchdog_interval() else {
         return;

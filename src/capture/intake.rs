@@ -147,6 +147,8 @@ async fn intake(
         }
     }
     let headers = request.headers().clone();
+    // PostHog's `/engage/` carries person updates; one without an event name is `$identify`.
+    let engage = request.uri().path().starts_with("/engage");
     let body = read_body(request, state, charge).await?;
     let split = decode_and_split(state, &headers, &query, body, charge).await?;
     let limits = state.limits;
@@ -166,12 +168,15 @@ async fn intake(
     });
     let ip_text = ip.to_string();
     let anonymize_ips = team.anonymize_ips;
+    let geoip = state.geoip.clone();
     let build = move |split: SplitPayload, ip: String| {
         let ctx = RequestContext {
             received_at,
             sent_at,
             ip: Some(&ip),
             anonymize_ips,
+            geoip: Some(&geoip),
+            default_event: engage.then_some("$identify"),
         };
         (build_rows(&split, limits.max_event_bytes, &ctx), ip)
     };
@@ -339,7 +344,8 @@ async fn commit(
         team_id: team.id,
         received_at,
         sent_at,
-        ip: Some(ip),
+        // An anonymised team's plugins never see the client's address.
+        ip: (!team.anonymize_ips).then_some(ip),
         events: rows,
     };
     let started = Instant::now();

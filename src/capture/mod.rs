@@ -43,6 +43,8 @@ pub struct CaptureState {
     pub limits: CaptureLimits,
     pub trust_proxy: bool,
     pub admission: Admission,
+    /// Locates each event's IP before it is queued (PostHog's GeoIP step).
+    pub geoip: Arc<crate::geoip::GeoIp>,
 }
 
 /// What decides whether capture takes a request at all: room on disk and in the queue, memory
@@ -281,17 +283,89 @@ fn cors() -> CorsLayer {
         .max_age(std::time::Duration::from_secs(3600))
 }
 
-/// The client's address: the first `X-Forwarded-For` entry when a proxy is trusted, else the peer.
+/// The client's address. Behind a trusted proxy (`TRUST_PROXY`), as PostHog's capture takes
+/// it: the leftmost `X-Forwarded-For` entry, else the `for=` of the first `Forwarded` element,
+/// else `X-Real-IP`, `CF-Connecting-IP`, `True-Client-IP` or `Fly-Client-IP`; else (and always
+/// without a trusted proxy) the connection's peer. These headers are whatever the client sent
+/// unless the proxy in front replaces them, so `TRUST_PROXY` is only for a proxy that does.
 fn client_ip(headers: &HeaderMap, peer: SocketAddr, trust_proxy: bool) -> IpAddr {
-    if trust_proxy {
-        let forwarded = headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|first| first.trim().parse::<IpAddr>().ok());
-        if let Some(ip) = forwarded {
-            return ip;
-        }
+    if !trust_proxy {
+        return peer.ip();
     }
-    peer.ip()
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let forwarded_for = header("x-forwarded-for")
+        .and_then(|v| v.split(',').next())
+        .and_then(parse_address);
+    let forwarded = || {
+        header("forwarded")?
+            .split(',')
+            .next()?
+            .split(';')
+            .find_map(|pair| {
+                let (key, value) = pair.trim().split_once('=')?;
+                key.eq_ignore_ascii_case("for").then_some(value)
+            })
+            .and_then(parse_address)
+    };
+    let single = || {
+        [
+            "x-real-ip",
+            "cf-connecting-ip",
+            "true-client-ip",
+            "fly-client-ip",
+        ]
+        .iter()
+        .find_map(|name| header(name).and_then(parse_address))
+    };
+    forwarded_for
+        .or_else(forwarded)
+        .or_else(single)
+        .unwrap_or_else(|| peer.ip())
+}
+
+/// An address as proxies write it: bare, quoted, in brackets, or with a port.
+fn parse_address(text: &str) -> Option<IpAddr> {
+    let text = text.trim().trim_matches('"');
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(socket) = text.parse::<SocketAddr>() {
+        return Some(socket.ip());
+    }
+    text.strip_prefix('[')
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|inner| inner.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn behind_a_trusted_proxy_the_client_address_comes_from_its_headers() {
+        let peer: SocketAddr = "10.0.0.2:5000".parse().unwrap();
+        let with = |pairs: &[(&'static str, &str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.insert(*name, value.parse().unwrap());
+            }
+            headers
+        };
+        let xff = with(&[("x-forwarded-for", "203.0.113.9, 10.0.0.1")]);
+        assert_eq!(client_ip(&xff, peer, true).to_string(), "203.0.113.9");
+        assert_eq!(
+            client_ip(&xff, peer, false),
+            peer.ip(),
+            "untrusted: the peer"
+        );
+        let forwarded = with(&[(
+            "forwarded",
+            "for=\"[2001:db8::7]:443\";proto=https, for=10.0.0.1",
+        )]);
+        assert_eq!(client_ip(&forwarded, peer, true).to_string(), "2001:db8::7");
+        let real = with(&[("x-real-ip", "198.51.100.4")]);
+        assert_eq!(client_ip(&real, peer, true).to_string(), "198.51.100.4");
+        let junk = with(&[("x-forwarded-for", "not-an-ip")]);
+        assert_eq!(client_ip(&junk, peer, true), peer.ip());
+    }
 }

@@ -361,7 +361,9 @@ pub fn build_rows(
             ))
         } else {
             match serde_json::from_str::<Value>(json) {
-                Ok(value) => validate_event(value).map(|event| normalize(ctx, event).0),
+                Ok(value) => {
+                    validate_event(value, ctx.default_event).map(|event| normalize(ctx, event).0)
+                }
                 Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err((
                     None,
                     format!("the event is nested deeper than {MAX_JSON_DEPTH} levels"),
@@ -394,7 +396,10 @@ fn json_kind(value: &Value) -> &'static str {
 }
 
 /// Checks one event; on success it has a string `distinct_id` and a hyphenated `uuid`.
-fn validate_event(event: Value) -> Result<Map<String, Value>, (Option<String>, String)> {
+fn validate_event(
+    event: Value,
+    default_event: Option<&str>,
+) -> Result<Map<String, Value>, (Option<String>, String)> {
     let Value::Object(mut event) = event else {
         return Err((
             None,
@@ -413,6 +418,9 @@ fn validate_event(event: Value) -> Result<Map<String, Value>, (Option<String>, S
         },
         Some(_) => return fail("uuid must be a string".into()),
     };
+    if let (Some(name), None | Some(Value::Null)) = (default_event, event.get("event")) {
+        event.insert("event".into(), Value::String(name.to_owned()));
+    }
     match event.get("event") {
         Some(Value::String(name)) if !name.trim().is_empty() => {}
         Some(Value::String(_)) => return fail("event name is empty".into()),
@@ -436,20 +444,25 @@ fn validate_event(event: Value) -> Result<Map<String, Value>, (Option<String>, S
     Ok(event)
 }
 
-/// distinct ids may arrive as strings, numbers or objects; all are kept as text.
+/// distinct ids may arrive as strings, numbers or objects; all are kept as text, as PostHog's
+/// capture keeps them: values such as "undefined" or "0" are stored (only merging refuses
+/// them), surrounding spaces stay, NUL becomes U+FFFD, and at most 200 characters are kept. An
+/// empty or blank id is missing.
 fn distinct_id_text(value: &Value) -> Option<String> {
     let text = match value {
-        Value::String(s) => s.trim().to_owned(),
+        Value::String(s) => s.clone(),
         Value::Null => return None,
         other => other.to_string(),
     };
-    if text.is_empty()
-        || text.eq_ignore_ascii_case("undefined")
-        || text.eq_ignore_ascii_case("null")
-    {
+    if text.trim().is_empty() {
         return None;
     }
-    Some(text.chars().take(MAX_DISTINCT_ID_CHARS).collect())
+    Some(
+        text.chars()
+            .take(MAX_DISTINCT_ID_CHARS)
+            .map(|c| if c == '\0' { '\u{FFFD}' } else { c })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -467,6 +480,8 @@ mod tests {
             sent_at: None,
             ip: None,
             anonymize_ips: false,
+            geoip: None,
+            default_event: None,
         }
     }
 

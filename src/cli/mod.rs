@@ -16,6 +16,7 @@ use clap::{ArgAction, Parser, Subcommand};
 mod backup;
 mod exports;
 mod jobs;
+mod persons;
 mod plugins;
 mod setup;
 mod teams;
@@ -26,6 +27,7 @@ use crate::sinks::sqlite;
 use crate::store::{Store, StoreError};
 use exports::ExportCommand;
 use jobs::JobsCommand;
+use persons::PersonsCommand;
 use plugins::PluginCommand;
 use teams::TeamCommand;
 
@@ -98,6 +100,11 @@ enum Command {
     Team {
         #[command(subcommand)]
         action: TeamCommand,
+    },
+    /// Persons: show one by a distinct id, delete one, list ingestion warnings
+    Persons {
+        #[command(subcommand)]
+        action: PersonsCommand,
     },
     /// Print the admin API token that `/api/` requires (Authorization: Bearer …)
     ApiToken {
@@ -239,6 +246,7 @@ fn operate(config: &Config, command: Command) -> Result<(), CliError> {
         | Command::Backup { .. }
         | Command::Restore { .. } => Ok(()),
         Command::Team { action } => teams::run(&ops, action),
+        Command::Persons { action } => persons::run(&ops, action),
         Command::Plugin { action } => plugins::run(&ops, action),
         Command::Jobs { action } => jobs::run(&ops, action),
         Command::Export { action } => exports::run(&ops, action),

@@ -21,9 +21,13 @@ pub enum TeamCommand {
     List,
     /// Rename a team, rotate its project token or switch IP anonymisation (a running server
     /// sees the change within a second)
+    #[command(visible_alias = "set")]
     Update {
-        /// The team's id
-        id: u64,
+        /// The team's id (or give it as --team)
+        #[arg(required_unless_present = "team")]
+        id: Option<u64>,
+        #[arg(long = "team", conflicts_with = "id", value_name = "ID")]
+        team: Option<u64>,
         #[arg(long)]
         name: Option<String>,
         /// Replace the project token with a new random one; the old one stops working
@@ -46,6 +50,7 @@ pub(super) fn run(ops: &Ops, action: TeamCommand) -> Result<(), CliError> {
         }
         TeamCommand::Update {
             id,
+            team,
             name,
             rotate_token,
             anonymize_ips,
@@ -55,6 +60,7 @@ pub(super) fn run(ops: &Ops, action: TeamCommand) -> Result<(), CliError> {
                 anonymize_ips,
                 rotate_token,
             };
+            let id = id.or(team).unwrap_or_default();
             let team = ops.update_team(id, &change)?;
             println!(
                 "team {} ({}) updated; project token {}; IPs {}",

@@ -6,6 +6,7 @@
 //! normalisation rules, applied where events enter the queue (capture and the sources).
 //! Must never: do I/O; every function here depends only on its arguments.
 
+pub mod geo;
 pub mod normalize;
 pub mod timestamp;
 
@@ -47,6 +48,18 @@ pub struct EventRow {
     #[serde(with = "micros")]
     pub timestamp: DateTime<Utc>,
     pub elements_chain: String,
+}
+
+/// JavaScript's truthiness of a JSON value (PostHog's rules test flags and ids that way).
+pub fn truthy(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(_) | Value::Object(_) => true,
+    }
 }
 
 /// Deepest JSON nesting an event may have (serde_json's own limit when it builds values; the

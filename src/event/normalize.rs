@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::timestamp::{event_timestamp, TimestampWarning};
 use crate::event::EventRow;
+use crate::geoip::GeoIp;
 
 /// PostHog truncates event names to this many characters.
 const MAX_EVENT_NAME_CHARS: usize = 200;
@@ -20,8 +21,12 @@ pub struct RequestContext<'a> {
     pub received_at: DateTime<Utc>,
     pub sent_at: Option<DateTime<Utc>>,
     pub ip: Option<&'a str>,
-    /// The team's "anonymize IPs" setting: no `$ip` is kept.
+    /// The team's "anonymize IPs" setting: no `$ip` is kept (GeoIP has used it by then).
     pub anonymize_ips: bool,
+    /// Where PostHog's GeoIP step looks addresses up (`None`: no GeoIP).
+    pub geoip: Option<&'a GeoIp>,
+    /// The name of an event that has none (`/engage/` payloads are `$identify`).
+    pub default_event: Option<&'static str>,
 }
 
 /// Normalises one event. Deterministic: the same input gives the same row.
@@ -46,25 +51,26 @@ pub fn normalize(
             }
         }
     }
+    // A client's own `$ip` wins over the request's address, unless it is null or empty.
+    let client_ip = matches!(properties.get("$ip"), Some(Value::String(ip)) if !ip.is_empty())
+        || matches!(properties.get("$ip"), Some(v) if !v.is_null() && !v.is_string());
+    if let (false, Some(ip)) = (client_ip, ctx.ip) {
+        properties.insert("$ip".into(), Value::String(ip.to_owned()));
+    }
+    if let Some(geoip) = ctx.geoip {
+        super::geo::add_geoip_properties(geoip, &mut properties);
+    }
     if ctx.anonymize_ips {
         properties.remove("$ip");
-    } else if let Some(ip) = ctx.ip {
-        // A client's own `$ip`, even null, wins over the request's address.
-        properties
-            .entry("$ip")
-            .or_insert_with(|| Value::String(ip.to_owned()));
     }
-    let elements_chain = match properties.remove("$elements") {
-        Some(Value::Array(elements)) => elements_to_chain(&elements),
-        Some(other) => {
-            properties.insert("$elements".into(), other);
-            String::new()
-        }
-        None => String::new(),
-    };
-    let elements_chain = match properties.get("$elements_chain").and_then(Value::as_str) {
-        Some(chain) if elements_chain.is_empty() => chain.to_owned(),
-        _ => elements_chain,
+    // The client's chain wins over `$elements`; both leave the properties.
+    let elements = properties.remove("$elements");
+    let elements_chain = match properties.remove("$elements_chain") {
+        Some(Value::String(chain)) if !chain.is_empty() => chain,
+        _ => match elements {
+            Some(Value::Array(elements)) => elements_to_chain(&elements),
+            _ => String::new(),
+        },
     };
     let name: String = text(event.get("event"))
         .chars()
@@ -86,6 +92,14 @@ pub fn normalize(
         elements_chain,
     };
     (row, warning)
+}
+
+/// PostHog's `elementsToString` keeps this much of an element's text and href.
+const MAX_ELEMENT_TEXT_CHARS: usize = 400;
+const MAX_ELEMENT_HREF_CHARS: usize = 2048;
+
+fn truncate(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
 }
 
 fn text(value: Option<&Value>) -> &str {
@@ -112,14 +126,14 @@ fn elements_to_chain(elements: &[Value]) -> String {
             .and_then(Value::as_str)
             .filter(|t| !t.is_empty())
         {
-            attributes.push(("text".into(), t.to_owned()));
+            attributes.push(("text".into(), truncate(t, MAX_ELEMENT_TEXT_CHARS)));
         }
         for (key, name) in [("nth_child", "nth-child"), ("nth_of_type", "nth-of-type")] {
             let n = element.get(key).and_then(Value::as_i64).unwrap_or(0);
             attributes.push((name.into(), n.to_string()));
         }
         if let Some(href) = element.get("attr__href").and_then(Value::as_str) {
-            attributes.push(("href".into(), href.to_owned()));
+            attributes.push(("href".into(), truncate(href, MAX_ELEMENT_HREF_CHARS)));
         }
         if let Some(id) = element.get("attr__id").and_then(Value::as_str) {
             attributes.push(("attr_id".into(), id.to_owned()));
@@ -156,6 +170,8 @@ mod tests {
             sent_at: None,
             ip: Some("203.0.113.9"),
             anonymize_ips,
+            geoip: None,
+            default_event: None,
         }
     }
 
@@ -183,8 +199,12 @@ mod tests {
 
     #[test]
     fn a_clients_ip_wins_and_anonymize_removes_it() {
-        let e = obj(json!({"event": "e", "distinct_id": "u", "properties": {"$ip": null}}));
-        assert_eq!(props(&normalize(&ctx(false), e).0)["$ip"], Value::Null);
+        for empty in [json!(null), json!("")] {
+            let e = obj(json!({"event": "e", "distinct_id": "u", "properties": {"$ip": empty}}));
+            assert_eq!(props(&normalize(&ctx(false), e).0)["$ip"], "203.0.113.9");
+        }
+        let e = obj(json!({"event": "e", "distinct_id": "u", "properties": {"$ip": "1.2.3.4"}}));
+        assert_eq!(props(&normalize(&ctx(false), e).0)["$ip"], "1.2.3.4");
         let e = obj(json!({"event": "e", "distinct_id": "u", "properties": {"$ip": "1.2.3.4"}}));
         assert!(!props(&normalize(&ctx(true), e).0).contains_key("$ip"));
     }
@@ -203,5 +223,13 @@ mod tests {
             "button.btn.primary:attr__class=\"btn primary\"attr__id=\"buy\"attr_id=\"buy\"nth-child=\"2\"nth-of-type=\"1\"text=\"Buy\";a:attr__href=\"/x\"href=\"/x\"nth-child=\"1\"nth-of-type=\"1\""
         );
         assert!(!props(&s).contains_key("$elements"));
+        let e = obj(
+            json!({"event": "$autocapture", "distinct_id": "u", "properties": {
+            "$elements_chain": "a:href=\"/given\"", "$elements": [{"tag_name": "b"}]}}),
+        );
+        let (s, _) = normalize(&ctx(false), e);
+        assert_eq!(s.elements_chain, "a:href=\"/given\"");
+        let p = props(&s);
+        assert!(!p.contains_key("$elements") && !p.contains_key("$elements_chain"));
     }
 }

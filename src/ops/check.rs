@@ -231,8 +231,10 @@ fn check_named_files(config: &Config, report: &mut CheckReport) {
     if let (false, Some(path)) = (config.disable_mmdb, &config.geoip_mmdb) {
         match maxminddb::Reader::open_readfile(path) {
             Ok(_) => report.passed.push("GEOIP_MMDB_PATH".into()),
-            Err(e) => report.problem(format!(
-                "GEOIP_MMDB_PATH {} cannot be opened as a MaxMind database: {e}",
+            // Not a reason to stop: events flow without GeoIP, and the file is loaded when a
+            // readable one appears.
+            Err(e) => report.warning(format!(
+                "GEOIP_MMDB_PATH {} cannot be opened as a MaxMind database ({e}); events get no GeoIP properties until it can",
                 path.display()
             )),
         }

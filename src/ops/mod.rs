@@ -10,6 +10,7 @@ pub mod admin;
 pub mod check;
 pub mod exports;
 pub mod jobs;
+pub mod persons;
 pub mod plugins;
 pub mod teams;
 

@@ -13,7 +13,7 @@ pub mod rules;
 #[cfg(test)]
 mod scenarios;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -144,11 +144,19 @@ pub struct PersonUpdates {
     pub group_types: BTreeMap<(TeamId, String), u8>,
     pub groups: BTreeMap<(TeamId, u8, String), Group>,
     pub warnings: Vec<(TeamId, IngestionWarning)>,
+    /// Operators' deletion requests this step carried out (removed with the commit).
+    pub deletions_done: Vec<(TeamId, String)>,
+    /// The events this step processed: an event seen again (an SDK resending a request whose
+    /// answer it lost, a replay) never changes a person twice.
+    pub seen: BTreeSet<(TeamId, Uuid)>,
 }
 
 impl PersonUpdates {
     pub fn is_empty(&self) -> bool {
-        self.warnings.is_empty() && !self.touches_state()
+        self.warnings.is_empty()
+            && self.deletions_done.is_empty()
+            && self.seen.is_empty()
+            && !self.touches_state()
     }
 
     fn touches_state(&self) -> bool {
@@ -172,6 +180,8 @@ impl PersonUpdates {
         self.group_types.extend(later.group_types);
         self.groups.extend(later.groups);
         self.warnings.extend(later.warnings);
+        self.deletions_done.extend(later.deletions_done);
+        self.seen.extend(later.seen);
     }
 }
 

@@ -33,6 +33,8 @@ pub trait PersonState {
     /// The team's group types and their indexes.
     fn group_types(&mut self, team: TeamId) -> Result<Vec<(String, u8)>, Self::Error>;
     fn group(&mut self, team: TeamId, index: u8, key: &str) -> Result<Option<Group>, Self::Error>;
+    /// Whether an event with this uuid was processed already.
+    fn seen(&mut self, team: TeamId, event: Uuid) -> Result<bool, Self::Error>;
 }
 
 /// Events that a personless event may not be.
@@ -82,11 +84,17 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         team: TeamId,
         row: &mut EventRow,
     ) -> Result<Option<PersonColumns>, S::Error> {
+        if self.updates.seen.contains(&(team, row.uuid)) || self.state.seen(team, row.uuid)? {
+            return self.seen_before(team, row).map(Some);
+        }
+        self.updates.seen.insert((team, row.uuid));
         let mut properties: Map<String, Value> = match serde_json::from_str(&row.properties) {
             Ok(Value::Object(map)) => map,
             _ => Map::new(),
         };
         let personless = properties.get("$process_person_profile") == Some(&Value::Bool(false));
+        // Rewriting the properties' text costs as much as reading it: only when they changed.
+        let mut changed = false;
         let columns = if personless {
             if PERSON_EVENTS.contains(&row.event.as_str()) {
                 self.warn(
@@ -98,23 +106,66 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
                 return Ok(None);
             }
             for key in ["$set", "$set_once", "$unset"] {
-                properties.remove(key);
+                changed |= properties.remove(key).is_some();
             }
             self.personless_columns(team, row)?
         } else {
-            properties.remove("$process_person_profile");
-            rules::add_auto_person_properties(&row.event, &mut properties);
+            changed |= properties.remove("$process_person_profile").is_some();
+            changed |= rules::add_auto_person_properties(&row.event, &mut properties);
             self.full(team, row, &properties)?
         };
-        self.groups(team, row, &mut properties)?;
+        changed |= self.groups(team, row, &mut properties)?;
         if personless {
             for index in 0..MAX_GROUP_TYPES {
-                properties.remove(&format!("$group_{index}"));
+                changed |= properties.remove(&format!("$group_{index}")).is_some();
             }
         }
-        // Serialising a map of JSON values cannot fail.
-        row.properties = serde_json::to_string(&properties).unwrap_or_default();
+        if changed {
+            // Serialising a map of JSON values cannot fail.
+            row.properties = serde_json::to_string(&properties).unwrap_or_default();
+        }
         Ok(Some(columns))
+    }
+
+    /// The columns of an event processed before: its person as it stands, unchanged (a sink
+    /// that keeps the first copy of an event drops this one anyway).
+    fn seen_before(&mut self, team: TeamId, row: &EventRow) -> Result<PersonColumns, S::Error> {
+        Ok(match self.person_of(team, &row.distinct_id)? {
+            Some(person) => PersonColumns {
+                person_id: person.uuid,
+                person_properties: serde_json::to_string(&person.properties).unwrap_or_default(),
+                person_created_at: person.created_at,
+                person_mode: PersonMode::Full,
+            },
+            None => PersonColumns {
+                person_id: person_uuid(team, &row.distinct_id),
+                person_properties: "{}".into(),
+                person_created_at: placeholder_created_at(),
+                person_mode: PersonMode::Propertyless,
+            },
+        })
+    }
+
+    /// PostHog's person deletion: the person of `distinct_id` is deleted and all its distinct
+    /// ids freed (a later event of one of them starts a new person). Answers whether there was
+    /// a person.
+    pub fn delete_person(&mut self, team: TeamId, distinct_id: &str) -> Result<bool, S::Error> {
+        self.updates
+            .deletions_done
+            .push((team, distinct_id.to_owned()));
+        let Some(person) = self.person_of(team, distinct_id)? else {
+            return Ok(false);
+        };
+        for id in self.distinct_ids_of(team, person.uuid)? {
+            self.updates.distinct_ids.insert((team, id), None);
+        }
+        self.updates.persons.insert(
+            (team, person.uuid),
+            PersonChange::Deleted {
+                version: person.version,
+            },
+        );
+        Ok(true)
     }
 
     fn personless_columns(
@@ -159,9 +210,10 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         let update = PropertyUpdate::of(properties);
         let other = match row.event.as_str() {
             "$identify" => properties.get("$anon_distinct_id").map(id_text),
-            "$create_alias" | "$merge_dangerously" => {
-                properties.get("alias").filter(|v| truthy(v)).map(id_text)
-            }
+            "$create_alias" | "$merge_dangerously" => properties
+                .get("alias")
+                .filter(|v| crate::event::truthy(v))
+                .map(id_text),
             _ => None,
         };
         let mut working = match other {
@@ -444,13 +496,14 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         })
     }
 
-    /// `$groups` to `$group_N`, and `$groupidentify` to a group.
+    /// `$groups` to `$group_N`, and `$groupidentify` to a group; answers whether the
+    /// properties changed.
     fn groups(
         &mut self,
         team: TeamId,
         row: &EventRow,
         properties: &mut Map<String, Value>,
-    ) -> Result<(), S::Error> {
+    ) -> Result<bool, S::Error> {
         if row.event == "$groupidentify" {
             let group_type = properties.get("$group_type").map(id_text);
             let key = properties
@@ -468,14 +521,19 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
             }
         }
         let Some(Value::Object(groups)) = properties.get("$groups").cloned() else {
-            return Ok(());
+            return Ok(false);
         };
+        let mut changed = false;
         for (group_type, key) in groups {
             if let Some(index) = self.group_type_index(team, &group_type, row)? {
-                properties.insert(format!("$group_{index}"), key);
+                let name = format!("$group_{index}");
+                if properties.get(&name) != Some(&key) {
+                    properties.insert(name, key);
+                    changed = true;
+                }
             }
         }
-        Ok(())
+        Ok(changed)
     }
 
     fn group_type_index(
@@ -651,17 +709,6 @@ fn id_text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         other => other.to_string(),
-    }
-}
-
-/// JavaScript truthiness of a JSON value.
-fn truthy(value: &Value) -> bool {
-    match value {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(_) | Value::Object(_) => true,
     }
 }
 

@@ -120,10 +120,11 @@ fn skips_auto_properties(event: &str) -> bool {
     matches!(event, "$snapshot" | "$performance_event")
 }
 
-/// Adds PostHog's automatic person properties of `event` to its `$set` and `$set_once`.
-pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Value>) {
+/// Adds PostHog's automatic person properties of `event` to its `$set` and `$set_once`;
+/// answers whether that changed anything.
+pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Value>) -> bool {
     if skips_auto_properties(event) {
-        return;
+        return false;
     }
     let is_server = properties.get("$is_server") == Some(&Value::Bool(true));
     let mut set = Map::new();
@@ -143,6 +144,7 @@ pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Valu
             set_once.entry(initial).or_insert_with(|| value.clone());
         }
     }
+    let mut changed = false;
     for (name, extra) in [("$set", set), ("$set_once", set_once)] {
         if extra.is_empty() {
             continue;
@@ -152,13 +154,18 @@ pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Valu
             .or_insert_with(|| Value::Object(Map::new()));
         if !target.is_object() {
             *target = Value::Object(Map::new());
+            changed = true;
         }
         if let Value::Object(target) = target {
             for (key, value) in extra {
-                target.entry(key).or_insert(value);
+                if !target.contains_key(&key) {
+                    target.insert(key, value);
+                    changed = true;
+                }
             }
         }
     }
+    changed
 }
 
 /// What an event asks of its person's properties.

@@ -20,6 +20,9 @@ struct Memory {
     group_types: BTreeMap<(TeamId, String), u8>,
     groups: BTreeMap<(TeamId, u8, String), Group>,
     warnings: Vec<IngestionWarning>,
+    seen: std::collections::BTreeSet<(TeamId, Uuid)>,
+    /// Events run so far: each gets the next uuid and minute.
+    next: u128,
 }
 
 impl PersonState for Memory {
@@ -52,6 +55,9 @@ impl PersonState for Memory {
     fn group(&mut self, team: TeamId, index: u8, key: &str) -> Result<Option<Group>, Infallible> {
         Ok(self.groups.get(&(team, index, key.to_owned())).cloned())
     }
+    fn seen(&mut self, team: TeamId, event: Uuid) -> Result<bool, Infallible> {
+        Ok(self.seen.contains(&(team, event)))
+    }
 }
 
 impl Memory {
@@ -76,18 +82,20 @@ impl Memory {
         self.group_types.extend(u.group_types);
         self.groups.extend(u.groups);
         self.warnings.extend(u.warnings.into_iter().map(|(_, w)| w));
+        self.seen.extend(u.seen);
     }
 
     /// Runs events one at a time, committing after each (as separate batches would).
     fn run(&mut self, events: &[(&str, &str, Value)]) -> Vec<Option<(EventRow, PersonColumns)>> {
         let mut out = Vec::new();
-        for (i, (name, id, props)) in events.iter().enumerate() {
+        for (name, id, props) in events {
+            self.next += 1;
             let mut row = EventRow {
-                uuid: Uuid::from_u128(i as u128 + 1),
+                uuid: Uuid::from_u128(self.next),
                 event: (*name).into(),
                 distinct_id: (*id).into(),
                 properties: props.to_string(),
-                timestamp: at(i as i64),
+                timestamp: at(self.next as i64 - 1),
                 elements_chain: String::new(),
             };
             let mut p = PersonProcessor::new(self);
@@ -353,6 +361,28 @@ fn groups_get_indexes_and_groupidentify_upserts() {
     }
     assert_eq!(m.group_types.len(), 5, "at most five group types");
     assert_eq!(m.warnings.last().unwrap().kind, "group_type_limit_reached");
+}
+
+#[test]
+fn an_event_seen_again_changes_nothing() {
+    let mut m = Memory::default();
+    m.run(&[("$pageview", "a", json!({"$set": {"device": "a"}}))]);
+    m.run(&[("$identify", "u", json!({"$anon_distinct_id": "a"}))]);
+    let before = m.person_of("u").clone();
+    // The first event again (same uuid): its $set must not apply to the merged person.
+    let mut again = EventRow {
+        uuid: Uuid::from_u128(1),
+        event: "$pageview".into(),
+        distinct_id: "a".into(),
+        properties: json!({"$set": {"device": "other"}}).to_string(),
+        timestamp: at(5),
+        elements_chain: String::new(),
+    };
+    let mut p = PersonProcessor::new(&mut m);
+    let Ok(columns) = p.process(1, &mut again);
+    assert!(p.updates.persons.is_empty());
+    assert_eq!(columns.unwrap().person_id, before.uuid);
+    assert_eq!(m.person_of("u"), &before);
 }
 
 #[test]

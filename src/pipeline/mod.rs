@@ -279,7 +279,10 @@ impl Pipeline {
         prepared: &Prepared,
         shutdown: &mut Shutdown,
     ) -> Option<Written> {
-        if prepared.process.is_empty() && prepared.last <= positions.sink {
+        if prepared.process.is_empty()
+            && prepared.last <= positions.sink
+            && !prepared.persons.touches_sinks()
+        {
             return Some(Written::default());
         }
         let mut backoff = Backoff::default();

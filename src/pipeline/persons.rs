@@ -89,6 +89,38 @@ impl PersonEngine {
         Ok(Step { columns, updates })
     }
 
+    /// The requests not already carried out by a step waiting for its commit.
+    pub fn not_in_flight(&self, requests: Vec<(TeamId, String)>) -> Vec<(TeamId, String)> {
+        requests
+            .into_iter()
+            .filter(|r| {
+                !self
+                    .pending
+                    .iter()
+                    .any(|(_, layer)| layer.deletions_done.contains(r))
+            })
+            .collect()
+    }
+
+    /// Carries out operators' deletion requests: a step of its own, committed like any other.
+    pub fn delete(
+        &mut self,
+        requests: &[(TeamId, String)],
+        through: u64,
+    ) -> Result<PersonUpdates, StoreError> {
+        let mut view = View {
+            engine: self,
+            reader: None,
+        };
+        let mut processor = PersonProcessor::new(&mut view);
+        for (team, id) in requests {
+            processor.delete_person(*team, id)?;
+        }
+        let updates = processor.updates;
+        self.pending.push_back((through, updates.clone()));
+        Ok(updates)
+    }
+
     /// Recomputes the changes of batches the sink stored before a crash, from its rows.
     pub fn recompute(
         &mut self,
@@ -268,6 +300,19 @@ impl PersonState for View<'_> {
             }
         }
         Ok(types)
+    }
+
+    fn seen(&mut self, team: TeamId, event: Uuid) -> Result<bool, StoreError> {
+        let key = (team, event);
+        if self
+            .engine
+            .pending
+            .iter()
+            .any(|(_, u)| u.seen.contains(&key))
+        {
+            return Ok(true);
+        }
+        self.reader()?.seen(team, event)
     }
 
     fn group(&mut self, team: TeamId, index: u8, key: &str) -> Result<Option<Group>, StoreError> {

@@ -18,6 +18,9 @@ use crate::plugins::Readiness;
 use crate::sinks::StoredRows;
 use crate::store::{QueuedBatch, StoreError};
 
+/// Operators' person deletions carried out per step, at most.
+const MAX_DELETIONS_PER_STEP: usize = 100;
+
 /// What the plugin chains made of one read.
 struct Chained {
     /// Batches to write, in queue order, with whether to deliver each.
@@ -39,8 +42,16 @@ impl Pipeline {
     ) -> Result<Option<Prepared>, StepError> {
         let store = self.store.clone();
         let limits = self.read_limits;
-        let read = tokio::task::spawn_blocking(move || store.read_ingest_after(position, limits))
-            .await??;
+        let (read, deletions) = tokio::task::spawn_blocking(move || {
+            let read = store.read_ingest_after(position, limits)?;
+            Ok::<_, StoreError>((read, store.person_deletions(MAX_DELETIONS_PER_STEP)?))
+        })
+        .await??;
+        let deletions = self
+            .persons
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .not_in_flight(deletions);
         for bad in &read.unreadable {
             self.quarantine(bad.seq, &bad.reason).await?;
         }
@@ -79,7 +90,12 @@ impl Pipeline {
             deferred.remove(seq);
         }
         let last = read.last.unwrap_or(position);
-        if read.last.is_none() && process.is_empty() && redeliver.is_empty() && undefer.is_empty() {
+        if read.last.is_none()
+            && process.is_empty()
+            && redeliver.is_empty()
+            && undefer.is_empty()
+            && deletions.is_empty()
+        {
             return Ok(None);
         }
         let events = process
@@ -95,7 +111,7 @@ impl Pipeline {
             self.sink.stored_rows(Arc::new(redeliver.clone())).await?
         };
         let (process, columns, persons) = self
-            .person_step(process, &redeliver, &redeliver_rows, last)
+            .person_step(process, &redeliver, &redeliver_rows, deletions, last)
             .await?;
         Ok(Some(Prepared {
             redeliver,
@@ -111,12 +127,14 @@ impl Pipeline {
     }
 
     /// The person step: first the batches the sink stored before a crash (recomputed from its
-    /// rows, whose person changes were not committed), then the batches to write.
+    /// rows, whose person changes were not committed), then operators' deletions, then the
+    /// batches to write.
     async fn person_step(
         &self,
         mut process: Vec<QueuedBatch>,
         redeliver: &[QueuedBatch],
         redeliver_rows: &StoredRows,
+        deletions: Vec<(TeamId, String)>,
         last: u64,
     ) -> Result<(Vec<QueuedBatch>, Vec<Vec<PersonColumns>>, PersonUpdates), StepError> {
         let stored: Vec<(TeamId, Vec<EventRow>)> = redeliver
@@ -134,6 +152,9 @@ impl Pipeline {
             } else {
                 engine.recompute(stored, last)?
             };
+            if !deletions.is_empty() {
+                updates.extend(engine.delete(&deletions, last)?);
+            }
             let step = engine.process(&mut process, last)?;
             updates.extend(step.updates);
             Ok::<_, StoreError>((process, step.columns, updates))

@@ -10,6 +10,8 @@ use redb::{
 use uuid::Uuid;
 
 use super::{decode_value, encode_value, meta_get, Store, StoreError, META};
+use std::collections::BTreeSet;
+
 use crate::ids::TeamId;
 use crate::person::{DistinctId, Group, IngestionWarning, Person, PersonChange, PersonUpdates};
 
@@ -35,6 +37,25 @@ pub(in crate::store) const GROUPS: TableDefinition<(u64, u8, &str), &[u8]> =
 pub(in crate::store) const WARNINGS: TableDefinition<(u64, u64), &[u8]> =
     TableDefinition::new("ingestion_warnings");
 const NEXT_WARNING: &str = "next_ingestion_warning";
+/// (team, event uuid): the events the person step processed, in two generations of at most
+/// [`SEEN_GENERATION_EVENTS`] each; when the current one fills, the older is dropped whole.
+pub(in crate::store) const SEEN_A: TableDefinition<(u64, u128), ()> =
+    TableDefinition::new("person_events_seen_a");
+pub(in crate::store) const SEEN_B: TableDefinition<(u64, u128), ()> =
+    TableDefinition::new("person_events_seen_b");
+/// Which of the two is current (0: A), and how many events it holds.
+const SEEN_CURRENT: &str = "person_events_seen_current";
+const SEEN_COUNT: &str = "person_events_seen_count";
+/// Events remembered per generation: an event resent within the last 500,000 to 1,000,000
+/// events never changes a person twice (PostHog has no such guard; SDK retries come within
+/// seconds).
+pub const SEEN_GENERATION_EVENTS: u64 = 500_000;
+
+/// (team, distinct id): persons an operator asked to delete, carried out by the pipeline in
+/// order with the events (so no event processed before it sees the person gone, and none after
+/// sees it still there).
+pub(in crate::store) const PERSON_DELETIONS: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("person_deletions");
 
 /// Ingestion warnings kept per team: a flood of bad events keeps only the newest.
 pub const MAX_WARNINGS_PER_TEAM: usize = 1_000;
@@ -47,6 +68,36 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(GROUP_TYPES)?;
     txn.open_table(GROUPS)?;
     txn.open_table(WARNINGS)?;
+    txn.open_table(PERSON_DELETIONS)?;
+    txn.open_table(SEEN_A)?;
+    txn.open_table(SEEN_B)?;
+    Ok(())
+}
+
+fn remember_seen(
+    txn: &WriteTransaction,
+    seen: &BTreeSet<(TeamId, Uuid)>,
+) -> Result<(), StoreError> {
+    if seen.is_empty() {
+        return Ok(());
+    }
+    let mut meta = txn.open_table(META)?;
+    let mut current = meta_get(&meta, SEEN_CURRENT)?;
+    let mut count = meta_get(&meta, SEEN_COUNT)?;
+    if count >= SEEN_GENERATION_EVENTS {
+        // The older generation goes, whole; the current one becomes the older.
+        let older = if current == 0 { SEEN_B } else { SEEN_A };
+        txn.delete_table(older)?;
+        txn.open_table(older)?;
+        current = 1 - current;
+        count = 0;
+        meta.insert(SEEN_CURRENT, current)?;
+    }
+    let mut table = txn.open_table(if current == 0 { SEEN_A } else { SEEN_B })?;
+    for (team, event) in seen {
+        table.insert((*team, event.as_u128()), ())?;
+    }
+    meta.insert(SEEN_COUNT, count + seen.len() as u64)?;
     Ok(())
 }
 
@@ -101,6 +152,11 @@ pub(super) fn apply(txn: &WriteTransaction, updates: &PersonUpdates) -> Result<(
             encode_value(group).as_slice(),
         )?;
     }
+    remember_seen(txn, &updates.seen)?;
+    let mut deletions = txn.open_table(PERSON_DELETIONS)?;
+    for (team, id) in &updates.deletions_done {
+        deletions.remove((*team, id.as_str()))?;
+    }
     add_warnings(txn, &updates.warnings)
 }
 
@@ -152,6 +208,20 @@ pub struct PersonsReader {
 }
 
 impl PersonsReader {
+    pub fn seen(&self, team: TeamId, event: Uuid) -> Result<bool, StoreError> {
+        for table in [SEEN_A, SEEN_B] {
+            if self
+                .txn
+                .open_table(table)?
+                .get((team, event.as_u128()))?
+                .is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub fn distinct_id(&self, team: TeamId, id: &str) -> Result<Option<DistinctId>, StoreError> {
         let table = self.txn.open_table(DISTINCT_IDS)?;
         let found = table.get((team, id))?;
@@ -247,6 +317,26 @@ impl Store {
         for row in table.range((team, 0)..=(team, u64::MAX))?.rev().take(limit) {
             let (_, v) = row?;
             out.push(decode_value("ingestion warning", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Asks the pipeline to delete the person of `distinct_id` (see [`PERSON_DELETIONS`]).
+    pub fn request_person_deletion(&self, team: TeamId, id: &str) -> Result<(), StoreError> {
+        let txn = self.write()?;
+        txn.open_table(PERSON_DELETIONS)?.insert((team, id), ())?;
+        self.commit(txn)
+    }
+
+    /// Deletions asked for and not yet carried out, oldest key first, at most `limit`.
+    pub fn person_deletions(&self, limit: usize) -> Result<Vec<(TeamId, String)>, StoreError> {
+        let txn = self.read()?;
+        let table = txn.open_table(PERSON_DELETIONS)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.take(limit) {
+            let (k, _) = row?;
+            let (team, id) = k.value();
+            out.push((team, id.to_owned()));
         }
         Ok(out)
     }

@@ -124,6 +124,17 @@ impl Store {
         Ok(teams)
     }
 
+    /// Team `id`, or `NotFound`.
+    pub fn team(&self, id: TeamId) -> Result<Team, StoreError> {
+        let txn = self.read()?;
+        let teams = txn.open_table(TEAMS)?;
+        let found = teams.get(id)?;
+        match found {
+            Some(v) => decode_value("team", v.value()),
+            None => Err(StoreError::NotFound(format!("no team {id}"))),
+        }
+    }
+
     pub fn team_by_token(&self, token: &str) -> Result<Option<Team>, StoreError> {
         let txn = self.read()?;
         let Some(id) = txn.open_table(TEAM_TOKENS)?.get(token)?.map(|v| v.value()) else {

@@ -249,6 +249,125 @@ pub struct Row {
     pub team_id: i64,
     pub distinct_id: String,
     pub created_at: String,
+    pub person_id: Option<String>,
+    pub person_properties: Value,
+    pub person_created_at: Option<String>,
+    pub person_mode: String,
+}
+
+/// One `posthog_person` row, with its distinct ids (id, version) in name order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PersonRow {
+    pub uuid: String,
+    pub properties: Value,
+    pub created_at: String,
+    pub is_identified: bool,
+    pub version: i64,
+    pub distinct_ids: Vec<(String, i64)>,
+}
+
+/// The persons of the SQLite sink, by uuid.
+pub fn read_persons(sqlite: &Path) -> std::collections::BTreeMap<String, PersonRow> {
+    let conn =
+        rusqlite::Connection::open_with_flags(sqlite, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open the SQLite event store");
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, uuid, properties, created_at, is_identified, version FROM posthog_person",
+        )
+        .expect("the posthog_person table exists");
+    let mut ids = conn
+        .prepare("SELECT distinct_id, version FROM posthog_persondistinctid WHERE person_id = ?1 ORDER BY distinct_id")
+        .expect("the posthog_persondistinctid table exists");
+    let rows: Vec<(i64, PersonRow)> = stmt
+        .query_map([], |r| {
+            let props: String = r.get(2)?;
+            Ok((
+                r.get(0)?,
+                PersonRow {
+                    uuid: r.get(1)?,
+                    properties: serde_json::from_str(&props).expect("properties are JSON"),
+                    created_at: r.get(3)?,
+                    is_identified: r.get(4)?,
+                    version: r.get(5)?,
+                    distinct_ids: Vec::new(),
+                },
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    rows.into_iter()
+        .map(|(id, mut person)| {
+            person.distinct_ids = ids
+                .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            (person.uuid.clone(), person)
+        })
+        .collect()
+}
+
+/// The directory of the SDK drivers.
+pub fn sdk_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk")
+}
+
+/// Runs an SDK driver script against `app` (arguments: its address, [`TOKEN`], then `args`)
+/// and returns what it reports having sent.
+pub fn drive(program: &str, script: &str, app: &Appliance, args: &[&str]) -> Vec<Value> {
+    let out = Command::new(program)
+        .arg(sdk_dir().join(script))
+        .arg(format!("http://{}", app.addr))
+        .arg(TOKEN)
+        .args(args)
+        .current_dir(sdk_dir())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}; install it (see .ci/run)"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'posthog'") && !stderr.contains("Cannot find package 'posthog-node'"),
+        "the SDK is not installed: run `pip install -r tests/sdk/requirements.txt` and `npm ci --prefix tests/sdk`\n{stderr}"
+    );
+    assert!(
+        out.status.success(),
+        "{script} failed\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{script} printed no report ({e}): {stdout}"));
+    assert_eq!(report["errors"], serde_json::json!([]), "{script}");
+    report["sent"].as_array().cloned().unwrap_or_default()
+}
+
+/// Writes the test GeoIP database (tests/sdk/make_mmdb.py, an independent MaxMind DB writer) to
+/// `path`; `moved` puts the Amsterdam network in Rotterdam (a replaced database).
+pub fn make_mmdb(path: &Path, moved: bool) {
+    let mut command = Command::new("python3");
+    command.arg(sdk_dir().join("make_mmdb.py")).arg(path);
+    if moved {
+        command.arg("moved");
+    }
+    let made = command.output().expect("python3 is installed");
+    assert!(
+        made.status.success(),
+        "making the test database failed (pip install -r tests/sdk/requirements.txt): {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+}
+
+/// Sends `events` in one `/batch/` request with `token` and waits until they are stored.
+pub async fn send_batch(app: &Appliance, token: &str, events: Vec<Value>) {
+    let body = serde_json::json!({"api_key": token, "batch": events});
+    let response = reqwest::Client::new()
+        .post(app.url("/batch/"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    app.wait_drained().await;
 }
 
 pub fn read_events(sqlite: &Path) -> Vec<Row> {
@@ -256,7 +375,8 @@ pub fn read_events(sqlite: &Path) -> Vec<Row> {
         rusqlite::Connection::open_with_flags(sqlite, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .expect("open the SQLite event store");
     let mut stmt = conn
-        .prepare("SELECT uuid, event, properties, elements_chain, timestamp, team_id, distinct_id, created_at FROM posthog_event ORDER BY id")
+        .prepare("SELECT uuid, event, properties, elements_chain, timestamp, team_id, distinct_id, created_at,
+                  person_id, person_properties, person_created_at, person_mode FROM posthog_event ORDER BY id")
         .expect("the posthog_event table exists");
     stmt.query_map([], |r| {
         let props: String = r.get(2)?;
@@ -269,6 +389,11 @@ pub fn read_events(sqlite: &Path) -> Vec<Row> {
             team_id: r.get(5)?,
             distinct_id: r.get(6)?,
             created_at: r.get(7)?,
+            person_id: r.get(8)?,
+            person_properties: serde_json::from_str(&r.get::<_, String>(9)?)
+                .expect("person properties are JSON"),
+            person_created_at: r.get(10)?,
+            person_mode: r.get(11)?,
         })
     })
     .expect("query events")

@@ -11,6 +11,7 @@
 
 mod exports;
 mod jobs;
+mod persons;
 mod plugins;
 
 use std::net::SocketAddr;
@@ -90,6 +91,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route(
             "/api/teams/{team}/plugins/{plugin}/exports",
             post(exports::start),
+        )
+        .route(
+            "/api/teams/{team}/persons/{distinct_id}",
+            get(persons::show).delete(persons::delete),
+        )
+        .route(
+            "/api/teams/{team}/ingestion_warnings",
+            get(persons::warnings),
         )
         .route("/api/exports", get(exports::list))
         .route("/api/exports/{id}", get(exports::show))

@@ -274,12 +274,22 @@ impl geoip::Host for HostState {
             country_code: found.country_code,
             country_name: found.country_name,
             city_name: found.city_name,
-            subdivision_code: found.subdivision_code,
+            subdivision_code: found.subdivisions.first().and_then(|s| s.code.clone()),
             postal_code: found.postal_code,
             continent_code: found.continent_code,
             latitude: found.latitude,
             longitude: found.longitude,
             time_zone: found.time_zone,
+            continent_name: found.continent_name,
+            accuracy_radius: found.accuracy_radius,
+            subdivisions: found
+                .subdivisions
+                .into_iter()
+                .map(|s| geoip::Subdivision {
+                    code: s.code,
+                    name: s.name,
+                })
+                .collect(),
         })
     }
 }
