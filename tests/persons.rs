@@ -413,7 +413,10 @@ async fn a_kill_in_a_merge_heavy_load_leaves_the_persons_of_the_same_events_with
         Some(events.len() / 16 / 2),
     )
     .await;
-    assert_eq!(restarts, 2, "the failpoint's abort and the kill -9 both happened");
+    assert_eq!(
+        restarts, 2,
+        "the failpoint's abort and the kill -9 both happened"
+    );
     let got = read_persons(&app.sqlite_path());
     let got_rows = read_events(&app.sqlite_path());
     assert_eq!(got.len(), want.len());
