@@ -266,7 +266,7 @@ fn personless_events_then_identify_reuse_the_placeholder_uuid() {
     // Both ids new to persons, the anonymous one seen personless: its uuid is the person's.
     let p = m.person_of("user");
     assert_eq!(p.uuid, person_uuid(1, "anon"));
-    assert_eq!(m.personless[&(1, "anon".into())], true);
+    assert!(m.personless[&(1, "anon".into())]);
     assert!(!p.properties.contains_key("x"));
 }
 
