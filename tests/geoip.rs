@@ -9,16 +9,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    cli, create_team, enable_plugin, install_plugin, make_mmdb, read_events, send_batch, Appliance,
-    Row, TOKEN,
+    by_event, cli, create_team, enable_plugin, install_plugin, make_mmdb, read_events, send_batch,
+    Appliance, TOKEN,
 };
 use serde_json::{json, Value};
-
-fn by_event<'a>(rows: &'a [Row], name: &str) -> &'a Row {
-    rows.iter()
-        .find(|r| r.event == name)
-        .unwrap_or_else(|| panic!("no event {name:?} stored"))
-}
 
 fn at(ip: &str, name: &str, extra: Value) -> Value {
     let mut properties = json!({"$ip": ip});

@@ -9,19 +9,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{
-    cli, cli_error, create_team, enable_plugin, install_plugin, plugin_folder, read_events,
-    Appliance, Row, TOKEN,
+    by_event, cli, cli_error, create_team, enable_plugin, install_plugin, plugin_folder,
+    read_events, Appliance, TOKEN,
 };
 use serde_json::{json, Value};
 
 async fn send(app: &Appliance, token: &str, events: Vec<Value>) {
     common::send_batch(app, token, events).await;
-}
-
-fn by_event<'a>(rows: &'a [Row], name: &str) -> &'a Row {
-    rows.iter()
-        .find(|r| r.event == name)
-        .unwrap_or_else(|| panic!("no event {name:?} stored"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use appliance::person::rules::EVENT_TO_PERSON_PROPERTIES;
 use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
 use common::{create_team, read_events, Appliance, TOKEN};
@@ -24,32 +25,11 @@ fn personless(properties: &Value) -> bool {
 }
 
 /// What PostHog's ingestion does to an event's properties on the way to its row: the automatic
-/// person properties (plugin-server `person-property-utils.ts`: `$set` and `$initial_*` in
-/// `$set_once`), `$process_person_profile` handling (`normalizeProcessPerson`), group indexes
+/// person properties (plugin-server `person-property-utils.ts`, whose list the appliance keeps
+/// as `EVENT_TO_PERSON_PROPERTIES`: `$set` and `$initial_*` in `$set_once`), `$process_person_profile` handling (`normalizeProcessPerson`), group indexes
 /// in the order types are first seen (`groups.ts`), and no person or group keys on personless
 /// events (`create-event.ts`).
 fn person_step(want: &mut Map<String, Value>, event: &str, group_types: &mut Vec<String>) {
-    const EVENT_TO_PERSON: [&str; 19] = [
-        "$app_build",
-        "$app_name",
-        "$app_namespace",
-        "$app_version",
-        "$browser",
-        "$browser_version",
-        "$device_type",
-        "$current_url",
-        "$pathname",
-        "$os",
-        "$os_name",
-        "$os_version",
-        "$referring_domain",
-        "$referrer",
-        "$screen_height",
-        "$screen_width",
-        "$viewport_height",
-        "$viewport_width",
-        "$raw_user_agent",
-    ];
     let personless = personless(&Value::Object(want.clone()));
     if personless {
         for key in ["$set", "$set_once", "$unset"] {
@@ -61,7 +41,7 @@ fn person_step(want: &mut Map<String, Value>, event: &str, group_types: &mut Vec
         let mut set = Map::new();
         let mut set_once = Map::new();
         if !matches!(event, "$snapshot" | "$performance_event") {
-            for key in EVENT_TO_PERSON {
+            for key in EVENT_TO_PERSON_PROPERTIES {
                 let Some(value) = want.get(key).cloned() else {
                     continue;
                 };

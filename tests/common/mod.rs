@@ -255,6 +255,13 @@ pub struct Row {
     pub person_mode: String,
 }
 
+/// The stored event named `name` (the first, in storage order).
+pub fn by_event<'a>(rows: &'a [Row], name: &str) -> &'a Row {
+    rows.iter()
+        .find(|r| r.event == name)
+        .unwrap_or_else(|| panic!("no event {name:?} stored"))
+}
+
 /// One `posthog_person` row, with its distinct ids (id, version) in name order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PersonRow {
