@@ -37,6 +37,7 @@ pub mod names {
     pub const JOBS_FINISHED: &str = "appliance_jobs_finished_total";
     pub const SCHEDULE_LAG: &str = "appliance_schedule_lag_seconds";
     pub const FREE_DISK_BYTES: &str = "appliance_free_disk_bytes";
+    pub const INGESTION_WARNINGS_DROPPED: &str = "appliance_ingestion_warnings_dropped_total";
 }
 
 /// Buckets of the latency histograms, in seconds: from a group commit to a slow plugin job.
@@ -220,6 +221,10 @@ fn describe() {
         "Events the sink stored, or skipped as already stored"
     );
     describe_counter!(SINK_ERRORS, "Failed sink writes (each retried)");
+    describe_counter!(
+        INGESTION_WARNINGS_DROPPED,
+        "Capture's ingestion warnings dropped because their writer fell behind"
+    );
     describe_gauge!(SINK_LAG, "Queue batches the sink has not stored yet");
     describe_counter!(
         PLUGIN_CALLS,

@@ -217,7 +217,7 @@ async fn a_replaced_database_is_loaded_and_a_corrupt_one_only_stops_geoip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_keeps_distinct_ids_and_ips_as_posthog_does() {
     let dir = tempfile::tempdir().unwrap();
-    create_team(dir.path(), "ids", TOKEN);
+    let team = create_team(dir.path(), "ids", TOKEN).to_string();
     let app = Appliance::start(
         dir.path(),
         &[("SINK_LINGER_MS", "0"), ("TRUST_PROXY", "true")],
@@ -233,7 +233,19 @@ async fn capture_keeps_distinct_ids_and_ips_as_posthog_does() {
         json!({"event": "empty-ip", "distinct_id": "u", "properties": {"$ip": ""}}),
         json!({"event": "chain", "distinct_id": "u", "properties": {
             "$elements_chain": "a:href=\"/given\"", "$elements": [{"tag_name": "b"}]}}),
+        json!({"event": "bad-time", "distinct_id": "u", "timestamp": "not a time"}),
+        json!({"event": "future", "distinct_id": "u", "timestamp": "2999-01-01T00:00:00Z"}),
     ];
+    let cookieless = |name: &str, host: &str, agent: &str| {
+        json!({"event": name, "distinct_id": "$posthog_cookieless", "properties": {
+            "$cookieless_mode": true, "$host": host, "$raw_user_agent": agent}})
+    };
+    let mut events = events;
+    events.extend([
+        cookieless("visit-1", "www.shop.example.com", "Firefox"),
+        cookieless("visit-2", "blog.example.com", "Firefox"),
+        cookieless("visit-3", "www.shop.example.com", "Safari"),
+    ]);
     let response = reqwest::Client::new()
         .post(app.url("/batch/"))
         .header("X-Forwarded-For", "198.51.100.23, 10.0.0.1")
@@ -268,6 +280,44 @@ async fn capture_keeps_distinct_ids_and_ips_as_posthog_does() {
     assert_eq!(chain.elements_chain, "a:href=\"/given\"");
     assert!(chain.properties.get("$elements").is_none());
     assert!(chain.properties.get("$elements_chain").is_none());
+    // Cookieless mode: one visitor (address, browser, site) is one server-side id for the day.
+    let visit = |name: &str| by_event(&rows, name).distinct_id.clone();
+    assert!(
+        visit("visit-1").starts_with("cookieless_"),
+        "{}",
+        visit("visit-1")
+    );
+    assert_eq!(visit("visit-1"), visit("visit-2"));
+    assert_ne!(visit("visit-1"), visit("visit-3"));
+    // Times not taken as given are ingestion warnings in PostHog's shape.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let kinds = loop {
+        let listed = cli(
+            dir.path(),
+            &["persons", "warnings", "--team", &team, "--json"],
+        );
+        let kinds: Vec<String> = listed
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["kind"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        if kinds.len() >= 2 || Instant::now() > deadline {
+            break kinds;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        kinds.contains(&"ignored_invalid_timestamp".to_owned()),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&"event_timestamp_in_future".to_owned()),
+        "{kinds:?}"
+    );
     let engaged = by_event(&rows, "$identify");
     assert_eq!(engaged.distinct_id, "engaged");
     assert_eq!(engaged.properties["$set"]["plan"], "pro");

@@ -223,6 +223,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             limits: config.capture,
             trust_proxy: config.trust_proxy,
             geoip: geoip.clone(),
+            warnings: capture::Warnings::spawn(store.clone()),
+            salts: Arc::new(capture::DailySalts::new(store.clone())),
             admission: Admission::new(
                 &config.capture,
                 store.clone(),

@@ -427,13 +427,13 @@ async fn main() {
     }
     for (label, shape) in scenarios {
         let before = ready(&client, &base).await;
-        let written_before = before["sink"]["events_written"].as_u64().unwrap_or(0);
+        let written_before = before["sink"]["events_stored"].as_u64().unwrap_or(0);
         let load_start = Instant::now();
         let full = run(&base, &args.token, shape, args.connections, duration, None).await;
         full.print(&format!("{label}, max load"));
         let drained_at = wait_drained(&client, &base).await;
         let after = ready(&client, &base).await;
-        let written = after["sink"]["events_written"].as_u64().unwrap_or(0) - written_before;
+        let written = after["sink"]["events_stored"].as_u64().unwrap_or(0) - written_before;
         let e2e = drained_at.duration_since(load_start);
         println!(
             "{:<58} {:>10.0} events/s reached SQLite ({} events; sink caught up {:.2} s after capture ended)",

@@ -28,6 +28,7 @@ use crate::event::normalize::RequestContext;
 use crate::event::timestamp::sent_at_from_query_millis;
 use crate::event::IngestBatch;
 use crate::ingest::IngestError;
+use crate::person::IngestionWarning;
 use crate::store::Team;
 
 /// Payloads up to this size, not compressed, are decoded on the request worker itself.
@@ -169,6 +170,8 @@ async fn intake(
     let ip_text = ip.to_string();
     let anonymize_ips = team.anonymize_ips;
     let geoip = state.geoip.clone();
+    let salts = state.salts.clone();
+    let team_id = team.id;
     let build = move |split: SplitPayload, ip: String| {
         let ctx = RequestContext {
             received_at,
@@ -177,6 +180,7 @@ async fn intake(
             anonymize_ips,
             geoip: Some(&geoip),
             default_event: engage.then_some("$identify"),
+            cookieless: Some((team_id, &*salts)),
         };
         (build_rows(&split, limits.max_event_bytes, &ctx), ip)
     };
@@ -329,6 +333,7 @@ async fn commit(
     } = accepted;
     let Judged {
         rows,
+        warnings,
         rejected,
         rejected_count,
     } = judged;
@@ -357,6 +362,18 @@ async fn commit(
         other => CaptureError::Unavailable(other.to_string()),
     })?;
     metrics::counter!(events_metric, "outcome" => "accepted").increment(stored as u64);
+    for (uuid, sent, warning) in warnings {
+        let (kind, reason) = warning.kind_and_reason();
+        state.warnings.note(
+            team.id,
+            IngestionWarning {
+                kind: kind.into(),
+                details: json!({"eventUuid": uuid, "field": "timestamp", "value": sent, "reason": reason})
+                    .to_string(),
+                timestamp: received_at,
+            },
+        );
+    }
     tracing::trace!(
         events = stored,
         took_us = started.elapsed().as_micros() as u64,

@@ -45,6 +45,89 @@ pub struct CaptureState {
     pub admission: Admission,
     /// Locates each event's IP before it is queued (PostHog's GeoIP step).
     pub geoip: Arc<crate::geoip::GeoIp>,
+    /// Where warnings about accepted events go (kept per team, best effort).
+    pub warnings: Warnings,
+    /// The daily salts of cookieless mode.
+    pub salts: Arc<DailySalts>,
+}
+
+/// Cookieless mode's daily salts, read from the store once per day and process.
+pub struct DailySalts {
+    store: Store,
+    known: std::sync::Mutex<HashMap<chrono::NaiveDate, [u8; 16]>>,
+}
+
+impl DailySalts {
+    pub fn new(store: Store) -> DailySalts {
+        DailySalts {
+            store,
+            known: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl crate::event::cookieless::Salts for DailySalts {
+    fn salt(&self, day: chrono::NaiveDate) -> Option<[u8; 16]> {
+        if let Some(salt) = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&day)
+        {
+            return Some(*salt);
+        }
+        match self.store.cookieless_salt(day) {
+            Ok(salt) => {
+                let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+                // A handful of days at most: events are stamped around today.
+                if known.len() > 8 {
+                    known.clear();
+                }
+                known.insert(day, salt);
+                Some(salt)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cookieless salt; the event keeps its distinct id");
+                None
+            }
+        }
+    }
+}
+
+/// Ingestion warnings found at capture (an event's time not taken as given), handed to a task
+/// that writes them in batches; when it falls behind, warnings are dropped and counted rather
+/// than held without bound or delaying a request.
+#[derive(Clone)]
+pub struct Warnings {
+    tx: tokio::sync::mpsc::Sender<(crate::store::TeamId, crate::person::IngestionWarning)>,
+}
+
+/// Warnings waiting to be written, at most.
+const WARNINGS_WAITING: usize = 4096;
+
+impl Warnings {
+    /// The sender, and the task that writes what it is given to `store`.
+    pub fn spawn(store: Store) -> Warnings {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(WARNINGS_WAITING);
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, 1000).await > 0 {
+                let (store, taken) = (store.clone(), std::mem::take(&mut batch));
+                let written =
+                    tokio::task::spawn_blocking(move || store.add_ingestion_warnings(&taken)).await;
+                if let Ok(Err(e)) = written {
+                    tracing::warn!(error = %e, "cannot keep ingestion warnings");
+                }
+            }
+        });
+        Warnings { tx }
+    }
+
+    pub fn note(&self, team: crate::store::TeamId, warning: crate::person::IngestionWarning) {
+        if self.tx.try_send((team, warning)).is_err() {
+            metrics::counter!(crate::telemetry::names::INGESTION_WARNINGS_DROPPED).increment(1);
+        }
+    }
 }
 
 /// What decides whether capture takes a request at all: room on disk and in the queue, memory

@@ -21,6 +21,7 @@ use uuid::Uuid;
 use super::error::{CaptureError, Rejection};
 use crate::event::normalize::{normalize, RequestContext};
 use crate::event::timestamp::parse_client_time;
+use crate::event::timestamp::TimestampWarning;
 use crate::event::EventRow;
 
 /// PostHog truncates distinct ids to this many characters.
@@ -53,6 +54,8 @@ impl SplitPayload {
 #[derive(Debug, Default)]
 pub struct Judged {
     pub rows: Vec<EventRow>,
+    /// Accepted events whose time was not taken as given: (event uuid, timestamp sent, why).
+    pub warnings: Vec<(uuid::Uuid, Value, TimestampWarning)>,
     /// The first [`MAX_LISTED_REJECTIONS`] rejections.
     pub rejected: Vec<Rejection>,
     /// All rejections, listed or not.
@@ -361,9 +364,16 @@ pub fn build_rows(
             ))
         } else {
             match serde_json::from_str::<Value>(json) {
-                Ok(value) => {
-                    validate_event(value, ctx.default_event).map(|event| normalize(ctx, event).0)
-                }
+                Ok(value) => validate_event(value, ctx.default_event).map(|event| {
+                    let sent = event.get("timestamp").cloned().unwrap_or(Value::Null);
+                    let (row, warning) = normalize(ctx, event);
+                    if let Some(warning) = warning {
+                        if judged.warnings.len() < MAX_LISTED_REJECTIONS {
+                            judged.warnings.push((row.uuid, sent, warning));
+                        }
+                    }
+                    row
+                }),
                 Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err((
                     None,
                     format!("the event is nested deeper than {MAX_JSON_DEPTH} levels"),
@@ -482,6 +492,7 @@ mod tests {
             anonymize_ips: false,
             geoip: None,
             default_event: None,
+            cookieless: None,
         }
     }
 

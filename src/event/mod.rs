@@ -6,6 +6,7 @@
 //! normalisation rules, applied where events enter the queue (capture and the sources).
 //! Must never: do I/O; every function here depends only on its arguments.
 
+pub mod cookieless;
 pub mod geo;
 pub mod normalize;
 pub mod timestamp;

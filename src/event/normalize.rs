@@ -27,6 +27,8 @@ pub struct RequestContext<'a> {
     pub geoip: Option<&'a GeoIp>,
     /// The name of an event that has none (`/engage/` payloads are `$identify`).
     pub default_event: Option<&'static str>,
+    /// The team and its daily salts, for cookieless-mode events (`None`: left as sent).
+    pub cookieless: Option<(u64, &'a dyn super::cookieless::Salts)>,
 }
 
 /// Normalises one event. Deterministic: the same input gives the same row.
@@ -57,6 +59,16 @@ pub fn normalize(
     if let (false, Some(ip)) = (client_ip, ctx.ip) {
         properties.insert("$ip".into(), Value::String(ip.to_owned()));
     }
+    let mut distinct_id = text(event.get("distinct_id")).to_owned();
+    if let (Some((team, salts)), Some(Value::String(ip))) = (ctx.cookieless, properties.get("$ip"))
+    {
+        if super::cookieless::wanted(&distinct_id, &properties) {
+            let day = timestamp.date_naive();
+            if let Some(id) = super::cookieless::distinct_id(salts, team, day, ip, &properties) {
+                distinct_id = id;
+            }
+        }
+    }
     if let Some(geoip) = ctx.geoip {
         super::geo::add_geoip_properties(geoip, &mut properties);
     }
@@ -85,7 +97,7 @@ pub fn normalize(
     let row = EventRow {
         uuid,
         event: name,
-        distinct_id: text(event.get("distinct_id")).to_owned(),
+        distinct_id,
         // Serialising a map of JSON values cannot fail.
         properties: serde_json::to_string(&properties).unwrap_or_default(),
         timestamp,
@@ -172,6 +184,7 @@ mod tests {
             anonymize_ips,
             geoip: None,
             default_event: None,
+            cookieless: None,
         }
     }
 

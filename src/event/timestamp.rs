@@ -14,6 +14,28 @@ pub enum TimestampWarning {
     InFuture,
     /// The computed time was out of range; stored at the Unix epoch.
     OutOfRange,
+    /// A `timestamp` was given that is not a time; the event's time came from the rest.
+    Unparseable,
+}
+
+impl TimestampWarning {
+    /// The ingestion warning PostHog records for it, and why.
+    pub fn kind_and_reason(self) -> (&'static str, &'static str) {
+        match self {
+            TimestampWarning::InFuture => (
+                "event_timestamp_in_future",
+                "more than 23 hours in the future; stored at the time it was received",
+            ),
+            TimestampWarning::OutOfRange => (
+                "ignored_invalid_timestamp",
+                "out of range; stored at 1970-01-01",
+            ),
+            TimestampWarning::Unparseable => (
+                "ignored_invalid_timestamp",
+                "not a time; the time it was received (or its offset) was used",
+            ),
+        }
+    }
 }
 
 /// Parses a time as SDKs send it: RFC 3339 / ISO 8601 with or without an offset (naive means
@@ -97,11 +119,17 @@ pub fn event_timestamp(
     let sent_at = if ignore_sent_at { None } else { sent_at };
 
     let mut result = Some(now);
-    if let Some(client) = event.get("timestamp").and_then(parse_client_time) {
-        result = match sent_at {
-            Some(sent) => now.checked_add_signed(client.signed_duration_since(sent)),
-            None => Some(client),
-        };
+    let mut unparseable = false;
+    if let Some(given) = event.get("timestamp").filter(|t| !t.is_null()) {
+        match parse_client_time(given) {
+            Some(client) => {
+                result = match sent_at {
+                    Some(sent) => now.checked_add_signed(client.signed_duration_since(sent)),
+                    None => Some(client),
+                };
+            }
+            None => unparseable = true,
+        }
     }
     if let Some(offset) = event.get("offset").and_then(Value::as_i64) {
         result = Duration::try_milliseconds(offset).and_then(|d| now.checked_sub_signed(d));
@@ -110,7 +138,9 @@ pub fn event_timestamp(
         Some(t) if t.signed_duration_since(now) > MAX_FUTURE => {
             (now, Some(TimestampWarning::InFuture))
         }
-        Some(t) if (0..=9999).contains(&chrono::Datelike::year(&t)) => (t, None),
+        Some(t) if (0..=9999).contains(&chrono::Datelike::year(&t)) => {
+            (t, unparseable.then_some(TimestampWarning::Unparseable))
+        }
         _ => (DateTime::UNIX_EPOCH, Some(TimestampWarning::OutOfRange)),
     }
 }
@@ -178,7 +208,10 @@ mod tests {
         let e = event(json!({"timestamp": "2026-01-02T10:00:00Z"}));
         assert_eq!(event_timestamp(now, None, &e).0, at("2026-01-02T10:00:00Z"));
         let e = event(json!({"timestamp": "not a time"}));
-        assert_eq!(event_timestamp(now, None, &e), (now, None));
+        assert_eq!(
+            event_timestamp(now, None, &e),
+            (now, Some(TimestampWarning::Unparseable))
+        );
         let e = event(json!({"offset": i64::MAX}));
         assert_eq!(
             event_timestamp(now, None, &e).1,

@@ -321,6 +321,16 @@ impl Store {
         Ok(out)
     }
 
+    /// Keeps warnings found outside the person step (capture's).
+    pub fn add_ingestion_warnings(
+        &self,
+        warnings: &[(TeamId, IngestionWarning)],
+    ) -> Result<(), StoreError> {
+        let txn = self.write()?;
+        add_warnings(&txn, warnings)?;
+        self.commit(txn)
+    }
+
     /// Asks the pipeline to delete the person of `distinct_id` (see [`PERSON_DELETIONS`]).
     pub fn request_person_deletion(&self, team: TeamId, id: &str) -> Result<(), StoreError> {
         let txn = self.write()?;
