@@ -14,6 +14,7 @@ pub mod rules;
 mod scenarios;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,43 @@ pub struct Person {
     /// Rises by one per change (a merge: one past the higher of the two persons).
     pub version: u64,
     pub is_identified: bool,
+    /// `properties` as JSON text, made at most once per state of the person.
+    #[serde(skip)]
+    pub text: TextCache,
+}
+
+impl Person {
+    /// The properties as JSON text (what most events show as their `person_properties`).
+    pub fn properties_text(&self) -> Arc<str> {
+        self.text
+            .0
+            .get_or_init(|| Arc::from(serde_json::to_string(&self.properties).unwrap_or_default()))
+            .clone()
+    }
+}
+
+/// A person's properties text, made once: empty in a clone (a person is cloned to be changed)
+/// and never part of equality or the stored form. Whoever changes `properties` in place
+/// resets it (`TextCache::default()`).
+#[derive(Default)]
+pub struct TextCache(OnceLock<Arc<str>>);
+
+impl Clone for TextCache {
+    fn clone(&self) -> Self {
+        TextCache::default()
+    }
+}
+
+impl PartialEq for TextCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for TextCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TextCache")
+    }
 }
 
 /// Where a distinct id points, and how often it has moved.
@@ -108,7 +146,7 @@ impl PersonMode {
 pub struct PersonColumns {
     pub person_id: Uuid,
     /// The person's properties after this event (`{}` for a personless event), JSON text.
-    pub person_properties: String,
+    pub person_properties: Arc<str>,
     pub person_created_at: DateTime<Utc>,
     pub person_mode: PersonMode,
 }
@@ -126,7 +164,7 @@ pub struct IngestionWarning {
 /// operator) with the version it had.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PersonChange {
-    Upsert(Person),
+    Upsert(Arc<Person>),
     Deleted { version: u64 },
 }
 

@@ -10,12 +10,14 @@
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
 use uuid::Uuid;
 
 use super::rules::{self, Properties, PropertyUpdate};
 use super::{
     person_uuid, placeholder_created_at, DistinctId, Group, IngestionWarning, Person, PersonChange,
-    PersonColumns, PersonMode, PersonUpdates, MAX_GROUP_TYPES, MAX_PROPERTIES_BYTES,
+    PersonColumns, PersonMode, PersonUpdates, TextCache, MAX_GROUP_TYPES, MAX_PROPERTIES_BYTES,
 };
 use crate::event::EventRow;
 use crate::ids::TeamId;
@@ -25,7 +27,7 @@ use crate::ids::TeamId;
 pub trait PersonState {
     type Error;
     fn distinct_id(&mut self, team: TeamId, id: &str) -> Result<Option<DistinctId>, Self::Error>;
-    fn person(&mut self, team: TeamId, uuid: Uuid) -> Result<Option<Person>, Self::Error>;
+    fn person(&mut self, team: TeamId, uuid: Uuid) -> Result<Option<Arc<Person>>, Self::Error>;
     /// The distinct ids pointing at a person.
     fn distinct_ids_of(&mut self, team: TeamId, uuid: Uuid) -> Result<Vec<String>, Self::Error>;
     /// `Some(is_merged)` if the id was seen on a personless event.
@@ -62,9 +64,55 @@ enum NextVersion {
     Merged(u64),
 }
 
+/// How an event's properties changed: new keys only (their text is appended), or more.
+struct Edit {
+    /// A key that was there changed or went: the whole text is written again.
+    rewrite: bool,
+    /// Keys added.
+    added: Vec<String>,
+}
+
+impl Edit {
+    /// Brings `text` (the properties as they came) in line with `properties`.
+    fn apply(&self, text: &mut String, properties: &Map<String, Value>) {
+        if self.rewrite {
+            // Serialising a map of JSON values cannot fail.
+            *text = serde_json::to_string(properties).unwrap_or_default();
+            return;
+        }
+        let added: Vec<(&String, &Value)> = self
+            .added
+            .iter()
+            .filter_map(|k| properties.get_key_value(k))
+            .collect();
+        if added.is_empty() {
+            return;
+        }
+        let body = text.trim_end();
+        let Some(open) = body.strip_suffix('}') else {
+            *text = serde_json::to_string(properties).unwrap_or_default();
+            return;
+        };
+        let mut out = String::with_capacity(text.len() + 256);
+        out.push_str(open.trim_end());
+        let mut first = out.ends_with('{');
+        for (key, value) in added {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&serde_json::to_string(key).unwrap_or_default());
+            out.push(':');
+            out.push_str(&serde_json::to_string(value).unwrap_or_default());
+        }
+        out.push('}');
+        *text = out;
+    }
+}
+
 /// The person an event is about, while the event changes it.
 struct Working {
-    person: Person,
+    person: Arc<Person>,
     next: NextVersion,
     changed: bool,
 }
@@ -88,13 +136,16 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
             return self.seen_before(team, row).map(Some);
         }
         self.updates.seen.insert((team, row.uuid));
-        let mut properties: Map<String, Value> = match serde_json::from_str(&row.properties) {
-            Ok(Value::Object(map)) => map,
-            _ => Map::new(),
+        let (mut properties, parsed) = match serde_json::from_str(&row.properties) {
+            Ok(Value::Object(map)) => (map, true),
+            _ => (Map::new(), false),
         };
         let personless = properties.get("$process_person_profile") == Some(&Value::Bool(false));
-        // Rewriting the properties' text costs as much as reading it: only when they changed.
-        let mut changed = false;
+        // Rewriting the properties' text costs as much as reading it: only what changed is.
+        let mut edit = Edit {
+            rewrite: !parsed,
+            added: Vec::new(),
+        };
         let columns = if personless {
             if PERSON_EVENTS.contains(&row.event.as_str()) {
                 self.warn(
@@ -106,24 +157,29 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
                 return Ok(None);
             }
             for key in ["$set", "$set_once", "$unset"] {
-                changed |= properties.remove(key).is_some();
+                edit.rewrite |= properties.remove(key).is_some();
             }
             self.personless_columns(team, row)?
         } else {
-            changed |= properties.remove("$process_person_profile").is_some();
-            changed |= rules::add_auto_person_properties(&row.event, &mut properties);
+            edit.rewrite |= properties.remove("$process_person_profile").is_some();
+            let had = ["$set", "$set_once"].map(|k| properties.contains_key(k));
+            if rules::add_auto_person_properties(&row.event, &mut properties) {
+                if had.contains(&true) {
+                    edit.rewrite = true;
+                } else {
+                    edit.added
+                        .extend(["$set".to_owned(), "$set_once".to_owned()]);
+                }
+            }
             self.full(team, row, &properties)?
         };
-        changed |= self.groups(team, row, &mut properties)?;
+        self.groups(team, row, &mut properties, &mut edit)?;
         if personless {
             for index in 0..MAX_GROUP_TYPES {
-                changed |= properties.remove(&format!("$group_{index}")).is_some();
+                edit.rewrite |= properties.remove(&format!("$group_{index}")).is_some();
             }
         }
-        if changed {
-            // Serialising a map of JSON values cannot fail.
-            row.properties = serde_json::to_string(&properties).unwrap_or_default();
-        }
+        edit.apply(&mut row.properties, &properties);
         Ok(Some(columns))
     }
 
@@ -133,7 +189,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         Ok(match self.person_of(team, &row.distinct_id)? {
             Some(person) => PersonColumns {
                 person_id: person.uuid,
-                person_properties: serde_json::to_string(&person.properties).unwrap_or_default(),
+                person_properties: person.properties_text(),
                 person_created_at: person.created_at,
                 person_mode: PersonMode::Full,
             },
@@ -239,13 +295,13 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
                 }
             }
             None => {
-                let person = self.new_person(
+                let person = Arc::new(self.new_person(
                     team,
                     row,
                     &update,
                     person_uuid(team, &row.distinct_id),
                     false,
-                );
+                ));
                 self.updates.distinct_ids.insert(
                     (team, row.distinct_id.clone()),
                     Some(DistinctId {
@@ -261,7 +317,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
             }
         };
         if working.changed {
-            working.person.version = match working.next {
+            Arc::make_mut(&mut working.person).version = match working.next {
                 NextVersion::New => 0,
                 NextVersion::After(v) => v + 1,
                 NextVersion::Merged(v) => v,
@@ -273,11 +329,16 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         }
         // PostHog's `person_properties`: the person's properties with this event's `$set` over
         // them (what a device property that did not trigger an update would have been).
-        let mut shown = working.person.properties.clone();
-        shown.extend(update.set.clone());
+        let shown = if update.set_agrees(&working.person.properties) {
+            working.person.properties_text()
+        } else {
+            let mut shown = working.person.properties.clone();
+            shown.extend(update.set.clone());
+            Arc::from(serde_json::to_string(&shown).unwrap_or_default())
+        };
         Ok(PersonColumns {
             person_id: working.person.uuid,
-            person_properties: serde_json::to_string(&shown).unwrap_or_default(),
+            person_properties: shown,
             person_created_at: working.person.created_at,
             person_mode: PersonMode::Full,
         })
@@ -291,17 +352,19 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         mut working: Working,
         update: &PropertyUpdate,
     ) -> Working {
-        if update.is_empty() {
+        if update.is_empty() || !update.would_change(&working.person.properties, &row.event) {
             return working;
         }
         let before = working.person.clone();
-        let person = &mut working.person;
+        let person = Arc::make_mut(&mut working.person);
+        person.text = TextCache::default();
         let target = Properties {
             values: &mut person.properties,
             last_operation: &mut person.properties_last_operation,
             last_updated_at: &mut person.properties_last_updated_at,
         };
         if !rules::apply_update(target, update, &row.event, row.timestamp) {
+            working.person = before;
             return working;
         }
         if json_len(&working.person.properties) > MAX_PROPERTIES_BYTES {
@@ -327,7 +390,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         is_identified: bool,
     ) -> Person {
         let mut properties = update.set_once.clone();
-        properties.extend(update.set.clone());
+        properties.extend(update.set.iter().map(|(k, v)| (k.clone(), v.clone())));
         let stamp = Value::String(crate::event::timestamp_text(row.timestamp));
         let mut last_operation = Map::new();
         let mut last_updated_at = Map::new();
@@ -363,6 +426,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
             created_at: row.timestamp,
             version: 0,
             is_identified,
+            text: TextCache::default(),
         }
     }
 
@@ -416,7 +480,8 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
                 // personless, so they already point at this person.
                 let other_personless = self.personless(team, other)?.is_some();
                 let first = if other_personless { other } else { into };
-                let person = self.new_person(team, row, update, person_uuid(team, first), true);
+                let person =
+                    Arc::new(self.new_person(team, row, update, person_uuid(team, first), true));
                 for id in [into, other] {
                     let version = u64::from(id != first && self.personless(team, id)?.is_some());
                     self.set_distinct_id(team, id, person.uuid, version);
@@ -458,10 +523,10 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
     fn merge_people(
         &mut self,
         team: TeamId,
-        target: Person,
-        source: Person,
+        target: Arc<Person>,
+        source: Arc<Person>,
     ) -> Result<Working, S::Error> {
-        let mut merged = target.clone();
+        let mut merged = (*target).clone();
         for (mine, theirs) in [
             (&mut merged.properties, &source.properties),
             (
@@ -491,19 +556,20 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         );
         Ok(Working {
             next: NextVersion::Merged(target.version.max(source.version) + 1),
-            person: merged,
+            person: Arc::new(merged),
             changed: true,
         })
     }
 
-    /// `$groups` to `$group_N`, and `$groupidentify` to a group; answers whether the
-    /// properties changed.
+    /// `$groups` to `$group_N`, and `$groupidentify` to a group; records in `edit` which
+    /// properties it added or changed.
     fn groups(
         &mut self,
         team: TeamId,
         row: &EventRow,
         properties: &mut Map<String, Value>,
-    ) -> Result<bool, S::Error> {
+        edit: &mut Edit,
+    ) -> Result<(), S::Error> {
         if row.event == "$groupidentify" {
             let group_type = properties.get("$group_type").map(id_text);
             let key = properties
@@ -521,19 +587,20 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
             }
         }
         let Some(Value::Object(groups)) = properties.get("$groups").cloned() else {
-            return Ok(false);
+            return Ok(());
         };
-        let mut changed = false;
         for (group_type, key) in groups {
             if let Some(index) = self.group_type_index(team, &group_type, row)? {
                 let name = format!("$group_{index}");
                 if properties.get(&name) != Some(&key) {
-                    properties.insert(name, key);
-                    changed = true;
+                    match properties.insert(name.clone(), key) {
+                        Some(_) => edit.rewrite = true,
+                        None => edit.added.push(name),
+                    }
                 }
             }
         }
-        Ok(changed)
+        Ok(())
     }
 
     fn group_type_index(
@@ -581,10 +648,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
             Some(group) => Some(group.clone()),
             None => self.state.group(team, index, &key)?,
         };
-        let update = PropertyUpdate {
-            set,
-            ..PropertyUpdate::default()
-        };
+        let update = PropertyUpdate::set_only(&set);
         let group = match existing {
             Some(mut group) => {
                 let target = Properties {
@@ -650,7 +714,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         }
     }
 
-    fn person(&mut self, team: TeamId, uuid: Uuid) -> Result<Option<Person>, S::Error> {
+    fn person(&mut self, team: TeamId, uuid: Uuid) -> Result<Option<Arc<Person>>, S::Error> {
         match self.updates.persons.get(&(team, uuid)) {
             Some(PersonChange::Upsert(person)) => Ok(Some(person.clone())),
             Some(PersonChange::Deleted { .. }) => Ok(None),
@@ -658,7 +722,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         }
     }
 
-    fn person_of(&mut self, team: TeamId, id: &str) -> Result<Option<Person>, S::Error> {
+    fn person_of(&mut self, team: TeamId, id: &str) -> Result<Option<Arc<Person>>, S::Error> {
         match self.distinct_id(team, id)? {
             Some(found) => self.person(team, found.person),
             None => Ok(None),
@@ -694,9 +758,11 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
 }
 
 /// The person, marked identified (a change if it was not).
-fn identified(mut person: Person) -> Working {
+fn identified(mut person: Arc<Person>) -> Working {
     let changed = !person.is_identified;
-    person.is_identified = true;
+    if changed {
+        Arc::make_mut(&mut person).is_identified = true;
+    }
     Working {
         next: NextVersion::After(person.version),
         person,

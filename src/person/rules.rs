@@ -168,27 +168,27 @@ pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Valu
     changed
 }
 
-/// What an event asks of its person's properties.
-#[derive(Debug, Default, PartialEq)]
-pub struct PropertyUpdate {
-    pub set_once: Map<String, Value>,
-    pub set: Map<String, Value>,
-    pub unset: Vec<String>,
+/// What an event asks of its person's properties, borrowed from the event.
+#[derive(Debug, PartialEq)]
+pub struct PropertyUpdate<'a> {
+    pub set_once: &'a Map<String, Value>,
+    pub set: &'a Map<String, Value>,
+    pub unset: Vec<&'a str>,
 }
 
-impl PropertyUpdate {
+/// The empty object an absent `$set` or `$set_once` reads as.
+pub static NOTHING: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+
+impl<'a> PropertyUpdate<'a> {
     /// Reads `$set_once`, `$set` and `$unset` (an array of keys, or an object whose keys count).
-    pub fn of(properties: &Map<String, Value>) -> PropertyUpdate {
+    pub fn of(properties: &'a Map<String, Value>) -> PropertyUpdate<'a> {
         let object = |key: &str| match properties.get(key) {
-            Some(Value::Object(map)) => map.clone(),
-            _ => Map::new(),
+            Some(Value::Object(map)) => map,
+            _ => &*NOTHING,
         };
         let unset = match properties.get("$unset") {
-            Some(Value::Array(keys)) => keys
-                .iter()
-                .filter_map(|k| k.as_str().map(str::to_owned))
-                .collect(),
-            Some(Value::Object(map)) => map.keys().cloned().collect(),
+            Some(Value::Array(keys)) => keys.iter().filter_map(Value::as_str).collect(),
+            Some(Value::Object(map)) => map.keys().map(String::as_str).collect(),
             _ => Vec::new(),
         };
         PropertyUpdate {
@@ -198,9 +198,51 @@ impl PropertyUpdate {
         }
     }
 
+    /// Only a `$set` (a group's update).
+    pub fn set_only(set: &'a Map<String, Value>) -> PropertyUpdate<'a> {
+        PropertyUpdate {
+            set_once: &NOTHING,
+            set,
+            unset: Vec::new(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.set_once.is_empty() && self.set.is_empty() && self.unset.is_empty()
     }
+
+    /// Whether applying it to `values` would change anything that warrants a write (the same
+    /// judgement as [`apply_update`], without changing anything).
+    pub fn would_change(&self, values: &Map<String, Value>, event: &str) -> bool {
+        let person_event = is_person_event(event);
+        self.set_once.keys().any(|k| !values.contains_key(k))
+            || self.unset.iter().any(|k| {
+                values.contains_key(*k)
+                    || self.set_once.contains_key(*k)
+                    || self.set.contains_key(*k)
+            })
+            || self.set.iter().any(|(k, v)| {
+                let current = if values.contains_key(k) {
+                    values.get(k)
+                } else {
+                    self.set_once.get(k)
+                };
+                current != Some(v) && (person_event || !is_filtered(k))
+            })
+    }
+
+    /// Whether `$set` agrees with `values` already (so the properties an event shows are the
+    /// person's own).
+    pub fn set_agrees(&self, values: &Map<String, Value>) -> bool {
+        self.set.iter().all(|(k, v)| values.get(k) == Some(v))
+    }
+}
+
+fn is_person_event(event: &str) -> bool {
+    matches!(
+        event,
+        "$identify" | "$create_alias" | "$merge_dangerously" | "$set"
+    )
 }
 
 /// The properties a person or group keeps, with per-key bookkeeping.
@@ -219,19 +261,16 @@ pub fn apply_update(
     event: &str,
     at: DateTime<Utc>,
 ) -> bool {
-    let person_event = matches!(
-        event,
-        "$identify" | "$create_alias" | "$merge_dangerously" | "$set"
-    );
+    let person_event = is_person_event(event);
     let mut pending: Vec<(&String, &Value, &'static str)> = Vec::new();
     let mut triggers = false;
-    for (key, value) in &update.set_once {
+    for (key, value) in update.set_once {
         if !target.values.contains_key(key) {
             pending.push((key, value, "set_once"));
             triggers = true;
         }
     }
-    for (key, value) in &update.set {
+    for (key, value) in update.set {
         // A key set once and set by the same event ends up with the `$set` value.
         let current = pending
             .iter()
@@ -246,10 +285,13 @@ pub fn apply_update(
             }
         }
     }
-    let unset: Vec<&String> = update
+    let unset: Vec<&str> = update
         .unset
         .iter()
-        .filter(|k| target.values.contains_key(*k) || pending.iter().any(|(p, _, _)| p == k))
+        .copied()
+        .filter(|k| {
+            target.values.contains_key(*k) || pending.iter().any(|(p, _, _)| p.as_str() == *k)
+        })
         .collect();
     if !unset.is_empty() {
         triggers = true;
@@ -334,11 +376,12 @@ mod tests {
     fn set_once_then_set_then_unset() {
         let (mut values, mut op, mut at) =
             (map(json!({"a": 1, "gone": true})), Map::new(), Map::new());
-        let update = PropertyUpdate::of(&map(json!({
+        let given = map(json!({
             "$set_once": {"a": 9, "b": 2, "c": 3},
             "$set": {"c": 4},
             "$unset": ["gone", "missing"],
-        })));
+        }));
+        let update = PropertyUpdate::of(&given);
         let target = Properties {
             values: &mut values,
             last_operation: &mut op,
@@ -353,7 +396,8 @@ mod tests {
     #[test]
     fn filtered_properties_alone_do_not_update() {
         let (mut values, mut op, mut at) = (map(json!({"$browser": "A"})), Map::new(), Map::new());
-        let update = PropertyUpdate::of(&map(json!({"$set": {"$browser": "B"}})));
+        let given = map(json!({"$set": {"$browser": "B"}}));
+        let update = PropertyUpdate::of(&given);
         let target = Properties {
             values: &mut values,
             last_operation: &mut op,

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{json, Value};
@@ -30,8 +31,8 @@ impl PersonState for Memory {
     fn distinct_id(&mut self, team: TeamId, id: &str) -> Result<Option<DistinctId>, Infallible> {
         Ok(self.ids.get(&(team, id.to_owned())).cloned())
     }
-    fn person(&mut self, team: TeamId, uuid: Uuid) -> Result<Option<Person>, Infallible> {
-        Ok(self.persons.get(&(team, uuid)).cloned())
+    fn person(&mut self, team: TeamId, uuid: Uuid) -> Result<Option<Arc<Person>>, Infallible> {
+        Ok(self.persons.get(&(team, uuid)).cloned().map(Arc::new))
     }
     fn distinct_ids_of(&mut self, team: TeamId, uuid: Uuid) -> Result<Vec<String>, Infallible> {
         Ok(self
@@ -65,7 +66,7 @@ impl Memory {
         for (k, c) in u.persons {
             match c {
                 PersonChange::Upsert(p) => {
-                    self.persons.insert(k, p);
+                    self.persons.insert(k, (*p).clone());
                 }
                 PersonChange::Deleted { .. } => {
                     self.persons.remove(&k);
@@ -252,7 +253,7 @@ fn personless_events_then_identify_reuse_the_placeholder_uuid() {
     ]);
     let (row, cols) = out[0].clone().unwrap();
     assert_eq!(cols.person_mode, PersonMode::Propertyless);
-    assert_eq!(cols.person_properties, "{}");
+    assert_eq!(&*cols.person_properties, "{}");
     assert_eq!(cols.person_created_at, placeholder_created_at());
     assert_eq!(cols.person_id, person_uuid(1, "anon"));
     let props: Value = serde_json::from_str(&row.properties).unwrap();
@@ -292,7 +293,7 @@ fn personless_event_of_a_known_person_is_force_upgraded_after_a_minute() {
         PersonMode::ForceUpgrade,
         "two minutes after creation"
     );
-    assert_eq!(third.person_properties, "{}");
+    assert_eq!(&*third.person_properties, "{}");
 }
 
 #[test]

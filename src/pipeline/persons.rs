@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 
 use lru::LruCache;
 use uuid::Uuid;
@@ -25,7 +26,7 @@ use crate::store::{PersonsReader, QueuedBatch, Store, StoreError};
 pub struct PersonEngine {
     store: Store,
     distinct_ids: LruCache<(TeamId, String), Option<DistinctId>>,
-    persons: LruCache<(TeamId, Uuid), Option<Person>>,
+    persons: LruCache<(TeamId, Uuid), Option<Arc<Person>>>,
     personless: LruCache<(TeamId, String), Option<bool>>,
     groups: LruCache<(TeamId, u8, String), Option<Group>>,
     group_types: LruCache<TeamId, Vec<(String, u8)>>,
@@ -233,7 +234,7 @@ impl PersonState for View<'_> {
         Ok(found)
     }
 
-    fn person(&mut self, team: TeamId, uuid: Uuid) -> Result<Option<Person>, StoreError> {
+    fn person(&mut self, team: TeamId, uuid: Uuid) -> Result<Option<Arc<Person>>, StoreError> {
         let key = (team, uuid);
         if let Some(found) = self.pending(|u| u.persons.get(&key).cloned()) {
             return Ok(match found {
@@ -244,7 +245,7 @@ impl PersonState for View<'_> {
         if let Some(found) = self.engine.persons.get(&key) {
             return Ok(found.clone());
         }
-        let found = self.reader()?.person(team, uuid)?;
+        let found = self.reader()?.person(team, uuid)?.map(Arc::new);
         self.engine.persons.put(key, found.clone());
         Ok(found)
     }

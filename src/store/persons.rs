@@ -5,7 +5,8 @@
 //! past it commit together), and by the deletion an operator asks for.
 
 use redb::{
-    ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+    ReadOnlyTable, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
 };
 use uuid::Uuid;
 
@@ -112,7 +113,7 @@ pub(super) fn apply(txn: &WriteTransaction, updates: &PersonUpdates) -> Result<(
     for ((team, uuid), change) in &updates.persons {
         match change {
             PersonChange::Upsert(person) => {
-                persons.insert((*team, uuid.as_u128()), encode_value(person).as_slice())?;
+                persons.insert((*team, uuid.as_u128()), encode_value(&**person).as_slice())?;
             }
             PersonChange::Deleted { .. } => {
                 persons.remove((*team, uuid.as_u128()))?;
@@ -202,20 +203,33 @@ pub struct PersonView {
 }
 
 /// Reads persons, distinct ids and groups in one read transaction (the pipeline's person step
-/// takes one per batch for what its cache does not hold).
+/// takes one per batch for what its cache does not hold), with every table opened once.
 pub struct PersonsReader {
-    txn: ReadTransaction,
+    persons: ReadOnlyTable<(u64, u128), &'static [u8]>,
+    distinct_ids: ReadOnlyTable<(u64, &'static str), &'static [u8]>,
+    person_ids: ReadOnlyTable<(u64, u128, &'static str), ()>,
+    personless: ReadOnlyTable<(u64, &'static str), u8>,
+    group_types: ReadOnlyTable<(u64, &'static str), u8>,
+    groups: ReadOnlyTable<(u64, u8, &'static str), &'static [u8]>,
+    seen: [ReadOnlyTable<(u64, u128), ()>; 2],
 }
 
 impl PersonsReader {
+    fn open(txn: &ReadTransaction) -> Result<PersonsReader, StoreError> {
+        Ok(PersonsReader {
+            persons: txn.open_table(PERSONS)?,
+            distinct_ids: txn.open_table(DISTINCT_IDS)?,
+            person_ids: txn.open_table(PERSON_DISTINCT_IDS)?,
+            personless: txn.open_table(PERSONLESS_IDS)?,
+            group_types: txn.open_table(GROUP_TYPES)?,
+            groups: txn.open_table(GROUPS)?,
+            seen: [txn.open_table(SEEN_A)?, txn.open_table(SEEN_B)?],
+        })
+    }
+
     pub fn seen(&self, team: TeamId, event: Uuid) -> Result<bool, StoreError> {
-        for table in [SEEN_A, SEEN_B] {
-            if self
-                .txn
-                .open_table(table)?
-                .get((team, event.as_u128()))?
-                .is_some()
-            {
+        for table in &self.seen {
+            if table.get((team, event.as_u128()))?.is_some() {
                 return Ok(true);
             }
         }
@@ -223,24 +237,21 @@ impl PersonsReader {
     }
 
     pub fn distinct_id(&self, team: TeamId, id: &str) -> Result<Option<DistinctId>, StoreError> {
-        let table = self.txn.open_table(DISTINCT_IDS)?;
-        let found = table.get((team, id))?;
+        let found = self.distinct_ids.get((team, id))?;
         found
             .map(|v| decode_value("distinct id", v.value()))
             .transpose()
     }
 
     pub fn person(&self, team: TeamId, uuid: Uuid) -> Result<Option<Person>, StoreError> {
-        let table = self.txn.open_table(PERSONS)?;
-        let found = table.get((team, uuid.as_u128()))?;
+        let found = self.persons.get((team, uuid.as_u128()))?;
         found.map(|v| decode_value("person", v.value())).transpose()
     }
 
     pub fn distinct_ids_of(&self, team: TeamId, uuid: Uuid) -> Result<Vec<String>, StoreError> {
-        let table = self.txn.open_table(PERSON_DISTINCT_IDS)?;
         let key = uuid.as_u128();
         let mut ids = Vec::new();
-        for row in table.range((team, key, "")..)? {
+        for row in self.person_ids.range((team, key, "")..)? {
             let (k, _) = row?;
             let (t, p, id) = k.value();
             if t != team || p != key {
@@ -252,15 +263,13 @@ impl PersonsReader {
     }
 
     pub fn personless(&self, team: TeamId, id: &str) -> Result<Option<bool>, StoreError> {
-        let table = self.txn.open_table(PERSONLESS_IDS)?;
-        let found = table.get((team, id))?;
+        let found = self.personless.get((team, id))?;
         Ok(found.map(|v| v.value() != 0))
     }
 
     pub fn group_types(&self, team: TeamId) -> Result<Vec<(String, u8)>, StoreError> {
-        let table = self.txn.open_table(GROUP_TYPES)?;
         let mut types = Vec::new();
-        for row in table.range((team, "")..)? {
+        for row in self.group_types.range((team, "")..)? {
             let (k, v) = row?;
             let (t, name) = k.value();
             if t != team {
@@ -273,15 +282,14 @@ impl PersonsReader {
     }
 
     pub fn group(&self, team: TeamId, index: u8, key: &str) -> Result<Option<Group>, StoreError> {
-        let table = self.txn.open_table(GROUPS)?;
-        let found = table.get((team, index, key))?;
+        let found = self.groups.get((team, index, key))?;
         found.map(|v| decode_value("group", v.value())).transpose()
     }
 }
 
 impl Store {
     pub fn persons_reader(&self) -> Result<PersonsReader, StoreError> {
-        Ok(PersonsReader { txn: self.read()? })
+        PersonsReader::open(&self.read()?)
     }
 
     /// The person a distinct id points at, with all its distinct ids.

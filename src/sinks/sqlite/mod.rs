@@ -233,7 +233,7 @@ impl Sink for SqliteSink {
                             created_at,
                             queued.seq as i64,
                             person.map(|p| &*p.person_id.hyphenated().encode_lower(&mut person_text)),
-                            person.map_or("{}", |p| p.person_properties.as_str()),
+                            person.map_or("{}", |p| &*p.person_properties),
                             person.map(|p| timestamp_text(p.person_created_at)),
                             person.map_or("full", |p| p.person_mode.as_str()),
                         ])?;
