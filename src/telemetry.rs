@@ -38,6 +38,7 @@ pub mod names {
     pub const SCHEDULE_LAG: &str = "appliance_schedule_lag_seconds";
     pub const FREE_DISK_BYTES: &str = "appliance_free_disk_bytes";
     pub const INGESTION_WARNINGS_DROPPED: &str = "appliance_ingestion_warnings_dropped_total";
+    pub const PERSON_STEP_SECONDS: &str = "appliance_person_step_seconds";
 }
 
 /// Buckets of the latency histograms, in seconds: from a group commit to a slow plugin job.
@@ -221,6 +222,11 @@ fn describe() {
         "Events the sink stored, or skipped as already stored"
     );
     describe_counter!(SINK_ERRORS, "Failed sink writes (each retried)");
+    describe_histogram!(
+        PERSON_STEP_SECONDS,
+        Unit::Seconds,
+        "Time the person step took over one read of the queue"
+    );
     describe_counter!(
         INGESTION_WARNINGS_DROPPED,
         "Capture's ingestion warnings dropped because their writer fell behind"

@@ -143,6 +143,7 @@ impl Pipeline {
             .map(|(q, rows)| (q.batch.team_id, rows.iter().flatten().cloned().collect()))
             .collect();
         let engine = self.persons.clone();
+        let started = std::time::Instant::now();
         let step = tokio::task::spawn_blocking(move || {
             let mut engine = engine
                 .lock()
@@ -160,6 +161,8 @@ impl Pipeline {
             Ok::<_, StoreError>((process, step.columns, updates))
         })
         .await??;
+        metrics::histogram!(crate::telemetry::names::PERSON_STEP_SECONDS)
+            .record(started.elapsed().as_secs_f64());
         Ok(step)
     }
 
