@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
+use bloomfilter::Bloom;
 use lru::LruCache;
 use uuid::Uuid;
 
@@ -32,7 +33,21 @@ pub struct PersonEngine {
     group_types: LruCache<TeamId, Vec<(String, u8)>>,
     /// Changes of steps not yet committed, oldest first, with the queue position of each.
     pending: VecDeque<(u64, PersonUpdates)>,
+    /// Every event the store remembers as seen is in it (built from the store on first use,
+    /// fed with each commit), so a new event is known new without a look-up.
+    seen_filter: Option<SeenFilter>,
 }
+
+/// A Bloom filter of seen events: "no" is certain, "maybe" is asked of the store.
+struct SeenFilter {
+    bloom: Bloom<(TeamId, Uuid)>,
+    /// Events set since it was built: past its capacity it is built again (the store has
+    /// dropped older generations by then, and the false positives would grow).
+    items: u64,
+}
+
+/// Events the filter is sized for: the store keeps at most two generations.
+const SEEN_FILTER_ITEMS: u64 = 2 * crate::store::SEEN_GENERATION_EVENTS;
 
 /// What the step made of one prepared batch list.
 pub struct Step {
@@ -53,6 +68,30 @@ impl PersonEngine {
             groups: LruCache::new(small),
             group_types: LruCache::new(small),
             pending: VecDeque::new(),
+            seen_filter: None,
+        }
+    }
+
+    /// The seen-event filter, built from the store if there is none.
+    fn seen_filter(&mut self) -> Result<&mut SeenFilter, StoreError> {
+        if self.seen_filter.is_none() {
+            let mut bloom =
+                Bloom::new_for_fp_rate(SEEN_FILTER_ITEMS as usize, 0.01).map_err(|e| {
+                    StoreError::Corrupt {
+                        what: "seen-event filter",
+                        detail: e.to_string(),
+                    }
+                })?;
+            let mut items = 0;
+            self.store.each_seen_event(|team, event| {
+                bloom.set(&(team, event));
+                items += 1;
+            })?;
+            self.seen_filter = Some(SeenFilter { bloom, items });
+        }
+        match self.seen_filter.as_mut() {
+            Some(filter) => Ok(filter),
+            None => Err(StoreError::Unavailable),
         }
     }
 
@@ -153,6 +192,15 @@ impl PersonEngine {
             let Some((_, updates)) = self.pending.pop_front() else {
                 break;
             };
+            if let Some(filter) = self.seen_filter.as_mut() {
+                for key in &updates.seen {
+                    filter.bloom.set(key);
+                }
+                filter.items += updates.seen.len() as u64;
+                if filter.items > SEEN_FILTER_ITEMS {
+                    self.seen_filter = None;
+                }
+            }
             self.cache(updates);
         }
     }
@@ -162,6 +210,7 @@ impl PersonEngine {
     pub fn abandon(&mut self) {
         self.pending.clear();
         self.clear_cache();
+        self.seen_filter = None;
     }
 
     /// Forgets the cache (persons changed outside the pipeline).
@@ -312,6 +361,9 @@ impl PersonState for View<'_> {
             .any(|(_, u)| u.seen.contains(&key))
         {
             return Ok(true);
+        }
+        if !self.engine.seen_filter()?.bloom.check(&key) {
+            return Ok(false);
         }
         self.reader()?.seen(team, event)
     }

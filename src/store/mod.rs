@@ -36,7 +36,7 @@ pub use jobs::{
     Attempt, Cadence, Claimed, Control, Job, JobKind, JobState, JobStats, JobTables, NewJob,
     Outcome, ScheduleState, ScheduleTables,
 };
-pub use persons::{PersonView, PersonsReader, MAX_WARNINGS_PER_TEAM};
+pub use persons::{PersonView, PersonsReader, MAX_WARNINGS_PER_TEAM, SEEN_GENERATION_EVENTS};
 pub use plugin_data::{PluginLogEntry, StorageQuota};
 pub use plugins::{PluginConfig, PluginRecord};
 pub use positions::QuarantinedRecord;

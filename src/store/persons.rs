@@ -329,6 +329,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Calls `each` with every event the person step remembers having seen (to rebuild an
+    /// in-memory filter in front of [`PersonsReader::seen`]).
+    pub fn each_seen_event(&self, mut each: impl FnMut(TeamId, Uuid)) -> Result<(), StoreError> {
+        let txn = self.read()?;
+        for table in [SEEN_A, SEEN_B] {
+            for row in txn.open_table(table)?.iter()? {
+                let (key, _) = row?;
+                let (team, event) = key.value();
+                each(team, Uuid::from_u128(event));
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps warnings found outside the person step (capture's).
     pub fn add_ingestion_warnings(
         &self,
