@@ -361,6 +361,16 @@ fn groups_get_indexes_and_groupidentify_upserts() {
         m.run(&[("e", "u", json!({"$groups": {format!("t{i}"): "k"}}))]);
     }
     assert_eq!(m.group_types.len(), 5, "at most five group types");
+    let before = m.warnings.len();
+    let many: serde_json::Map<String, Value> = (0..1000)
+        .map(|i| (format!("many{i}"), json!("k")))
+        .collect();
+    m.run(&[("e", "u", json!({"$groups": many}))]);
+    assert_eq!(
+        m.warnings.len(),
+        before + 1,
+        "one warning for an event naming many types"
+    );
     assert_eq!(m.warnings.last().unwrap().kind, "group_type_limit_reached");
 }
 

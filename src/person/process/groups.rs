@@ -72,6 +72,14 @@ impl<S: PersonState> PersonProcessor<'_, S> {
         }
         let next = known.len() as u8;
         if next >= MAX_GROUP_TYPES {
+            // One warning per event, however many new types its `$groups` names.
+            let uuid = row.uuid.to_string();
+            let warned = self.updates.warnings.last().is_some_and(|(t, w)| {
+                *t == team && w.kind == "group_type_limit_reached" && w.details.contains(&uuid)
+            });
+            if warned {
+                return Ok(None);
+            }
             self.warn(
                 team,
                 "group_type_limit_reached",
