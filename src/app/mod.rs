@@ -28,7 +28,6 @@ use crate::plugins::tasks::{PluginRunner, PluginSchedules};
 use crate::plugins::{Catalog, Chains, PluginError, PluginPolicy};
 use crate::schedule::Scheduler;
 use crate::shutdown;
-use crate::sinks::sqlite::SqliteSink;
 use crate::sinks::{Sink, SinkError};
 use crate::store::{ReadLimits, Store, StoreError};
 
@@ -56,6 +55,27 @@ pub enum AppError {
     },
 }
 
+/// How long start-up waits for the sink to answer before giving up (a database still starting
+/// is waited for; one that stays away is a failed start the service manager retries).
+const SINK_START_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The sink's position, asked until it answers or [`SINK_START_WAIT`] passes.
+async fn sink_position_at_start(sink: &dyn Sink) -> Result<u64, AppError> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(200);
+    loop {
+        match sink.position().await {
+            Ok(position) => return Ok(position),
+            Err(e) if started.elapsed() + pause < SINK_START_WAIT => {
+                tracing::warn!(error = %e, "the sink does not answer yet; waiting for it before accepting events");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Runs the appliance until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), AppError> {
     if config.idle {
@@ -71,17 +91,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             team.id, team.name, team.api_token
         );
     }
-    let sqlite = Arc::new(SqliteSink::open(&config.sqlite_path)?);
-    let sink: Arc<dyn Sink> = sqlite.clone();
-    let events: Arc<dyn crate::sinks::EventReader> = sqlite.clone();
+    let opened = crate::sinks::open(&config.sinks, &config.sqlite_path)?;
+    let (sink, events) = (opened.sink, opened.events);
     tracing::info!(
         state = %store.path().display(),
-        events = %config.sqlite_path.display(),
+        sink = sink.name(),
+        events = %opened.target,
         "storage opened"
     );
     // A restored state file may be older than the restored events: new batches must get
-    // positions past everything the sink holds.
-    let sink_position = sink.position().await?;
+    // positions past everything the sink holds, so nothing is accepted before it answers.
+    let sink_position = sink_position_at_start(&*sink).await?;
     if store.ensure_sequence_after(sink_position)? {
         tracing::warn!(
             sink_position,
@@ -177,7 +197,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             queue: queue.clone(),
             runner: Arc::new(PluginRunner {
                 catalog: catalog.clone(),
-                events: Some(sqlite.clone()),
+                events: Some(events.clone()),
             }),
             schedule_done: Some(schedule_done.clone()),
         }

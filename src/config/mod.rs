@@ -8,6 +8,7 @@
 //! A bad value is a [`ConfigError`] naming the variable, the value and what is allowed.
 
 mod settings;
+mod sinks;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use settings::{check, log_filter};
 pub use settings::{parse_bool, settings_help, Setting, SETTINGS};
+pub use sinks::{SinkKind, SinkSettings};
 
 /// A setting whose value was refused. Displayed as the one line start-up stops with.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,8 @@ pub struct ConfigError {
 pub struct Config {
     pub data_dir: PathBuf,
     pub sqlite_path: PathBuf,
+    /// The sink events are written to, and its connection.
+    pub sinks: SinkSettings,
     pub web_enabled: bool,
     pub web_host: IpAddr,
     pub web_port: u16,
@@ -294,9 +298,20 @@ impl Config {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
+        let explicit_value = |name: &str| {
+            explicit
+                .contains(&name)
+                .then(|| get(name))
+                .filter(|v| !v.is_empty())
+        };
+        let sinks = sinks::resolve(
+            explicit_value("SINKS").as_deref(),
+            explicit_value("DATABASE_URL").as_deref(),
+        )?;
         let config = Config {
             data_dir,
             sqlite_path,
+            sinks,
             web_enabled: !flag("DISABLE_WEB"),
             web_host,
             web_port: num("WEB_PORT") as u16,
@@ -447,9 +462,6 @@ impl Config {
         if on("KAFKA_ENABLED") || set("KAFKA_HOSTS") {
             notes.push("KAFKA_ENABLED/KAFKA_HOSTS: the Kafka source is not built yet; events arrive over HTTP capture only".to_owned());
         }
-        if set("DATABASE_URL") {
-            notes.push("DATABASE_URL: the Postgres sink is not built yet; events are stored in the embedded SQLite database".to_owned());
-        }
         if set("REDIS_URL") {
             notes.push(
                 "REDIS_URL: the Celery-over-Redis source is not built yet; Redis is not used"
@@ -469,6 +481,19 @@ impl Config {
             );
         }
         notes
+    }
+}
+
+/// `url` with its password, if any, replaced by `***` (for messages and logs).
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Fails only for URLs that cannot have a password, and this one has one.
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "(a URL that does not parse)".to_owned(),
     }
 }
 
@@ -538,12 +563,12 @@ mod tests {
     fn settings_for_unbuilt_components_are_reported() {
         let c = Config::from_vars(vars(&[
             ("KAFKA_ENABLED", "true"),
-            ("DATABASE_URL", "postgres://db/x"),
+            ("CLICKHOUSE_HOST", "ch.example"),
         ]))
         .unwrap();
         let notes = c.unbuilt_components().join("\n");
         assert!(notes.contains("Kafka"), "{notes}");
-        assert!(notes.contains("Postgres"), "{notes}");
+        assert!(notes.contains("ClickHouse"), "{notes}");
     }
 
     #[test]

@@ -6,12 +6,15 @@
 //! write is idempotent on the event's (team, uuid) and records, in the same transaction where the
 //! store is transactional, the queue position it has reached.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::config::{SinkKind, SinkSettings};
 use crate::event::EventRow;
 use crate::person::{PersonColumns, PersonUpdates};
 use crate::store::QueuedBatch;
@@ -106,3 +109,42 @@ impl Written {
 
 /// For each batch, each event's stored row if that batch inserted it.
 pub type StoredRows = Vec<Vec<Option<EventRow>>>;
+
+/// The sink the configuration chooses, with the reader of its events.
+pub struct OpenedSink {
+    pub sink: Arc<dyn Sink>,
+    pub events: Arc<dyn EventReader>,
+    /// Where it writes, for the start-up log (no password).
+    pub target: String,
+}
+
+/// Opens the configured sink. SQLite is opened and migrated now; Postgres connects (and
+/// migrates) on first use, so that a server that is still starting is waited for, not fatal.
+/// Must be called inside the runtime.
+pub fn open(settings: &SinkSettings, sqlite_path: &Path) -> Result<OpenedSink, SinkError> {
+    match settings.kind {
+        SinkKind::Sqlite => {
+            let sink = Arc::new(sqlite::SqliteSink::open(sqlite_path)?);
+            Ok(OpenedSink {
+                sink: sink.clone(),
+                events: sink,
+                target: sqlite_path.display().to_string(),
+            })
+        }
+        SinkKind::Postgres => {
+            let url = settings.postgres_url.as_deref().unwrap_or_default();
+            let target =
+                postgres::PostgresTarget::parse(url).map_err(|detail| SinkError::Open {
+                    sink: "postgres",
+                    target: crate::config::redact_url(url),
+                    detail,
+                })?;
+            let sink = Arc::new(postgres::PostgresSink::open(&target)?);
+            Ok(OpenedSink {
+                target: sink.target().to_owned(),
+                sink: sink.clone(),
+                events: sink,
+            })
+        }
+    }
+}

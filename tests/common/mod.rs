@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod load;
+pub mod pg;
+
 pub const TOKEN: &str = "phc_testProjectToken123";
 
 pub fn binary() -> &'static str {

@@ -1,0 +1,339 @@
+//! The Postgres sink: PostHog's Postgres tables in a database the operator runs
+//! (`DATABASE_URL`), written through a small connection pool.
+//!
+//! Owns: the schema (`migrations/postgres`, applied by refinery on the first connection), the
+//! batch write (binary `COPY` into a per-connection staging table, then one
+//! `INSERT … ON CONFLICT (team_id, uuid) DO NOTHING`, the persons and the position, in one
+//! transaction), and reading stored events back (exports, rebuilt deliveries).
+//! Must never: commit rows without their position, or a position without its rows; wait on the
+//! server without a deadline (a stalled server is an error the pipeline retries, not a hang).
+
+mod connect;
+mod persons;
+mod read;
+mod text;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use tokio::sync::OnceCell;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use super::{Sink, SinkError, SinkFuture, SinkWrite, StoredRows, Written};
+use crate::event::EventRow;
+use crate::store::QueuedBatch;
+pub use connect::PostgresTarget;
+use text::{json_safe, text_safe};
+
+mod embedded {
+    refinery::embed_migrations!("migrations/postgres");
+}
+
+const NAME: &str = "postgres";
+
+/// The longest one request to the server may take before it counts as failed (and is retried
+/// by the pipeline with backoff): a stalled server must not stall the appliance unnoticed.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct PostgresSink {
+    pool: Pool,
+    /// Where the sink writes, without the password (for messages).
+    target: String,
+    /// Set once the migrations have been applied on this run.
+    migrated: OnceCell<()>,
+    /// The runtime the blocking readers ([`super::EventReader`]) run their queries on.
+    runtime: tokio::runtime::Handle,
+}
+
+fn write_error(e: impl std::fmt::Display) -> SinkError {
+    SinkError::Write {
+        sink: NAME,
+        detail: e.to_string(),
+    }
+}
+
+fn read_error(e: impl std::fmt::Display) -> SinkError {
+    SinkError::Read {
+        sink: NAME,
+        detail: e.to_string(),
+    }
+}
+
+/// Applies the SQL migrations under `migrations/postgres`; returns how many were applied now.
+pub async fn migrate(target: &PostgresTarget) -> Result<usize, SinkError> {
+    let sink = PostgresSink::open(target)?;
+    sink.apply_migrations().await
+}
+
+impl PostgresSink {
+    /// Builds the pool; connects only when first used, so a server that is down at start-up is
+    /// retried by the pipeline like one that goes down later. Must be called inside the runtime.
+    pub fn open(target: &PostgresTarget) -> Result<PostgresSink, SinkError> {
+        Ok(PostgresSink {
+            pool: connect::pool(target)?,
+            target: target.redacted(),
+            migrated: OnceCell::new(),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    async fn apply_migrations(&self) -> Result<usize, SinkError> {
+        let migrate_error = |detail: String| SinkError::Migrate { sink: NAME, detail };
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| migrate_error(e.to_string()))?;
+        let client: &mut tokio_postgres::Client = &mut client;
+        let report = embedded::migrations::runner()
+            .run_async(client)
+            .await
+            .map_err(|e| migrate_error(e.to_string()))?;
+        Ok(report.applied_migrations().len())
+    }
+
+    /// A pooled connection to a migrated database.
+    async fn client(&self) -> Result<deadpool_postgres::Object, SinkError> {
+        self.migrated
+            .get_or_try_init(|| async { self.apply_migrations().await.map(|_| ()) })
+            .await?;
+        self.pool.get().await.map_err(write_error)
+    }
+
+    /// Runs `work` under [`REQUEST_DEADLINE`].
+    fn deadline<'a, T: Send + 'a>(
+        &'a self,
+        work: impl std::future::Future<Output = Result<T, SinkError>> + Send + 'a,
+    ) -> SinkFuture<'a, T> {
+        Box::pin(async move {
+            tokio::time::timeout(REQUEST_DEADLINE, work)
+                .await
+                .map_err(|_| {
+                    write_error(format!(
+                        "no answer from {} within {} s",
+                        self.target,
+                        REQUEST_DEADLINE.as_secs()
+                    ))
+                })?
+        })
+    }
+
+    async fn write_now(&self, write: SinkWrite, position: u64) -> Result<Written, SinkError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(write_error)?;
+        tx.batch_execute(
+            "CREATE TEMP TABLE IF NOT EXISTS appliance_event_staging (
+                ord integer, uuid uuid, event text, properties text, elements_chain text,
+                timestamp timestamptz, team_id bigint, distinct_id text, queue_position bigint,
+                person_id uuid, person_properties text, person_created_at timestamptz,
+                person_mode text
+             ) ON COMMIT DELETE ROWS",
+        )
+        .await
+        .map_err(write_error)?;
+        let keys = stage_events(&tx, &write).await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO posthog_event (uuid, event, properties, elements_chain, timestamp,
+                    team_id, distinct_id, created_at, queue_position, person_id,
+                    person_properties, person_created_at, person_mode)
+                 SELECT uuid, event, properties::jsonb, elements_chain, timestamp, team_id,
+                    distinct_id, $1, queue_position, person_id, person_properties::jsonb,
+                    person_created_at, person_mode
+                 FROM appliance_event_staging ORDER BY ord
+                 ON CONFLICT (team_id, uuid) DO NOTHING
+                 RETURNING team_id, uuid",
+            )
+            .await
+            .map_err(write_error)?;
+        let rows = tx
+            .query(&insert, &[&Utc::now()])
+            .await
+            .map_err(write_error)?;
+        let mut new: HashSet<(i64, Uuid)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        // The first event of each inserted key is the one the insert stored (rows go in `ord`
+        // order, and a later one with the same key conflicts with it).
+        let written = Written {
+            inserted: keys
+                .into_iter()
+                .map(|batch| batch.into_iter().map(|key| new.remove(&key)).collect())
+                .collect(),
+        };
+        persons::write(&tx, &write.persons).await?;
+        let record = tx
+            .prepare_cached(
+                "INSERT INTO appliance_sink_position (sink, position) VALUES ($1, $2)
+                 ON CONFLICT (sink) DO UPDATE
+                 SET position = GREATEST(appliance_sink_position.position, excluded.position)",
+            )
+            .await
+            .map_err(write_error)?;
+        tx.execute(&record, &[&NAME, &(position as i64)])
+            .await
+            .map_err(write_error)?;
+        tx.commit().await.map_err(write_error)?;
+        Ok(written)
+    }
+
+    async fn position_now(&self) -> Result<u64, SinkError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT position FROM appliance_sink_position WHERE sink = $1",
+                &[&NAME],
+            )
+            .await
+            .map_err(read_error)?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn stored_rows_now(
+        &self,
+        batches: Arc<Vec<QueuedBatch>>,
+    ) -> Result<StoredRows, SinkError> {
+        let client = self.client().await?;
+        let select = client
+            .prepare_cached(
+                "SELECT uuid, event, distinct_id, properties::text, timestamp, elements_chain
+                 FROM posthog_event
+                 WHERE team_id = $1 AND queue_position = $2 AND uuid = ANY($3)",
+            )
+            .await
+            .map_err(read_error)?;
+        let mut out = Vec::with_capacity(batches.len());
+        for queued in batches.iter() {
+            let uuids: Vec<Uuid> = queued.batch.events.iter().map(|e| e.uuid).collect();
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&(queued.batch.team_id as i64), &(queued.seq as i64), &uuids];
+            let rows = client.query(&select, &params).await.map_err(read_error)?;
+            let mut found: HashMap<Uuid, EventRow> = rows
+                .into_iter()
+                .map(|r| {
+                    let row = EventRow {
+                        uuid: r.get(0),
+                        event: r.get(1),
+                        distinct_id: r.get(2),
+                        properties: r.get(3),
+                        timestamp: r.get::<_, DateTime<Utc>>(4),
+                        elements_chain: r.get(5),
+                    };
+                    (row.uuid, row)
+                })
+                .collect();
+            out.push(
+                queued
+                    .batch
+                    .events
+                    .iter()
+                    .map(|e| found.remove(&e.uuid))
+                    .collect(),
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// Copies every event of `write` into the staging table (binary `COPY`); returns each event's
+/// (team, uuid), batch by batch.
+async fn stage_events(
+    tx: &deadpool_postgres::Transaction<'_>,
+    write: &SinkWrite,
+) -> Result<Vec<Vec<(i64, Uuid)>>, SinkError> {
+    let copy = tx
+        .copy_in(
+            "COPY appliance_event_staging (ord, uuid, event, properties, elements_chain,
+                timestamp, team_id, distinct_id, queue_position, person_id, person_properties,
+                person_created_at, person_mode) FROM STDIN BINARY",
+        )
+        .await
+        .map_err(write_error)?;
+    let types = [
+        Type::INT4,
+        Type::UUID,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::INT8,
+        Type::TEXT,
+        Type::INT8,
+        Type::UUID,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+    ];
+    let writer = BinaryCopyInWriter::new(copy, &types);
+    tokio::pin!(writer);
+    let mut keys = Vec::with_capacity(write.batches.len());
+    let no_columns = Vec::new();
+    let mut ord: i32 = 0;
+    for (index, queued) in write.batches.iter().enumerate() {
+        let batch = &queued.batch;
+        let team = batch.team_id as i64;
+        let seq = queued.seq as i64;
+        let columns = write.columns.get(index).unwrap_or(&no_columns);
+        let mut batch_keys = Vec::with_capacity(batch.events.len());
+        for (at, e) in batch.events.iter().enumerate() {
+            let person = columns.get(at);
+            let person_id = person.map(|p| p.person_id);
+            let person_properties = json_safe(person.map_or("{}", |p| &*p.person_properties));
+            let person_created_at = person.map(|p| p.person_created_at);
+            let person_mode = person.map_or("full", |p| p.person_mode.as_str());
+            let event = text_safe(&e.event);
+            let properties = json_safe(&e.properties);
+            let elements_chain = text_safe(&e.elements_chain);
+            let distinct_id = text_safe(&e.distinct_id);
+            writer
+                .as_mut()
+                .write(&[
+                    &ord,
+                    &e.uuid,
+                    &&*event,
+                    &&*properties,
+                    &&*elements_chain,
+                    &e.timestamp,
+                    &team,
+                    &&*distinct_id,
+                    &seq,
+                    &person_id,
+                    &&*person_properties,
+                    &person_created_at,
+                    &person_mode,
+                ])
+                .await
+                .map_err(write_error)?;
+            ord = ord.saturating_add(1);
+            batch_keys.push((team, e.uuid));
+        }
+        keys.push(batch_keys);
+    }
+    writer.finish().await.map_err(write_error)?;
+    Ok(keys)
+}
+
+impl Sink for PostgresSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn position(&self) -> SinkFuture<'_, u64> {
+        self.deadline(self.position_now())
+    }
+
+    fn write(&self, write: SinkWrite, position: u64) -> SinkFuture<'_, Written> {
+        self.deadline(self.write_now(write, position))
+    }
+
+    fn stored_rows(&self, batches: Arc<Vec<QueuedBatch>>) -> SinkFuture<'_, StoredRows> {
+        self.deadline(self.stored_rows_now(batches))
+    }
+}

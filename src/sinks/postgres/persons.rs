@@ -1,0 +1,238 @@
+//! Persons, distinct ids, group types and groups written into PostHog's Postgres tables inside
+//! the write's own transaction, one statement per kind of change (arrays unnested by the server,
+//! so a write costs the same few round trips however many persons it changes).
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::text::{json_safe, text_safe};
+use super::write_error;
+use crate::person::{PersonChange, PersonUpdates};
+use crate::sinks::SinkError;
+
+type Tx<'a> = deadpool_postgres::Transaction<'a>;
+
+fn json(map: &Map<String, Value>) -> String {
+    let text = serde_json::to_string(map).unwrap_or_else(|_| "{}".into());
+    json_safe(&text).into_owned()
+}
+
+async fn run(
+    tx: &Tx<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<(), SinkError> {
+    let statement = tx.prepare_cached(sql).await.map_err(write_error)?;
+    tx.execute(&statement, params).await.map_err(write_error)?;
+    Ok(())
+}
+
+/// Writes `updates`. A row already newer than the change (a replay) is left alone.
+pub(super) async fn write(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkError> {
+    if !updates.touches_sinks() {
+        return Ok(());
+    }
+    write_persons(tx, updates).await?;
+    write_distinct_ids(tx, updates).await?;
+    write_groups(tx, updates).await
+}
+
+async fn write_persons(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkError> {
+    let mut upserts = PersonColumns::default();
+    let (mut gone_teams, mut gone_uuids) = (Vec::new(), Vec::new());
+    for ((team, uuid), change) in &updates.persons {
+        match change {
+            PersonChange::Upsert(person) => {
+                upserts.created_at.push(person.created_at);
+                upserts
+                    .last_updated_at
+                    .push(json(&person.properties_last_updated_at));
+                upserts
+                    .last_operation
+                    .push(json(&person.properties_last_operation));
+                upserts.team.push(*team as i64);
+                upserts.properties.push(json(&person.properties));
+                upserts.is_identified.push(person.is_identified);
+                upserts.uuid.push(person.uuid);
+                upserts.version.push(person.version as i64);
+            }
+            PersonChange::Deleted { .. } => {
+                gone_teams.push(*team as i64);
+                gone_uuids.push(*uuid);
+            }
+        }
+    }
+    if !upserts.uuid.is_empty() {
+        run(
+            tx,
+            "INSERT INTO posthog_person (created_at, properties_last_updated_at,
+                properties_last_operation, team_id, properties, is_identified, uuid, version)
+             SELECT u.created_at, u.updated::jsonb, u.operation::jsonb, u.team_id,
+                u.properties::jsonb, u.identified, u.uuid, u.version
+             FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::text[],
+                $6::bool[], $7::uuid[], $8::int8[])
+                AS u(created_at, updated, operation, team_id, properties, identified, uuid, version)
+             ON CONFLICT (team_id, uuid) DO UPDATE SET
+                created_at = excluded.created_at,
+                properties_last_updated_at = excluded.properties_last_updated_at,
+                properties_last_operation = excluded.properties_last_operation,
+                properties = excluded.properties,
+                is_identified = excluded.is_identified,
+                version = excluded.version
+             WHERE excluded.version >= coalesce(posthog_person.version, 0)",
+            &[
+                &upserts.created_at,
+                &upserts.last_updated_at,
+                &upserts.last_operation,
+                &upserts.team,
+                &upserts.properties,
+                &upserts.is_identified,
+                &upserts.uuid,
+                &upserts.version,
+            ],
+        )
+        .await?;
+    }
+    if !gone_uuids.is_empty() {
+        // Ids moved to another person in this write are re-pointed below; the rest are freed
+        // with the person, as PostHog's delete does.
+        let gone: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&gone_teams, &gone_uuids];
+        run(
+            tx,
+            "DELETE FROM posthog_persondistinctid d USING posthog_person p,
+                unnest($1::int8[], $2::uuid[]) AS u(team_id, uuid)
+             WHERE p.team_id = u.team_id AND p.uuid = u.uuid AND d.person_id = p.id",
+            &gone,
+        )
+        .await?;
+        run(
+            tx,
+            "DELETE FROM posthog_person p USING unnest($1::int8[], $2::uuid[]) AS u(team_id, uuid)
+             WHERE p.team_id = u.team_id AND p.uuid = u.uuid",
+            &gone,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The columns of the persons one write upserts.
+#[derive(Default)]
+struct PersonColumns {
+    created_at: Vec<DateTime<Utc>>,
+    last_updated_at: Vec<String>,
+    last_operation: Vec<String>,
+    team: Vec<i64>,
+    properties: Vec<String>,
+    is_identified: Vec<bool>,
+    uuid: Vec<Uuid>,
+    version: Vec<i64>,
+}
+
+async fn write_distinct_ids(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkError> {
+    let (mut teams, mut persons, mut ids, mut versions) = (vec![], vec![], vec![], vec![]);
+    let (mut freed_teams, mut freed_ids) = (vec![], vec![]);
+    for ((team, id), now) in &updates.distinct_ids {
+        let id = text_safe(id).into_owned();
+        match now {
+            Some(now) => {
+                teams.push(*team as i64);
+                persons.push(now.person);
+                ids.push(id);
+                versions.push(now.version as i64);
+            }
+            None => {
+                freed_teams.push(*team as i64);
+                freed_ids.push(id);
+            }
+        }
+    }
+    if !ids.is_empty() {
+        run(
+            tx,
+            "INSERT INTO posthog_persondistinctid (team_id, person_id, distinct_id, version)
+             SELECT u.team_id, p.id, u.distinct_id, u.version
+             FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::int8[])
+                AS u(team_id, person, distinct_id, version)
+             JOIN posthog_person p ON p.team_id = u.team_id AND p.uuid = u.person
+             ON CONFLICT (team_id, distinct_id) DO UPDATE SET
+                person_id = excluded.person_id, version = excluded.version
+             WHERE excluded.version >= coalesce(posthog_persondistinctid.version, 0)",
+            &[&teams, &persons, &ids, &versions],
+        )
+        .await?;
+    }
+    if !freed_ids.is_empty() {
+        run(
+            tx,
+            "DELETE FROM posthog_persondistinctid d
+             USING unnest($1::int8[], $2::text[]) AS u(team_id, distinct_id)
+             WHERE d.team_id = u.team_id AND d.distinct_id = u.distinct_id",
+            &[&freed_teams, &freed_ids],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn write_groups(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkError> {
+    if !updates.group_types.is_empty() {
+        let (mut teams, mut names, mut indexes) = (vec![], vec![], vec![]);
+        for ((team, name), index) in &updates.group_types {
+            teams.push(*team as i64);
+            names.push(text_safe(name).into_owned());
+            indexes.push(i32::from(*index));
+        }
+        run(
+            tx,
+            "INSERT INTO posthog_grouptypemapping (team_id, group_type, group_type_index)
+             SELECT * FROM unnest($1::int8[], $2::text[], $3::int4[])
+             ON CONFLICT DO NOTHING",
+            &[&teams, &names, &indexes],
+        )
+        .await?;
+    }
+    if updates.groups.is_empty() {
+        return Ok(());
+    }
+    let (mut teams, mut keys, mut indexes, mut properties) = (vec![], vec![], vec![], vec![]);
+    let (mut created, mut updated, mut operations, mut versions) = (vec![], vec![], vec![], vec![]);
+    for ((team, index, key), group) in &updates.groups {
+        teams.push(*team as i64);
+        keys.push(text_safe(key).into_owned());
+        indexes.push(i32::from(*index));
+        properties.push(json(&group.properties));
+        created.push(group.created_at);
+        updated.push(json(&group.properties_last_updated_at));
+        operations.push(json(&group.properties_last_operation));
+        versions.push(group.version as i64);
+    }
+    run(
+        tx,
+        "INSERT INTO posthog_group (team_id, group_key, group_type_index, group_properties,
+            created_at, properties_last_updated_at, properties_last_operation, version)
+         SELECT u.team_id, u.group_key, u.type_index, u.properties::jsonb, u.created_at,
+            u.updated::jsonb, u.operation::jsonb, u.version
+         FROM unnest($1::int8[], $2::text[], $3::int4[], $4::text[], $5::timestamptz[],
+            $6::text[], $7::text[], $8::int8[])
+            AS u(team_id, group_key, type_index, properties, created_at, updated, operation, version)
+         ON CONFLICT (team_id, group_key, group_type_index) DO UPDATE SET
+            group_properties = excluded.group_properties,
+            properties_last_updated_at = excluded.properties_last_updated_at,
+            properties_last_operation = excluded.properties_last_operation,
+            version = excluded.version
+         WHERE excluded.version >= posthog_group.version",
+        &[
+            &teams,
+            &keys,
+            &indexes,
+            &properties,
+            &created,
+            &updated,
+            &operations,
+            &versions,
+        ],
+    )
+    .await
+}

@@ -1,0 +1,190 @@
+//! A real PostgreSQL server for the tests, started from the machine's PostgreSQL binaries in a
+//! temporary directory on a free port (as the `postgres` user when the tests run as root, since
+//! PostgreSQL refuses to run as root), and stopped when dropped.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct PgServer {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub port: u16,
+    owner: Option<(u32, u32)>,
+}
+
+/// The newest PostgreSQL's binaries on this machine; fails loudly when there are none.
+fn bin_dir() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|bin| bin.join("postgres").exists())
+        .collect();
+    found.sort();
+    found.pop().expect(
+        "no PostgreSQL server binaries under /usr/lib/postgresql (apt-get install postgresql; .ci/run does)",
+    )
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("its address").port()
+}
+
+impl PgServer {
+    /// Initialises a cluster and starts it; returns once it accepts connections.
+    pub fn start() -> PgServer {
+        let dir = tempfile::tempdir().expect("a directory for the cluster");
+        let owner = if nix::unistd::Uid::effective().is_root() {
+            let user = nix::unistd::User::from_name("postgres")
+                .ok()
+                .flatten()
+                .expect(
+                    "the postgres user (created by the postgresql package) to run the server as",
+                );
+            let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the cluster");
+            Some((uid, gid))
+        } else {
+            None
+        };
+        let mut server = PgServer {
+            child: None,
+            dir,
+            port: free_port(),
+            owner,
+        };
+        let init = server
+            .as_owner(&mut Command::new(bin_dir().join("initdb")))
+            .args([
+                "-U",
+                "appliance",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(server.data())
+            .output()
+            .expect("run initdb");
+        assert!(
+            init.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        server.resume();
+        server
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn as_owner<'a>(&self, command: &'a mut Command) -> &'a mut Command {
+        if let Some((uid, gid)) = self.owner {
+            command.uid(uid).gid(gid);
+        }
+        command.current_dir(self.dir.path())
+    }
+
+    /// Starts the server (again) on its port and waits until it accepts connections.
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("server log");
+        if let Some((uid, gid)) = self.owner {
+            let _ =
+                std::os::unix::fs::chown(self.dir.path().join("server.log"), Some(uid), Some(gid));
+        }
+        let child = self
+            .as_owner(&mut Command::new(bin_dir().join("postgres")))
+            .arg("-D")
+            .arg(self.data())
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(self.dir.path())
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(["-c", "max_connections=50"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = Command::new(bin_dir().join("pg_isready"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "appliance",
+                    "-d",
+                    "postgres",
+                ])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start within 30 s: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the server at once (SIGQUIT: immediate shutdown), as an outage would.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// The URL of database `name` on this server.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://appliance@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Creates database `name`; returns its URL.
+    pub async fn create_database(&self, name: &str) -> String {
+        let admin = self.client("postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create the database");
+        self.url(name)
+    }
+
+    /// A client connected to database `name`.
+    pub async fn client(&self, name: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url(name), tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test postgres");
+        tokio::spawn(connection);
+        client
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
