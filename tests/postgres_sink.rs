@@ -119,37 +119,21 @@ fn fidelity_events() -> Vec<Value> {
     events
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_holds_what_sqlite_holds_for_the_same_events_even_across_a_kill() {
+/// Sends the fidelity events with the failpoint armed (an abort right after a lead write, before
+/// its deliveries and person changes commit) and a kill -9 later in the load; `env` picks the
+/// sinks. Returns the last server, its data directory and the events sent.
+async fn rough_run(env: &[(&str, &str)]) -> (Appliance, tempfile::TempDir, Vec<Value>) {
     let events = fidelity_events();
-
-    // The reference: the embedded SQLite sink, undisturbed.
-    let calm = tempfile::tempdir().unwrap();
-    create_team(calm.path(), "t", TOKEN);
-    let app = Appliance::start(calm.path(), &[]);
-    let (app, _) = send_in_order(app, &events, |_| None, None).await;
-    let want_rows = read_events(&app.sqlite_path());
-    let want_persons = read_persons(&app.sqlite_path());
-    drop(app);
-
-    // The Postgres sink, crashed right after a sink write, then killed later in the load.
-    let pg = PgServer::start();
-    let url = pg.create_database("events").await;
     let rough = tempfile::tempdir().unwrap();
     create_team(rough.path(), "t", TOKEN);
     let path = rough.path().to_owned();
-    let env = [("DATABASE_URL", url.as_str())];
-    let first = Appliance::start(
-        &path,
-        &[
-            ("DATABASE_URL", url.as_str()),
-            ("APPLIANCE_FAILPOINTS", "pipeline.after_sink_write"),
-        ],
-    );
+    let mut armed = env.to_vec();
+    armed.push(("APPLIANCE_FAILPOINTS", "pipeline.after_sink_write"));
+    let first = Appliance::start(&path, &armed);
     let (app, restarts) = send_in_order(
         first,
         &events,
-        |_| Some(Appliance::start(&path, &env)),
+        |_| Some(Appliance::start(&path, env)),
         Some(events.len() / 16 / 2),
     )
     .await;
@@ -157,27 +141,42 @@ async fn postgres_holds_what_sqlite_holds_for_the_same_events_even_across_a_kill
         restarts, 2,
         "the failpoint's abort and the kill -9 both happened"
     );
-    assert!(
-        !app.sqlite_path().exists(),
-        "with DATABASE_URL alone, events go to Postgres and no SQLite file is made"
-    );
-    let db = pg.client("events").await;
-    let got_rows = pg_events(&db).await;
-    assert_eq!(got_rows.len(), events.len(), "every event once");
+    (app, rough, events)
+}
+
+/// The events and persons the embedded SQLite sink holds for the fidelity events, undisturbed.
+async fn reference() -> (Vec<Row>, BTreeMap<String, PersonRow>) {
+    let calm = tempfile::tempdir().unwrap();
+    create_team(calm.path(), "t", TOKEN);
+    let app = Appliance::start(calm.path(), &[]);
+    let (app, _) = send_in_order(app, &fidelity_events(), |_| None, None).await;
+    (
+        read_events(&app.sqlite_path()),
+        read_persons(&app.sqlite_path()),
+    )
+}
+
+/// Asserts that Postgres holds `want_rows` and `want_persons`, and the fidelity events' groups.
+async fn assert_holds(
+    db: &tokio_postgres::Client,
+    want_rows: &[Row],
+    want_persons: &BTreeMap<String, PersonRow>,
+) {
+    let got_rows = pg_events(db).await;
+    assert_eq!(got_rows.len(), want_rows.len(), "every event once");
     assert_eq!(
         columns(&got_rows),
-        columns(&want_rows),
+        columns(want_rows),
         "every event's columns"
     );
     assert_eq!(
-        pg_persons(&db).await,
+        &pg_persons(db).await,
         want_persons,
         "persons and distinct ids"
     );
-
     let groups = db
         .query(
-            "SELECT g.group_key, m.group_type, g.group_properties::text, g.version
+            "SELECT g.group_key, m.group_type, g.group_properties::text
              FROM posthog_group g JOIN posthog_grouptypemapping m
                ON m.team_id = g.team_id AND m.group_type_index = g.group_type_index",
             &[],
@@ -203,73 +202,101 @@ async fn postgres_holds_what_sqlite_holds_for_the_same_events_even_across_a_kill
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_of_postgres_loses_nothing_and_stores_nothing_twice() {
-    let mut pg = PgServer::start();
+async fn postgres_as_the_only_sink_holds_what_sqlite_holds_even_across_a_kill() {
+    let (want_rows, want_persons) = reference().await;
+    let pg = PgServer::start();
     let url = pg.create_database("events").await;
-    let dir = tempfile::tempdir().unwrap();
-    create_team(dir.path(), "t", TOKEN);
-    let app = Appliance::start(dir.path(), &[("DATABASE_URL", url.as_str())]);
-    let client = reqwest::Client::new();
-    let send = |n: usize| {
-        let (client, url) = (client.clone(), app.url("/batch/"));
-        async move {
-            let batch: Vec<Value> = (0..25)
-                .map(|i| {
-                    json!({"event": "e", "distinct_id": format!("u{}", i % 5),
-                           "uuid": uuid::Uuid::from_u128((n * 100 + i) as u128 + 1).to_string(),
-                           // Postgres refuses \u0000 in jsonb and NUL in text; stored as U+FFFD.
-                           "properties": {"n": n, "i": i, "nul": "a\u{0}b"}})
-                })
-                .collect();
-            let body = json!({"api_key": TOKEN, "batch": batch});
-            client
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    };
-    assert_eq!(send(0).await, 200);
-    app.wait_drained().await;
+    let (app, _dir, _) = rough_run(&[("SINKS", "postgres"), ("DATABASE_URL", url.as_str())]).await;
+    assert!(
+        !app.sqlite_path().exists(),
+        "SINKS=postgres: no SQLite file is made"
+    );
+    assert_holds(&pg.client("events").await, &want_rows, &want_persons).await;
+}
 
-    pg.stop();
-    for n in 1..=10 {
-        assert_eq!(send(n).await, 200, "capture does not depend on the sink");
-    }
-    // An SDK that lost an answer sends the same request again.
-    assert_eq!(send(10).await, 200);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_follower_holds_what_the_sqlite_lead_holds_even_across_a_kill() {
+    let (want_rows, want_persons) = reference().await;
+    let pg = PgServer::start();
+    let url = pg.create_database("events").await;
+    // DATABASE_URL alone adds Postgres behind the embedded SQLite sink.
+    let (app, _dir, _) = rough_run(&[("DATABASE_URL", url.as_str())]).await;
+    let ready = app.wait_drained().await;
+    let names: Vec<&str> = ready["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["sqlite", "postgres"], "{ready}");
+    let lead_rows = read_events(&app.sqlite_path());
+    assert_eq!(
+        columns(&lead_rows),
+        columns(&want_rows),
+        "the lead's events"
+    );
+    assert_eq!(
+        read_persons(&app.sqlite_path()),
+        want_persons,
+        "the lead's persons"
+    );
+    assert_holds(&pg.client("events").await, &want_rows, &want_persons).await;
+}
+
+/// A client of `app` sending batch `n` of 25 events (uuids fixed by `n`, so a resend is the same
+/// events); returns the status code.
+async fn send_numbered(app: &Appliance, n: usize) -> u16 {
+    let batch: Vec<Value> = (0..25)
+        .map(|i| {
+            json!({"event": "e", "distinct_id": format!("u{}", i % 5),
+                   "uuid": uuid::Uuid::from_u128((n * 100 + i) as u128 + 1).to_string(),
+                   // Postgres refuses \u0000 in jsonb and NUL in text; stored as U+FFFD.
+                   "properties": {"n": n, "i": i, "nul": "a\u{0}b"}})
+        })
+        .collect();
+    let body = json!({"api_key": TOKEN, "batch": batch});
+    reqwest::Client::new()
+        .post(app.url("/batch/"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Polls `/_ready` until `check` holds of it (30 s at most).
+async fn ready_when(app: &Appliance, what: &str, check: impl Fn(&Value) -> bool) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let ready = loop {
-        let ready: Value = client
-            .get(app.url("/_ready"))
-            .send()
+    loop {
+        let ready: Value = reqwest::get(app.url("/_ready"))
             .await
             .unwrap()
             .json()
             .await
             .unwrap();
-        if !ready["sink"]["last_error"].is_null() {
-            break ready;
+        if check(&ready) {
+            return ready;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no sink error shown: {ready}"
-        );
+        assert!(std::time::Instant::now() < deadline, "{what}: {ready}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(ready["sink"]["sink"], "postgres", "{ready}");
-    assert!(
-        ready["queue"]["last_seq"].as_u64() > ready["sink"]["position"].as_u64(),
-        "the events wait in the queue: {ready}"
-    );
+    }
+}
 
-    pg.resume();
-    app.wait_drained().await;
-    let db = pg.client("events").await;
-    let rows = pg_events(&db).await;
+/// Sends batches 1..=10 and batch 10 again (an SDK that lost an answer) while Postgres is down.
+async fn send_during_outage(app: &Appliance) {
+    for n in 1..=10 {
+        assert_eq!(
+            send_numbered(app, n).await,
+            200,
+            "capture does not depend on the sink"
+        );
+    }
+    assert_eq!(send_numbered(app, 10).await, 200);
+}
+
+/// Asserts that `rows` are batches 0..=10, each event once.
+fn assert_each_once(rows: &[Row]) {
     assert_eq!(
         rows.len(),
         11 * 25,
@@ -277,22 +304,91 @@ async fn an_outage_of_postgres_loses_nothing_and_stores_nothing_twice() {
     );
     let unique: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.uuid.as_str()).collect();
     assert_eq!(unique.len(), rows.len());
+    assert_eq!(rows.iter().filter(|r| r.properties["n"] == 10).count(), 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_the_postgres_lead_loses_nothing_and_stores_nothing_twice() {
+    let mut pg = PgServer::start();
+    let url = pg.create_database("events").await;
+    let dir = tempfile::tempdir().unwrap();
+    create_team(dir.path(), "t", TOKEN);
+    let app = Appliance::start(
+        dir.path(),
+        &[("SINKS", "postgres"), ("DATABASE_URL", url.as_str())],
+    );
+    assert_eq!(send_numbered(&app, 0).await, 200);
+    app.wait_drained().await;
+
+    pg.stop();
+    send_during_outage(&app).await;
+    let ready = ready_when(&app, "the sink's error is shown", |r| {
+        !r["sink"]["last_error"].is_null()
+    })
+    .await;
+    assert_eq!(ready["sink"]["sink"], "postgres", "{ready}");
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert!(
+        ready["sinks"][0]["lag"].as_u64() > Some(0),
+        "the events wait in the queue: {ready}"
+    );
+
+    pg.resume();
+    app.wait_drained().await;
+    let rows = pg_events(&pg.client("events").await).await;
+    assert_each_once(&rows);
     assert!(rows.iter().all(|r| r.properties["nul"] == "a\u{FFFD}b"));
-    let last = rows.iter().filter(|r| r.properties["n"] == 10).count();
-    assert_eq!(last, 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_follower_that_is_down_holds_back_nothing_and_catches_up() {
+    let mut pg = PgServer::start();
+    let url = pg.create_database("events").await;
+    let dir = tempfile::tempdir().unwrap();
+    create_team(dir.path(), "t", TOKEN);
+    let app = Appliance::start(dir.path(), &[("DATABASE_URL", url.as_str())]);
+    assert_eq!(send_numbered(&app, 0).await, 200);
+    app.wait_drained().await;
+
+    pg.stop();
+    send_during_outage(&app).await;
+    // The lead goes on storing; the follower's lag and error show.
+    let ready = ready_when(
+        &app,
+        "the lead stores everything while the follower is down",
+        |r| {
+            r["sink"]["position"] == r["queue"]["last_seq"]
+                && !r["sinks"][1]["last_error"].is_null()
+        },
+    )
+    .await;
+    assert_eq!(ready["sinks"][1]["name"], "postgres", "{ready}");
+    assert!(ready["sinks"][1]["lag"].as_u64() > Some(0), "{ready}");
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert_each_once(&read_events(&app.sqlite_path()));
+
+    pg.resume();
+    let ready = app.wait_drained().await;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    let rows = pg_events(&pg.client("events").await).await;
+    assert_each_once(&rows);
+    let lead = read_events(&app.sqlite_path());
+    // The same rows, but for the NUL Postgres cannot hold.
+    let without_nul = |rows: &[Row]| {
+        let mut rows = rows.to_vec();
+        for r in &mut rows {
+            r.properties["nul"] = json!("");
+        }
+        columns(&rows)
+    };
+    assert_eq!(without_nul(&rows), without_nul(&lead));
 }
 
 #[test]
 fn configuration_mistakes_stop_start_up_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     for (env, says) in [
-        (
-            vec![
-                ("SINKS", "sqlite,postgres"),
-                ("DATABASE_URL", "postgres://db/x"),
-            ],
-            "one sink at a time",
-        ),
+        (vec![("SINKS", "sqlite,clickhouse")], "not built yet"),
         (vec![("SINKS", "postgres")], "DATABASE_URL"),
         (vec![("SINKS", "clickhouse")], "not built yet"),
         (

@@ -32,6 +32,8 @@ pub struct AdminState {
     pub max_queue_bytes: u64,
     pub min_free_bytes: u64,
     pub pipeline: Arc<PipelineStatus>,
+    /// Each follower sink's name and progress (positions in the follow log).
+    pub followers: Vec<(&'static str, Arc<PipelineStatus>)>,
     /// Set once shutdown has begun: readiness then answers 503 so balancers move away.
     pub stopping: Arc<AtomicBool>,
 }
@@ -67,19 +69,33 @@ async fn health() -> Json<serde_json::Value> {
 
 async fn ready(State(state): State<Arc<AdminState>>) -> Response {
     let store = state.store.clone();
-    let stats =
-        tokio::task::spawn_blocking(move || (store.ingest_stats(), store.job_stats())).await;
-    let (queue, jobs) = match stats {
-        Ok((ingest, jobs)) => (
+    let stats = tokio::task::spawn_blocking(move || {
+        (
+            store.ingest_stats(),
+            store.job_stats(),
+            store.follow_last_seq().unwrap_or(0),
+        )
+    })
+    .await;
+    let (queue, jobs, follow_last) = match stats {
+        Ok((ingest, jobs, follow_last)) => (
             ingest.map_or_else(|e| json!({"error": e.to_string()}), |s| json!(s)),
             jobs.map_or_else(|e| json!({"error": e.to_string()}), |s| json!(s)),
+            follow_last,
         ),
         Err(e) => (
             json!({"error": e.to_string()}),
             json!({"error": e.to_string()}),
+            0,
         ),
     };
     let sink = state.pipeline.report(state.sink_name);
+    let last_seq = queue["last_seq"].as_u64().unwrap_or(sink.position);
+    let mut sinks = vec![sink_entry("lead", &sink, last_seq)];
+    for (name, status) in &state.followers {
+        let report = status.report(name);
+        sinks.push(sink_entry("follower", &report, follow_last));
+    }
     let room = state.store.room();
     let capture = if room.queued_bytes >= state.max_queue_bytes {
         "refusing: the ingest queue is at INGEST_MAX_QUEUE_BYTES"
@@ -103,7 +119,8 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
         "min_free_disk_bytes": state.min_free_bytes,
     });
     let stopping = state.stopping.load(Ordering::Relaxed);
-    let status = match (stopping, sink.healthy) {
+    let healthy = sink.healthy && state.followers.iter().all(|(_, s)| s.report("").healthy);
+    let status = match (stopping, healthy) {
         (true, _) => "stopping",
         (false, true) => "ready",
         (false, false) => "degraded",
@@ -115,7 +132,26 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
     };
     (
         code,
-        Json(json!({"status": status, "queue": queue, "room": room, "sink": sink, "jobs": jobs})),
+        Json(json!({"status": status, "queue": queue, "room": room, "sink": sink, "sinks": sinks, "jobs": jobs})),
     )
         .into_response()
+}
+
+/// One sink's line of `/_ready`: its position, how far behind what it should hold it is (the
+/// lead in ingest-queue batches, a follower in follow-log records), and its last error.
+fn sink_entry(
+    role: &str,
+    report: &crate::pipeline::PipelineReport,
+    last: u64,
+) -> serde_json::Value {
+    json!({
+        "name": report.sink,
+        "role": role,
+        "position": report.position,
+        "lag": last.saturating_sub(report.position),
+        "events_stored": report.events_stored,
+        "duplicates_skipped": report.duplicates_skipped,
+        "healthy": report.healthy,
+        "last_error": report.last_error,
+    })
 }

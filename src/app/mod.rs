@@ -23,7 +23,7 @@ use crate::geoip::GeoIp;
 use crate::ingest;
 use crate::jobs::{self, JobQueue, Workers};
 use crate::ops::Ops;
-use crate::pipeline::{Deliveries, PersonEngine, Pipeline, PipelineStatus};
+use crate::pipeline::{Deliveries, FollowMarks, Follower, PersonEngine, Pipeline, PipelineStatus};
 use crate::plugins::tasks::{PluginRunner, PluginSchedules};
 use crate::plugins::{Catalog, Chains, PluginError, PluginPolicy};
 use crate::schedule::Scheduler;
@@ -92,13 +92,21 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         );
     }
     let opened = crate::sinks::open(&config.sinks, &config.sqlite_path)?;
-    let (sink, events) = (opened.sink, opened.events);
+    let (sink, events) = (opened.lead.sink, opened.lead.events);
     tracing::info!(
         state = %store.path().display(),
         sink = sink.name(),
-        events = %opened.target,
+        events = %opened.lead.target,
         "storage opened"
     );
+    for follower in &opened.followers {
+        tracing::info!(sink = follower.sink.name(), events = %follower.target, "follower sink configured");
+    }
+    if opened.followers.is_empty() {
+        // Records kept for followers no longer configured would hold their bytes forever.
+        let last = store.follow_last_seq()?;
+        store.trim_follow_through(last)?;
+    }
     // A restored state file may be older than the restored events: new batches must get
     // positions past everything the sink holds, so nothing is accepted before it answers.
     let sink_position = sink_position_at_start(&*sink).await?;
@@ -165,17 +173,37 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         geoip.clone(),
     ));
     let status = Arc::new(PipelineStatus::default());
-    let chains = Arc::new(std::sync::Mutex::new(Chains::new(catalog.clone())));
     let (trigger, shutdown) = shutdown::channel();
     let shutdown_for_maintenance = shutdown.clone();
+    let follow_wake = (!opened.followers.is_empty()).then(|| Arc::new(Notify::new()));
+    let read_limits = ReadLimits {
+        events: config.sink_batch_events,
+        bytes: config.sink_batch_bytes,
+    };
+    let marks = Arc::new(FollowMarks::default());
+    let mut followers = Vec::new();
+    let mut follower_tasks = Vec::new();
+    for follower in opened.followers {
+        let follower_status = Arc::new(PipelineStatus::default());
+        followers.push((follower.sink.name(), follower_status.clone()));
+        follower_tasks.push(tokio::spawn(
+            Follower {
+                store: store.clone(),
+                sink: follower.sink,
+                limits: read_limits,
+                status: follower_status,
+                wake: follow_wake.clone().unwrap_or_default(),
+                marks: marks.clone(),
+            }
+            .run(shutdown.clone()),
+        ));
+    }
+    let chains = Arc::new(std::sync::Mutex::new(Chains::new(catalog.clone())));
     let pipeline = tokio::spawn(
         Pipeline {
             store: store.clone(),
             sink: sink.clone(),
-            read_limits: ReadLimits {
-                events: config.sink_batch_events,
-                bytes: config.sink_batch_bytes,
-            },
+            read_limits,
             linger: config.sink_linger,
             plugins: chains.clone(),
             status: status.clone(),
@@ -188,6 +216,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 store.clone(),
                 config.distinct_id_lru_size,
             ))),
+            followers: follow_wake,
         }
         .run(shutdown.clone()),
     );
@@ -222,6 +251,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         max_queue_bytes: config.ingest_max_queue_bytes,
         min_free_bytes: config.data_min_free_bytes,
         pipeline: status,
+        followers,
         stopping: stopping.clone(),
     });
     tokio::spawn(watch_free_space(store.clone()));
@@ -307,6 +337,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     trigger.drain_until(deadline);
     if let Err(e) = pipeline.await {
         tracing::error!(error = %e, "the pipeline task failed");
+    }
+    for task in follower_tasks {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "a follower sink's task failed");
+        }
     }
     if let Err(e) = workers.await {
         tracing::error!(error = %e, "the job workers failed");

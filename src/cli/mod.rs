@@ -305,32 +305,34 @@ fn run_server(config: Config) -> Result<(), CliError> {
 
 fn migrate(config: &Config) -> Result<(), CliError> {
     let store = Store::open(&config.data_dir)?;
+    println!("state store ready at {}", store.path().display());
     let failed = |e: crate::sinks::SinkError| CliError::Other(e.to_string());
-    let sink = match config.sinks.kind {
-        SinkKind::Sqlite => {
-            let applied = sqlite::migrate(&config.sqlite_path).map_err(failed)?;
-            format!(
-                "{applied} SQLite migration(s) applied to {}",
-                config.sqlite_path.display()
-            )
+    for kind in &config.sinks.kinds {
+        match kind {
+            SinkKind::Sqlite => {
+                let applied = sqlite::migrate(&config.sqlite_path).map_err(failed)?;
+                println!(
+                    "{applied} SQLite migration(s) applied to {}",
+                    config.sqlite_path.display()
+                );
+            }
+            SinkKind::Postgres => {
+                let url = config.sinks.postgres_url.as_deref().unwrap_or_default();
+                let target = PostgresTarget::parse(url).map_err(CliError::Other)?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| CliError::Other(format!("cannot start the runtime: {e}")))?;
+                let applied = runtime
+                    .block_on(crate::sinks::postgres::migrate(&target))
+                    .map_err(failed)?;
+                println!(
+                    "{applied} Postgres migration(s) applied to {}",
+                    target.redacted()
+                );
+            }
         }
-        SinkKind::Postgres => {
-            let url = config.sinks.postgres_url.as_deref().unwrap_or_default();
-            let target = PostgresTarget::parse(url).map_err(CliError::Other)?;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| CliError::Other(format!("cannot start the runtime: {e}")))?;
-            let applied = runtime
-                .block_on(crate::sinks::postgres::migrate(&target))
-                .map_err(failed)?;
-            format!(
-                "{applied} Postgres migration(s) applied to {}",
-                target.redacted()
-            )
-        }
-    };
-    println!("state store ready at {}; {sink}", store.path().display());
+    }
     Ok(())
 }
 

@@ -72,7 +72,7 @@ const POSITIVE: Kind = int(1, u32::MAX as u64);
 /// appliance's own.
 pub const SETTINGS: &[Setting] = &[
     // The seed's table (PostHog plugin server README).
-    setting("DATABASE_URL", Some("postgres://localhost:5432/posthog"), PG, "Postgres database URL: set, events go to PostHog's tables in this database (the Postgres sink) unless SINKS says otherwise; libpq's sslmode picks TLS"),
+    setting("DATABASE_URL", Some("postgres://localhost:5432/posthog"), PG, "Postgres database URL: set, events also go to PostHog's tables in this database (the Postgres sink; see SINKS); libpq's sslmode picks TLS"),
     setting("REDIS_URL", Some("redis://localhost"), REDIS, "Redis store URL (Celery source; not built yet)"),
     setting("BASE_DIR", Some("."), Kind::Text, "base path for resolving local plugins"),
     setting("WORKER_CONCURRENCY", Some("0"), COUNT, "number of concurrent workers; 0 means all cores"),
@@ -121,7 +121,7 @@ pub const SETTINGS: &[Setting] = &[
     // The appliance's own.
     setting("APPLIANCE_ENV_FILE", None, Kind::Text, "file of NAME=value lines read at start; the environment wins over it; it is part of backups. Unset: /etc/appliance/appliance.env (the .deb's) if it exists; empty: no file"),
     setting("DATA_DIR", Some("./data"), Kind::Text, "directory holding the appliance's state (redb) and the embedded SQLite event store"),
-    setting("SINKS", None, Kind::Text, "the sink events are written to: sqlite or postgres (one at a time in this build; clickhouse is not built yet); unset: postgres when DATABASE_URL is set, else sqlite"),
+    setting("SINKS", None, Kind::Text, "the sinks events are written to, comma-separated: sqlite, postgres (clickhouse is not built yet). The first leads: the pipeline writes to it, after-write deliveries and exports follow it; the others copy its writes, each at its own pace. Unset: sqlite, then postgres when DATABASE_URL is set"),
     setting("SQLITE_PATH", None, Kind::Text, "path of the SQLite event store; default DATA_DIR/events.sqlite3"),
     setting("TRUST_PROXY", Some("false"), Kind::Bool, "take the client IP from X-Forwarded-For (set only behind a proxy you run)"),
     setting("CAPTURE_MAX_BODY_BYTES", Some("20971520"), int(1024, 1 << 30), "largest capture request body accepted, in bytes (413 above)"),

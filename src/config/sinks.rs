@@ -1,4 +1,4 @@
-//! Which sink the events go to: `SINKS`, or what the configured databases imply.
+//! Which sinks the events go to: `SINKS`, or what the configured databases imply.
 
 use std::str::FromStr;
 
@@ -22,17 +22,18 @@ impl SinkKind {
     }
 }
 
-/// The chosen sink and what it connects to.
+/// The chosen sinks, the lead first, and what they connect to.
 #[derive(Clone, Debug)]
 pub struct SinkSettings {
-    pub kind: SinkKind,
+    /// Never empty; the first leads, the others follow.
+    pub kinds: Vec<SinkKind>,
     /// `DATABASE_URL` when it was set (it has a default for the seed's sake, which is never
     /// used to connect).
     pub postgres_url: Option<String>,
 }
 
-/// Resolves `SINKS` against the databases configured. Unset, it is `postgres` when
-/// `DATABASE_URL` is set, else `sqlite`.
+/// Resolves `SINKS` against the databases configured. Unset, it is `sqlite`, followed by
+/// `postgres` when `DATABASE_URL` is set.
 pub(super) fn resolve(
     sinks: Option<&str>,
     database_url: Option<&str>,
@@ -49,11 +50,14 @@ pub(super) fn resolve(
             allowed: format!("a Postgres connection URL: {e}"),
         })?;
     }
-    let kind = match sinks {
-        None => match database_url {
-            Some(_) => SinkKind::Postgres,
-            None => SinkKind::Sqlite,
-        },
+    let kinds = match sinks {
+        None => {
+            let mut kinds = vec![SinkKind::Sqlite];
+            if database_url.is_some() {
+                kinds.push(SinkKind::Postgres);
+            }
+            kinds
+        }
         Some(list) => {
             let mut chosen: Vec<SinkKind> = Vec::new();
             for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -63,30 +67,31 @@ pub(super) fn resolve(
                     "clickhouse" => {
                         return Err(refuse("the ClickHouse sink is not built yet".into()))
                     }
-                    _ => return Err(refuse("expected sqlite or postgres".into())),
+                    _ => {
+                        return Err(refuse(
+                            "expected sqlite and/or postgres, comma-separated".into(),
+                        ))
+                    }
                 };
                 if !chosen.contains(&kind) {
                     chosen.push(kind);
                 }
             }
-            match chosen.as_slice() {
-                [] => return Err(refuse("expected sqlite or postgres".into())),
-                [one] => *one,
-                _ => {
-                    return Err(refuse(
-                        "one sink at a time: writing to several at once is not built yet".into(),
-                    ))
-                }
+            if chosen.is_empty() {
+                return Err(refuse(
+                    "expected sqlite and/or postgres, comma-separated".into(),
+                ));
             }
+            chosen
         }
     };
-    if kind == SinkKind::Postgres && database_url.is_none() {
+    if kinds.contains(&SinkKind::Postgres) && database_url.is_none() {
         return Err(refuse(
             "postgres needs DATABASE_URL (the database to write to)".into(),
         ));
     }
     Ok(SinkSettings {
-        kind,
+        kinds,
         postgres_url: database_url.map(str::to_owned),
     })
 }
@@ -96,21 +101,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sqlite_unless_a_database_is_given() {
-        assert_eq!(resolve(None, None).unwrap().kind, SinkKind::Sqlite);
-        let pg = resolve(None, Some("postgres://u:p@db/x")).unwrap();
-        assert_eq!(pg.kind, SinkKind::Postgres);
-        let both = resolve(Some("sqlite"), Some("postgres://db/x")).unwrap();
-        assert_eq!(both.kind, SinkKind::Sqlite);
+    fn sqlite_leads_unless_sinks_says_otherwise() {
+        use SinkKind::*;
+        assert_eq!(resolve(None, None).unwrap().kinds, [Sqlite]);
+        let both = resolve(None, Some("postgres://u:p@db/x")).unwrap();
+        assert_eq!(both.kinds, [Sqlite, Postgres]);
+        let pg = resolve(Some("postgres"), Some("postgres://db/x")).unwrap();
+        assert_eq!(pg.kinds, [Postgres]);
+        let order = resolve(Some("postgres, sqlite,postgres"), Some("postgres://db/x")).unwrap();
+        assert_eq!(order.kinds, [Postgres, Sqlite]);
     }
 
     #[test]
     fn refusals_say_why() {
         let err = resolve(Some("postgres"), None).unwrap_err();
         assert!(err.allowed.contains("DATABASE_URL"), "{err}");
-        let err = resolve(Some("sqlite,postgres"), Some("postgres://db/x")).unwrap_err();
-        assert!(err.allowed.contains("one sink at a time"), "{err}");
+        let err = resolve(Some("sqlite,clickhouse"), None).unwrap_err();
+        assert!(err.allowed.contains("not built yet"), "{err}");
         let err = resolve(Some("mongo"), None).unwrap_err();
+        assert_eq!(err.name, "SINKS");
+        let err = resolve(Some(" , "), None).unwrap_err();
         assert_eq!(err.name, "SINKS");
         let err = resolve(None, Some("postgres://u:secret@db/x?sslmode=sometimes")).unwrap_err();
         assert_eq!(err.name, "DATABASE_URL");

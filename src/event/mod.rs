@@ -113,7 +113,7 @@ impl IngestBatch {
 }
 
 /// Times as microseconds since the epoch: compact, and exact for what SDKs send.
-mod micros {
+pub(crate) mod micros {
     use chrono::{DateTime, Utc};
     use serde::{Deserialize, Deserializer, Serializer};
 

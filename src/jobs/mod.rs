@@ -98,19 +98,12 @@ impl JobQueue {
     pub fn commit_deliveries(
         &self,
         jobs: Vec<NewJob>,
-        delivered: u64,
-        undefer: &[(crate::ids::TeamId, u64)],
-        persons: &crate::person::PersonUpdates,
+        done: crate::store::WriteDone<'_>,
     ) -> Result<Vec<JobId>, StoreError> {
         let any = !jobs.is_empty();
-        let ids = self.store.commit_deliveries(
-            jobs,
-            now_ms(),
-            self.key_retention_ms(),
-            delivered,
-            undefer,
-            persons,
-        )?;
+        let ids = self
+            .store
+            .commit_deliveries(jobs, now_ms(), self.key_retention_ms(), done)?;
         if any {
             self.wake();
         }

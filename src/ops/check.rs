@@ -77,7 +77,11 @@ pub fn check(config: &Config, services: bool) -> CheckReport {
     if check_data_dir(config, &mut report) {
         check_state(&config.data_dir, &mut report);
         // The Postgres sink's schema is checked by its own migrations when it connects.
-        if config.sinks.kind == crate::config::SinkKind::Sqlite {
+        if config
+            .sinks
+            .kinds
+            .contains(&crate::config::SinkKind::Sqlite)
+        {
             check_events_db(&config.sqlite_path, &mut report);
         }
     }

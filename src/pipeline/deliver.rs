@@ -5,7 +5,7 @@ use super::{Deliveries, Pipeline, Prepared, StepError};
 use crate::plugins::tasks::{self, ToDeliver};
 use crate::shutdown::Shutdown;
 use crate::sinks::{StoredRows, Written};
-use crate::store::QueuedBatch;
+use crate::store::{FollowRecord, QueuedBatch, WriteDone};
 
 use super::backoff::Backoff;
 
@@ -40,8 +40,12 @@ impl Pipeline {
         prepared: &Prepared,
         written: &Written,
     ) -> Result<(), StepError> {
+        let follow = self
+            .followers
+            .as_ref()
+            .and_then(|_| super::follow::record(prepared));
         let Some(deliveries) = &self.deliveries else {
-            return self.finish_deferred(prepared).await;
+            return self.finish_deferred(prepared, follow).await;
         };
         let catalog = deliveries.catalog.clone();
         let teams = tokio::task::spawn_blocking(move || tasks::exporting_teams(&catalog)).await??;
@@ -58,7 +62,7 @@ impl Pipeline {
             .zip(&prepared.deliver)
             .any(|(q, deliver)| *deliver && wanted(q));
         if redeliver.is_empty() && !fresh {
-            return self.finish_deferred(prepared).await;
+            return self.finish_deferred(prepared, follow).await;
         }
         let stored: StoredRows = prepared
             .redeliver
@@ -89,31 +93,40 @@ impl Pipeline {
                 }
             }
             let jobs = tasks::delivery_jobs(&catalog, &items)?;
-            if !jobs.is_empty() || !undefer.is_empty() || !persons.is_empty() {
-                queue.commit_deliveries(jobs, last, &undefer, &persons)?;
+            if !jobs.is_empty() || !undefer.is_empty() || !persons.is_empty() || follow.is_some() {
+                let done = WriteDone {
+                    delivered: last,
+                    undefer: &undefer,
+                    persons: &persons,
+                    follow: follow.as_ref(),
+                };
+                queue.commit_deliveries(jobs, done)?;
             }
             Ok::<_, StepError>(())
         })
         .await?
     }
 
-    /// With no deliveries to queue, still commits the person changes and records that deferred
-    /// batches are complete.
-    async fn finish_deferred(&self, prepared: &Prepared) -> Result<(), StepError> {
-        if prepared.undefer.is_empty() && prepared.persons.is_empty() {
+    /// With no deliveries to queue, still commits the person changes and the follow log record,
+    /// and records that deferred batches are complete.
+    async fn finish_deferred(
+        &self,
+        prepared: &Prepared,
+        follow: Option<FollowRecord>,
+    ) -> Result<(), StepError> {
+        if prepared.undefer.is_empty() && prepared.persons.is_empty() && follow.is_none() {
             return Ok(());
         }
         let (store, last, undefer) = (self.store.clone(), prepared.last, prepared.undefer.clone());
         let persons = prepared.persons.clone();
         tokio::task::spawn_blocking(move || {
-            store.commit_deliveries(
-                Vec::new(),
-                crate::jobs::now_ms(),
-                0,
-                last,
-                &undefer,
-                &persons,
-            )
+            let done = WriteDone {
+                delivered: last,
+                undefer: &undefer,
+                persons: &persons,
+                follow: follow.as_ref(),
+            };
+            store.commit_deliveries(Vec::new(), crate::jobs::now_ms(), 0, done)
         })
         .await??;
         Ok(())

@@ -9,6 +9,7 @@
 
 mod backoff;
 mod deliver;
+mod follow;
 mod persons;
 pub mod positions;
 mod prepare;
@@ -29,6 +30,7 @@ use crate::sinks::{Sink, SinkWrite, StoredRows, Written};
 use crate::store::{QueuedBatch, ReadLimits, Store, StoreError};
 use crate::telemetry::names;
 use backoff::Backoff;
+pub use follow::{FollowMarks, Follower};
 pub use persons::PersonEngine;
 use positions::Positions;
 pub use status::{PipelineReport, PipelineStatus};
@@ -60,6 +62,9 @@ pub struct Pipeline {
     pub deliveries: Option<Deliveries>,
     /// The person step, run on each batch after the plugins.
     pub persons: Arc<Mutex<PersonEngine>>,
+    /// Set when other sinks follow this one: each write is then also kept in the follow log,
+    /// and this is notified after it.
+    pub followers: Option<Arc<Notify>>,
 }
 
 /// After-write deliveries: written events become jobs of the plugins that export them.
@@ -86,6 +91,8 @@ pub(super) struct Prepared {
     redeliver: Vec<QueuedBatch>,
     /// The rows the sink stored for each batch of `redeliver`.
     redeliver_rows: StoredRows,
+    /// The person columns of those rows, recomputed (for the followers).
+    redeliver_columns: Vec<Vec<PersonColumns>>,
     /// Batches through the plugins and the person step, to write.
     process: Arc<Vec<QueuedBatch>>,
     /// For each event of `process`, its person columns.
@@ -258,6 +265,9 @@ impl Pipeline {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .committed(prepared.last);
+            if let Some(followers) = &self.followers {
+                followers.notify_waiters();
+            }
             positions.delivered(prepared.last);
             self.status
                 .set_positions(positions.sink, positions.delivered);

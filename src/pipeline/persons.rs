@@ -161,12 +161,13 @@ impl PersonEngine {
         Ok(updates)
     }
 
-    /// Recomputes the changes of batches the sink stored before a crash, from its rows.
+    /// Recomputes the changes (and the person columns) of batches the sink stored before a
+    /// crash, from its rows.
     pub fn recompute(
         &mut self,
         batches: Vec<(TeamId, Vec<EventRow>)>,
         through: u64,
-    ) -> Result<PersonUpdates, StoreError> {
+    ) -> Result<Step, StoreError> {
         let mut queued: Vec<QueuedBatch> = batches
             .into_iter()
             .map(|(team, events)| QueuedBatch {
@@ -180,7 +181,7 @@ impl PersonEngine {
                 },
             })
             .collect();
-        Ok(self.process(&mut queued, through)?.updates)
+        self.process(&mut queued, through)
     }
 
     /// The write stage committed everything through `position`: those layers become the cache's.

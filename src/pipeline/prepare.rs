@@ -18,6 +18,15 @@ use crate::plugins::Readiness;
 use crate::sinks::StoredRows;
 use crate::store::{QueuedBatch, StoreError};
 
+/// What the person step gives: the batches to write, their person columns, every change, and
+/// the person columns of the stored rows recomputed after a crash.
+type PersonStep = (
+    Vec<QueuedBatch>,
+    Vec<Vec<PersonColumns>>,
+    PersonUpdates,
+    Vec<Vec<PersonColumns>>,
+);
+
 /// Operators' person deletions carried out per step, at most.
 const MAX_DELETIONS_PER_STEP: usize = 100;
 
@@ -110,12 +119,13 @@ impl Pipeline {
         } else {
             self.sink.stored_rows(Arc::new(redeliver.clone())).await?
         };
-        let (process, columns, persons) = self
+        let (process, columns, persons, redeliver_columns) = self
             .person_step(process, &redeliver, &redeliver_rows, deletions, last)
             .await?;
         Ok(Some(Prepared {
             redeliver,
             redeliver_rows,
+            redeliver_columns,
             process: Arc::new(process),
             columns: Arc::new(columns),
             persons: Arc::new(persons),
@@ -128,7 +138,8 @@ impl Pipeline {
 
     /// The person step: first the batches the sink stored before a crash (recomputed from its
     /// rows, whose person changes were not committed), then operators' deletions, then the
-    /// batches to write.
+    /// batches to write. Returns the batches, their columns, all the changes, and the columns of
+    /// the stored rows.
     async fn person_step(
         &self,
         mut process: Vec<QueuedBatch>,
@@ -136,7 +147,7 @@ impl Pipeline {
         redeliver_rows: &StoredRows,
         deletions: Vec<(TeamId, String)>,
         last: u64,
-    ) -> Result<(Vec<QueuedBatch>, Vec<Vec<PersonColumns>>, PersonUpdates), StepError> {
+    ) -> Result<PersonStep, StepError> {
         let stored: Vec<(TeamId, Vec<EventRow>)> = redeliver
             .iter()
             .zip(redeliver_rows)
@@ -148,17 +159,18 @@ impl Pipeline {
             let mut engine = engine
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let mut updates = if stored.is_empty() {
-                PersonUpdates::default()
+            let (mut updates, stored_columns) = if stored.is_empty() {
+                (PersonUpdates::default(), Vec::new())
             } else {
-                engine.recompute(stored, last)?
+                let step = engine.recompute(stored, last)?;
+                (step.updates, step.columns)
             };
             if !deletions.is_empty() {
                 updates.extend(engine.delete(&deletions, last)?);
             }
             let step = engine.process(&mut process, last)?;
             updates.extend(step.updates);
-            Ok::<_, StoreError>((process, step.columns, updates))
+            Ok::<_, StoreError>((process, step.columns, updates, stored_columns))
         })
         .await??;
         metrics::histogram!(crate::telemetry::names::PERSON_STEP_SECONDS)

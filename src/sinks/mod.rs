@@ -110,21 +110,71 @@ impl Written {
 /// For each batch, each event's stored row if that batch inserted it.
 pub type StoredRows = Vec<Vec<Option<EventRow>>>;
 
-/// The sink the configuration chooses, with the reader of its events.
+/// A sink's place in the configuration: the first in `SINKS` leads (the pipeline writes to it
+/// and follows its answers), the others follow (they copy the follow log of the lead's writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Lead,
+    Follower,
+}
+
+impl Role {
+    /// The name a sink keeps its position under: a lead's is a position in the ingest queue, a
+    /// follower's one in the follow log, so a database never mistakes one for the other.
+    fn position_key(self, lead: &'static str, follower: &'static str) -> &'static str {
+        match self {
+            Role::Lead => lead,
+            Role::Follower => follower,
+        }
+    }
+}
+
+/// An opened sink, with where it writes (for the start-up log; no password).
 pub struct OpenedSink {
     pub sink: Arc<dyn Sink>,
     pub events: Arc<dyn EventReader>,
-    /// Where it writes, for the start-up log (no password).
     pub target: String,
 }
 
-/// Opens the configured sink. SQLite is opened and migrated now; Postgres connects (and
+/// The configured sinks: the lead, whose events the appliance reads back, and the followers.
+pub struct OpenedSinks {
+    pub lead: OpenedSink,
+    pub followers: Vec<OpenedSink>,
+}
+
+/// Opens the configured sinks. SQLite is opened and migrated now; Postgres connects (and
 /// migrates) on first use, so that a server that is still starting is waited for, not fatal.
 /// Must be called inside the runtime.
-pub fn open(settings: &SinkSettings, sqlite_path: &Path) -> Result<OpenedSink, SinkError> {
-    match settings.kind {
+pub fn open(settings: &SinkSettings, sqlite_path: &Path) -> Result<OpenedSinks, SinkError> {
+    let mut opened = Vec::with_capacity(settings.kinds.len());
+    for (index, kind) in settings.kinds.iter().enumerate() {
+        let role = if index == 0 {
+            Role::Lead
+        } else {
+            Role::Follower
+        };
+        opened.push(open_one(*kind, role, settings, sqlite_path)?);
+    }
+    let mut opened = opened.into_iter();
+    let lead = match opened.next() {
+        Some(lead) => lead,
+        None => open_one(SinkKind::Sqlite, Role::Lead, settings, sqlite_path)?,
+    };
+    Ok(OpenedSinks {
+        lead,
+        followers: opened.collect(),
+    })
+}
+
+fn open_one(
+    kind: SinkKind,
+    role: Role,
+    settings: &SinkSettings,
+    sqlite_path: &Path,
+) -> Result<OpenedSink, SinkError> {
+    match kind {
         SinkKind::Sqlite => {
-            let sink = Arc::new(sqlite::SqliteSink::open(sqlite_path)?);
+            let sink = Arc::new(sqlite::SqliteSink::open_as(sqlite_path, role)?);
             Ok(OpenedSink {
                 sink: sink.clone(),
                 events: sink,
@@ -139,7 +189,7 @@ pub fn open(settings: &SinkSettings, sqlite_path: &Path) -> Result<OpenedSink, S
                     target: crate::config::redact_url(url),
                     detail,
                 })?;
-            let sink = Arc::new(postgres::PostgresSink::open(&target)?);
+            let sink = Arc::new(postgres::PostgresSink::open(&target, role)?);
             Ok(OpenedSink {
                 target: sink.target().to_owned(),
                 sink: sink.clone(),

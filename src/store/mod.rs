@@ -9,6 +9,7 @@
 
 mod deferred;
 mod exports;
+mod follow;
 mod ingest;
 mod jobs;
 mod notes;
@@ -31,10 +32,11 @@ use redb::{
 
 pub use crate::ids::{JobId, PluginConfigId, PluginId, TeamId};
 pub use exports::{Export, ExportProgress, ExportState, PageCursor};
+pub use follow::{FollowColumns, FollowRecord};
 pub use ingest::{IngestStats, QueueRead, QueuedBatch, ReadLimits, Unreadable};
 pub use jobs::{
     Attempt, Cadence, Claimed, Control, Job, JobKind, JobState, JobStats, JobTables, NewJob,
-    Outcome, ScheduleState, ScheduleTables,
+    Outcome, ScheduleState, ScheduleTables, WriteDone,
 };
 pub use persons::{PersonView, PersonsReader, MAX_WARNINGS_PER_TEAM, SEEN_GENERATION_EVENTS};
 pub use plugin_data::{PluginLogEntry, StorageQuota};
@@ -322,6 +324,7 @@ impl Store {
             positions::create_tables(&txn)?;
             deferred::create_tables(&txn)?;
             persons::create_tables(&txn)?;
+            follow::create_tables(&txn)?;
         }
         ingest::init_queued_bytes(&txn)?;
         self.commit(txn)?;

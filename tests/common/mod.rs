@@ -204,7 +204,7 @@ impl Appliance {
         let _ = self.child.wait();
     }
 
-    /// Waits until everything queued has reached the sink (none of it deferred for a team's
+    /// Waits until everything queued has reached the sinks (none of it deferred for a team's
     /// plugins); returns the readiness report.
     pub async fn wait_drained(&self) -> Value {
         let client = reqwest::Client::new();
@@ -222,7 +222,15 @@ impl Appliance {
             let deferred = ready["room"]["deferred_bytes_by_team"]
                 .as_object()
                 .is_some_and(|d| !d.is_empty());
-            if ready["sink"]["position"].as_u64() == Some(last) && !deferred {
+            // Every follower sink has copied everything the lead's writes gave it.
+            let followers_caught_up = ready["sinks"]
+                .as_array()
+                .is_none_or(|sinks| sinks.iter().all(|s| s["lag"] == 0));
+            if ready["sink"]["position"].as_u64() == Some(last)
+                && ready["sink"]["delivered"].as_u64() == Some(last)
+                && followers_caught_up
+                && !deferred
+            {
                 return ready;
             }
             assert!(

@@ -24,7 +24,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use super::{Sink, SinkError, SinkFuture, SinkWrite, StoredRows, Written};
+use super::{Role, Sink, SinkError, SinkFuture, SinkWrite, StoredRows, Written};
 use crate::event::EventRow;
 use crate::store::QueuedBatch;
 pub use connect::PostgresTarget;
@@ -35,6 +35,7 @@ mod embedded {
 }
 
 const NAME: &str = "postgres";
+const FOLLOWER_KEY: &str = "postgres:follow";
 
 /// The longest one request to the server may take before it counts as failed (and is retried
 /// by the pipeline with backoff): a stalled server must not stall the appliance unnoticed.
@@ -48,6 +49,8 @@ pub struct PostgresSink {
     migrated: OnceCell<()>,
     /// The runtime the blocking readers ([`super::EventReader`]) run their queries on.
     runtime: tokio::runtime::Handle,
+    /// The name its position is kept under (see [`Role`]).
+    position_key: &'static str,
 }
 
 fn write_error(e: impl std::fmt::Display) -> SinkError {
@@ -66,19 +69,20 @@ fn read_error(e: impl std::fmt::Display) -> SinkError {
 
 /// Applies the SQL migrations under `migrations/postgres`; returns how many were applied now.
 pub async fn migrate(target: &PostgresTarget) -> Result<usize, SinkError> {
-    let sink = PostgresSink::open(target)?;
+    let sink = PostgresSink::open(target, Role::Lead)?;
     sink.apply_migrations().await
 }
 
 impl PostgresSink {
     /// Builds the pool; connects only when first used, so a server that is down at start-up is
     /// retried by the pipeline like one that goes down later. Must be called inside the runtime.
-    pub fn open(target: &PostgresTarget) -> Result<PostgresSink, SinkError> {
+    pub fn open(target: &PostgresTarget, role: Role) -> Result<PostgresSink, SinkError> {
         Ok(PostgresSink {
             pool: connect::pool(target)?,
             target: target.redacted(),
             migrated: OnceCell::new(),
             runtime: tokio::runtime::Handle::current(),
+            position_key: role.position_key(NAME, FOLLOWER_KEY),
         })
     }
 
@@ -177,7 +181,7 @@ impl PostgresSink {
             )
             .await
             .map_err(write_error)?;
-        tx.execute(&record, &[&NAME, &(position as i64)])
+        tx.execute(&record, &[&self.position_key, &(position as i64)])
             .await
             .map_err(write_error)?;
         tx.commit().await.map_err(write_error)?;
@@ -189,7 +193,7 @@ impl PostgresSink {
         let row = client
             .query_opt(
                 "SELECT position FROM appliance_sink_position WHERE sink = $1",
-                &[&NAME],
+                &[&self.position_key],
             )
             .await
             .map_err(read_error)?;

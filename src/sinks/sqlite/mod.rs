@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 mod persons;
 
 use super::{
-    EventReader, Sink, SinkError, SinkFuture, SinkWrite, StoredEvent, StoredRows, Written,
+    EventReader, Role, Sink, SinkError, SinkFuture, SinkWrite, StoredEvent, StoredRows, Written,
 };
 use crate::event::{timestamp_text, EventRow};
 use crate::store::QueuedBatch;
@@ -23,10 +23,14 @@ mod embedded {
 }
 
 const NAME: &str = "sqlite";
+const FOLLOWER_KEY: &str = "sqlite:follow";
 
 pub struct SqliteSink {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// The name its position is kept under: the lead's is the ingest queue's, a follower's the
+    /// follow log's.
+    position_key: &'static str,
 }
 
 fn open_error(path: &Path, e: impl std::fmt::Display) -> SinkError {
@@ -147,12 +151,18 @@ pub fn describe_copy(conn: &Connection) -> Result<EventsSummary, String> {
 }
 
 impl SqliteSink {
+    /// Opens (and migrates) the database as the lead sink.
     pub fn open(path: &Path) -> Result<SqliteSink, SinkError> {
+        SqliteSink::open_as(path, Role::Lead)
+    }
+
+    pub fn open_as(path: &Path, role: Role) -> Result<SqliteSink, SinkError> {
         let mut conn = connect(path)?;
         apply_migrations(&mut conn)?;
         Ok(SqliteSink {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_owned(),
+            position_key: role.position_key(NAME, FOLLOWER_KEY),
         })
     }
 
@@ -186,11 +196,12 @@ impl Sink for SqliteSink {
     }
 
     fn position(&self) -> SinkFuture<'_, u64> {
-        self.with_conn(|conn| {
+        let key = self.position_key;
+        self.with_conn(move |conn| {
             let position: Option<i64> = conn
                 .query_row(
                     "SELECT position FROM appliance_sink_position WHERE sink = ?1",
-                    [NAME],
+                    [key],
                     |row| row.get(0),
                 )
                 .or_else(|e| match e {
@@ -202,6 +213,7 @@ impl Sink for SqliteSink {
     }
 
     fn write(&self, write: SinkWrite, position: u64) -> SinkFuture<'_, Written> {
+        let key = self.position_key;
         self.with_conn(move |conn| {
             let created_at = timestamp_text(Utc::now());
             let tx = conn.transaction()?;
@@ -245,7 +257,7 @@ impl Sink for SqliteSink {
                 tx.execute(
                     "INSERT INTO appliance_sink_position (sink, position) VALUES (?1, ?2)
                      ON CONFLICT(sink) DO UPDATE SET position = MAX(position, excluded.position)",
-                    params![NAME, position as i64],
+                    params![key, position as i64],
                 )?;
             }
             tx.commit()?;

@@ -11,6 +11,7 @@
 //! follow-up jobs it enqueued.
 
 mod queue;
+pub use queue::WriteDone;
 pub(in crate::store) mod schedules;
 pub(in crate::store) mod tables;
 #[cfg(test)]

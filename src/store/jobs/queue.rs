@@ -26,6 +26,16 @@ fn insert_all(
     Ok(ids)
 }
 
+/// What a lead sink write completes, committed with its deliveries: the delivery mark moves to
+/// `delivered`, the `undefer`red batches it processed are removed, the person changes apply, and
+/// the follow log record for the follower sinks is appended.
+pub struct WriteDone<'a> {
+    pub delivered: u64,
+    pub undefer: &'a [(TeamId, u64)],
+    pub persons: &'a crate::person::PersonUpdates,
+    pub follow: Option<&'a super::super::FollowRecord>,
+}
+
 impl Store {
     /// Enqueues jobs in one durable transaction; returns each job's id (an idempotency key
     /// already used within `key_retention_ms` returns the earlier job's id instead).
@@ -41,25 +51,38 @@ impl Store {
         Ok(ids)
     }
 
-    /// Queues the pipeline's after-write deliveries in one transaction that also moves the
-    /// delivery mark to `delivered` and removes the `undefer`red batches whose processing they
-    /// complete.
+    /// Queues the pipeline's after-write deliveries in one transaction with everything else the
+    /// lead write completes (see [`WriteDone`]).
     pub fn commit_deliveries(
         &self,
         jobs: Vec<NewJob>,
         now_ms: i64,
         key_retention_ms: i64,
-        delivered: u64,
-        undefer: &[(TeamId, u64)],
-        persons: &crate::person::PersonUpdates,
+        done: WriteDone<'_>,
     ) -> Result<Vec<JobId>, StoreError> {
+        let WriteDone {
+            delivered,
+            undefer,
+            persons,
+            follow,
+        } = done;
         let txn = self.write()?;
+        if let Some(record) = follow {
+            super::super::follow::append(&txn, record)?;
+        }
         let ids = insert_all(&txn, jobs, now_ms, key_retention_ms)?;
         super::super::persons::apply(&txn, persons)?;
         super::super::positions::mark_delivered(&txn, delivered)?;
         let teams = super::super::deferred::undefer(&txn, undefer)?;
+        let queued = follow
+            .is_some()
+            .then(|| super::super::ingest::adjust_queued_bytes(&txn, 0))
+            .transpose()?;
         self.commit(txn)?;
         self.set_deferred_bytes(teams);
+        if let Some(queued) = queued {
+            self.set_queued_bytes(queued);
+        }
         Ok(ids)
     }
 

@@ -1,0 +1,274 @@
+//! Followers: the sinks after the first in `SINKS`. The pipeline writes to the lead sink; each
+//! lead write is kept in the follow log ([`record`]) in the transaction that completes it, and
+//! each follower copies the log into its own store at its own pace, with its own position
+//! (the log's sequence, recorded in the follower's own transaction where it has one).
+//!
+//! Owns: turning a lead write into a log record, and the follower's loop (read the log after its
+//! position, write, retry with backoff, trim what every follower has).
+//! Must never: skip a record, or hold back the lead or another follower: a follower that is
+//! down only lets the log grow, within the ingest queue's budget.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::backoff::Backoff;
+use super::{PipelineStatus, Prepared};
+use crate::person::{Person, PersonChange, PersonColumns, PersonUpdates};
+use crate::shutdown::Shutdown;
+use crate::sinks::{Sink, SinkWrite};
+use crate::store::{FollowColumns, FollowRecord, QueuedBatch, ReadLimits, Store};
+
+/// While caught up, a follower looks at the log this often even without a wake-up.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// The follow log record of a lead write: the batches it processed (and the stored rows of
+/// batches it redelivered after a crash), their person columns and the sink-side person changes.
+/// `None` when the write changed nothing a sink holds.
+pub(super) fn record(prepared: &Prepared) -> Option<FollowRecord> {
+    let mut record = FollowRecord::default();
+    for ((queued, rows), columns) in prepared
+        .redeliver
+        .iter()
+        .zip(&prepared.redeliver_rows)
+        .zip(&prepared.redeliver_columns)
+    {
+        let mut batch = queued.batch.clone();
+        batch.events = rows.iter().flatten().cloned().collect();
+        record.batches.push((queued.seq, batch));
+        record.columns.push(columns.iter().map(to_record).collect());
+    }
+    for (index, queued) in prepared.process.iter().enumerate() {
+        record.batches.push((queued.seq, queued.batch.clone()));
+        let columns = prepared
+            .columns
+            .get(index)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        record.columns.push(columns.iter().map(to_record).collect());
+    }
+    let persons = &prepared.persons;
+    record.persons = persons
+        .persons
+        .iter()
+        .map(|((team, uuid), change)| match change {
+            PersonChange::Upsert(person) => (*team, *uuid, Some(Person::clone(person))),
+            PersonChange::Deleted { .. } => (*team, *uuid, None),
+        })
+        .collect();
+    record.distinct_ids = persons
+        .distinct_ids
+        .iter()
+        .map(|((team, id), now)| (*team, id.clone(), now.clone()))
+        .collect();
+    record.group_types = persons
+        .group_types
+        .iter()
+        .map(|((team, name), index)| (*team, name.clone(), *index))
+        .collect();
+    record.groups = persons
+        .groups
+        .iter()
+        .map(|((team, index, key), group)| (*team, *index, key.clone(), group.clone()))
+        .collect();
+    let events: usize = record.batches.iter().map(|(_, b)| b.events.len()).sum();
+    (events > 0 || persons.touches_sinks()).then_some(record)
+}
+
+fn to_record(columns: &PersonColumns) -> FollowColumns {
+    FollowColumns {
+        person_id: columns.person_id,
+        person_properties: columns.person_properties.to_string(),
+        person_created_at: columns.person_created_at,
+        person_mode: columns.person_mode,
+    }
+}
+
+/// One write for a follower from consecutive log records: their batches in order, and their
+/// person changes, a later record's state winning.
+fn sink_write(records: Vec<(u64, FollowRecord)>) -> SinkWrite {
+    let (mut batches, mut columns) = (Vec::new(), Vec::new());
+    let mut persons = PersonUpdates::default();
+    for (_, record) in records {
+        for ((seq, batch), batch_columns) in record.batches.into_iter().zip(record.columns) {
+            batches.push(QueuedBatch { seq, batch });
+            columns.push(
+                batch_columns
+                    .into_iter()
+                    .map(|c| PersonColumns {
+                        person_id: c.person_id,
+                        person_properties: Arc::from(c.person_properties),
+                        person_created_at: c.person_created_at,
+                        person_mode: c.person_mode,
+                    })
+                    .collect(),
+            );
+        }
+        for (team, uuid, person) in record.persons {
+            let change = match person {
+                Some(person) => PersonChange::Upsert(Arc::new(person)),
+                None => PersonChange::Deleted { version: 0 },
+            };
+            persons.persons.insert((team, uuid), change);
+        }
+        for (team, id, now) in record.distinct_ids {
+            persons.distinct_ids.insert((team, id), now);
+        }
+        for (team, name, index) in record.group_types {
+            persons.group_types.insert((team, name), index);
+        }
+        for (team, index, key, group) in record.groups {
+            persons.groups.insert((team, index, key), group);
+        }
+    }
+    SinkWrite {
+        batches: Arc::new(batches),
+        columns: Arc::new(columns),
+        persons: Arc::new(persons),
+    }
+}
+
+/// The positions of every follower, so that the log is trimmed behind the slowest.
+#[derive(Default)]
+pub struct FollowMarks {
+    positions: std::sync::Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
+}
+
+impl FollowMarks {
+    fn slot(&self, sink: &'static str) -> Arc<AtomicU64> {
+        let mut positions = self
+            .positions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        positions.entry(sink).or_default().clone()
+    }
+
+    /// How far every follower has stored (0 until each has reported).
+    fn slowest(&self) -> u64 {
+        let positions = self
+            .positions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        positions
+            .values()
+            .map(|p| p.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+/// One follower sink's writer.
+pub struct Follower {
+    pub store: Store,
+    pub sink: Arc<dyn Sink>,
+    pub limits: ReadLimits,
+    pub status: Arc<PipelineStatus>,
+    /// Notified after each lead write.
+    pub wake: Arc<Notify>,
+    /// Shared by every follower of this run.
+    pub marks: Arc<FollowMarks>,
+}
+
+impl Follower {
+    /// Copies the follow log into the sink until shutdown; while draining, until caught up.
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let mark = self.marks.slot(self.sink.name());
+        let Some(mut position) = self.start(&mut shutdown).await else {
+            return;
+        };
+        mark.store(position, Ordering::Relaxed);
+        let mut backoff = Backoff::default();
+        loop {
+            if shutdown.deadline_passed() {
+                return;
+            }
+            self.status.beat();
+            let (store, after, limits) = (self.store.clone(), position, self.limits);
+            let read = tokio::task::spawn_blocking(move || store.read_follow_after(after, limits))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            let records = match read {
+                Ok(records) => records,
+                Err(e) => {
+                    backoff
+                        .wait(&self.status, "reading the follow log", e, &mut shutdown)
+                        .await;
+                    continue;
+                }
+            };
+            let Some(last) = records.last().map(|(seq, _)| *seq) else {
+                if shutdown.is_draining() {
+                    return;
+                }
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = shutdown.changed() => {}
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                }
+                continue;
+            };
+            let write = sink_write(records);
+            let total: usize = write.batches.iter().map(|q| q.batch.events.len()).sum();
+            match self.sink.write(write, last).await {
+                Ok(written) => {
+                    backoff.reset();
+                    let stored = written.count();
+                    self.status.count_written(stored, total - stored);
+                    position = last;
+                    mark.store(position, Ordering::Relaxed);
+                    self.status.set_positions(position, position);
+                    self.status.set_error(None);
+                    let (store, through) = (self.store.clone(), self.marks.slowest());
+                    if let Ok(Err(e)) =
+                        tokio::task::spawn_blocking(move || store.trim_follow_through(through))
+                            .await
+                    {
+                        tracing::warn!(error = %e, "trimming the follow log failed; will retry");
+                    }
+                }
+                Err(e) => {
+                    let what = format!("writing to the {} sink", self.sink.name());
+                    backoff.wait(&self.status, &what, e, &mut shutdown).await
+                }
+            }
+        }
+    }
+
+    /// The follower's position, asked until it answers; the log's numbering is moved past it
+    /// should the state file be older than the follower's copy.
+    async fn start(&self, shutdown: &mut Shutdown) -> Option<u64> {
+        let mut backoff = Backoff::default();
+        loop {
+            if shutdown.deadline_passed() {
+                return None;
+            }
+            match self.sink.position().await {
+                Ok(position) => {
+                    let store = self.store.clone();
+                    let moved = tokio::task::spawn_blocking(move || {
+                        store.ensure_follow_sequence_after(position)
+                    })
+                    .await;
+                    if let Ok(Ok(true)) = moved {
+                        tracing::warn!(
+                            sink = self.sink.name(),
+                            position,
+                            "the sink is ahead of the follow log (a restore?); new records are numbered after it"
+                        );
+                    }
+                    self.status.set_positions(position, position);
+                    self.status.set_error(None);
+                    return Some(position);
+                }
+                Err(e) => {
+                    let what = format!("reading the {} sink's position", self.sink.name());
+                    backoff.wait(&self.status, &what, e, shutdown).await
+                }
+            }
+        }
+    }
+}
