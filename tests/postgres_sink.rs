@@ -47,6 +47,12 @@ async fn pg_events(db: &tokio_postgres::Client) -> Vec<Row> {
     .collect()
 }
 
+/// The first column of each row `sql` selects, as text.
+async fn texts(db: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    let rows = db.query(sql, &[]).await.expect(sql);
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
 /// The persons of the Postgres sink with their distinct ids, by uuid.
 async fn pg_persons(db: &tokio_postgres::Client) -> BTreeMap<String, PersonRow> {
     let mut persons = BTreeMap::new();
@@ -188,16 +194,11 @@ async fn assert_holds(
     assert_eq!(groups[0].get::<_, &str>(1), "company");
     let props: Value = serde_json::from_str(groups[0].get(2)).unwrap();
     assert_eq!(props, json!({"name": "Acme", "seats": 12}));
-    let types: Vec<String> = db
-        .query(
-            "SELECT group_type FROM posthog_grouptypemapping ORDER BY group_type_index",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let types = texts(
+        db,
+        "SELECT group_type FROM posthog_grouptypemapping ORDER BY group_type_index",
+    )
+    .await;
     assert_eq!(types, ["company", "project"]);
 }
 
@@ -433,17 +434,12 @@ async fn migrate_applies_the_postgres_schema_once() {
     assert!(migrate().contains("1 Postgres migration(s) applied"));
     assert!(migrate().contains("0 Postgres migration(s) applied"));
     let db = pg.client("events").await;
-    let tables: Vec<String> = db
-        .query(
-            "SELECT table_name::text FROM information_schema.tables
-             WHERE table_schema = 'public' AND table_name LIKE 'posthog_%' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let tables = texts(
+        &db,
+        "SELECT table_name::text FROM information_schema.tables
+         WHERE table_schema = 'public' AND table_name LIKE 'posthog_%' ORDER BY 1",
+    )
+    .await;
     assert_eq!(
         tables,
         [

@@ -56,6 +56,14 @@ fn set_gauges(state: &AdminState) {
         _ => 0.0,
     };
     metrics::gauge!(names::QUEUE_OLDEST_AGE, "sink" => sink).set(age);
+    if !state.followers.is_empty() {
+        // A follower's lag counts lead writes (follow-log records) it has not copied yet.
+        let last = state.store.follow_last_seq().unwrap_or(0);
+        for (name, status) in &state.followers {
+            let lag = last.saturating_sub(status.report(name).position);
+            metrics::gauge!(names::SINK_LAG, "sink" => *name).set(lag as f64);
+        }
+    }
     let deferred = state.store.deferred_teams();
     let mut reported = DEFERRED_REPORTED
         .lock()

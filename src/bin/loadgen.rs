@@ -237,6 +237,21 @@ async fn wait_drained(client: &reqwest::Client, base: &str) -> Instant {
     }
 }
 
+/// Waits until every follower sink has copied everything the lead wrote; returns when that
+/// happened (at once when there are none).
+async fn wait_followers(client: &reqwest::Client, base: &str) -> Instant {
+    loop {
+        let r = ready(client, base).await;
+        let caught_up = r["sinks"]
+            .as_array()
+            .is_none_or(|sinks| sinks.iter().skip(1).all(|s| s["lag"] == 0));
+        if caught_up {
+            return Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// An appliance started for the benchmark, stopped (SIGTERM via kill) on drop.
 struct Server {
     child: Child,
@@ -428,6 +443,21 @@ async fn main() {
     for (label, shape) in scenarios {
         let before = ready(&client, &base).await;
         let written_before = before["sink"]["events_stored"].as_u64().unwrap_or(0);
+        let stored_by = |r: &Value| -> Vec<(String, u64)> {
+            r["sinks"]
+                .as_array()
+                .map(|sinks| {
+                    sinks
+                        .iter()
+                        .map(|s| {
+                            let name = s["name"].as_str().unwrap_or("?").to_owned();
+                            (name, s["events_stored"].as_u64().unwrap_or(0))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let sinks_before = stored_by(&before);
         let load_start = Instant::now();
         let full = run(&base, &args.token, shape, args.connections, duration, None).await;
         full.print(&format!("{label}, max load"));
@@ -435,13 +465,30 @@ async fn main() {
         let after = ready(&client, &base).await;
         let written = after["sink"]["events_stored"].as_u64().unwrap_or(0) - written_before;
         let e2e = drained_at.duration_since(load_start);
+        let lead = after["sink"]["sink"]
+            .as_str()
+            .unwrap_or("the sink")
+            .to_owned();
         println!(
-            "{:<58} {:>10.0} events/s reached SQLite ({} events; sink caught up {:.2} s after capture ended)",
+            "{:<58} {:>10.0} events/s reached {lead} ({} events; sink caught up {:.2} s after capture ended)",
             format!("{label}, end to end"),
             written as f64 / e2e.as_secs_f64(),
             written,
             e2e.as_secs_f64() - full.elapsed.as_secs_f64()
         );
+        if sinks_before.len() > 1 {
+            let followed_at = wait_followers(&client, &base).await;
+            let after = stored_by(&ready(&client, &base).await);
+            let e2e = followed_at.duration_since(load_start);
+            for ((name, before), (_, now)) in sinks_before.iter().zip(&after).skip(1) {
+                println!(
+                    "{:<58} {:>10.0} events/s reached {name} (a follower; caught up {:.2} s after capture ended)",
+                    format!("{label}, end to end"),
+                    now.saturating_sub(*before) as f64 / e2e.as_secs_f64(),
+                    e2e.as_secs_f64() - full.elapsed.as_secs_f64()
+                );
+            }
+        }
         let half_measured = full.requests as f64 / full.elapsed.as_secs_f64() / 2.0;
         let half_target = match shape {
             Shape::Single => TARGET_SINGLE_REQUESTS / 2.0,

@@ -213,11 +213,14 @@ impl Follower {
             };
             let write = sink_write(records);
             let total: usize = write.batches.iter().map(|q| q.batch.events.len()).sum();
-            match self.sink.write(write, last).await {
-                Ok(written) => {
+            let (sink, started) = (self.sink.name(), std::time::Instant::now());
+            let result = self.sink.write(write, last).await;
+            let stored = result.as_ref().ok().map(|w| w.count());
+            self.status
+                .record_write(sink, started.elapsed(), total, stored);
+            match result {
+                Ok(_) => {
                     backoff.reset();
-                    let stored = written.count();
-                    self.status.count_written(stored, total - stored);
                     position = last;
                     mark.store(position, Ordering::Relaxed);
                     self.status.set_positions(position, position);

@@ -28,7 +28,6 @@ use crate::plugins::{Catalog, Chains};
 use crate::shutdown::Shutdown;
 use crate::sinks::{Sink, SinkWrite, StoredRows, Written};
 use crate::store::{QueuedBatch, ReadLimits, Store, StoreError};
-use crate::telemetry::names;
 use backoff::Backoff;
 pub use follow::{FollowMarks, Follower};
 pub use persons::PersonEngine;
@@ -312,23 +311,15 @@ impl Pipeline {
                 persons: prepared.persons.clone(),
             };
             let result = self.sink.write(write, prepared.last).await;
-            metrics::histogram!(names::SINK_WRITE_SECONDS, "sink" => sink)
-                .record(started.elapsed().as_secs_f64());
+            let total: usize = prepared.process.iter().map(|q| q.batch.events.len()).sum();
+            let stored = result.as_ref().ok().map(Written::count);
+            self.status
+                .record_write(sink, started.elapsed(), total, stored);
             match result {
                 Ok(written) => {
-                    let stored = written.count();
-                    let total: usize = prepared.process.iter().map(|q| q.batch.events.len()).sum();
-                    self.status.count_written(stored, total - stored);
-                    metrics::histogram!(names::SINK_BATCH_EVENTS, "sink" => sink)
-                        .record(total as f64);
-                    metrics::counter!(names::SINK_EVENTS, "sink" => sink, "outcome" => "stored")
-                        .increment(stored as u64);
-                    metrics::counter!(names::SINK_EVENTS, "sink" => sink, "outcome" => "duplicate")
-                        .increment((total - stored) as u64);
                     return Some(written);
                 }
                 Err(e) => {
-                    metrics::counter!(names::SINK_ERRORS, "sink" => sink).increment(1);
                     backoff
                         .wait(&self.status, "writing to the sink", e, shutdown)
                         .await

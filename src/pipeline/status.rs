@@ -90,7 +90,30 @@ impl PipelineStatus {
         self.delivered.store(delivered, Ordering::Relaxed);
     }
 
-    pub(super) fn count_written(&self, stored: usize, skipped: usize) {
+    /// Counts one sink write that took `took` (metrics and `/_ready`): `total` events, of which
+    /// the sink inserted `stored` (`None`: the write failed).
+    pub(super) fn record_write(
+        &self,
+        sink: &'static str,
+        took: std::time::Duration,
+        total: usize,
+        stored: Option<usize>,
+    ) {
+        use crate::telemetry::names;
+        metrics::histogram!(names::SINK_WRITE_SECONDS, "sink" => sink).record(took.as_secs_f64());
+        let Some(stored) = stored else {
+            metrics::counter!(names::SINK_ERRORS, "sink" => sink).increment(1);
+            return;
+        };
+        self.count_written(stored, total - stored);
+        metrics::histogram!(names::SINK_BATCH_EVENTS, "sink" => sink).record(total as f64);
+        metrics::counter!(names::SINK_EVENTS, "sink" => sink, "outcome" => "stored")
+            .increment(stored as u64);
+        metrics::counter!(names::SINK_EVENTS, "sink" => sink, "outcome" => "duplicate")
+            .increment((total - stored) as u64);
+    }
+
+    fn count_written(&self, stored: usize, skipped: usize) {
         self.events_stored
             .fetch_add(stored as u64, Ordering::Relaxed);
         self.duplicates_skipped

@@ -35,6 +35,17 @@ pub enum SinkError {
     Read { sink: &'static str, detail: String },
 }
 
+/// How both SQL sinks upsert a person: a row already at a newer version (a replay) is left
+/// alone.
+pub(crate) const PERSON_UPSERT: &str = "ON CONFLICT (team_id, uuid) DO UPDATE SET
+    created_at = excluded.created_at,
+    properties_last_updated_at = excluded.properties_last_updated_at,
+    properties_last_operation = excluded.properties_last_operation,
+    properties = excluded.properties,
+    is_identified = excluded.is_identified,
+    version = excluded.version
+    WHERE excluded.version >= coalesce(posthog_person.version, 0)";
+
 /// A stored event read back (for historical exports).
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredEvent {

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::text::{json_safe, text_safe};
 use super::write_error;
 use crate::person::{PersonChange, PersonUpdates};
-use crate::sinks::SinkError;
+use crate::sinks::{SinkError, PERSON_UPSERT};
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
 
@@ -66,21 +66,17 @@ async fn write_persons(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkE
     if !upserts.uuid.is_empty() {
         run(
             tx,
-            "INSERT INTO posthog_person (created_at, properties_last_updated_at,
-                properties_last_operation, team_id, properties, is_identified, uuid, version)
-             SELECT u.created_at, u.updated::jsonb, u.operation::jsonb, u.team_id,
-                u.properties::jsonb, u.identified, u.uuid, u.version
-             FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::text[],
-                $6::bool[], $7::uuid[], $8::int8[])
-                AS u(created_at, updated, operation, team_id, properties, identified, uuid, version)
-             ON CONFLICT (team_id, uuid) DO UPDATE SET
-                created_at = excluded.created_at,
-                properties_last_updated_at = excluded.properties_last_updated_at,
-                properties_last_operation = excluded.properties_last_operation,
-                properties = excluded.properties,
-                is_identified = excluded.is_identified,
-                version = excluded.version
-             WHERE excluded.version >= coalesce(posthog_person.version, 0)",
+            &format!(
+                "INSERT INTO posthog_person (created_at, properties_last_updated_at,
+                    properties_last_operation, team_id, properties, is_identified, uuid, version)
+                 SELECT u.created_at, u.updated::jsonb, u.operation::jsonb, u.team_id,
+                    u.properties::jsonb, u.identified, u.uuid, u.version
+                 FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::text[],
+                    $6::bool[], $7::uuid[], $8::int8[])
+                    AS u(created_at, updated, operation, team_id, properties, identified, uuid,
+                    version)
+                 {PERSON_UPSERT}"
+            ),
             &[
                 &upserts.created_at,
                 &upserts.last_updated_at,

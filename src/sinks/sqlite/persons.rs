@@ -5,6 +5,7 @@ use rusqlite::{params, Transaction};
 
 use crate::event::timestamp_text;
 use crate::person::{PersonChange, PersonUpdates};
+use crate::sinks::PERSON_UPSERT;
 
 /// Writes `updates`. A row already newer than the change (a replay) is left alone.
 pub(super) fn write(tx: &Transaction<'_>, updates: &PersonUpdates) -> rusqlite::Result<()> {
@@ -15,19 +16,11 @@ pub(super) fn write(tx: &Transaction<'_>, updates: &PersonUpdates) -> rusqlite::
         serde_json::to_string(map).unwrap_or_else(|_| "{}".into())
     };
     {
-        let mut upsert = tx.prepare_cached(
+        let mut upsert = tx.prepare_cached(&format!(
             "INSERT INTO posthog_person (created_at, properties_last_updated_at, properties_last_operation,
                 team_id, properties, is_identified, uuid, version)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT(team_id, uuid) DO UPDATE SET
-                created_at = excluded.created_at,
-                properties_last_updated_at = excluded.properties_last_updated_at,
-                properties_last_operation = excluded.properties_last_operation,
-                properties = excluded.properties,
-                is_identified = excluded.is_identified,
-                version = excluded.version
-             WHERE excluded.version >= coalesce(posthog_person.version, 0)",
-        )?;
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) {PERSON_UPSERT}"
+        ))?;
         let mut free_ids = tx.prepare_cached(
             "DELETE FROM posthog_persondistinctid WHERE person_id =
                 (SELECT id FROM posthog_person WHERE team_id = ?1 AND uuid = ?2)",
