@@ -451,3 +451,61 @@ async fn migrate_applies_the_postgres_schema_once() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_follows_libpq_sslmode() {
+    let pg = PgServer::start_tls();
+    let url = pg.create_database("events").await;
+    let ca = pg.ca_path().display().to_string();
+    // verify-full against roots that do not hold the server's CA: refused, and said why.
+    let dir = tempfile::tempdir().unwrap();
+    let refused = command(dir.path())
+        .arg("--migrate")
+        .env("DATABASE_URL", format!("{url}?sslmode=verify-full"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("certificate"), "{stderr}");
+
+    // require (encrypted, certificate unchecked, as libpq) and verify-full with the CA.
+    for (n, query) in [
+        "sslmode=require".to_owned(),
+        format!("sslmode=verify-full&sslrootcert={ca}"),
+        format!("sslmode=verify-ca&sslrootcert={ca}"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        create_team(dir.path(), "t", TOKEN);
+        let name = format!("appliance{n}");
+        let with_tls = format!("{url}?{query}&application_name={name}");
+        let app = Appliance::start(
+            dir.path(),
+            &[("SINKS", "postgres"), ("DATABASE_URL", &with_tls)],
+        );
+        assert_eq!(send_numbered(&app, n).await, 200);
+        app.wait_drained().await;
+        let db = pg.client("events").await;
+        let row = db
+            .query_one(
+                "SELECT count(*), bool_and(s.ssl) FROM pg_stat_ssl s
+                 JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        assert!(
+            row.get::<_, i64>(0) >= 1,
+            "{query}: the appliance is connected"
+        );
+        assert_eq!(
+            row.get::<_, Option<bool>>(1),
+            Some(true),
+            "{query}: over TLS"
+        );
+    }
+    let db = pg.client("events").await;
+    assert_eq!(pg_events(&db).await.len(), 3 * 25);
+}

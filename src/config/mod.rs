@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use settings::{check, log_filter};
 pub use settings::{parse_bool, settings_help, Setting, SETTINGS};
-pub use sinks::{SinkKind, SinkSettings};
+pub use sinks::{split_tls_params, SinkKind, SinkSettings, SplitUrl};
 
 /// A setting whose value was refused. Displayed as the one line start-up stops with.
 #[derive(Debug, thiserror::Error)]

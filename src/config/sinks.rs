@@ -32,6 +32,67 @@ pub struct SinkSettings {
     pub postgres_url: Option<String>,
 }
 
+/// libpq's `sslmode` values.
+const SSL_MODES: &[&str] = &[
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+
+/// A Postgres URL with libpq's TLS parameters taken out (tokio-postgres knows only some of
+/// their values): the appliance applies them itself.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SplitUrl {
+    /// The URL (or key=value string) without `sslmode` and `sslrootcert`.
+    pub rest: String,
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<String>,
+}
+
+/// Splits `sslmode` and `sslrootcert` out of a `postgres://` URL or a libpq key=value string.
+pub fn split_tls_params(url: &str) -> Result<SplitUrl, String> {
+    let (mut sslmode, mut sslrootcert) = (None, None);
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let mut parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
+        let mut kept = Vec::new();
+        for (key, value) in parsed.query_pairs() {
+            match &*key {
+                "sslmode" => sslmode = Some(value.into_owned()),
+                "sslrootcert" => sslrootcert = Some(value.into_owned()),
+                _ => kept.push((key.into_owned(), value.into_owned())),
+            }
+        }
+        if kept.is_empty() {
+            parsed.set_query(None);
+        } else {
+            parsed.query_pairs_mut().clear().extend_pairs(kept);
+        }
+        return Ok(SplitUrl {
+            rest: parsed.to_string(),
+            sslmode,
+            sslrootcert,
+        });
+    }
+    let mut kept = Vec::new();
+    for word in url.split_whitespace() {
+        if let Some(mode) = word.strip_prefix("sslmode=") {
+            sslmode = Some(mode.trim_matches('\'').to_owned());
+        } else if let Some(root) = word.strip_prefix("sslrootcert=") {
+            sslrootcert = Some(root.trim_matches('\'').to_owned());
+        } else {
+            kept.push(word);
+        }
+    }
+    Ok(SplitUrl {
+        rest: kept.join(" "),
+        sslmode,
+        sslrootcert,
+    })
+}
+
 /// Resolves `SINKS` against the databases configured. Unset, it is `sqlite`, followed by
 /// `postgres` when `DATABASE_URL` is set.
 pub(super) fn resolve(
@@ -44,11 +105,21 @@ pub(super) fn resolve(
         allowed,
     };
     if let Some(url) = database_url {
-        tokio_postgres::Config::from_str(url).map_err(|e| ConfigError {
+        let refuse = |e: String| ConfigError {
             name: "DATABASE_URL",
             value: crate::config::redact_url(url),
             allowed: format!("a Postgres connection URL: {e}"),
-        })?;
+        };
+        let split = split_tls_params(url).map_err(refuse)?;
+        if let Some(mode) = &split.sslmode {
+            if !SSL_MODES.contains(&mode.as_str()) {
+                return Err(refuse(format!(
+                    "sslmode={mode} is not one of {}",
+                    SSL_MODES.join(", ")
+                )));
+            }
+        }
+        tokio_postgres::Config::from_str(&split.rest).map_err(|e| refuse(e.to_string()))?;
     }
     let kinds = match sinks {
         None => {
@@ -122,6 +193,19 @@ mod tests {
         assert_eq!(err.name, "SINKS");
         let err = resolve(Some(" , "), None).unwrap_err();
         assert_eq!(err.name, "SINKS");
+        let split = split_tls_params(
+            "postgres://u:p@db/x?sslmode=verify-full&sslrootcert=/ca.pem&application_name=a",
+        )
+        .unwrap();
+        assert_eq!(split.rest, "postgres://u:p@db/x?application_name=a");
+        assert_eq!(split.sslmode.as_deref(), Some("verify-full"));
+        assert_eq!(split.sslrootcert.as_deref(), Some("/ca.pem"));
+        let split = split_tls_params("host=db sslmode=require dbname=x").unwrap();
+        assert_eq!(
+            (split.rest.as_str(), split.sslmode.as_deref()),
+            ("host=db dbname=x", Some("require"))
+        );
+        assert!(resolve(None, Some("postgres://db/x?sslmode=verify-full")).is_ok());
         let err = resolve(None, Some("postgres://u:secret@db/x?sslmode=sometimes")).unwrap_err();
         assert_eq!(err.name, "DATABASE_URL");
         assert!(!err.to_string().contains("secret"), "{err}");

@@ -12,6 +12,8 @@ pub struct PgServer {
     dir: tempfile::TempDir,
     pub port: u16,
     owner: Option<(u32, u32)>,
+    /// Serving TLS with a certificate signed by the test CA (`ca.pem` in [`PgServer::path`]).
+    tls: bool,
 }
 
 /// The newest PostgreSQL's binaries on this machine; fails loudly when there are none.
@@ -37,6 +39,20 @@ fn free_port() -> u16 {
 impl PgServer {
     /// Initialises a cluster and starts it; returns once it accepts connections.
     pub fn start() -> PgServer {
+        PgServer::start_with(false)
+    }
+
+    /// [`PgServer::start`] with TLS on (`ssl=on`), its certificate signed by a CA of its own
+    /// whose certificate is `ca_path()`, for `127.0.0.1` and `localhost`.
+    pub fn start_tls() -> PgServer {
+        PgServer::start_with(true)
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn start_with(tls: bool) -> PgServer {
         let dir = tempfile::tempdir().expect("a directory for the cluster");
         let owner = if nix::unistd::Uid::effective().is_root() {
             let user = nix::unistd::User::from_name("postgres")
@@ -56,6 +72,7 @@ impl PgServer {
             dir,
             port: free_port(),
             owner,
+            tls,
         };
         let init = server
             .as_owner(&mut Command::new(bin_dir().join("initdb")))
@@ -78,8 +95,84 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&init.stderr)
         );
+        if tls {
+            server.make_certificates();
+        }
         server.resume();
         server
+    }
+
+    /// A CA and a server certificate signed by it, with openssl (installed by .ci/run).
+    fn make_certificates(&self) {
+        let san = self.dir.path().join("san.ext");
+        std::fs::write(&san, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("write san.ext");
+        let steps: [&[&str]; 3] = [
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=appliance test CA",
+            ],
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        ];
+        for args in steps {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(self.dir.path())
+                .output()
+                .expect("openssl (apt-get install openssl; .ci/run does)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for file in ["server.crt", "server.key"] {
+            let path = self.dir.path().join(file);
+            if let Some((uid, gid)) = self.owner {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .expect("chown the certificate");
+            }
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod the certificate");
+        }
     }
 
     fn data(&self) -> PathBuf {
@@ -108,6 +201,24 @@ impl PgServer {
             .arg(self.dir.path())
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
             .args(["-c", "max_connections=50"])
+            .args(if self.tls {
+                vec![
+                    "-c".to_owned(),
+                    "ssl=on".to_owned(),
+                    "-c".to_owned(),
+                    format!(
+                        "ssl_cert_file={}",
+                        self.dir.path().join("server.crt").display()
+                    ),
+                    "-c".to_owned(),
+                    format!(
+                        "ssl_key_file={}",
+                        self.dir.path().join("server.key").display()
+                    ),
+                ]
+            } else {
+                Vec::new()
+            })
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

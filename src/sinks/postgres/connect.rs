@@ -1,13 +1,12 @@
-//! The connection settings and pool of the Postgres sink: the URL as libpq reads it, TLS when
-//! it asks for it (`sslmode`), and the pool's deadlines.
+//! The connection settings and pool of the Postgres sink: the URL as libpq reads it, TLS as its
+//! `sslmode` asks (`tls.rs`), and the pool's deadlines.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
-use tokio_postgres::config::SslMode;
 
+use super::tls::TlsPolicy;
 use super::NAME;
 use crate::sinks::SinkError;
 
@@ -22,6 +21,7 @@ const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct PostgresTarget {
     config: tokio_postgres::Config,
+    tls: TlsPolicy,
     redacted: String,
 }
 
@@ -34,7 +34,11 @@ impl std::fmt::Debug for PostgresTarget {
 impl PostgresTarget {
     /// Parses a `postgres://` URL (or libpq key=value string); the error says why it is not one.
     pub fn parse(url: &str) -> Result<PostgresTarget, String> {
-        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
+        let split = crate::config::split_tls_params(url)?;
+        let tls = TlsPolicy::from_params(split.sslmode.as_deref(), split.sslrootcert.as_deref())?;
+        let mut config =
+            tokio_postgres::Config::from_str(&split.rest).map_err(|e| e.to_string())?;
+        config.ssl_mode(tls.ssl_mode());
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -43,6 +47,7 @@ impl PostgresTarget {
         }
         Ok(PostgresTarget {
             config,
+            tls,
             redacted: crate::config::redact_url(url),
         })
     }
@@ -53,15 +58,14 @@ impl PostgresTarget {
     }
 }
 
-/// A pool that connects on first use, over TLS when `sslmode` is `prefer` (libpq's default)
-/// or `require`, verifying the server against the system's roots.
+/// A pool that connects on first use, with TLS as `sslmode` asks ([`TlsPolicy`]).
 pub(super) fn pool(target: &PostgresTarget) -> Result<Pool, SinkError> {
     let open_error = |detail: String| SinkError::Open {
         sink: NAME,
         target: target.redacted(),
         detail,
     };
-    let tls = tls_connector(target.config.get_ssl_mode()).map_err(open_error)?;
+    let tls = target.tls.connector().map_err(open_error)?;
     let manager = Manager::from_config(
         target.config.clone(),
         tls,
@@ -79,22 +83,4 @@ pub(super) fn pool(target: &PostgresTarget) -> Result<Pool, SinkError> {
         .runtime(Runtime::Tokio1)
         .build()
         .map_err(|e| open_error(e.to_string()))
-}
-
-fn tls_connector(mode: SslMode) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    if mode != SslMode::Disable {
-        // Unreadable system certificates leave the store empty: a TLS connection then fails
-        // with a precise error, while `sslmode=prefer` still falls back to plain text.
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
-    }
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }

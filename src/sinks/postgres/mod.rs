@@ -12,6 +12,7 @@ mod connect;
 mod persons;
 mod read;
 mod text;
+mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -53,17 +54,32 @@ pub struct PostgresSink {
     position_key: &'static str,
 }
 
-fn write_error(e: impl std::fmt::Display) -> SinkError {
+/// An error with its causes: tokio-postgres and the pool put the server's words ("duplicate
+/// key…", "invalid peer certificate…") in the source, not in the message.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn write_error(e: impl std::error::Error + 'static) -> SinkError {
     SinkError::Write {
         sink: NAME,
-        detail: e.to_string(),
+        detail: describe(&e),
     }
 }
 
-fn read_error(e: impl std::fmt::Display) -> SinkError {
+fn read_error(e: impl std::error::Error + 'static) -> SinkError {
     SinkError::Read {
         sink: NAME,
-        detail: e.to_string(),
+        detail: describe(&e),
     }
 }
 
@@ -96,12 +112,12 @@ impl PostgresSink {
             .pool
             .get()
             .await
-            .map_err(|e| migrate_error(e.to_string()))?;
+            .map_err(|e| migrate_error(describe(&e)))?;
         let client: &mut tokio_postgres::Client = &mut client;
         let report = embedded::migrations::runner()
             .run_async(client)
             .await
-            .map_err(|e| migrate_error(e.to_string()))?;
+            .map_err(|e| migrate_error(describe(&e)))?;
         Ok(report.applied_migrations().len())
     }
 
@@ -121,12 +137,13 @@ impl PostgresSink {
         Box::pin(async move {
             tokio::time::timeout(REQUEST_DEADLINE, work)
                 .await
-                .map_err(|_| {
-                    write_error(format!(
+                .map_err(|_| SinkError::Write {
+                    sink: NAME,
+                    detail: format!(
                         "no answer from {} within {} s",
                         self.target,
                         REQUEST_DEADLINE.as_secs()
-                    ))
+                    ),
                 })?
         })
     }

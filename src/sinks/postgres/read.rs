@@ -26,7 +26,10 @@ impl PostgresSink {
             };
             tokio::time::timeout(REQUEST_DEADLINE, work)
                 .await
-                .map_err(|_| read_error(format!("no answer from {}", self.target)))?
+                .map_err(|_| SinkError::Read {
+                    sink: super::NAME,
+                    detail: format!("no answer from {}", self.target),
+                })?
         })
     }
 }
