@@ -11,7 +11,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::load::{merge_heavy_events, send_in_order};
 use common::pg::PgServer;
-use common::{command, create_team, read_events, read_persons, Appliance, PersonRow, Row, TOKEN};
+use common::{
+    cli, command, create_team, read_events, read_persons, Api, Appliance, PersonRow, Row, TOKEN,
+};
 use serde_json::{json, Value};
 
 fn micros(t: DateTime<Utc>) -> String {
@@ -508,4 +510,140 @@ async fn tls_follows_libpq_sslmode() {
     }
     let db = pg.client("events").await;
     assert_eq!(pg_events(&db).await.len(), 3 * 25);
+}
+
+/// Sends 25 events of which those with `i` in `poison` are named `poison`.
+async fn send_with_poison(app: &Appliance, poison: &[usize]) {
+    let batch: Vec<Value> = (0..25)
+        .map(|i| {
+            let name = if poison.contains(&i) { "poison" } else { "fine" };
+            json!({"event": name, "distinct_id": "u", "uuid": uuid::Uuid::from_u128(i as u128 + 7000).to_string()})
+        })
+        .collect();
+    let body = json!({"api_key": TOKEN, "batch": batch});
+    let response = reqwest::Client::new()
+        .post(app.url("/batch/"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_postgres_refuses_become_dead_letters_and_the_rest_flows() {
+    let pg = PgServer::start();
+    let url = pg.create_database("events").await;
+    let dir = tempfile::tempdir().unwrap();
+    create_team(dir.path(), "t", TOKEN);
+    // The operator's own rule, which the appliance cannot know: no event named "poison".
+    let env = [("SINKS", "sqlite,postgres"), ("DATABASE_URL", url.as_str())];
+    let migrated = command(dir.path())
+        .arg("--migrate")
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(migrated.status.success());
+    let db = pg.client("events").await;
+    db.batch_execute(
+        "ALTER TABLE posthog_event ADD CONSTRAINT no_poison CHECK (event <> 'poison')",
+    )
+    .await
+    .unwrap();
+
+    for lead in [false, true] {
+        let env = if lead {
+            [("SINKS", "postgres"), ("DATABASE_URL", url.as_str())]
+        } else {
+            env
+        };
+        let data = tempfile::tempdir().unwrap();
+        create_team(data.path(), "t", TOKEN);
+        db.batch_execute("TRUNCATE posthog_event").await.unwrap();
+        let app = Appliance::start(data.path(), &env);
+        send_with_poison(&app, &[3, 17]).await;
+        app.wait_drained().await;
+        let stored = texts(&db, "SELECT event FROM posthog_event").await;
+        assert_eq!(stored.len(), 23, "lead: {lead}: the rest flows");
+        if !lead {
+            assert_eq!(
+                read_events(&app.sqlite_path()).len(),
+                25,
+                "the SQLite lead has them all"
+            );
+        }
+
+        let listed = cli(data.path(), &["sink", "dead-letters", "--json"]);
+        let letters: Vec<Value> = listed
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(letters.len(), 2, "{listed}");
+        for letter in &letters {
+            assert_eq!(letter["sink"], "postgres");
+            assert_eq!(letter["event"]["event"], "poison");
+            assert!(
+                letter["error"].as_str().unwrap().contains("no_poison"),
+                "{letter}"
+            );
+        }
+        let (status, body) = Api::new(&app)
+            .call(
+                reqwest::Method::GET,
+                "/api/sink/dead-letters?sink=postgres",
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, body["dead_letters"].as_array().map(Vec::len)),
+            (200, Some(2))
+        );
+
+        // Still refused when resent: they stay, with the sink's words.
+        cli(data.path(), &["sink", "resend"]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while cli(data.path(), &["sink", "dead-letters", "--json"]).contains("\"resend\":true") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the resend was not tried"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            cli(data.path(), &["sink", "dead-letters"]).lines().count(),
+            2,
+            "one line per dead letter"
+        );
+
+        // Once the rule is lifted, a resend stores them and they leave the dead letters.
+        db.batch_execute("ALTER TABLE posthog_event DROP CONSTRAINT no_poison")
+            .await
+            .unwrap();
+        let (status, body) = Api::new(&app)
+            .call(
+                reqwest::Method::POST,
+                "/api/sink/dead-letters/resend",
+                Some(json!({"all": true})),
+            )
+            .await;
+        assert_eq!((status, &body["resend"]), (200, &json!(2)), "{body}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !cli(data.path(), &["sink", "dead-letters"]).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the resend did not store them"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            texts(&db, "SELECT event FROM posthog_event").await.len(),
+            25
+        );
+        db.batch_execute(
+            "DELETE FROM posthog_event WHERE event = 'poison';
+             ALTER TABLE posthog_event ADD CONSTRAINT no_poison CHECK (event <> 'poison')",
+        )
+        .await
+        .unwrap();
+    }
 }

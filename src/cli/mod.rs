@@ -19,6 +19,7 @@ mod jobs;
 mod persons;
 mod plugins;
 mod setup;
+mod sinks;
 mod teams;
 
 use crate::config::{settings_help, Config, SinkKind};
@@ -30,6 +31,7 @@ use exports::ExportCommand;
 use jobs::JobsCommand;
 use persons::PersonsCommand;
 use plugins::PluginCommand;
+use sinks::SinkCommand;
 use teams::TeamCommand;
 
 /// Exit status for a configuration error (sysexits EX_CONFIG).
@@ -106,6 +108,11 @@ enum Command {
     Persons {
         #[command(subcommand)]
         action: PersonsCommand,
+    },
+    /// Sinks: the events a sink refused (dead letters), sending them again, dropping them
+    Sink {
+        #[command(subcommand)]
+        action: SinkCommand,
     },
     /// Print the admin API token that `/api/` requires (Authorization: Bearer …)
     ApiToken {
@@ -248,6 +255,7 @@ fn operate(config: &Config, command: Command) -> Result<(), CliError> {
         | Command::Restore { .. } => Ok(()),
         Command::Team { action } => teams::run(&ops, action),
         Command::Persons { action } => persons::run(&ops, action),
+        Command::Sink { action } => sinks::run(&ops, action),
         Command::Plugin { action } => plugins::run(&ops, action),
         Command::Jobs { action } => jobs::run(&ops, action),
         Command::Export { action } => exports::run(&ops, action),

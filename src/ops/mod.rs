@@ -12,6 +12,7 @@ pub mod exports;
 pub mod jobs;
 pub mod persons;
 pub mod plugins;
+pub mod sinks;
 pub mod teams;
 
 use std::path::{Path, PathBuf};

@@ -204,6 +204,10 @@ impl Follower {
                 if shutdown.is_draining() {
                     return;
                 }
+                // Idle: dead letters an operator asked to resend go now.
+                if let Err(e) = super::isolate::resend(&*self.sink, &self.store).await {
+                    tracing::warn!(error = %e, "resending dead letters failed; will retry");
+                }
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = shutdown.changed() => {}
@@ -214,7 +218,8 @@ impl Follower {
             let write = sink_write(records);
             let total: usize = write.batches.iter().map(|q| q.batch.events.len()).sum();
             let (sink, started) = (self.sink.name(), std::time::Instant::now());
-            let result = self.sink.write(write, last).await;
+            let result =
+                super::isolate::write_setting_aside(&*self.sink, &self.store, write, last).await;
             let stored = result.as_ref().ok().map(|w| w.count());
             self.status
                 .record_write(sink, started.elapsed(), total, stored);

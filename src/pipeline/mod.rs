@@ -10,6 +10,7 @@
 mod backoff;
 mod deliver;
 mod follow;
+mod isolate;
 mod persons;
 pub mod positions;
 mod prepare;
@@ -217,6 +218,10 @@ impl Pipeline {
                     if draining {
                         break;
                     }
+                    // Idle: dead letters an operator asked to resend go now.
+                    if let Err(e) = isolate::resend(&*self.sink, &self.store).await {
+                        tracing::warn!(error = %e, "resending dead letters failed; will retry");
+                    }
                     // Deferred batches wait for their team's plugins: look again soon.
                     let poll = if self.store.deferred_teams().is_empty() {
                         IDLE_POLL
@@ -310,7 +315,8 @@ impl Pipeline {
                 columns: prepared.columns.clone(),
                 persons: prepared.persons.clone(),
             };
-            let result = self.sink.write(write, prepared.last).await;
+            let result =
+                isolate::write_setting_aside(&*self.sink, &self.store, write, prepared.last).await;
             let total: usize = prepared.process.iter().map(|q| q.batch.events.len()).sum();
             let stored = result.as_ref().ok().map(Written::count);
             self.status

@@ -31,6 +31,10 @@ pub enum SinkError {
     Migrate { sink: &'static str, detail: String },
     #[error("{sink}: write failed: {detail}")]
     Write { sink: &'static str, detail: String },
+    /// The sink refuses what was written (a value out of its type's range, a constraint it
+    /// violates): trying again cannot help; the pipeline finds the event and sets it aside.
+    #[error("{sink} refuses the data: {detail}")]
+    Refused { sink: &'static str, detail: String },
     #[error("{sink}: read failed: {detail}")]
     Read { sink: &'static str, detail: String },
 }

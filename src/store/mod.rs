@@ -7,6 +7,7 @@
 //! Must never: be bypassed. No other module opens the file or names a redb table; callers ask
 //! for typed operations ("append these batches", "read after this position").
 
+mod dead_letters;
 mod deferred;
 mod exports;
 mod follow;
@@ -31,6 +32,7 @@ use redb::{
 };
 
 pub use crate::ids::{JobId, PluginConfigId, PluginId, TeamId};
+pub use dead_letters::DeadLetter;
 pub use exports::{Export, ExportProgress, ExportState, PageCursor};
 pub use follow::{FollowColumns, FollowRecord};
 pub use ingest::{IngestStats, QueueRead, QueuedBatch, ReadLimits, Unreadable};
@@ -325,6 +327,7 @@ impl Store {
             deferred::create_tables(&txn)?;
             persons::create_tables(&txn)?;
             follow::create_tables(&txn)?;
+            dead_letters::create_tables(&txn)?;
         }
         ingest::init_queued_bytes(&txn)?;
         self.commit(txn)?;

@@ -119,6 +119,7 @@ fn copy_all(c: &mut Copier) -> Result<(), StoreError> {
     c.copy(super::persons::WARNINGS)?;
     c.copy(super::persons::PERSON_DELETIONS)?;
     c.copy(super::follow::FOLLOW_LOG)?;
+    c.copy(super::dead_letters::SINK_DEAD_LETTERS)?;
     c.copy(super::persons::SEEN_A)?;
     c.copy(super::persons::SEEN_B)?;
     Ok(())

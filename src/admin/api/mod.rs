@@ -13,6 +13,7 @@ mod exports;
 mod jobs;
 mod persons;
 mod plugins;
+mod sinks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -100,6 +101,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/api/teams/{team}/ingestion_warnings",
             get(persons::warnings),
         )
+        .route("/api/sink/dead-letters", get(sinks::list))
+        .route("/api/sink/dead-letters/resend", post(sinks::resend))
+        .route("/api/sink/dead-letters/drop", post(sinks::drop))
         .route("/api/exports", get(exports::list))
         .route("/api/exports/{id}", get(exports::show))
         .route("/api/exports/{id}/cancel", post(exports::cancel))

@@ -76,6 +76,20 @@ fn write_error(e: impl std::error::Error + 'static) -> SinkError {
     }
 }
 
+/// A failed statement of a write: refused when the server says the data is at fault (SQLSTATE
+/// class 22, data exception, or 23, integrity constraint violation), else a write error to retry.
+fn statement_error(e: tokio_postgres::Error) -> SinkError {
+    let class = e.code().map(|c| &c.code()[..2]);
+    if matches!(class, Some("22" | "23")) {
+        SinkError::Refused {
+            sink: NAME,
+            detail: describe(&e),
+        }
+    } else {
+        write_error(e)
+    }
+}
+
 fn read_error(e: impl std::error::Error + 'static) -> SinkError {
     SinkError::Read {
         sink: NAME,
@@ -150,7 +164,7 @@ impl PostgresSink {
 
     async fn write_now(&self, write: SinkWrite, position: u64) -> Result<Written, SinkError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(write_error)?;
+        let tx = client.transaction().await.map_err(statement_error)?;
         tx.batch_execute(
             "CREATE TEMP TABLE IF NOT EXISTS appliance_event_staging (
                 ord integer, uuid uuid, event text, properties text, elements_chain text,
@@ -160,7 +174,7 @@ impl PostgresSink {
              ) ON COMMIT DELETE ROWS",
         )
         .await
-        .map_err(write_error)?;
+        .map_err(statement_error)?;
         let keys = stage_events(&tx, &write).await?;
         let insert = tx
             .prepare_cached(
@@ -175,11 +189,11 @@ impl PostgresSink {
                  RETURNING team_id, uuid",
             )
             .await
-            .map_err(write_error)?;
+            .map_err(statement_error)?;
         let rows = tx
             .query(&insert, &[&Utc::now()])
             .await
-            .map_err(write_error)?;
+            .map_err(statement_error)?;
         let mut new: HashSet<(i64, Uuid)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         // The first event of each inserted key is the one the insert stored (rows go in `ord`
         // order, and a later one with the same key conflicts with it).
@@ -197,11 +211,11 @@ impl PostgresSink {
                  SET position = GREATEST(appliance_sink_position.position, excluded.position)",
             )
             .await
-            .map_err(write_error)?;
+            .map_err(statement_error)?;
         tx.execute(&record, &[&self.position_key, &(position as i64)])
             .await
-            .map_err(write_error)?;
-        tx.commit().await.map_err(write_error)?;
+            .map_err(statement_error)?;
+        tx.commit().await.map_err(statement_error)?;
         Ok(written)
     }
 
@@ -276,7 +290,7 @@ async fn stage_events(
                 person_created_at, person_mode) FROM STDIN BINARY",
         )
         .await
-        .map_err(write_error)?;
+        .map_err(statement_error)?;
     let types = [
         Type::INT4,
         Type::UUID,
@@ -331,13 +345,13 @@ async fn stage_events(
                     &person_mode,
                 ])
                 .await
-                .map_err(write_error)?;
+                .map_err(statement_error)?;
             ord = ord.saturating_add(1);
             batch_keys.push((team, e.uuid));
         }
         keys.push(batch_keys);
     }
-    writer.finish().await.map_err(write_error)?;
+    writer.finish().await.map_err(statement_error)?;
     Ok(keys)
 }
 

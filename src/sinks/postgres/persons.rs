@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::statement_error;
 use super::text::{json_safe, text_safe};
-use super::write_error;
 use crate::person::{PersonChange, PersonUpdates};
 use crate::sinks::{SinkError, PERSON_UPSERT};
 
@@ -23,8 +23,10 @@ async fn run(
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<(), SinkError> {
-    let statement = tx.prepare_cached(sql).await.map_err(write_error)?;
-    tx.execute(&statement, params).await.map_err(write_error)?;
+    let statement = tx.prepare_cached(sql).await.map_err(statement_error)?;
+    tx.execute(&statement, params)
+        .await
+        .map_err(statement_error)?;
     Ok(())
 }
 

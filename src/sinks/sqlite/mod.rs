@@ -182,7 +182,18 @@ impl SqliteSink {
                 let mut guard = conn
                     .lock()
                     .map_err(|_| fail("connection lock poisoned".into()))?;
-                work(&mut guard).map_err(|e| fail(e.to_string()))
+                work(&mut guard).map_err(|e| match e.sqlite_error_code() {
+                    // What SQLite refuses whatever the moment: a constraint, a value too big.
+                    Some(
+                        rusqlite::ErrorCode::ConstraintViolation
+                        | rusqlite::ErrorCode::TooBig
+                        | rusqlite::ErrorCode::TypeMismatch,
+                    ) => SinkError::Refused {
+                        sink: NAME,
+                        detail: e.to_string(),
+                    },
+                    _ => fail(e.to_string()),
+                })
             })
             .await
             .map_err(|e| fail(e.to_string()))?
