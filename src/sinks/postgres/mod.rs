@@ -2,9 +2,9 @@
 //! (`DATABASE_URL`), written through a small connection pool.
 //!
 //! Owns: the schema (`migrations/postgres`, applied by refinery on the first connection), the
-//! batch write (binary `COPY` into a per-connection staging table, then one
-//! `INSERT … ON CONFLICT (team_id, uuid) DO NOTHING`, the persons and the position, in one
-//! transaction), and reading stored events back (exports, rebuilt deliveries).
+//! batch write (one `INSERT … SELECT FROM unnest(…) ON CONFLICT (team_id, uuid) DO NOTHING`
+//! with every column bound as an array, the persons and the position, in one transaction), and
+//! reading stored events back (exports, rebuilt deliveries).
 //! Must never: commit rows without their position, or a position without its rows; wait on the
 //! server without a deadline (a stalled server is an error the pipeline retries, not a hang).
 
@@ -14,6 +14,7 @@ mod read;
 mod text;
 mod tls;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +22,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use tokio::sync::OnceCell;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{Role, Sink, SinkError, SinkFuture, SinkWrite, StoredRows, Written};
@@ -165,33 +165,30 @@ impl PostgresSink {
     async fn write_now(&self, write: SinkWrite, position: u64) -> Result<Written, SinkError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(statement_error)?;
-        tx.batch_execute(
-            "CREATE TEMP TABLE IF NOT EXISTS appliance_event_staging (
-                ord integer, uuid uuid, event text, properties text, elements_chain text,
-                timestamp timestamptz, team_id bigint, distinct_id text, queue_position bigint,
-                person_id uuid, person_properties text, person_created_at timestamptz,
-                person_mode text
-             ) ON COMMIT DELETE ROWS",
-        )
-        .await
-        .map_err(statement_error)?;
-        let keys = stage_events(&tx, &write).await?;
+        let columns = EventColumns::of(&write);
         let insert = tx
             .prepare_cached(
                 "INSERT INTO posthog_event (uuid, event, properties, elements_chain, timestamp,
                     team_id, distinct_id, created_at, queue_position, person_id,
                     person_properties, person_created_at, person_mode)
-                 SELECT uuid, event, properties::jsonb, elements_chain, timestamp, team_id,
-                    distinct_id, $1, queue_position, person_id, person_properties::jsonb,
-                    person_created_at, person_mode
-                 FROM appliance_event_staging ORDER BY ord
+                 SELECT u.uuid, u.event, u.properties::jsonb, u.elements_chain, u.timestamp,
+                    u.team_id, u.distinct_id, $1, u.queue_position, u.person_id,
+                    u.person_properties::jsonb, u.person_created_at, u.person_mode
+                 FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+                    $7::int8[], $8::text[], $9::int8[], $10::uuid[], $11::text[],
+                    $12::timestamptz[], $13::text[]) WITH ORDINALITY
+                    AS u(uuid, event, properties, elements_chain, timestamp, team_id,
+                    distinct_id, queue_position, person_id, person_properties,
+                    person_created_at, person_mode, ord)
+                 ORDER BY u.ord
                  ON CONFLICT (team_id, uuid) DO NOTHING
                  RETURNING team_id, uuid",
             )
             .await
             .map_err(statement_error)?;
+        let keys = columns.keys(&write);
         let rows = tx
-            .query(&insert, &[&Utc::now()])
+            .query(&insert, &columns.params(&Utc::now()))
             .await
             .map_err(statement_error)?;
         let mut new: HashSet<(i64, Uuid)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -277,82 +274,97 @@ impl PostgresSink {
     }
 }
 
-/// Copies every event of `write` into the staging table (binary `COPY`); returns each event's
-/// (team, uuid), batch by batch.
-async fn stage_events(
-    tx: &deadpool_postgres::Transaction<'_>,
-    write: &SinkWrite,
-) -> Result<Vec<Vec<(i64, Uuid)>>, SinkError> {
-    let copy = tx
-        .copy_in(
-            "COPY appliance_event_staging (ord, uuid, event, properties, elements_chain,
-                timestamp, team_id, distinct_id, queue_position, person_id, person_properties,
-                person_created_at, person_mode) FROM STDIN BINARY",
-        )
-        .await
-        .map_err(statement_error)?;
-    let types = [
-        Type::INT4,
-        Type::UUID,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TIMESTAMPTZ,
-        Type::INT8,
-        Type::TEXT,
-        Type::INT8,
-        Type::UUID,
-        Type::TEXT,
-        Type::TIMESTAMPTZ,
-        Type::TEXT,
-    ];
-    let writer = BinaryCopyInWriter::new(copy, &types);
-    tokio::pin!(writer);
-    let mut keys = Vec::with_capacity(write.batches.len());
-    let no_columns = Vec::new();
-    let mut ord: i32 = 0;
-    for (index, queued) in write.batches.iter().enumerate() {
-        let batch = &queued.batch;
-        let team = batch.team_id as i64;
-        let seq = queued.seq as i64;
-        let columns = write.columns.get(index).unwrap_or(&no_columns);
-        let mut batch_keys = Vec::with_capacity(batch.events.len());
-        for (at, e) in batch.events.iter().enumerate() {
-            let person = columns.get(at);
-            let person_id = person.map(|p| p.person_id);
-            let person_properties = json_safe(person.map_or("{}", |p| &*p.person_properties));
-            let person_created_at = person.map(|p| p.person_created_at);
-            let person_mode = person.map_or("full", |p| p.person_mode.as_str());
-            let event = text_safe(&e.event);
-            let properties = json_safe(&e.properties);
-            let elements_chain = text_safe(&e.elements_chain);
-            let distinct_id = text_safe(&e.distinct_id);
-            writer
-                .as_mut()
-                .write(&[
-                    &ord,
-                    &e.uuid,
-                    &&*event,
-                    &&*properties,
-                    &&*elements_chain,
-                    &e.timestamp,
-                    &team,
-                    &&*distinct_id,
-                    &seq,
-                    &person_id,
-                    &&*person_properties,
-                    &person_created_at,
-                    &person_mode,
-                ])
-                .await
-                .map_err(statement_error)?;
-            ord = ord.saturating_add(1);
-            batch_keys.push((team, e.uuid));
+/// The events of one write, column by column, for one `INSERT … SELECT FROM unnest(…)`: the
+/// server takes the arrays in one round trip, with no staging table to fill and empty.
+struct EventColumns<'a> {
+    uuid: Vec<Uuid>,
+    event: Vec<Cow<'a, str>>,
+    properties: Vec<Cow<'a, str>>,
+    elements_chain: Vec<Cow<'a, str>>,
+    timestamp: Vec<DateTime<Utc>>,
+    team_id: Vec<i64>,
+    distinct_id: Vec<Cow<'a, str>>,
+    queue_position: Vec<i64>,
+    person_id: Vec<Option<Uuid>>,
+    person_properties: Vec<Cow<'a, str>>,
+    person_created_at: Vec<Option<DateTime<Utc>>>,
+    person_mode: Vec<&'static str>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn of(write: &'a SinkWrite) -> EventColumns<'a> {
+        let total: usize = write.batches.iter().map(|q| q.batch.events.len()).sum();
+        let mut c = EventColumns {
+            uuid: Vec::with_capacity(total),
+            event: Vec::with_capacity(total),
+            properties: Vec::with_capacity(total),
+            elements_chain: Vec::with_capacity(total),
+            timestamp: Vec::with_capacity(total),
+            team_id: Vec::with_capacity(total),
+            distinct_id: Vec::with_capacity(total),
+            queue_position: Vec::with_capacity(total),
+            person_id: Vec::with_capacity(total),
+            person_properties: Vec::with_capacity(total),
+            person_created_at: Vec::with_capacity(total),
+            person_mode: Vec::with_capacity(total),
+        };
+        for (index, queued) in write.batches.iter().enumerate() {
+            let columns = write.columns.get(index).map(Vec::as_slice).unwrap_or(&[]);
+            for (at, e) in queued.batch.events.iter().enumerate() {
+                let person = columns.get(at);
+                c.uuid.push(e.uuid);
+                c.event.push(text_safe(&e.event));
+                c.properties.push(json_safe(&e.properties));
+                c.elements_chain.push(text_safe(&e.elements_chain));
+                c.timestamp.push(e.timestamp);
+                c.team_id.push(queued.batch.team_id as i64);
+                c.distinct_id.push(text_safe(&e.distinct_id));
+                c.queue_position.push(queued.seq as i64);
+                c.person_id.push(person.map(|p| p.person_id));
+                c.person_properties
+                    .push(json_safe(person.map_or("{}", |p| &*p.person_properties)));
+                c.person_created_at.push(person.map(|p| p.person_created_at));
+                c.person_mode
+                    .push(person.map_or("full", |p| p.person_mode.as_str()));
+            }
         }
-        keys.push(batch_keys);
+        c
     }
-    writer.finish().await.map_err(statement_error)?;
-    Ok(keys)
+
+    /// Each event's (team, uuid), batch by batch.
+    fn keys(&self, write: &SinkWrite) -> Vec<Vec<(i64, Uuid)>> {
+        let mut at = 0;
+        write
+            .batches
+            .iter()
+            .map(|q| {
+                let keys = (at..at + q.batch.events.len())
+                    .map(|i| (self.team_id[i], self.uuid[i]))
+                    .collect();
+                at += q.batch.events.len();
+                keys
+            })
+            .collect()
+    }
+
+    /// The insert's parameters, `created_at` first.
+    fn params<'p>(&'p self, created_at: &'p DateTime<Utc>) -> Vec<&'p (dyn ToSql + Sync)> {
+        vec![
+            created_at,
+            &self.uuid,
+            &self.event,
+            &self.properties,
+            &self.elements_chain,
+            &self.timestamp,
+            &self.team_id,
+            &self.distinct_id,
+            &self.queue_position,
+            &self.person_id,
+            &self.person_properties,
+            &self.person_created_at,
+            &self.person_mode,
+        ]
+    }
 }
 
 impl Sink for PostgresSink {
