@@ -12,7 +12,8 @@ use chrono::{DateTime, Utc};
 use common::load::{merge_heavy_events, send_in_order};
 use common::pg::PgServer;
 use common::{
-    cli, command, create_team, read_events, read_persons, Api, Appliance, PersonRow, Row, TOKEN,
+    cli, command, create_team, post_batch, read_events, read_persons, Api, Appliance, PersonRow,
+    Row, TOKEN,
 };
 use serde_json::{json, Value};
 
@@ -257,15 +258,7 @@ async fn send_numbered(app: &Appliance, n: usize) -> u16 {
                    "properties": {"n": n, "i": i, "nul": "a\u{0}b"}})
         })
         .collect();
-    let body = json!({"api_key": TOKEN, "batch": batch});
-    reqwest::Client::new()
-        .post(app.url("/batch/"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    post_batch(app, TOKEN, batch).await
 }
 
 /// Polls `/_ready` until `check` holds of it (30 s at most).
@@ -318,7 +311,7 @@ async fn an_outage_of_the_postgres_lead_loses_nothing_and_stores_nothing_twice()
     create_team(dir.path(), "t", TOKEN);
     let app = Appliance::start(
         dir.path(),
-        &[("SINKS", "postgres"), ("DATABASE_URL", url.as_str())],
+        &[("SINKS", "postgres,sqlite"), ("DATABASE_URL", url.as_str())],
     );
     assert_eq!(send_numbered(&app, 0).await, 200);
     app.wait_drained().await;
@@ -340,6 +333,8 @@ async fn an_outage_of_the_postgres_lead_loses_nothing_and_stores_nothing_twice()
     app.wait_drained().await;
     let rows = pg_events(&pg.client("events").await).await;
     assert_each_once(&rows);
+    // SQLite, following the Postgres lead, holds the same events once each.
+    assert_each_once(&read_events(&app.sqlite_path()));
     assert!(rows.iter().all(|r| r.properties["nul"] == "a\u{FFFD}b"));
 }
 
@@ -520,14 +515,7 @@ async fn send_with_poison(app: &Appliance, poison: &[usize]) {
             json!({"event": name, "distinct_id": "u", "uuid": uuid::Uuid::from_u128(i as u128 + 7000).to_string()})
         })
         .collect();
-    let body = json!({"api_key": TOKEN, "batch": batch});
-    let response = reqwest::Client::new()
-        .post(app.url("/batch/"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(post_batch(app, TOKEN, batch).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -375,8 +375,8 @@ pub fn make_mmdb(path: &Path, moved: bool) {
     );
 }
 
-/// Sends `events` in one `/batch/` request with `token` and waits until they are stored.
-pub async fn send_batch(app: &Appliance, token: &str, events: Vec<Value>) {
+/// Sends `events` in one `/batch/` request with `token`; returns the status code.
+pub async fn post_batch(app: &Appliance, token: &str, events: Vec<Value>) -> u16 {
     let body = serde_json::json!({"api_key": token, "batch": events});
     let response = reqwest::Client::new()
         .post(app.url("/batch/"))
@@ -384,7 +384,12 @@ pub async fn send_batch(app: &Appliance, token: &str, events: Vec<Value>) {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
+    response.status().as_u16()
+}
+
+/// Sends `events` in one `/batch/` request with `token` and waits until they are stored.
+pub async fn send_batch(app: &Appliance, token: &str, events: Vec<Value>) {
+    assert_eq!(post_batch(app, token, events).await, 200);
     app.wait_drained().await;
 }
 

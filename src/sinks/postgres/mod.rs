@@ -323,7 +323,8 @@ impl<'a> EventColumns<'a> {
                 c.person_id.push(person.map(|p| p.person_id));
                 c.person_properties
                     .push(json_safe(person.map_or("{}", |p| &*p.person_properties)));
-                c.person_created_at.push(person.map(|p| p.person_created_at));
+                c.person_created_at
+                    .push(person.map(|p| p.person_created_at));
                 c.person_mode
                     .push(person.map_or("full", |p| p.person_mode.as_str()));
             }
