@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use common::load::{merge_heavy_events, send_in_order};
 use common::pg::PgServer;
 use common::{
-    cli, command, create_team, post_batch, read_events, read_persons, Api, Appliance, PersonRow,
-    Row, TOKEN,
+    cli, command, create_team, enable_plugin, install_plugin, post_batch, read_events,
+    read_persons, webhook, Api, Appliance, PersonRow, Row, TOKEN,
 };
 use serde_json::{json, Value};
 
@@ -634,4 +634,72 @@ async fn rows_postgres_refuses_become_dead_letters_and_the_rest_flows() {
         .await
         .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_inserted_before_a_crash_that_kept_the_position_back_are_still_delivered() {
+    let pg = PgServer::start();
+    let url = pg.create_database("events").await;
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "t", TOKEN).to_string();
+    install_plugin(
+        dir.path(),
+        "examples/webhook-exporter",
+        "webhook_exporter.wasm",
+    );
+    let (hook, seen) = webhook(|_| (Duration::ZERO, 200)).await;
+    enable_plugin(
+        dir.path(),
+        &team,
+        "Webhook Exporter",
+        &[&format!("url=http://{hook}/hook")],
+    );
+    let mut env = vec![
+        ("SINKS", "postgres"),
+        ("DATABASE_URL", url.as_str()),
+        ("SINK_LINGER_MS", "0"),
+        ("PLUGIN_ALLOWED_NETWORKS", "127.0.0.0/8"),
+    ];
+
+    // A write large enough for two connections: their rows commit, then the process aborts
+    // before the transaction that moves the position.
+    env.push(("APPLIANCE_FAILPOINTS", "postgres.before_position"));
+    let mut crashing = Appliance::start(dir.path(), &env);
+    let events: Vec<Value> = (0..250)
+        .map(|i| json!({"event": "e", "distinct_id": "u", "uuid": uuid::Uuid::from_u128(i + 1).to_string()}))
+        .collect();
+    assert_eq!(post_batch(&crashing, TOKEN, events).await, 200);
+    assert!(!crashing.wait_exit(Duration::from_secs(30)).success());
+    let db = pg.client("events").await;
+    assert_eq!(
+        pg_events(&db).await.len(),
+        250,
+        "the rows committed before the abort"
+    );
+    env.pop();
+
+    // The batch is written again; its rows count as this batch's, so each event is delivered.
+    let app = Appliance::start(dir.path(), &env);
+    app.wait_drained().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let delivered = loop {
+        let delivered: Vec<Value> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, body)| body["batch"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if delivered.len() >= 250 {
+            break delivered;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} delivered",
+            delivered.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(delivered.len(), 250, "each event once");
+    assert_eq!(pg_events(&db).await.len(), 250, "each row once");
 }

@@ -163,41 +163,62 @@ impl PostgresSink {
     }
 
     async fn write_now(&self, write: SinkWrite, position: u64) -> Result<Written, SinkError> {
+        let keys = event_keys(&write);
+        // The first event of each key is the one to store: a later one in the same write is a
+        // duplicate (and one statement may not touch a row twice).
+        let mut first = HashSet::new();
+        let include: Vec<bool> = keys
+            .iter()
+            .flatten()
+            .map(|key| first.insert(*key))
+            .collect();
+        let created_at = Utc::now();
         let mut client = self.client().await?;
+        let new = if first.len() >= PARALLEL_FROM_EVENTS {
+            // Two connections insert half each, committed on their own; the transaction below
+            // then moves the position. A crash in between leaves rows without the position:
+            // the replay finds them by their queue position and counts them as its own.
+            let half = first.len() / 2;
+            let mut seen = 0;
+            let (left, right): (Vec<bool>, Vec<bool>) = include
+                .iter()
+                .map(|keep| {
+                    seen += usize::from(*keep);
+                    (*keep && seen <= half, *keep && seen > half)
+                })
+                .unzip();
+            let other = self.client().await?;
+            let (left, right) = (
+                EventColumns::of(&write, &left),
+                EventColumns::of(&write, &right),
+            );
+            let (a, b) = tokio::join!(
+                insert_events(&client, &left, &created_at),
+                insert_events(&other, &right, &created_at)
+            );
+            let mut new = a?;
+            new.extend(b?);
+            crate::failpoint::hit("postgres.before_position");
+            new
+        } else {
+            HashSet::new()
+        };
         let tx = client.transaction().await.map_err(statement_error)?;
-        let columns = EventColumns::of(&write);
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO posthog_event (uuid, event, properties, elements_chain, timestamp,
-                    team_id, distinct_id, created_at, queue_position, person_id,
-                    person_properties, person_created_at, person_mode)
-                 SELECT u.uuid, u.event, u.properties::jsonb, u.elements_chain, u.timestamp,
-                    u.team_id, u.distinct_id, $1, u.queue_position, u.person_id,
-                    u.person_properties::jsonb, u.person_created_at, u.person_mode
-                 FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
-                    $7::int8[], $8::text[], $9::int8[], $10::uuid[], $11::text[],
-                    $12::timestamptz[], $13::text[]) WITH ORDINALITY
-                    AS u(uuid, event, properties, elements_chain, timestamp, team_id,
-                    distinct_id, queue_position, person_id, person_properties,
-                    person_created_at, person_mode, ord)
-                 ORDER BY u.ord
-                 ON CONFLICT (team_id, uuid) DO NOTHING
-                 RETURNING team_id, uuid",
-            )
-            .await
-            .map_err(statement_error)?;
-        let keys = columns.keys(&write);
-        let rows = tx
-            .query(&insert, &columns.params(&Utc::now()))
-            .await
-            .map_err(statement_error)?;
-        let mut new: HashSet<(i64, Uuid)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        // The first event of each inserted key is the one the insert stored (rows go in `ord`
-        // order, and a later one with the same key conflicts with it).
+        let new = if first.len() >= PARALLEL_FROM_EVENTS {
+            new
+        } else {
+            insert_events(&tx, &EventColumns::of(&write, &include), &created_at).await?
+        };
+        let mut flat = include.iter();
         let written = Written {
             inserted: keys
-                .into_iter()
-                .map(|batch| batch.into_iter().map(|key| new.remove(&key)).collect())
+                .iter()
+                .map(|batch| {
+                    batch
+                        .iter()
+                        .map(|key| flat.next().copied().unwrap_or(false) && new.contains(key))
+                        .collect()
+                })
                 .collect(),
         };
         persons::write(&tx, &write.persons).await?;
@@ -274,6 +295,58 @@ impl PostgresSink {
     }
 }
 
+/// Writes of at least this many events are inserted by two connections at once: one backend
+/// inserting (parsing jsonb, maintaining the indexes) is what limits the sink on a small box.
+const PARALLEL_FROM_EVENTS: usize = 200;
+
+/// Inserts `columns`; answers the (team, uuid) of each row this write stored, including rows a
+/// previous attempt of the same batches stored (same queue position) before it could move the
+/// position. A row of another batch with the same key is left alone and not answered.
+async fn insert_events(
+    client: &impl deadpool_postgres::GenericClient,
+    columns: &EventColumns<'_>,
+    created_at: &DateTime<Utc>,
+) -> Result<HashSet<(i64, Uuid)>, SinkError> {
+    let insert = client
+        .prepare_cached(
+            "INSERT INTO posthog_event (uuid, event, properties, elements_chain, timestamp,
+                team_id, distinct_id, created_at, queue_position, person_id,
+                person_properties, person_created_at, person_mode)
+             SELECT u.uuid, u.event, u.properties::jsonb, u.elements_chain, u.timestamp,
+                u.team_id, u.distinct_id, $1, u.queue_position, u.person_id,
+                u.person_properties::jsonb, u.person_created_at, u.person_mode
+             FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+                $7::int8[], $8::text[], $9::int8[], $10::uuid[], $11::text[],
+                $12::timestamptz[], $13::text[]) WITH ORDINALITY
+                AS u(uuid, event, properties, elements_chain, timestamp, team_id,
+                distinct_id, queue_position, person_id, person_properties,
+                person_created_at, person_mode, ord)
+             ORDER BY u.ord
+             ON CONFLICT (team_id, uuid) DO UPDATE SET queue_position = excluded.queue_position
+             WHERE posthog_event.queue_position = excluded.queue_position
+             RETURNING team_id, uuid",
+        )
+        .await
+        .map_err(statement_error)?;
+    let rows = client
+        .query(&insert, &columns.params(created_at))
+        .await
+        .map_err(statement_error)?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Each event's (team, uuid), batch by batch.
+fn event_keys(write: &SinkWrite) -> Vec<Vec<(i64, Uuid)>> {
+    write
+        .batches
+        .iter()
+        .map(|q| {
+            let team = q.batch.team_id as i64;
+            q.batch.events.iter().map(|e| (team, e.uuid)).collect()
+        })
+        .collect()
+}
+
 /// The events of one write, column by column, for one `INSERT … SELECT FROM unnest(…)`: the
 /// server takes the arrays in one round trip, with no staging table to fill and empty.
 struct EventColumns<'a> {
@@ -292,8 +365,10 @@ struct EventColumns<'a> {
 }
 
 impl<'a> EventColumns<'a> {
-    fn of(write: &'a SinkWrite) -> EventColumns<'a> {
-        let total: usize = write.batches.iter().map(|q| q.batch.events.len()).sum();
+    /// The events of `write` whose flat index is set in `include`.
+    fn of(write: &'a SinkWrite, include: &[bool]) -> EventColumns<'a> {
+        let total = include.iter().filter(|keep| **keep).count();
+        let mut flat = include.iter();
         let mut c = EventColumns {
             uuid: Vec::with_capacity(total),
             event: Vec::with_capacity(total),
@@ -311,6 +386,9 @@ impl<'a> EventColumns<'a> {
         for (index, queued) in write.batches.iter().enumerate() {
             let columns = write.columns.get(index).map(Vec::as_slice).unwrap_or(&[]);
             for (at, e) in queued.batch.events.iter().enumerate() {
+                if !flat.next().copied().unwrap_or(false) {
+                    continue;
+                }
                 let person = columns.get(at);
                 c.uuid.push(e.uuid);
                 c.event.push(text_safe(&e.event));
@@ -330,22 +408,6 @@ impl<'a> EventColumns<'a> {
             }
         }
         c
-    }
-
-    /// Each event's (team, uuid), batch by batch.
-    fn keys(&self, write: &SinkWrite) -> Vec<Vec<(i64, Uuid)>> {
-        let mut at = 0;
-        write
-            .batches
-            .iter()
-            .map(|q| {
-                let keys = (at..at + q.batch.events.len())
-                    .map(|i| (self.team_id[i], self.uuid[i]))
-                    .collect();
-                at += q.batch.events.len();
-                keys
-            })
-            .collect()
     }
 
     /// The insert's parameters, `created_at` first.
