@@ -546,13 +546,42 @@ async fn rows_postgres_refuses_become_dead_letters_and_the_rest_flows() {
             env
         };
         let data = tempfile::tempdir().unwrap();
-        create_team(data.path(), "t", TOKEN);
+        let team = create_team(data.path(), "t", TOKEN).to_string();
+        // Exports follow the lead: every event it stored is delivered, once.
+        install_plugin(
+            data.path(),
+            "examples/webhook-exporter",
+            "webhook_exporter.wasm",
+        );
+        let (hook, seen) = webhook(|_| (Duration::ZERO, 200)).await;
+        let hook_url = format!("url=http://{hook}/hook");
+        enable_plugin(data.path(), &team, "Webhook Exporter", &[&hook_url]);
+        let mut env = env.to_vec();
+        env.push(("PLUGIN_ALLOWED_NETWORKS", "127.0.0.0/8"));
         db.batch_execute("TRUNCATE posthog_event").await.unwrap();
         let app = Appliance::start(data.path(), &env);
         send_with_poison(&app, &[3, 17]).await;
         app.wait_drained().await;
         let stored = texts(&db, "SELECT event FROM posthog_event").await;
         assert_eq!(stored.len(), 23, "lead: {lead}: the rest flows");
+        let want = if lead { 23 } else { 25 };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let delivered = loop {
+            let delivered: usize = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, body)| body["batch"].as_array().map_or(0, Vec::len))
+                .sum();
+            if delivered >= want || std::time::Instant::now() > deadline {
+                break delivered;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(
+            delivered, want,
+            "lead: {lead}: what the lead stored is delivered"
+        );
         if !lead {
             assert_eq!(
                 read_events(&app.sqlite_path()).len(),

@@ -234,16 +234,24 @@ impl Sink for SqliteSink {
                     "INSERT INTO posthog_event (uuid, event, properties, elements_chain, timestamp, team_id, distinct_id, created_at, queue_position,
                         person_id, person_properties, person_created_at, person_mode)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
-                     ON CONFLICT(team_id, uuid) DO NOTHING",
+                     ON CONFLICT(team_id, uuid) DO UPDATE SET queue_position = excluded.queue_position
+                     WHERE posthog_event.queue_position = excluded.queue_position",
                 )?;
                 let mut uuid_text = uuid::Uuid::encode_buffer();
                 let mut person_text = uuid::Uuid::encode_buffer();
                 let no_columns = Vec::new();
+                // A row already stored by this batch (an earlier, partial attempt: the halves of
+                // a refused write) counts as this write's; a key twice in one write, once.
+                let mut keys = std::collections::HashSet::new();
                 for (index, queued) in write.batches.iter().enumerate() {
                     let batch = &queued.batch;
                     let columns = write.columns.get(index).unwrap_or(&no_columns);
                     let mut inserted = Vec::with_capacity(batch.events.len());
                     for (at, e) in batch.events.iter().enumerate() {
+                        if !keys.insert((batch.team_id, e.uuid)) {
+                            inserted.push(false);
+                            continue;
+                        }
                         let person = columns.get(at);
                         let changed = insert.execute(params![
                             &*e.uuid.hyphenated().encode_lower(&mut uuid_text),
