@@ -134,6 +134,18 @@ pub async fn page(State(state): State<Shared>, admin: Admin) -> Result<Markup, P
         })
     })
     .await?;
+    let followers: Vec<_> = state
+        .admin
+        .followers
+        .iter()
+        .map(|(name, status)| (*name, status.report(name)))
+        .collect();
+    let follow_last = if followers.is_empty() {
+        0
+    } else {
+        let store = state.admin.store.clone();
+        super::blocking(&state, move |_| Ok(store.follow_last_seq()?)).await?
+    };
     let room = state.admin.store.room();
     let floor = state.admin.min_free_bytes;
     let disk_low = room.free_disk_bytes < floor.saturating_mul(2);
@@ -161,12 +173,27 @@ pub async fn page(State(state): State<Shared>, admin: Admin) -> Result<Markup, P
             div.grid {
                 div.figure { "Events stored since start" b { (report.events_stored) } }
                 div.figure { "Queue (" (sink) ")" b { (figures.queued_batches) " batches" } span.muted { (bytes(figures.queued_bytes)) ", oldest unstored " (format!("{:.1}", figures.oldest_age_s)) " s" } }
-                div.figure { "Sink position" b { (position) } span.muted { (if report.healthy { "healthy" } else { "failing" }) } }
+                div.figure { "Sink position (" (sink) ")" b { (position) } span.muted { (if report.healthy { "healthy" } else { "failing" }) } }
                 div.figure { "Plugin time per event" b { (format!("{per_event_us:.0}")) " µs" } span.muted { (failures) " failed plugin calls since start" } }
                 div.figure { "Jobs" b { (figures.jobs_queued) " queued" } span.muted { (figures.jobs_running) " running" } }
                 div.figure { "Data directory" b { (bytes(figures.data_dir_bytes)) } span.muted { (bytes(room.free_disk_bytes)) " free on its disk" } }
                 div.figure { "Duplicates skipped" b { (report.duplicates_skipped) } }
                 div.figure { "Version" b { (env!("CARGO_PKG_VERSION")) } }
+            }
+        }
+        @if !followers.is_empty() {
+            h2 { "Follower sinks" }
+            table {
+                tr { th { "sink" } th { "position" } th { "behind" } th { "events stored since start" } th { "state" } }
+                @for (name, follower) in &followers {
+                    tr {
+                        td { (name) }
+                        td { (follower.position) }
+                        td { (follow_last.saturating_sub(follower.position)) " lead writes" }
+                        td { (follower.events_stored) }
+                        td { @match &follower.last_error { Some(error) => { "failing: " (error) }, None => { (if follower.healthy { "healthy" } else { "starting" }) } } }
+                    }
+                }
             }
         }
         @if !report.waiting_teams.is_empty() {
