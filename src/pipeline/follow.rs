@@ -280,3 +280,35 @@ impl Follower {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::person::DistinctId;
+
+    #[test]
+    fn consecutive_records_make_one_write_with_the_later_state_winning() {
+        let id = |person: u128, version| {
+            Some(DistinctId {
+                person: uuid::Uuid::from_u128(person),
+                version,
+            })
+        };
+        let first = FollowRecord {
+            distinct_ids: vec![(1, "a".into(), id(1, 0)), (1, "b".into(), id(2, 0))],
+            ..FollowRecord::default()
+        };
+        let second = FollowRecord {
+            distinct_ids: vec![(1, "b".into(), id(1, 1))],
+            ..FollowRecord::default()
+        };
+        let write = sink_write(vec![(1, first), (2, second)]);
+        let ids = &write.persons.distinct_ids;
+        assert_eq!(ids.get(&(1, "a".into())), Some(&id(1, 0)));
+        assert_eq!(
+            ids.get(&(1, "b".into())),
+            Some(&id(1, 1)),
+            "the merge that came later"
+        );
+    }
+}

@@ -286,3 +286,77 @@ pub(super) async fn resend(sink: &dyn Sink, store: &Store) -> Result<(), StepFai
         .map_err(|e| StepFailure::Store(StoreError::Conflict(e.to_string())))??;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventRow, IngestBatch};
+
+    fn write(sizes: &[usize]) -> SinkWrite {
+        let batches = sizes
+            .iter()
+            .enumerate()
+            .map(|(b, n)| QueuedBatch {
+                seq: b as u64 + 10,
+                batch: IngestBatch {
+                    team_id: 1,
+                    received_at: chrono::DateTime::UNIX_EPOCH,
+                    sent_at: None,
+                    ip: None,
+                    events: (0..*n)
+                        .map(|e| EventRow {
+                            uuid: uuid::Uuid::from_u128((b * 100 + e) as u128),
+                            event: format!("{b}.{e}"),
+                            distinct_id: "u".into(),
+                            properties: "{}".into(),
+                            timestamp: chrono::DateTime::UNIX_EPOCH,
+                            elements_chain: String::new(),
+                        })
+                        .collect(),
+                },
+            })
+            .collect();
+        SinkWrite {
+            batches: Arc::new(batches),
+            columns: Arc::new(Vec::new()),
+            persons: Arc::new(PersonUpdates::default()),
+        }
+    }
+
+    fn names(write: &SinkWrite) -> Vec<Vec<String>> {
+        write
+            .batches
+            .iter()
+            .map(|q| q.batch.events.iter().map(|e| e.event.clone()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_subset_keeps_its_batches_positions_and_order() {
+        let w = write(&[3, 2]);
+        let sub = subset(&w, &[(0, 2), (1, 0), (1, 1)]);
+        assert_eq!(names(&sub), [vec!["0.2"], vec!["1.0", "1.1"]]);
+        assert_eq!(sub.batches[1].seq, 11);
+    }
+
+    #[test]
+    fn the_remainder_and_its_answer_keep_the_shape_of_the_write() {
+        let w = write(&[3, 2]);
+        let refused = [(0, 1), (1, 0)];
+        let rest = remainder(&w, &refused);
+        assert_eq!(names(&rest), [vec!["0.0", "0.2"], vec!["1.1"]]);
+        let of_rest = Written {
+            inserted: vec![vec![true, false], vec![true]],
+        };
+        assert_eq!(
+            widen(&w, &refused, of_rest).inserted,
+            [vec![true, false, false], vec![false, true]]
+        );
+        let letters = dead_letters("postgres", &w, &[((1, 0), "no".into())]);
+        assert_eq!(letters.len(), 1);
+        assert_eq!(
+            (letters[0].queue_position, letters[0].event.event.as_str()),
+            (11, "1.0")
+        );
+    }
+}
