@@ -56,7 +56,13 @@ pub(in crate::store) fn append(
     txn: &WriteTransaction,
     record: &FollowRecord,
 ) -> Result<u64, StoreError> {
-    let bytes = encode_value(record);
+    // Compressed: a record repeats the lead write's events, and its bytes are written (and
+    // fsynced) in a transaction that capture's commits wait behind.
+    let bytes =
+        zstd::bulk::compress(&encode_value(record), 1).map_err(|e| StoreError::Corrupt {
+            what: "follow log record",
+            detail: e.to_string(),
+        })?;
     let seq = {
         let mut meta = txn.open_table(META)?;
         let seq = meta_get(&meta, NEXT_FOLLOW_SEQ)?.max(1);
@@ -81,7 +87,11 @@ impl Store {
         for row in table.range(after.saturating_add(1)..)? {
             let (seq, value) = row?;
             bytes += value.value().len();
-            let record: FollowRecord = decode_value("follow log record", value.value())?;
+            let plain = zstd::decode_all(value.value()).map_err(|e| StoreError::Corrupt {
+                what: "follow log record",
+                detail: e.to_string(),
+            })?;
+            let record: FollowRecord = decode_value("follow log record", &plain)?;
             events += record
                 .batches
                 .iter()
