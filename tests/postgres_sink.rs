@@ -380,6 +380,19 @@ async fn a_postgres_follower_that_is_down_holds_back_nothing_and_catches_up() {
         columns(&rows)
     };
     assert_eq!(without_nul(&rows), without_nul(&lead));
+
+    // A follower that is down does not hold a SIGTERM up: the lead drains, the appliance exits
+    // at once, and the follower's share waits in the log for the next start.
+    pg.stop();
+    assert_eq!(send_numbered(&app, 11).await, 200);
+    app.wait_drained_lead().await;
+    let stopping = std::time::Instant::now();
+    assert!(app.terminate().success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "stopped after {:?}",
+        stopping.elapsed()
+    );
 }
 
 #[test]

@@ -240,6 +240,12 @@ impl Follower {
                 }
                 Err(e) => {
                     let what = format!("writing to the {} sink", self.sink.name());
+                    if shutdown.is_draining() {
+                        // What is left waits in the log for the next start: a follower that
+                        // cannot write must not hold the shutdown to its deadline.
+                        tracing::warn!(error = %e, "{what} failed while stopping; the rest is copied at the next start");
+                        return;
+                    }
                     backoff.wait(&self.status, &what, e, &mut shutdown).await
                 }
             }
@@ -274,6 +280,9 @@ impl Follower {
                 }
                 Err(e) => {
                     let what = format!("reading the {} sink's position", self.sink.name());
+                    if shutdown.is_draining() {
+                        return None;
+                    }
                     backoff.wait(&self.status, &what, e, shutdown).await
                 }
             }

@@ -204,6 +204,24 @@ impl Appliance {
         let _ = self.child.wait();
     }
 
+    /// Waits until everything queued has reached the lead sink (followers may lag).
+    pub async fn wait_drained_lead(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready: Value = reqwest::get(self.url("/_ready"))
+                .await
+                .expect("GET /_ready")
+                .json()
+                .await
+                .expect("/_ready answers JSON");
+            if ready["sink"]["delivered"] == ready["queue"]["last_seq"] {
+                return ready;
+            }
+            assert!(Instant::now() < deadline, "the lead did not drain: {ready}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until everything queued has reached the sinks (none of it deferred for a team's
     /// plugins); returns the readiness report.
     pub async fn wait_drained(&self) -> Value {
