@@ -427,7 +427,8 @@ async fn scenario(
     // refusal comes from its Content-Length, before the body is read, so the server may answer
     // 413 and close while the client is still sending: a connection cut mid-upload is that same
     // refusal seen from the client.
-    let huge = http
+    // (A client of its own: the connection the server closes must not be reused below.)
+    let huge = reqwest::Client::new()
         .post(admin("/login"))
         .form(&[("password", "x".repeat(200_000))])
         .send()
