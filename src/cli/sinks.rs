@@ -16,6 +16,9 @@ pub enum SinkCommand {
         /// Print JSON lines instead of text
         #[arg(long)]
         json: bool,
+        /// List at most this many (oldest first)
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
     /// Send dead letters again (after fixing what the sink refused); a running server writes
     /// them within a second, and those refused again stay
@@ -36,8 +39,8 @@ pub enum SinkCommand {
 
 pub(super) fn run(ops: &Ops, action: SinkCommand) -> Result<(), CliError> {
     match action {
-        SinkCommand::DeadLetters { sink, json } => {
-            for letter in ops.dead_letters(sink.as_deref())? {
+        SinkCommand::DeadLetters { sink, json, limit } => {
+            for letter in ops.dead_letters(sink.as_deref(), Some(limit))? {
                 if json {
                     println!("{}", serde_json::to_string(&letter).unwrap_or_default());
                 } else {

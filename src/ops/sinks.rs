@@ -4,10 +4,19 @@
 use super::{OpError, Ops};
 use crate::store::DeadLetter;
 
+/// Most dead letters one listing returns (each holds an event of up to a MiB).
+const MAX_LISTED: usize = 10_000;
+
 impl Ops {
-    /// The dead letters, oldest first (of one sink, if named).
-    pub fn dead_letters(&self, sink: Option<&str>) -> Result<Vec<DeadLetter>, OpError> {
-        Ok(self.store.dead_letters(sink)?)
+    /// At most `limit` dead letters (100 if not given, at most 10,000), oldest first, of one
+    /// sink if named.
+    pub fn dead_letters(
+        &self,
+        sink: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<DeadLetter>, OpError> {
+        let limit = limit.unwrap_or(100).min(MAX_LISTED);
+        Ok(self.store.dead_letters(sink, false, limit)?)
     }
 
     /// Marks dead letters (`None`: all) to be sent again; a running server writes them within

@@ -226,13 +226,9 @@ pub(super) async fn resend(sink: &dyn Sink, store: &Store) -> Result<(), StepFai
     let name = sink.name();
     let reader = store.clone();
     let letters: Vec<DeadLetter> =
-        tokio::task::spawn_blocking(move || reader.dead_letters(Some(name)))
+        tokio::task::spawn_blocking(move || reader.dead_letters(Some(name), true, RESEND_AT_ONCE))
             .await
-            .map_err(|e| StepFailure::Store(StoreError::Conflict(e.to_string())))??
-            .into_iter()
-            .filter(|l| l.resend)
-            .take(RESEND_AT_ONCE)
-            .collect();
+            .map_err(|e| StepFailure::Store(StoreError::Conflict(e.to_string())))??;
     if letters.is_empty() {
         return Ok(());
     }

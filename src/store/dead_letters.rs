@@ -19,6 +19,9 @@ use crate::ids::TeamId;
 pub(in crate::store) const SINK_DEAD_LETTERS: TableDefinition<u64, &[u8]> =
     TableDefinition::new("sink_dead_letters");
 const NEXT_DEAD_LETTER: &str = "sink_dead_letter_next_id";
+/// How many dead letters are marked for resending, so a writer's idle check reads one counter
+/// rather than every dead letter.
+const MARKED: &str = "sink_dead_letters_marked";
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(SINK_DEAD_LETTERS)?;
@@ -69,14 +72,26 @@ impl Store {
         Ok(ids)
     }
 
-    /// Every dead letter, oldest first (of `sink` only, if given).
-    pub fn dead_letters(&self, sink: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
+    /// At most `limit` dead letters, oldest first, of `sink` only if given, and only those
+    /// marked for resending if `marked`.
+    pub fn dead_letters(
+        &self,
+        sink: Option<&str>,
+        marked: bool,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         let txn = self.read()?;
+        if marked && meta_get(&txn.open_table(META)?, MARKED)? == 0 {
+            return Ok(Vec::new());
+        }
         let table = txn.open_table(SINK_DEAD_LETTERS)?;
         let mut out = Vec::new();
         for row in table.iter()? {
+            if out.len() >= limit {
+                break;
+            }
             let letter: DeadLetter = decode_value("sink dead letter", row?.1.value())?;
-            if sink.is_none_or(|s| s == letter.sink) {
+            if sink.is_none_or(|s| s == letter.sink) && (letter.resend || !marked) {
                 out.push(letter);
             }
         }
@@ -122,7 +137,7 @@ impl Store {
         change: impl Fn(DeadLetter) -> Option<DeadLetter>,
     ) -> Result<usize, StoreError> {
         let txn = self.write()?;
-        let (count, delta) = {
+        let (count, delta, marked) = {
             let mut table = txn.open_table(SINK_DEAD_LETTERS)?;
             let wanted: Vec<u64> = match ids {
                 Some(ids) => ids.to_vec(),
@@ -131,7 +146,7 @@ impl Store {
                     .map(|row| row.map(|(k, _)| k.value()))
                     .collect::<Result<_, _>>()?,
             };
-            let (mut count, mut delta) = (0usize, 0i64);
+            let (mut count, mut delta, mut marked) = (0usize, 0i64, 0i64);
             for id in wanted {
                 let Some(old) = table.get(id)?.map(|v| v.value().to_vec()) else {
                     continue;
@@ -139,8 +154,10 @@ impl Store {
                 let letter: DeadLetter = decode_value("sink dead letter", &old)?;
                 count += 1;
                 delta -= old.len() as i64;
+                marked -= i64::from(letter.resend);
                 match change(letter) {
                     Some(new) => {
+                        marked += i64::from(new.resend);
                         let bytes = encode_value(&new);
                         delta += bytes.len() as i64;
                         table.insert(id, bytes.as_slice())?;
@@ -150,8 +167,13 @@ impl Store {
                     }
                 }
             }
-            (count, delta)
+            (count, delta, marked)
         };
+        {
+            let mut meta = txn.open_table(META)?;
+            let now = meta_get(&meta, MARKED)?.saturating_add_signed(marked);
+            meta.insert(MARKED, now)?;
+        }
         let queued = adjust_queued_bytes(&txn, delta)?;
         self.commit(txn)?;
         self.set_queued_bytes(queued);

@@ -1,4 +1,4 @@
-//! `/api/sink/dead-letters` (list; `?sink=` to filter), `/api/sink/dead-letters/resend` and
+//! `/api/sink/dead-letters` (list; `?sink=` to filter, `?limit=`, 100 by default), `/api/sink/dead-letters/resend` and
 //! `/api/sink/dead-letters/drop` (a JSON body `{"ids": [...]}`, or `{"all": true}`).
 
 use std::sync::Arc;
@@ -13,13 +13,17 @@ use super::{blocking, ApiError, ApiState};
 #[derive(Deserialize)]
 pub(super) struct ListQuery {
     sink: Option<String>,
+    limit: Option<usize>,
 }
 
 pub(super) async fn list(
     State(state): State<Arc<ApiState>>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let letters = blocking(&state, move |ops| ops.dead_letters(query.sink.as_deref())).await?;
+    let letters = blocking(&state, move |ops| {
+        ops.dead_letters(query.sink.as_deref(), query.limit)
+    })
+    .await?;
     Ok(Json(json!({ "dead_letters": letters })))
 }
 
