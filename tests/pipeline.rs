@@ -6,10 +6,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    create_team, enable_plugin, install_plugin, read_events, storage, webhook, Appliance, TOKEN,
+    create_team, delivered_events, enable_plugin, install_plugin, read_events, storage,
+    webhook_exporter, Appliance, TOKEN,
 };
 use serde_json::{json, Value};
 
@@ -61,15 +62,8 @@ async fn a_crash_after_the_sink_write_neither_reprocesses_nor_loses_deliveries()
     let dir = tempfile::tempdir().unwrap();
     let team = create_team(dir.path(), "crash", TOKEN).to_string();
     install_plugin(dir.path(), "tests/call-counter", "call_counter.wasm");
-    install_plugin(
-        dir.path(),
-        "examples/webhook-exporter",
-        "webhook_exporter.wasm",
-    );
-    let (hook, seen) = webhook(|_| (Duration::ZERO, 200)).await;
     enable_plugin(dir.path(), &team, "Call Counter", &[]);
-    let url = format!("url=http://{hook}/hook");
-    enable_plugin(dir.path(), &team, "Webhook Exporter", &[&url]);
+    let seen = webhook_exporter(dir.path(), &team).await;
 
     let uuids: Vec<String> = (0..20)
         .map(|n| format!("0192f0a0-0000-7000-8000-0000000000{n:02}"))
@@ -95,24 +89,7 @@ async fn a_crash_after_the_sink_write_neither_reprocesses_nor_loses_deliveries()
     // After the restart the stored batch is not processed again; its deliveries are rebuilt
     // from the stored rows and sent once.
     let app = Appliance::start(dir.path(), QUICK);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let delivered = loop {
-        let delivered: Vec<Value> = seen
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|(_, body)| body["batch"].as_array().cloned().unwrap_or_default())
-            .collect();
-        if delivered.len() >= 20 {
-            break delivered;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} delivered",
-            delivered.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let delivered = delivered_events(&seen, 20).await;
     let calls = storage(dir.path(), &team, "Call Counter");
     for uuid in &uuids {
         assert_eq!(

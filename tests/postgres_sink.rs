@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use common::load::{merge_heavy_events, send_in_order};
 use common::pg::PgServer;
 use common::{
-    cli, command, create_team, drive, enable_plugin, install_plugin, post_batch, read_events,
-    read_persons, webhook, Api, Appliance, PersonRow, Row, TOKEN,
+    cli, command, create_team, delivered_events, drive, post_batch, read_events, read_persons,
+    webhook_exporter, Api, Appliance, PersonRow, Row, TOKEN,
 };
 use serde_json::{json, Value};
 
@@ -261,24 +261,6 @@ async fn send_numbered(app: &Appliance, n: usize) -> u16 {
     post_batch(app, TOKEN, batch).await
 }
 
-/// Polls `/_ready` until `check` holds of it (30 s at most).
-async fn ready_when(app: &Appliance, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let ready: Value = reqwest::get(app.url("/_ready"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if check(&ready) {
-            return ready;
-        }
-        assert!(std::time::Instant::now() < deadline, "{what}: {ready}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Sends batches 1..=10 and batch 10 again (an SDK that lost an answer) while Postgres is down.
 async fn send_during_outage(app: &Appliance) {
     for n in 1..=10 {
@@ -318,10 +300,11 @@ async fn an_outage_of_the_postgres_lead_loses_nothing_and_stores_nothing_twice()
 
     pg.stop();
     send_during_outage(&app).await;
-    let ready = ready_when(&app, "the sink's error is shown", |r| {
-        !r["sink"]["last_error"].is_null()
-    })
-    .await;
+    let ready = app
+        .ready_when("the sink's error is shown", |r| {
+            !r["sink"]["last_error"].is_null()
+        })
+        .await;
     assert_eq!(ready["sink"]["sink"], "postgres", "{ready}");
     assert_eq!(ready["status"], "degraded", "{ready}");
     assert!(
@@ -351,15 +334,15 @@ async fn a_postgres_follower_that_is_down_holds_back_nothing_and_catches_up() {
     pg.stop();
     send_during_outage(&app).await;
     // The lead goes on storing; the follower's lag and error show.
-    let ready = ready_when(
-        &app,
-        "the lead stores everything while the follower is down",
-        |r| {
-            r["sink"]["position"] == r["queue"]["last_seq"]
-                && !r["sinks"][1]["last_error"].is_null()
-        },
-    )
-    .await;
+    let ready = app
+        .ready_when(
+            "the lead stores everything while the follower is down",
+            |r| {
+                r["sink"]["position"] == r["queue"]["last_seq"]
+                    && !r["sinks"][1]["last_error"].is_null()
+            },
+        )
+        .await;
     assert_eq!(ready["sinks"][1]["name"], "postgres", "{ready}");
     assert!(ready["sinks"][1]["lag"].as_u64() > Some(0), "{ready}");
     assert_eq!(ready["status"], "degraded", "{ready}");
@@ -561,14 +544,7 @@ async fn rows_postgres_refuses_become_dead_letters_and_the_rest_flows() {
         let data = tempfile::tempdir().unwrap();
         let team = create_team(data.path(), "t", TOKEN).to_string();
         // Exports follow the lead: every event it stored is delivered, once.
-        install_plugin(
-            data.path(),
-            "examples/webhook-exporter",
-            "webhook_exporter.wasm",
-        );
-        let (hook, seen) = webhook(|_| (Duration::ZERO, 200)).await;
-        let hook_url = format!("url=http://{hook}/hook");
-        enable_plugin(data.path(), &team, "Webhook Exporter", &[&hook_url]);
+        let seen = webhook_exporter(data.path(), &team).await;
         let mut env = env.to_vec();
         env.push(("PLUGIN_ALLOWED_NETWORKS", "127.0.0.0/8"));
         db.batch_execute("TRUNCATE posthog_event").await.unwrap();
@@ -578,19 +554,8 @@ async fn rows_postgres_refuses_become_dead_letters_and_the_rest_flows() {
         let stored = texts(&db, "SELECT event FROM posthog_event").await;
         assert_eq!(stored.len(), 23, "lead: {lead}: the rest flows");
         let want = if lead { 23 } else { 25 };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let delivered = loop {
-            let delivered: usize = seen
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(_, body)| body["batch"].as_array().map_or(0, Vec::len))
-                .sum();
-            if delivered >= want || std::time::Instant::now() > deadline {
-                break delivered;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        delivered_events(&seen, want).await;
+        let delivered = delivered_events(&seen, 0).await.len();
         assert_eq!(
             delivered, want,
             "lead: {lead}: what the lead stored is delivered"
@@ -684,18 +649,7 @@ async fn rows_inserted_before_a_crash_that_kept_the_position_back_are_still_deli
     let url = pg.create_database("events").await;
     let dir = tempfile::tempdir().unwrap();
     let team = create_team(dir.path(), "t", TOKEN).to_string();
-    install_plugin(
-        dir.path(),
-        "examples/webhook-exporter",
-        "webhook_exporter.wasm",
-    );
-    let (hook, seen) = webhook(|_| (Duration::ZERO, 200)).await;
-    enable_plugin(
-        dir.path(),
-        &team,
-        "Webhook Exporter",
-        &[&format!("url=http://{hook}/hook")],
-    );
+    let seen = webhook_exporter(dir.path(), &team).await;
     let mut env = vec![
         ("SINKS", "postgres"),
         ("DATABASE_URL", url.as_str()),
@@ -723,26 +677,13 @@ async fn rows_inserted_before_a_crash_that_kept_the_position_back_are_still_deli
     // The batch is written again; its rows count as this batch's, so each event is delivered.
     let app = Appliance::start(dir.path(), &env);
     app.wait_drained().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let delivered = loop {
-        let delivered: Vec<Value> = seen
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|(_, body)| body["batch"].as_array().cloned().unwrap_or_default())
-            .collect();
-        if delivered.len() >= 250 {
-            break delivered;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {} delivered",
-            delivered.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    delivered_events(&seen, 250).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(delivered.len(), 250, "each event once");
+    assert_eq!(
+        delivered_events(&seen, 0).await.len(),
+        250,
+        "each event once"
+    );
     assert_eq!(pg_events(&db).await.len(), 250, "each row once");
 }
 

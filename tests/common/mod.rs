@@ -204,27 +204,8 @@ impl Appliance {
         let _ = self.child.wait();
     }
 
-    /// Waits until everything queued has reached the lead sink (followers may lag).
-    pub async fn wait_drained_lead(&self) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ready: Value = reqwest::get(self.url("/_ready"))
-                .await
-                .expect("GET /_ready")
-                .json()
-                .await
-                .expect("/_ready answers JSON");
-            if ready["sink"]["delivered"] == ready["queue"]["last_seq"] {
-                return ready;
-            }
-            assert!(Instant::now() < deadline, "the lead did not drain: {ready}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until everything queued has reached the sinks (none of it deferred for a team's
-    /// plugins); returns the readiness report.
-    pub async fn wait_drained(&self) -> Value {
+    /// Polls `/_ready` until `check` holds of it (60 s at most, then fails saying `what`).
+    pub async fn ready_when(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -236,6 +217,26 @@ impl Appliance {
                 .json()
                 .await
                 .expect("/_ready answers JSON");
+            if check(&ready) {
+                return ready;
+            }
+            assert!(Instant::now() < deadline, "{what} within 60 s: {ready}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until everything queued has reached the lead sink (followers may lag).
+    pub async fn wait_drained_lead(&self) -> Value {
+        self.ready_when("the lead drained", |ready| {
+            ready["sink"]["delivered"] == ready["queue"]["last_seq"]
+        })
+        .await
+    }
+
+    /// Waits until everything queued has reached the sinks (none of it deferred for a team's
+    /// plugins); returns the readiness report.
+    pub async fn wait_drained(&self) -> Value {
+        self.ready_when("the queue drained", |ready| {
             let last = ready["queue"]["last_seq"].as_u64().unwrap_or(u64::MAX);
             let deferred = ready["room"]["deferred_bytes_by_team"]
                 .as_object()
@@ -244,19 +245,12 @@ impl Appliance {
             let followers_caught_up = ready["sinks"]
                 .as_array()
                 .is_none_or(|sinks| sinks.iter().all(|s| s["lag"] == 0));
-            if ready["sink"]["position"].as_u64() == Some(last)
+            ready["sink"]["position"].as_u64() == Some(last)
                 && ready["sink"]["delivered"].as_u64() == Some(last)
                 && followers_caught_up
                 && !deferred
-            {
-                return ready;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "queue not drained within 60 s: {ready}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 }
 
@@ -639,6 +633,42 @@ pub async fn webhook(answer: Answer) -> (SocketAddr, Arc<Mutex<Vec<(u16, Value)>
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     (addr, seen)
+}
+
+/// Installs the webhook exporter in `data_dir` and enables it for `team`, pointed at a webhook
+/// that answers 200; returns what the webhook received.
+pub async fn webhook_exporter(data_dir: &Path, team: &str) -> Arc<Mutex<Vec<(u16, Value)>>> {
+    install_plugin(
+        data_dir,
+        "examples/webhook-exporter",
+        "webhook_exporter.wasm",
+    );
+    let (hook, seen) = webhook(|_| (Duration::ZERO, 200)).await;
+    let url = format!("url=http://{hook}/hook");
+    enable_plugin(data_dir, team, "Webhook Exporter", &[&url]);
+    seen
+}
+
+/// The events a webhook exporter delivered, once there are at least `at_least` (60 s at most).
+pub async fn delivered_events(seen: &Mutex<Vec<(u16, Value)>>, at_least: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let delivered: Vec<Value> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, body)| body["batch"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if delivered.len() >= at_least {
+            return delivered;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} delivered",
+            delivered.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A field of `/proc/<pid>/status` in KiB (`VmRSS` now, `VmHWM` the peak so far).
