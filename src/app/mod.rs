@@ -102,7 +102,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     for follower in &opened.followers {
         tracing::info!(sink = follower.sink.name(), events = %follower.target, "follower sink configured");
     }
-    if opened.followers.is_empty() {
+    let one = ReadLimits {
+        events: 1,
+        bytes: 1,
+    };
+    if opened.followers.is_empty() && !store.read_follow_after(0, one)?.is_empty() {
         // Records kept for followers no longer configured would hold their bytes forever.
         let last = store.follow_last_seq()?;
         store.trim_follow_through(last)?;

@@ -50,10 +50,13 @@ fn subset(write: &SinkWrite, items: &[At]) -> SinkWrite {
 }
 
 /// Writes `write` in halves until each refused event is alone; returns those with the sink's
-/// words. Fails with the first error that is not a refusal (the sink went away: retry later).
+/// words. With `refused_whole`, the write as a whole is known to be refused, so it starts from
+/// its halves. Fails with the first error that is not a refusal (the sink went away: retry
+/// later).
 pub(super) async fn refused_events(
     sink: &dyn Sink,
     write: &SinkWrite,
+    refused_whole: bool,
 ) -> Result<Vec<(At, String)>, SinkError> {
     let all: Vec<At> = write
         .batches
@@ -62,7 +65,12 @@ pub(super) async fn refused_events(
         .flat_map(|(b, q)| (0..q.batch.events.len()).map(move |e| (b, e)))
         .collect();
     let mut refused = Vec::new();
-    let mut pending = vec![all];
+    let mut pending = if refused_whole && all.len() > 1 {
+        let (left, right) = all.split_at(all.len() / 2);
+        vec![right.to_vec(), left.to_vec()]
+    } else {
+        vec![all]
+    };
     while let Some(items) = pending.pop() {
         if items.is_empty() {
             continue;
@@ -183,7 +191,7 @@ pub(super) async fn write_setting_aside(
 ) -> Result<Written, StepFailure> {
     match sink.write(write.clone(), position).await {
         Err(SinkError::Refused { detail, .. }) => {
-            let refused = refused_events(sink, &write).await?;
+            let refused = refused_events(sink, &write, true).await?;
             if refused.is_empty() {
                 // Refused as a whole, yet every event alone is taken: the person changes are
                 // what the sink refuses. Retried (and reported) like an unreachable sink.
@@ -266,7 +274,7 @@ pub(super) async fn resend(sink: &dyn Sink, store: &Store) -> Result<(), StepFai
         ),
         persons: Arc::new(PersonUpdates::default()),
     };
-    let refused = refused_events(sink, &write).await?;
+    let refused = refused_events(sink, &write, false).await?;
     let again: Vec<(u64, String)> = refused
         .iter()
         .filter_map(|((b, _), error)| letters.get(*b).map(|l| (l.id, error.clone())))
