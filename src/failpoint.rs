@@ -15,6 +15,10 @@ static ARMED: OnceLock<Vec<String>> = OnceLock::new();
 pub const POINTS: &[&str] = &[
     // After the sink committed a write that stored events, before their deliveries are queued.
     "pipeline.after_sink_write",
+    // After the Postgres sink's parallel inserts committed, before the position's transaction.
+    "postgres.before_position",
+    // After the ClickHouse sink's inserts, before it records its position.
+    "clickhouse.before_position",
 ];
 
 /// Arms the named points (once, at start-up).

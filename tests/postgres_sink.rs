@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::load::{merge_heavy_events, send_in_order};
+use common::fidelity::{columns, reference, rough_run};
 use common::pg::PgServer;
 use common::{
     cli, command, create_team, delivered_events, drive, post_batch, read_events, read_persons,
@@ -90,81 +90,6 @@ async fn pg_persons(db: &tokio_postgres::Client) -> BTreeMap<String, PersonRow> 
 }
 
 /// Each event's stored columns, by uuid, without the write time.
-fn columns(rows: &[Row]) -> BTreeMap<String, Value> {
-    rows.iter()
-        .map(|r| {
-            let value = json!([
-                r.event,
-                r.distinct_id,
-                r.properties,
-                r.elements_chain,
-                r.timestamp,
-                r.team_id,
-                r.person_id,
-                r.person_properties,
-                r.person_created_at,
-                r.person_mode
-            ]);
-            (r.uuid.clone(), value)
-        })
-        .collect()
-}
-
-/// The merge-heavy sequence of the person tests, then groups.
-fn fidelity_events() -> Vec<Value> {
-    let mut events = merge_heavy_events(60);
-    let at = "2026-11-02T00:00:00Z";
-    events.push(
-        json!({"event": "$groupidentify", "distinct_id": "user1", "timestamp": at,
-        "uuid": "00000000-0000-0000-0000-00000000a001",
-        "properties": {"$group_type": "company", "$group_key": "acme",
-                       "$group_set": {"name": "Acme", "seats": 12}}}),
-    );
-    events.push(
-        json!({"event": "signed", "distinct_id": "user1", "timestamp": at,
-        "uuid": "00000000-0000-0000-0000-00000000a002",
-        "properties": {"$groups": {"company": "acme", "project": "p-1"}}}),
-    );
-    events
-}
-
-/// Sends the fidelity events with the failpoint armed (an abort right after a lead write, before
-/// its deliveries and person changes commit) and a kill -9 later in the load; `env` picks the
-/// sinks. Returns the last server, its data directory and the events sent.
-async fn rough_run(env: &[(&str, &str)]) -> (Appliance, tempfile::TempDir, Vec<Value>) {
-    let events = fidelity_events();
-    let rough = tempfile::tempdir().unwrap();
-    create_team(rough.path(), "t", TOKEN);
-    let path = rough.path().to_owned();
-    let mut armed = env.to_vec();
-    armed.push(("APPLIANCE_FAILPOINTS", "pipeline.after_sink_write"));
-    let first = Appliance::start(&path, &armed);
-    let (app, restarts) = send_in_order(
-        first,
-        &events,
-        |_| Some(Appliance::start(&path, env)),
-        Some(events.len() / 16 / 2),
-    )
-    .await;
-    assert_eq!(
-        restarts, 2,
-        "the failpoint's abort and the kill -9 both happened"
-    );
-    (app, rough, events)
-}
-
-/// The events and persons the embedded SQLite sink holds for the fidelity events, undisturbed.
-async fn reference() -> (Vec<Row>, BTreeMap<String, PersonRow>) {
-    let calm = tempfile::tempdir().unwrap();
-    create_team(calm.path(), "t", TOKEN);
-    let app = Appliance::start(calm.path(), &[]);
-    let (app, _) = send_in_order(app, &fidelity_events(), |_| None, None).await;
-    (
-        read_events(&app.sqlite_path()),
-        read_persons(&app.sqlite_path()),
-    )
-}
-
 /// Asserts that Postgres holds `want_rows` and `want_persons`, and the fidelity events' groups.
 async fn assert_holds(
     db: &tokio_postgres::Client,

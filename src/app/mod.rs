@@ -91,8 +91,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             team.id, team.name, team.api_token
         );
     }
-    let opened = crate::sinks::open(&config.sinks, &config.sqlite_path)?;
-    let (sink, events) = (opened.lead.sink, opened.lead.events);
+    let opened = crate::sinks::open(&config.sinks, &config.sqlite_path, &store)?;
+    let (sink, events) = (opened.lead.sink, opened.events);
     tracing::info!(
         state = %store.path().display(),
         sink = sink.name(),
@@ -106,7 +106,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         events: 1,
         bytes: 1,
     };
-    if opened.followers.is_empty() && !store.read_follow_after(0, one)?.is_empty() {
+    if opened.followers.is_empty() && !store.read_follow_after(0, u64::MAX, one)?.is_empty() {
         // Records kept for followers no longer configured would hold their bytes forever.
         let last = store.follow_last_seq()?;
         store.trim_follow_through(last)?;

@@ -327,11 +327,7 @@ fn migrate(config: &Config) -> Result<(), CliError> {
             SinkKind::Postgres => {
                 let url = config.sinks.postgres_url.as_deref().unwrap_or_default();
                 let target = PostgresTarget::parse(url).map_err(CliError::Other)?;
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| CliError::Other(format!("cannot start the runtime: {e}")))?;
-                let applied = runtime
+                let applied = current_thread_runtime()?
                     .block_on(crate::sinks::postgres::migrate(&target))
                     .map_err(failed)?;
                 println!(
@@ -339,9 +335,26 @@ fn migrate(config: &Config) -> Result<(), CliError> {
                     target.redacted()
                 );
             }
+            SinkKind::ClickHouse => {
+                let settings = &config.sinks.clickhouse;
+                let applied = current_thread_runtime()?
+                    .block_on(crate::sinks::clickhouse::migrate(settings))
+                    .map_err(failed)?;
+                println!(
+                    "{applied} ClickHouse migration(s) applied to {} (database {})",
+                    settings.url, settings.database
+                );
+            }
         }
     }
     Ok(())
+}
+
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Other(format!("cannot start the runtime: {e}")))
 }
 
 /// Asks `/_health` of the instance configured by WEB_HOSTNAME/WEB_PORT.

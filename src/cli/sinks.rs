@@ -10,7 +10,7 @@ use crate::ops::Ops;
 pub enum SinkCommand {
     /// List the events a sink refused, with its words, oldest first
     DeadLetters {
-        /// Only those of this sink (sqlite, postgres)
+        /// Only those of this sink (sqlite, postgres, clickhouse)
         #[arg(long)]
         sink: Option<String>,
         /// Print JSON lines instead of text

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use settings::{check, log_filter};
 pub use settings::{parse_bool, settings_help, Setting, SETTINGS};
-pub use sinks::{split_tls_params, SinkKind, SinkSettings, SplitUrl};
+pub use sinks::{split_tls_params, ClickHouseSettings, SinkKind, SinkSettings, SplitUrl};
 
 /// A setting whose value was refused. Displayed as the one line start-up stops with.
 #[derive(Debug, thiserror::Error)]
@@ -304,9 +304,29 @@ impl Config {
                 .then(|| get(name))
                 .filter(|v| !v.is_empty())
         };
+        let clickhouse = {
+            let port = explicit_value("CLICKHOUSE_PORT").map(|_| num("CLICKHOUSE_PORT") as u16);
+            let mut settings = sinks::ClickHouseSettings::new(
+                &get("CLICKHOUSE_HOST"),
+                port,
+                flag("CLICKHOUSE_SECURE"),
+            );
+            settings.database = get("CLICKHOUSE_DATABASE");
+            settings.user = get("CLICKHOUSE_USER");
+            settings.password = explicit_value("CLICKHOUSE_PASSWORD");
+            settings.flush_interval =
+                std::time::Duration::from_millis(num("CLICKHOUSE_FLUSH_INTERVAL_MS"));
+            settings
+        };
+        let sinks_value = explicit_value("SINKS");
+        let wants_clickhouse = explicit.contains(&"CLICKHOUSE_HOST")
+            || sinks_value
+                .as_deref()
+                .is_some_and(|s| s.to_ascii_lowercase().contains("clickhouse"));
         let sinks = sinks::resolve(
-            explicit_value("SINKS").as_deref(),
+            sinks_value.as_deref(),
             explicit_value("DATABASE_URL").as_deref(),
+            wants_clickhouse.then_some(clickhouse),
         )?;
         let config = Config {
             data_dir,
@@ -468,8 +488,8 @@ impl Config {
                     .to_owned(),
             );
         }
-        if set("CLICKHOUSE_HOST") {
-            notes.push("CLICKHOUSE_HOST: the ClickHouse sink is not built yet; events are stored in the embedded SQLite database".to_owned());
+        if set("CLICKHOUSE_CA") {
+            notes.push("CLICKHOUSE_CA: a custom CA is not supported; a secure ClickHouse connection checks the server against the system's trusted roots".to_owned());
         }
         if set("SENTRY_DSN") {
             notes.push("SENTRY_DSN: Sentry reporting is not built yet".to_owned());
@@ -564,11 +584,18 @@ mod tests {
         let c = Config::from_vars(vars(&[
             ("KAFKA_ENABLED", "true"),
             ("CLICKHOUSE_HOST", "ch.example"),
+            ("CLICKHOUSE_CA", "/etc/ch-ca.pem"),
         ]))
         .unwrap();
         let notes = c.unbuilt_components().join("\n");
         assert!(notes.contains("Kafka"), "{notes}");
-        assert!(notes.contains("ClickHouse"), "{notes}");
+        assert!(notes.contains("CLICKHOUSE_CA"), "{notes}");
+        assert_eq!(
+            c.sinks.kinds.last(),
+            Some(&SinkKind::ClickHouse),
+            "CLICKHOUSE_HOST adds the ClickHouse sink"
+        );
+        assert_eq!(c.sinks.clickhouse.url, "http://ch.example:8123");
     }
 
     #[test]

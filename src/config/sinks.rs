@@ -11,6 +11,8 @@ pub enum SinkKind {
     Sqlite,
     /// PostHog's tables in the Postgres database of `DATABASE_URL`.
     Postgres,
+    /// PostHog's tables in the ClickHouse server of `CLICKHOUSE_HOST` (a follower only).
+    ClickHouse,
 }
 
 impl SinkKind {
@@ -18,6 +20,7 @@ impl SinkKind {
         match self {
             SinkKind::Sqlite => "sqlite",
             SinkKind::Postgres => "postgres",
+            SinkKind::ClickHouse => "clickhouse",
         }
     }
 }
@@ -30,6 +33,44 @@ pub struct SinkSettings {
     /// `DATABASE_URL` when it was set (it has a default for the seed's sake, which is never
     /// used to connect).
     pub postgres_url: Option<String>,
+    /// Where the ClickHouse sink writes (its settings have defaults; used only when chosen).
+    pub clickhouse: ClickHouseSettings,
+}
+
+/// The ClickHouse server's HTTP interface and account (`CLICKHOUSE_*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClickHouseSettings {
+    /// `http://host:port` or `https://host:port`.
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: Option<String>,
+    /// The least time between two writes unless a full batch waits.
+    pub flush_interval: std::time::Duration,
+}
+
+impl ClickHouseSettings {
+    /// From `CLICKHOUSE_HOST`, `CLICKHOUSE_PORT` (8123, or 8443 when secure) and
+    /// `CLICKHOUSE_SECURE`.
+    pub fn new(host: &str, port: Option<u16>, secure: bool) -> ClickHouseSettings {
+        let (scheme, default_port) = if secure {
+            ("https", 8443)
+        } else {
+            ("http", 8123)
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        ClickHouseSettings {
+            url: format!("{scheme}://{host}:{}", port.unwrap_or(default_port)),
+            database: "default".into(),
+            user: "default".into(),
+            password: None,
+            flush_interval: std::time::Duration::from_secs(1),
+        }
+    }
 }
 
 /// libpq's `sslmode` values.
@@ -94,10 +135,11 @@ pub fn split_tls_params(url: &str) -> Result<SplitUrl, String> {
 }
 
 /// Resolves `SINKS` against the databases configured. Unset, it is `sqlite`, followed by
-/// `postgres` when `DATABASE_URL` is set.
+/// `postgres` when `DATABASE_URL` is set and `clickhouse` when `CLICKHOUSE_HOST` is.
 pub(super) fn resolve(
     sinks: Option<&str>,
     database_url: Option<&str>,
+    clickhouse: Option<ClickHouseSettings>,
 ) -> Result<SinkSettings, ConfigError> {
     let refuse = |allowed: String| ConfigError {
         name: "SINKS",
@@ -127,6 +169,9 @@ pub(super) fn resolve(
             if database_url.is_some() {
                 kinds.push(SinkKind::Postgres);
             }
+            if clickhouse.is_some() {
+                kinds.push(SinkKind::ClickHouse);
+            }
             kinds
         }
         Some(list) => {
@@ -135,23 +180,15 @@ pub(super) fn resolve(
                 let kind = match name.to_ascii_lowercase().as_str() {
                     "sqlite" => SinkKind::Sqlite,
                     "postgres" | "postgresql" => SinkKind::Postgres,
-                    "clickhouse" => {
-                        return Err(refuse("the ClickHouse sink is not built yet".into()))
-                    }
-                    _ => {
-                        return Err(refuse(
-                            "expected sqlite and/or postgres, comma-separated".into(),
-                        ))
-                    }
+                    "clickhouse" => SinkKind::ClickHouse,
+                    _ => return Err(refuse(EXPECTED.into())),
                 };
                 if !chosen.contains(&kind) {
                     chosen.push(kind);
                 }
             }
             if chosen.is_empty() {
-                return Err(refuse(
-                    "expected sqlite and/or postgres, comma-separated".into(),
-                ));
+                return Err(refuse(EXPECTED.into()));
             }
             chosen
         }
@@ -161,11 +198,21 @@ pub(super) fn resolve(
             "postgres needs DATABASE_URL (the database to write to)".into(),
         ));
     }
+    if kinds.first() == Some(&SinkKind::ClickHouse) {
+        return Err(refuse(
+            "clickhouse can only follow: list sqlite or postgres first (SINKS=sqlite,clickhouse); \
+             ClickHouse cannot say which rows a write inserted, which after-write deliveries need"
+                .into(),
+        ));
+    }
     Ok(SinkSettings {
         kinds,
         postgres_url: database_url.map(str::to_owned),
+        clickhouse: clickhouse.unwrap_or_else(|| ClickHouseSettings::new("localhost", None, false)),
     })
 }
+
+const EXPECTED: &str = "expected sqlite, postgres and/or clickhouse, comma-separated";
 
 #[cfg(test)]
 mod tests {
@@ -174,24 +221,35 @@ mod tests {
     #[test]
     fn sqlite_leads_unless_sinks_says_otherwise() {
         use SinkKind::*;
-        assert_eq!(resolve(None, None).unwrap().kinds, [Sqlite]);
-        let both = resolve(None, Some("postgres://u:p@db/x")).unwrap();
+        assert_eq!(resolve(None, None, None).unwrap().kinds, [Sqlite]);
+        let both = resolve(None, Some("postgres://u:p@db/x"), None).unwrap();
         assert_eq!(both.kinds, [Sqlite, Postgres]);
-        let pg = resolve(Some("postgres"), Some("postgres://db/x")).unwrap();
+        let ch = ClickHouseSettings::new("ch", None, false);
+        let all = resolve(None, Some("postgres://u:p@db/x"), Some(ch.clone())).unwrap();
+        assert_eq!(all.kinds, [Sqlite, Postgres, ClickHouse]);
+        assert_eq!(all.clickhouse.url, "http://ch:8123");
+        let pg = resolve(Some("postgres"), Some("postgres://db/x"), None).unwrap();
         assert_eq!(pg.kinds, [Postgres]);
-        let order = resolve(Some("postgres, sqlite,postgres"), Some("postgres://db/x")).unwrap();
+        let order = resolve(
+            Some("postgres, sqlite,postgres"),
+            Some("postgres://db/x"),
+            None,
+        )
+        .unwrap();
         assert_eq!(order.kinds, [Postgres, Sqlite]);
+        let secure = ClickHouseSettings::new("::1", None, true);
+        assert_eq!(secure.url, "https://[::1]:8443");
     }
 
     #[test]
     fn refusals_say_why() {
-        let err = resolve(Some("postgres"), None).unwrap_err();
+        let err = resolve(Some("postgres"), None, None).unwrap_err();
         assert!(err.allowed.contains("DATABASE_URL"), "{err}");
-        let err = resolve(Some("sqlite,clickhouse"), None).unwrap_err();
-        assert!(err.allowed.contains("not built yet"), "{err}");
-        let err = resolve(Some("mongo"), None).unwrap_err();
+        let err = resolve(Some("clickhouse,sqlite"), None, None).unwrap_err();
+        assert!(err.allowed.contains("can only follow"), "{err}");
+        let err = resolve(Some("mongo"), None, None).unwrap_err();
         assert_eq!(err.name, "SINKS");
-        let err = resolve(Some(" , "), None).unwrap_err();
+        let err = resolve(Some(" , "), None, None).unwrap_err();
         assert_eq!(err.name, "SINKS");
         let split = split_tls_params(
             "postgres://u:p@db/x?sslmode=verify-full&sslrootcert=/ca.pem&application_name=a",
@@ -205,8 +263,13 @@ mod tests {
             (split.rest.as_str(), split.sslmode.as_deref()),
             ("host=db dbname=x", Some("require"))
         );
-        assert!(resolve(None, Some("postgres://db/x?sslmode=verify-full")).is_ok());
-        let err = resolve(None, Some("postgres://u:secret@db/x?sslmode=sometimes")).unwrap_err();
+        assert!(resolve(None, Some("postgres://db/x?sslmode=verify-full"), None).is_ok());
+        let err = resolve(
+            None,
+            Some("postgres://u:secret@db/x?sslmode=sometimes"),
+            None,
+        )
+        .unwrap_err();
         assert_eq!(err.name, "DATABASE_URL");
         assert!(!err.to_string().contains("secret"), "{err}");
     }

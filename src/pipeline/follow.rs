@@ -20,7 +20,7 @@ use super::{PipelineStatus, Prepared};
 use crate::person::{Person, PersonChange, PersonColumns, PersonUpdates};
 use crate::shutdown::Shutdown;
 use crate::sinks::{Sink, SinkWrite};
-use crate::store::{FollowColumns, FollowRecord, QueuedBatch, ReadLimits, Store};
+use crate::store::{FollowColumns, FollowPerson, FollowRecord, QueuedBatch, ReadLimits, Store};
 
 /// While caught up, a follower looks at the log this often even without a wake-up.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -55,8 +55,12 @@ pub(super) fn record(prepared: &Prepared) -> Option<FollowRecord> {
         .persons
         .iter()
         .map(|((team, uuid), change)| match change {
-            PersonChange::Upsert(person) => (*team, *uuid, Some(Person::clone(person))),
-            PersonChange::Deleted { .. } => (*team, *uuid, None),
+            PersonChange::Upsert(person) => {
+                (*team, *uuid, FollowPerson::Upsert(Person::clone(person)))
+            }
+            PersonChange::Deleted { version } => {
+                (*team, *uuid, FollowPerson::Deleted { version: *version })
+            }
         })
         .collect();
     record.distinct_ids = persons
@@ -109,8 +113,8 @@ fn sink_write(records: Vec<(u64, FollowRecord)>) -> SinkWrite {
         }
         for (team, uuid, person) in record.persons {
             let change = match person {
-                Some(person) => PersonChange::Upsert(Arc::new(person)),
-                None => PersonChange::Deleted { version: 0 },
+                FollowPerson::Upsert(person) => PersonChange::Upsert(Arc::new(person)),
+                FollowPerson::Deleted { version } => PersonChange::Deleted { version },
             };
             persons.persons.insert((team, uuid), change);
         }
@@ -176,21 +180,27 @@ impl Follower {
     /// Copies the follow log into the sink until shutdown; while draining, until caught up.
     pub async fn run(self, mut shutdown: Shutdown) {
         let mark = self.marks.slot(self.sink.name());
-        let Some(mut position) = self.start(&mut shutdown).await else {
+        let Some((mut position, mut unfinished)) = self.start(&mut shutdown).await else {
             return;
         };
         mark.store(position, Ordering::Relaxed);
         let mut backoff = Backoff::default();
+        let gather = self.sink.min_write_interval();
+        let mut last_write = tokio::time::Instant::now() - gather;
         loop {
             if shutdown.deadline_passed() {
                 return;
             }
             self.status.beat();
+            // A write that may have reached the sink before a crash is repeated exactly.
+            let through = unfinished.unwrap_or(u64::MAX);
             let (store, after, limits) = (self.store.clone(), position, self.limits);
-            let read = tokio::task::spawn_blocking(move || store.read_follow_after(after, limits))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
+            let read = tokio::task::spawn_blocking(move || {
+                store.read_follow_after(after, through, limits)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
             let records = match read {
                 Ok(records) => records,
                 Err(e) => {
@@ -217,6 +227,20 @@ impl Follower {
             };
             let write = sink_write(records);
             let total: usize = write.batches.iter().map(|q| q.batch.events.len()).sum();
+            let due = last_write + gather;
+            if total < self.limits.events
+                && unfinished.is_none()
+                && !shutdown.is_draining()
+                && tokio::time::Instant::now() < due
+            {
+                // Not a full write: the log has until the interval is over to fill it.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            last_write = tokio::time::Instant::now();
             let (sink, started) = (self.sink.name(), std::time::Instant::now());
             let result =
                 super::isolate::write_setting_aside(&*self.sink, &self.store, write, last).await;
@@ -226,6 +250,7 @@ impl Follower {
             match result {
                 Ok(_) => {
                     backoff.reset();
+                    unfinished = None;
                     position = last;
                     mark.store(position, Ordering::Relaxed);
                     self.status.set_positions(position, position);
@@ -252,16 +277,21 @@ impl Follower {
         }
     }
 
-    /// The follower's position, asked until it answers; the log's numbering is moved past it
-    /// should the state file be older than the follower's copy.
-    async fn start(&self, shutdown: &mut Shutdown) -> Option<u64> {
+    /// The follower's position and the end of a write it may not have finished, asked until it
+    /// answers; the log's numbering is moved past it should the state file be older than the
+    /// follower's copy.
+    async fn start(&self, shutdown: &mut Shutdown) -> Option<(u64, Option<u64>)> {
         let mut backoff = Backoff::default();
         loop {
             if shutdown.deadline_passed() {
                 return None;
             }
-            match self.sink.position().await {
-                Ok(position) => {
+            let asked = match self.sink.position().await {
+                Ok(position) => self.sink.unfinished_write().await.map(|u| (position, u)),
+                Err(e) => Err(e),
+            };
+            match asked {
+                Ok((position, unfinished)) => {
                     let store = self.store.clone();
                     let moved = tokio::task::spawn_blocking(move || {
                         store.ensure_follow_sequence_after(position)
@@ -276,7 +306,7 @@ impl Follower {
                     }
                     self.status.set_positions(position, position);
                     self.status.set_error(None);
-                    return Some(position);
+                    return Some((position, unfinished.filter(|end| *end > position)));
                 }
                 Err(e) => {
                     let what = format!("reading the {} sink's position", self.sink.name());

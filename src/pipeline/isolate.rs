@@ -50,21 +50,21 @@ fn subset(write: &SinkWrite, items: &[At]) -> SinkWrite {
 }
 
 /// Writes `write` in halves until each refused event is alone; returns those with the sink's
-/// words. With `refused_whole`, the write as a whole is known to be refused, so it starts from
+/// words, and the events the halves stored. With `refused_whole`, the write as a whole is known to be refused, so it starts from
 /// its halves. Fails with the first error that is not a refusal (the sink went away: retry
 /// later).
 pub(super) async fn refused_events(
     sink: &dyn Sink,
     write: &SinkWrite,
     refused_whole: bool,
-) -> Result<Vec<(At, String)>, SinkError> {
+) -> Result<(Vec<(At, String)>, Vec<At>), SinkError> {
     let all: Vec<At> = write
         .batches
         .iter()
         .enumerate()
         .flat_map(|(b, q)| (0..q.batch.events.len()).map(move |e| (b, e)))
         .collect();
-    let mut refused = Vec::new();
+    let (mut refused, mut stored) = (Vec::new(), Vec::new());
     let mut pending = if refused_whole && all.len() > 1 {
         let (left, right) = all.split_at(all.len() / 2);
         vec![right.to_vec(), left.to_vec()]
@@ -76,7 +76,7 @@ pub(super) async fn refused_events(
             continue;
         }
         match sink.write(subset(write, &items), 0).await {
-            Ok(_) => {}
+            Ok(_) => stored.extend(items),
             Err(SinkError::Refused { detail, .. }) if items.len() == 1 => {
                 refused.push((items[0], detail));
             }
@@ -88,7 +88,7 @@ pub(super) async fn refused_events(
             Err(other) => return Err(other),
         }
     }
-    Ok(refused)
+    Ok((refused, stored))
 }
 
 /// `write` without the `refused` events (its person changes kept).
@@ -129,14 +129,28 @@ pub(super) fn remainder(write: &SinkWrite, refused: &[At]) -> SinkWrite {
     }
 }
 
-/// What the remainder's write inserted, in the shape of the whole write (refused: not inserted).
-pub(super) fn widen(write: &SinkWrite, refused: &[At], of_remainder: Written) -> Written {
+/// What the remainder's write inserted, in the shape of the whole write: refused events are not
+/// inserted, and events left out of the remainder because a half stored them are.
+pub(super) fn widen(
+    write: &SinkWrite,
+    refused: &[At],
+    left_out: &[At],
+    of_remainder: Written,
+) -> Written {
     let mut inserted = Vec::with_capacity(write.batches.len());
     for (b, q) in write.batches.iter().enumerate() {
         let mut kept = of_remainder.inserted.get(b).into_iter().flatten().copied();
         inserted.push(
             (0..q.batch.events.len())
-                .map(|e| !refused.contains(&(b, e)) && kept.next().unwrap_or(false))
+                .map(|e| {
+                    if refused.contains(&(b, e)) {
+                        false
+                    } else if left_out.contains(&(b, e)) {
+                        true
+                    } else {
+                        kept.next().unwrap_or(false)
+                    }
+                })
                 .collect(),
         );
     }
@@ -191,7 +205,7 @@ pub(super) async fn write_setting_aside(
 ) -> Result<Written, StepFailure> {
     match sink.write(write.clone(), position).await {
         Err(SinkError::Refused { detail, .. }) => {
-            let refused = refused_events(sink, &write, true).await?;
+            let (refused, stored) = refused_events(sink, &write, true).await?;
             if refused.is_empty() {
                 // Refused as a whole, yet every event alone is taken: the person changes are
                 // what the sink refuses. Retried (and reported) like an unreachable sink.
@@ -212,8 +226,13 @@ pub(super) async fn write_setting_aside(
                 .await
                 .map_err(|e| StepFailure::Store(StoreError::Conflict(e.to_string())))??;
             let at: Vec<At> = refused.iter().map(|(at, _)| *at).collect();
-            let written = sink.write(remainder(&write, &at), position).await?;
-            Ok(widen(&write, &at, written))
+            // A sink that would store an event twice is not sent what the halves stored.
+            let mut left_out = at.clone();
+            if !sink.deduplicates_by_key() {
+                left_out.extend(stored);
+            }
+            let written = sink.write(remainder(&write, &left_out), position).await?;
+            Ok(widen(&write, &at, &left_out, written))
         }
         other => Ok(other?),
     }
@@ -274,7 +293,7 @@ pub(super) async fn resend(sink: &dyn Sink, store: &Store) -> Result<(), StepFai
         ),
         persons: Arc::new(PersonUpdates::default()),
     };
-    let refused = refused_events(sink, &write, false).await?;
+    let (refused, _) = refused_events(sink, &write, false).await?;
     let again: Vec<(u64, String)> = refused
         .iter()
         .filter_map(|((b, _), error)| letters.get(*b).map(|l| (l.id, error.clone())))
@@ -353,7 +372,16 @@ mod tests {
             inserted: vec![vec![true, false], vec![true]],
         };
         assert_eq!(
-            widen(&w, &refused, of_rest).inserted,
+            widen(&w, &refused, &refused, of_rest.clone()).inserted,
+            [vec![true, false, false], vec![false, true]]
+        );
+        // Left out because a half stored it: counted as inserted.
+        let left_out = [(0, 1), (1, 0), (0, 0)];
+        let of_rest = Written {
+            inserted: vec![vec![false], vec![true]],
+        };
+        assert_eq!(
+            widen(&w, &refused, &left_out, of_rest).inserted,
             [vec![true, false, false], vec![false, true]]
         );
         let letters = dead_letters("postgres", &w, &[((1, 0), "no".into())]);

@@ -6,6 +6,7 @@
 //! write is idempotent on the event's (team, uuid) and records, in the same transaction where the
 //! store is transactional, the queue position it has reached.
 
+pub mod clickhouse;
 pub mod postgres;
 pub mod sqlite;
 
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use crate::config::{SinkKind, SinkSettings};
 use crate::event::EventRow;
 use crate::person::{PersonColumns, PersonUpdates};
-use crate::store::QueuedBatch;
+use crate::store::{QueuedBatch, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -99,6 +100,25 @@ pub trait Sink: Send + Sync {
     /// For each event of `batches`, the row as stored, if the batch's own write inserted it
     /// (after a crash, the deliveries of a stored batch are rebuilt from these).
     fn stored_rows(&self, batches: Arc<Vec<QueuedBatch>>) -> SinkFuture<'_, StoredRows>;
+
+    /// The end of a write that began and may not have finished (a sink without transactions
+    /// recognises a retried write only when it holds exactly the same events): the next write
+    /// must end there. `None` for a transactional sink.
+    fn unfinished_write(&self) -> SinkFuture<'_, Option<u64>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Whether writing events it already holds stores nothing twice (its rows are unique by
+    /// (team, uuid)). A sink without that (ClickHouse) is never sent an event twice on purpose.
+    fn deduplicates_by_key(&self) -> bool {
+        true
+    }
+
+    /// The least time between two writes that are not full (a sink that prefers few large
+    /// writes waits to gather more).
+    fn min_write_interval(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// One write: processed batches, each event's person columns, and the person changes.
@@ -147,20 +167,27 @@ impl Role {
 /// An opened sink, with where it writes (for the start-up log; no password).
 pub struct OpenedSink {
     pub sink: Arc<dyn Sink>,
-    pub events: Arc<dyn EventReader>,
+    /// How its events are read back; `None` for a sink that only follows.
+    pub events: Option<Arc<dyn EventReader>>,
     pub target: String,
 }
 
 /// The configured sinks: the lead, whose events the appliance reads back, and the followers.
 pub struct OpenedSinks {
     pub lead: OpenedSink,
+    /// The lead's reader (every sink that can lead reads back).
+    pub events: Arc<dyn EventReader>,
     pub followers: Vec<OpenedSink>,
 }
 
 /// Opens the configured sinks. SQLite is opened and migrated now; Postgres connects (and
 /// migrates) on first use, so that a server that is still starting is waited for, not fatal.
 /// Must be called inside the runtime.
-pub fn open(settings: &SinkSettings, sqlite_path: &Path) -> Result<OpenedSinks, SinkError> {
+pub fn open(
+    settings: &SinkSettings,
+    sqlite_path: &Path,
+    store: &Store,
+) -> Result<OpenedSinks, SinkError> {
     let mut opened = Vec::with_capacity(settings.kinds.len());
     for (index, kind) in settings.kinds.iter().enumerate() {
         let role = if index == 0 {
@@ -168,15 +195,21 @@ pub fn open(settings: &SinkSettings, sqlite_path: &Path) -> Result<OpenedSinks, 
         } else {
             Role::Follower
         };
-        opened.push(open_one(*kind, role, settings, sqlite_path)?);
+        opened.push(open_one(*kind, role, settings, sqlite_path, store)?);
     }
     let mut opened = opened.into_iter();
     let lead = match opened.next() {
         Some(lead) => lead,
-        None => open_one(SinkKind::Sqlite, Role::Lead, settings, sqlite_path)?,
+        None => open_one(SinkKind::Sqlite, Role::Lead, settings, sqlite_path, store)?,
     };
+    let events = lead.events.clone().ok_or_else(|| SinkError::Open {
+        sink: lead.sink.name(),
+        target: lead.target.clone(),
+        detail: "this sink cannot lead: it cannot read its events back".into(),
+    })?;
     Ok(OpenedSinks {
         lead,
+        events,
         followers: opened.collect(),
     })
 }
@@ -186,14 +219,23 @@ fn open_one(
     role: Role,
     settings: &SinkSettings,
     sqlite_path: &Path,
+    store: &Store,
 ) -> Result<OpenedSink, SinkError> {
     match kind {
         SinkKind::Sqlite => {
             let sink = Arc::new(sqlite::SqliteSink::open_as(sqlite_path, role)?);
             Ok(OpenedSink {
                 sink: sink.clone(),
-                events: sink,
+                events: Some(sink),
                 target: sqlite_path.display().to_string(),
+            })
+        }
+        SinkKind::ClickHouse => {
+            let sink = clickhouse::ClickHouseSink::open(&settings.clickhouse, store.clone(), role)?;
+            Ok(OpenedSink {
+                target: sink.target().to_owned(),
+                sink: Arc::new(sink),
+                events: None,
             })
         }
         SinkKind::Postgres => {
@@ -208,7 +250,7 @@ fn open_one(
             Ok(OpenedSink {
                 target: sink.target().to_owned(),
                 sink: sink.clone(),
-                events: sink,
+                events: Some(sink),
             })
         }
     }

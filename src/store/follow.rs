@@ -44,11 +44,29 @@ pub struct FollowColumns {
 pub struct FollowRecord {
     pub batches: Vec<(u64, IngestBatch)>,
     pub columns: Vec<Vec<FollowColumns>>,
-    /// A person's new state, or `None` if it was deleted.
-    pub persons: Vec<(TeamId, Uuid, Option<Person>)>,
+    pub persons: Vec<(TeamId, Uuid, FollowPerson)>,
     pub distinct_ids: Vec<(TeamId, String, Option<DistinctId>)>,
     pub group_types: Vec<(TeamId, String, u8)>,
     pub groups: Vec<(TeamId, u8, String, Group)>,
+}
+
+/// A person's last state in a lead write.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FollowPerson {
+    Upsert(Person),
+    /// Merged away or deleted, at this version (ClickHouse's deletion row goes past it).
+    Deleted {
+        version: u64,
+    },
+}
+
+/// The key a sink without transactions keeps its position under in `META`, and the key of the
+/// write it has begun (see [`Store::begin_sink_write`]).
+fn sink_keys(sink: &str) -> (String, String) {
+    (
+        format!("sink_position:{sink}"),
+        format!("sink_writing:{sink}"),
+    )
 }
 
 /// Appends `record` in `txn` (the lead write's commit); returns its sequence number.
@@ -75,16 +93,21 @@ pub(in crate::store) fn append(
 }
 
 impl Store {
-    /// Records after `after`, in order, until `limits` is reached (at least one if any).
+    /// Records after `after` and through `through`, in order, until `limits` is reached (at
+    /// least one if any).
     pub fn read_follow_after(
         &self,
         after: u64,
+        through: u64,
         limits: ReadLimits,
     ) -> Result<Vec<(u64, FollowRecord)>, StoreError> {
         let txn = self.read()?;
         let table = txn.open_table(FOLLOW_LOG)?;
         let (mut out, mut events, mut bytes) = (Vec::new(), 0, 0);
-        for row in table.range(after.saturating_add(1)..)? {
+        if through <= after {
+            return Ok(out);
+        }
+        for row in table.range(after.saturating_add(1)..=through)? {
             let (seq, value) = row?;
             bytes += value.value().len();
             let plain = zstd::decode_all(value.value()).map_err(|e| StoreError::Corrupt {
@@ -128,6 +151,40 @@ impl Store {
         Ok(())
     }
 
+    /// The position of a sink that keeps it here (one with no transaction to keep it in), and
+    /// the end of a write it began and did not finish, if any.
+    pub fn sink_position(&self, sink: &str) -> Result<(u64, Option<u64>), StoreError> {
+        let (position, writing) = sink_keys(sink);
+        let txn = self.read()?;
+        let meta = txn.open_table(META)?;
+        let writing = meta.get(writing.as_str())?.map(|v| v.value());
+        Ok((meta_get(&meta, &position)?, writing))
+    }
+
+    /// Records that the sink is about to write everything through `through`: after a crash,
+    /// its first write must cover exactly that range again, so that the sink's deduplication
+    /// recognises it.
+    pub fn begin_sink_write(&self, sink: &str, through: u64) -> Result<(), StoreError> {
+        let (_, writing) = sink_keys(sink);
+        let txn = self.write()?;
+        txn.open_table(META)?.insert(writing.as_str(), through)?;
+        self.commit(txn)
+    }
+
+    /// Records the sink's position as `position` (never backwards) and its begun write as done.
+    pub fn finish_sink_write(&self, sink: &str, position: u64) -> Result<(), StoreError> {
+        let (key, writing) = sink_keys(sink);
+        let txn = self.write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            if position > meta_get(&meta, &key)? {
+                meta.insert(key.as_str(), position)?;
+            }
+            meta.remove(writing.as_str())?;
+        }
+        self.commit(txn)
+    }
+
     /// Moves the next record's number past `position` if a follower has stored that far (its
     /// copy is ahead of a restored state file): a new record must never get a number the
     /// follower counts as stored.
@@ -161,6 +218,23 @@ mod tests {
     }
 
     #[test]
+    fn a_sink_position_kept_here_remembers_the_write_it_began() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.sink_position("ch").unwrap(), (0, None));
+        store.begin_sink_write("ch", 7).unwrap();
+        assert_eq!(store.sink_position("ch").unwrap(), (0, Some(7)));
+        store.finish_sink_write("ch", 7).unwrap();
+        store.finish_sink_write("ch", 5).unwrap();
+        assert_eq!(
+            store.sink_position("ch").unwrap(),
+            (7, None),
+            "never backwards"
+        );
+        assert_eq!(store.sink_position("other").unwrap(), (0, None));
+    }
+
+    #[test]
     fn records_are_numbered_read_in_order_trimmed_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -187,11 +261,16 @@ mod tests {
             events: 10,
             bytes: usize::MAX,
         };
-        let read = store.read_follow_after(1, limits).unwrap();
+        let read = store.read_follow_after(1, u64::MAX, limits).unwrap();
         assert_eq!(read.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [2, 3]);
         assert_eq!(read[0].1, record(2));
+        let bounded = store.read_follow_after(1, 2, limits).unwrap();
+        assert_eq!(bounded.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [2]);
         store.trim_follow_through(2).unwrap();
-        assert_eq!(store.read_follow_after(0, limits).unwrap().len(), 1);
+        assert_eq!(
+            store.read_follow_after(0, u64::MAX, limits).unwrap().len(),
+            1
+        );
         store.trim_follow_through(3).unwrap();
         assert_eq!(store.room().queued_bytes, 0);
         assert!(store.ensure_follow_sequence_after(10).unwrap());

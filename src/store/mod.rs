@@ -34,7 +34,7 @@ use redb::{
 pub use crate::ids::{JobId, PluginConfigId, PluginId, TeamId};
 pub use dead_letters::DeadLetter;
 pub use exports::{Export, ExportProgress, ExportState, PageCursor};
-pub use follow::{FollowColumns, FollowRecord};
+pub use follow::{FollowColumns, FollowPerson, FollowRecord};
 pub use ingest::{IngestStats, QueueRead, QueuedBatch, ReadLimits, Unreadable};
 pub use jobs::{
     Attempt, Cadence, Claimed, Control, Job, JobKind, JobState, JobStats, JobTables, NewJob,

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod ch;
+pub mod fidelity;
 pub mod load;
 pub mod pg;
 
