@@ -307,9 +307,9 @@ async fn a_postgres_follower_that_is_down_holds_back_nothing_and_catches_up() {
 fn configuration_mistakes_stop_start_up_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     for (env, says) in [
-        (vec![("SINKS", "sqlite,clickhouse")], "not built yet"),
+        (vec![("SINKS", "clickhouse,sqlite")], "can only follow"),
         (vec![("SINKS", "postgres")], "DATABASE_URL"),
-        (vec![("SINKS", "clickhouse")], "not built yet"),
+        (vec![("SINKS", "clickhouse")], "can only follow"),
         (
             vec![("DATABASE_URL", "postgres://u:secret@db/x?sslmode=sometimes")],
             "DATABASE_URL",

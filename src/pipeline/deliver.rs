@@ -43,7 +43,7 @@ impl Pipeline {
         let follow = self
             .followers
             .as_ref()
-            .and_then(|_| super::follow::record(prepared));
+            .and_then(|_| super::follow::record(prepared, written));
         let Some(deliveries) = &self.deliveries else {
             return self.finish_deferred(prepared, follow).await;
         };

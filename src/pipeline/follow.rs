@@ -19,16 +19,18 @@ use super::backoff::Backoff;
 use super::{PipelineStatus, Prepared};
 use crate::person::{Person, PersonChange, PersonColumns, PersonUpdates};
 use crate::shutdown::Shutdown;
-use crate::sinks::{Sink, SinkWrite};
+use crate::sinks::{Sink, SinkWrite, Written};
 use crate::store::{FollowColumns, FollowPerson, FollowRecord, QueuedBatch, ReadLimits, Store};
 
 /// While caught up, a follower looks at the log this often even without a wake-up.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
-/// The follow log record of a lead write: the batches it processed (and the stored rows of
+/// The follow log record of a lead write: the events it inserted (and the stored rows of
 /// batches it redelivered after a crash), their person columns and the sink-side person changes.
-/// `None` when the write changed nothing a sink holds.
-pub(super) fn record(prepared: &Prepared) -> Option<FollowRecord> {
+/// An event the lead already held (a client's resend, say) is left out: the followers got it
+/// with the write that stored it, and a follower that keeps the last copy of a row (ClickHouse)
+/// must not take the resend's. `None` when the write changed nothing a sink holds.
+pub(super) fn record(prepared: &Prepared, written: &Written) -> Option<FollowRecord> {
     let mut record = FollowRecord::default();
     for ((queued, rows), columns) in prepared
         .redeliver
@@ -42,13 +44,29 @@ pub(super) fn record(prepared: &Prepared) -> Option<FollowRecord> {
         record.columns.push(columns.iter().map(to_record).collect());
     }
     for (index, queued) in prepared.process.iter().enumerate() {
-        record.batches.push((queued.seq, queued.batch.clone()));
         let columns = prepared
             .columns
             .get(index)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        record.columns.push(columns.iter().map(to_record).collect());
+        let inserted = written
+            .inserted
+            .get(index)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let is_new = |at: usize| inserted.get(at).copied().unwrap_or(false);
+        let mut batch = queued.batch.clone();
+        batch.events = (queued.batch.events.iter().enumerate())
+            .filter(|(at, _)| is_new(*at))
+            .map(|(_, event)| event.clone())
+            .collect();
+        record.batches.push((queued.seq, batch));
+        record.columns.push(
+            (columns.iter().enumerate())
+                .filter(|(at, _)| is_new(*at))
+                .map(|(_, c)| to_record(c))
+                .collect(),
+        );
     }
     let persons = &prepared.persons;
     record.persons = persons
