@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::ch::{Chdb, ClickHouse18};
 use common::fidelity::{columns, reference, rough_run};
 use common::{
-    cli, command, create_team, drive, post_batch, read_events, read_persons, Appliance, PersonRow,
-    Row, TOKEN,
+    cli, command, create_team, post_batch, read_events, read_persons, run_real_sdks, Appliance,
+    PersonRow, Row, TOKEN,
 };
 use serde_json::{json, Value};
 
@@ -331,13 +331,7 @@ async fn real_sdk_events_reach_clickhouse_as_they_reach_sqlite() {
     create_team(dir.path(), "sdk", TOKEN);
     let env = env_of(&ch);
     let app = Appliance::start(dir.path(), &borrowed(&env));
-    let run = std::process::id().to_string();
-    let sent = tokio::task::block_in_place(|| {
-        let python = drive("python3", "python_sdk.py", &app, &[&run]);
-        let node = drive("node", "node_sdk.mjs", &app, &[&run]);
-        let persons = drive("python3", "persons_sdk.py", &app, &[]);
-        python.len() + node.len() + persons.len()
-    });
+    let sent = tokio::task::block_in_place(|| run_real_sdks(&app));
     app.wait_drained().await;
     let lead = read_events(&app.sqlite_path());
     assert_eq!(lead.len(), sent - 1);

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use common::fidelity::{columns, reference, rough_run};
 use common::pg::PgServer;
 use common::{
-    cli, command, create_team, delivered_events, drive, post_batch, read_events, read_persons,
-    webhook_exporter, Api, Appliance, PersonRow, Row, TOKEN,
+    cli, command, create_team, delivered_events, post_batch, read_events, read_persons,
+    run_real_sdks, webhook_exporter, Api, Appliance, PersonRow, Row, TOKEN,
 };
 use serde_json::{json, Value};
 
@@ -619,13 +619,7 @@ async fn real_sdk_events_reach_postgres_as_they_reach_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     create_team(dir.path(), "sdk", TOKEN);
     let app = Appliance::start(dir.path(), &[("DATABASE_URL", url.as_str())]);
-    let run = std::process::id().to_string();
-    let sent = tokio::task::block_in_place(|| {
-        let python = drive("python3", "python_sdk.py", &app, &[&run]);
-        let node = drive("node", "node_sdk.mjs", &app, &[&run]);
-        let persons = drive("python3", "persons_sdk.py", &app, &[]);
-        python.len() + node.len() + persons.len()
-    });
+    let sent = tokio::task::block_in_place(|| run_real_sdks(&app));
     app.wait_drained().await;
     let lead = read_events(&app.sqlite_path());
     // Every event but the personless `$identify` of the persons scenario, which PostHog drops.

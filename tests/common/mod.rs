@@ -373,6 +373,16 @@ pub fn drive(program: &str, script: &str, app: &Appliance, args: &[&str]) -> Vec
     report["sent"].as_array().cloned().unwrap_or_default()
 }
 
+/// Runs the real SDKs against `app` (posthog-python, posthog-node, then the posthog-python
+/// person scenarios); returns how many events they sent.
+pub fn run_real_sdks(app: &Appliance) -> usize {
+    let run = std::process::id().to_string();
+    let python = drive("python3", "python_sdk.py", app, &[&run]);
+    let node = drive("node", "node_sdk.mjs", app, &[&run]);
+    let persons = drive("python3", "persons_sdk.py", app, &[]);
+    python.len() + node.len() + persons.len()
+}
+
 /// Writes the test GeoIP database (tests/sdk/make_mmdb.py, an independent MaxMind DB writer) to
 /// `path`; `moved` puts the Amsterdam network in Rotterdam (a replaced database).
 pub fn make_mmdb(path: &Path, moved: bool) {

@@ -224,45 +224,17 @@ impl ClickHouseSink {
         }
         let now = Utc::now();
         let (events, kept) = rows::events(&write, now);
-        let token = rows::token(
-            "events",
-            events.iter().map(|e| format!("{}:{}", e.team_id, e.uuid)),
-        );
-        self.insert::<rows::EventRow<'static>>("events", token, &events)
+        self.insert::<rows::EventRow<'static>>("events", &events)
             .await?;
         let texts = rows::person_texts(&write);
         let persons = rows::persons(&write, &texts, now);
-        let token = rows::token(
-            "person",
-            persons
-                .iter()
-                .map(|p| format!("{}:{}:{}:{}", p.team_id, p.id, p.version, p.is_deleted)),
-        );
-        self.insert::<rows::PersonRow<'static>>("person", token, &persons)
+        self.insert::<rows::PersonRow<'static>>("person", &persons)
             .await?;
         let ids = rows::distinct_ids(&write, now);
-        let token = rows::token(
-            "person_distinct_id2",
-            ids.iter().map(|d| {
-                format!(
-                    "{}:{}:{}:{}",
-                    d.team_id, d.distinct_id, d.person_id, d.version
-                )
-            }),
-        );
-        self.insert::<rows::DistinctIdRow<'static>>("person_distinct_id2", token, &ids)
+        self.insert::<rows::DistinctIdRow<'static>>("person_distinct_id2", &ids)
             .await?;
         let groups = rows::groups(&write, now);
-        let token = rows::token(
-            "groups",
-            groups.iter().map(|g| {
-                format!(
-                    "{}:{}:{}:{}",
-                    g.team_id, g.group_type_index, g.group_key, g.group_properties
-                )
-            }),
-        );
-        self.insert::<rows::GroupRow<'static>>("groups", token, &groups)
+        self.insert::<rows::GroupRow<'static>>("groups", &groups)
             .await?;
         crate::failpoint::hit("clickhouse.before_position");
         if moves {
@@ -275,19 +247,16 @@ impl ClickHouseSink {
         Ok(Written { inserted: kept })
     }
 
-    /// Inserts `rows` into `table` in one request named `token`.
-    async fn insert<T>(
-        &self,
-        table: &str,
-        token: String,
-        rows: &[T::Value<'_>],
-    ) -> Result<(), SinkError>
+    /// Inserts `rows` into `table` in one request, named by a token made from the rows' keys.
+    async fn insert<'r, T>(&self, table: &str, rows: &[T::Value<'r>]) -> Result<(), SinkError>
     where
         T: clickhouse::RowWrite,
+        T::Value<'r>: rows::Keyed,
     {
         if rows.is_empty() {
             return Ok(());
         }
+        let token = rows::token(table, rows.iter().map(rows::Keyed::key));
         let mut insert = self
             .client
             .insert::<T>(table)

@@ -266,6 +266,38 @@ pub fn groups(write: &SinkWrite, now: DateTime<Utc>) -> Vec<GroupRow<'_>> {
         .collect()
 }
 
+/// What identifies a row's content for the deduplication token.
+pub trait Keyed {
+    fn key(&self) -> String;
+}
+
+impl Keyed for EventRow<'_> {
+    fn key(&self) -> String {
+        format!("{}:{}", self.team_id, self.uuid)
+    }
+}
+
+impl Keyed for PersonRow<'_> {
+    fn key(&self) -> String {
+        let (team, id, version) = (self.team_id, self.id, self.version);
+        format!("{team}:{id}:{version}:{}", self.is_deleted)
+    }
+}
+
+impl Keyed for DistinctIdRow<'_> {
+    fn key(&self) -> String {
+        let (team, id, person) = (self.team_id, self.distinct_id, self.person_id);
+        format!("{team}:{id}:{person}:{}", self.version)
+    }
+}
+
+impl Keyed for GroupRow<'_> {
+    fn key(&self) -> String {
+        let (team, index, key) = (self.team_id, self.group_type_index, self.group_key);
+        format!("{team}:{index}:{key}:{}", self.group_properties)
+    }
+}
+
 /// Names an insert by its table and the identity of its rows: a retry of the same write
 /// carries the same token, and ClickHouse drops it as a duplicate.
 pub fn token(table: &str, keys: impl Iterator<Item = String>) -> String {
