@@ -19,6 +19,9 @@ pub const POINTS: &[&str] = &[
     "postgres.before_position",
     // After the ClickHouse sink's inserts, before it records its position.
     "clickhouse.before_position",
+    // After the Celery source's batches are durable, before its messages leave the processing
+    // list.
+    "celery.before_ack",
 ];
 
 /// Arms the named points (once, at start-up).

@@ -23,6 +23,7 @@ pub mod schedule;
 pub mod serve;
 pub mod shutdown;
 pub mod sinks;
+pub mod sources;
 pub mod store;
 pub mod telemetry;
 pub mod wake;

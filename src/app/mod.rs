@@ -270,6 +270,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         config.plugin_quotas.clone(),
         shutdown_for_maintenance,
     ));
+    let sources = spawn_sources(&config, &store, &ingest, &geoip);
     if config.web_enabled {
         let capture = capture::router(Arc::new(CaptureState {
             ingest,
@@ -329,8 +330,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         shutdown_signal().await;
     }
 
-    // Every request handler has finished, so every ingest handle is gone: the writer commits
-    // what it holds, answers, and exits.
+    // The sources finish the round they are in (its messages durable and acknowledged) and
+    // drop their ingest handles.
+    if let Some((trigger, task)) = sources {
+        trigger.drain_until(tokio::time::Instant::now() + config.shutdown_timeout);
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "a source's task failed");
+        }
+    }
+    // Every request handler and source has finished, so every ingest handle is gone: the
+    // writer commits what it holds, answers, and exits.
     if tokio::task::spawn_blocking(move || writer.join())
         .await
         .is_err()
@@ -413,6 +422,28 @@ async fn run_idle(config: &Config) -> Result<(), AppError> {
 const GEOIP_WATCH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Reloads the GeoIP database when its file is replaced (a metadata read every two seconds).
+/// Starts the configured queue sources, each with a shutdown of its own (they stop before the
+/// ingest writer, which waits for their handles).
+fn spawn_sources(
+    config: &Config,
+    store: &Store,
+    ingest: &crate::ingest::IngestHandle,
+    geoip: &Arc<GeoIp>,
+) -> Option<(shutdown::ShutdownTrigger, tokio::task::JoinHandle<()>)> {
+    let settings = config.celery.clone()?;
+    tracing::info!(queue = %settings.queue, redis = %crate::config::redact_url(&settings.redis_url), "consuming Celery tasks");
+    let source = crate::sources::celery::CelerySource {
+        settings,
+        store: store.clone(),
+        ingest: ingest.clone(),
+        geoip: geoip.clone(),
+        salts: Arc::new(capture::DailySalts::new(store.clone())),
+        max_event_bytes: config.capture.max_event_bytes,
+    };
+    let (trigger, shutdown) = shutdown::channel();
+    Some((trigger, tokio::spawn(source.run(shutdown))))
+}
+
 fn spawn_geoip_watch(geoip: Arc<GeoIp>) {
     if !geoip.is_enabled() {
         return;

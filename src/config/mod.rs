@@ -36,6 +36,8 @@ pub struct Config {
     pub sqlite_path: PathBuf,
     /// The sink events are written to, and its connection.
     pub sinks: SinkSettings,
+    /// The Celery source, when `REDIS_URL` is set and `CELERY_SOURCE` is on.
+    pub celery: Option<crate::sources::celery::CelerySettings>,
     pub web_enabled: bool,
     pub web_host: IpAddr,
     pub web_port: u16,
@@ -332,6 +334,12 @@ impl Config {
             data_dir,
             sqlite_path,
             sinks,
+            celery: (explicit.contains(&"REDIS_URL") && flag("CELERY_SOURCE")).then(|| {
+                crate::sources::celery::CelerySettings {
+                    redis_url: get("REDIS_URL"),
+                    queue: get("PLUGINS_CELERY_QUEUE"),
+                }
+            }),
             web_enabled: !flag("DISABLE_WEB"),
             web_host,
             web_port: num("WEB_PORT") as u16,
@@ -481,12 +489,6 @@ impl Config {
         let on = |name: &str| self.value(name).and_then(parse_bool).unwrap_or(false);
         if on("KAFKA_ENABLED") || set("KAFKA_HOSTS") {
             notes.push("KAFKA_ENABLED/KAFKA_HOSTS: the Kafka source is not built yet; events arrive over HTTP capture only".to_owned());
-        }
-        if set("REDIS_URL") {
-            notes.push(
-                "REDIS_URL: the Celery-over-Redis source is not built yet; Redis is not used"
-                    .to_owned(),
-            );
         }
         if set("CLICKHOUSE_CA") {
             notes.push("CLICKHOUSE_CA: a custom CA is not supported; a secure ClickHouse connection checks the server against the system's trusted roots".to_owned());

@@ -15,6 +15,7 @@ pub mod ch;
 pub mod fidelity;
 pub mod load;
 pub mod pg;
+pub mod redis;
 
 pub const TOKEN: &str = "phc_testProjectToken123";
 

@@ -1,0 +1,355 @@
+//! The Celery-over-Redis source: PostHog's `process_event_with_plugins` tasks from the Redis
+//! list `PLUGINS_CELERY_QUEUE` (Celery's Redis transport: the producer `LPUSH`es, a consumer
+//! takes from the other end).
+//!
+//! Each message is moved atomically (`BLMOVE`/`LMOVE`) to a processing list of this source's
+//! own, turned into a batch, made durable through the ingest writer, and only then removed from
+//! the processing list. At start the processing list is worked off first: a message a crash
+//! left there is taken again, and its uuid (the event's own, or derived from the task id) makes
+//! the second delivery the same event. A message that cannot be read goes to a dead-letter list
+//! with the reason.
+//!
+//! Owns: the connection, the lists, the loop. Must never: remove a message from the processing
+//! list before its batch is durable, or take more than [`MAX_MESSAGES`] / [`MAX_BYTES`] at once.
+
+mod message;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
+
+use crate::capture::DailySalts;
+use crate::event::normalize::{normalize, RequestContext};
+use crate::event::IngestBatch;
+use crate::geoip::GeoIp;
+use crate::ingest::{IngestError, IngestHandle};
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError, Team};
+pub use message::{decode, process_event, Task, TaskEvent, PROCESS_EVENT};
+
+/// Messages taken in one round.
+const MAX_MESSAGES: usize = 200;
+/// Bytes of messages taken in one round (a round stops taking once past it).
+const MAX_BYTES: usize = 16 << 20;
+/// A message larger than this is not read: it goes to the dead letters.
+const MAX_MESSAGE_BYTES: usize = 8 << 20;
+/// Dead letters kept in Redis, newest first.
+const DEAD_KEEP: isize = 10_000;
+/// How long one `BLMOVE` waits for a message (short, so shutdown is seen).
+const POLL: f64 = 1.0;
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Where the source reads.
+#[derive(Clone, Debug)]
+pub struct CelerySettings {
+    pub redis_url: String,
+    pub queue: String,
+}
+
+impl CelerySettings {
+    /// The list a taken message waits on until its batch is durable.
+    pub fn processing_list(&self) -> String {
+        format!("{}.appliance.processing", self.queue)
+    }
+
+    /// The list of messages that could not be read, with the reason.
+    pub fn dead_list(&self) -> String {
+        format!("{}.appliance.dead", self.queue)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("the ingest queue: {0}")]
+    Ingest(#[from] IngestError),
+    #[error("the state file: {0}")]
+    Store(String),
+}
+
+pub struct CelerySource {
+    pub settings: CelerySettings,
+    pub store: Store,
+    pub ingest: IngestHandle,
+    pub geoip: Arc<GeoIp>,
+    pub salts: Arc<DailySalts>,
+    pub max_event_bytes: usize,
+}
+
+/// What became of one taken message.
+enum Outcome {
+    Batch(IngestBatch),
+    Dead(String),
+}
+
+impl CelerySource {
+    /// Consumes until shutdown begins; reconnects with backoff when Redis goes away.
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let mut wait = Duration::from_millis(100);
+        let mut recovering = true;
+        while !shutdown.is_draining() {
+            let result = self.consume(&mut recovering, &mut shutdown).await;
+            if shutdown.is_draining() {
+                return;
+            }
+            if let Err(e) = result {
+                tracing::error!(error = %e, queue = %self.settings.queue, retry_in_ms = wait.as_millis() as u64, "the Celery source failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+        }
+    }
+
+    async fn consume(
+        &self,
+        recovering: &mut bool,
+        shutdown: &mut Shutdown,
+    ) -> Result<(), SourceError> {
+        let client = redis::Client::open(self.settings.redis_url.as_str())?;
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(
+            Duration::from_secs_f64(POLL) + Duration::from_secs(10),
+        ));
+        let mut con = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let (processing, queue) = (self.settings.processing_list(), &self.settings.queue);
+        while !shutdown.is_draining() {
+            let taken = if *recovering {
+                // What a crash left in the processing list, oldest first, before anything new.
+                let left: Vec<Vec<u8>> = redis::cmd("LRANGE")
+                    .arg(&processing)
+                    .arg(-(MAX_MESSAGES as isize))
+                    .arg(-1)
+                    .query_async(&mut con)
+                    .await?;
+                if left.is_empty() {
+                    *recovering = false;
+                    continue;
+                }
+                tracing::warn!(
+                    messages = left.len(),
+                    "taking again Celery messages a stop left unfinished"
+                );
+                left.into_iter().rev().collect()
+            } else {
+                self.take(&mut con, queue, &processing).await?
+            };
+            if taken.is_empty() {
+                continue;
+            }
+            self.handle(&mut con, taken, shutdown).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves up to a round's worth of messages to the processing list (waiting for the first).
+    async fn take(
+        &self,
+        con: &mut MultiplexedConnection,
+        queue: &str,
+        processing: &str,
+    ) -> Result<Vec<Vec<u8>>, SourceError> {
+        let first: Option<Vec<u8>> = redis::cmd("BLMOVE")
+            .arg(queue)
+            .arg(processing)
+            .arg("RIGHT")
+            .arg("LEFT")
+            .arg(POLL)
+            .query_async(con)
+            .await?;
+        let Some(first) = first else {
+            return Ok(Vec::new());
+        };
+        let mut bytes = first.len();
+        let mut taken = vec![first];
+        while taken.len() < MAX_MESSAGES && bytes < MAX_BYTES {
+            let next: Option<Vec<u8>> = redis::cmd("LMOVE")
+                .arg(queue)
+                .arg(processing)
+                .arg("RIGHT")
+                .arg("LEFT")
+                .query_async(con)
+                .await?;
+            let Some(next) = next else { break };
+            bytes += next.len();
+            taken.push(next);
+        }
+        Ok(taken)
+    }
+
+    /// Makes the taken messages' events durable, sets aside those that cannot be read, then
+    /// removes them all from the processing list.
+    async fn handle(
+        &self,
+        con: &mut MultiplexedConnection,
+        taken: Vec<Vec<u8>>,
+        shutdown: &mut Shutdown,
+    ) -> Result<(), SourceError> {
+        let raws = Arc::new(taken);
+        let (store, geoip, salts, max) = (
+            self.store.clone(),
+            self.geoip.clone(),
+            self.salts.clone(),
+            self.max_event_bytes,
+        );
+        let read = raws.clone();
+        let outcomes = tokio::task::spawn_blocking(move || {
+            read.iter()
+                .map(|raw| outcome(raw, &store, &geoip, &salts, max))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| SourceError::Store(e.to_string()))?
+        .map_err(|e| SourceError::Store(e.to_string()))?;
+        let mut pending = Vec::new();
+        let mut dead = Vec::new();
+        for (raw, outcome) in raws.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Batch(batch) => pending.push(batch.encode()),
+                Outcome::Dead(reason) => {
+                    tracing::warn!(reason = %reason, "a Celery message cannot be read; it goes to the dead letters");
+                    dead.push(
+                        json!({"reason": reason, "at": Utc::now().to_rfc3339(),
+                               "message": String::from_utf8_lossy(raw)})
+                        .to_string(),
+                    );
+                }
+            }
+        }
+        self.submit_all(pending, shutdown).await?;
+        crate::failpoint::hit("celery.before_ack");
+        let mut pipe = redis::pipe();
+        for letter in &dead {
+            pipe.cmd("LPUSH")
+                .arg(self.settings.dead_list())
+                .arg(letter)
+                .ignore();
+        }
+        if !dead.is_empty() {
+            pipe.cmd("LTRIM")
+                .arg(self.settings.dead_list())
+                .arg(0)
+                .arg(DEAD_KEEP - 1)
+                .ignore();
+        }
+        for raw in raws.iter() {
+            pipe.cmd("LREM")
+                .arg(self.settings.processing_list())
+                .arg(1)
+                .arg(raw.as_slice())
+                .ignore();
+        }
+        pipe.query_async::<()>(con).await?;
+        Ok(())
+    }
+
+    /// Submits every batch and waits until each is durable; a full queue is waited out.
+    async fn submit_all(
+        &self,
+        mut pending: Vec<Vec<u8>>,
+        shutdown: &mut Shutdown,
+    ) -> Result<(), SourceError> {
+        let mut wait = Duration::from_millis(50);
+        while !pending.is_empty() {
+            let mut set = tokio::task::JoinSet::new();
+            for (index, encoded) in pending.iter().enumerate() {
+                let (ingest, encoded) = (self.ingest.clone(), encoded.clone());
+                set.spawn(async move { (index, ingest.submit(encoded).await) });
+            }
+            let mut busy = Vec::new();
+            while let Some(joined) = set.join_next().await {
+                let (index, result) = joined.map_err(|e| SourceError::Store(e.to_string()))?;
+                match result {
+                    Ok(_) => {}
+                    Err(IngestError::Busy) => busy.push(index),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            busy.sort_unstable();
+            pending = busy
+                .into_iter()
+                .filter_map(|i| pending.get(i).cloned())
+                .collect();
+            if !pending.is_empty() {
+                // The queue is over its budget: the messages wait in Redis, not in memory.
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if shutdown.deadline_passed() {
+                    return Err(IngestError::Closed.into());
+                }
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One message as a batch of one event, or the reason it cannot be one; fails only when the
+/// state file cannot be read (the message is then taken again).
+fn outcome(
+    raw: &[u8],
+    store: &Store,
+    geoip: &GeoIp,
+    salts: &DailySalts,
+    max_event_bytes: usize,
+) -> Result<Outcome, StoreError> {
+    if raw.len() > MAX_MESSAGE_BYTES {
+        return Ok(Outcome::Dead(format!(
+            "the message is {} bytes, more than {MAX_MESSAGE_BYTES}",
+            raw.len()
+        )));
+    }
+    let task = match decode(raw) {
+        Ok(task) => task,
+        Err(reason) => return Ok(Outcome::Dead(reason)),
+    };
+    if task.name != PROCESS_EVENT {
+        return Ok(Outcome::Dead(format!(
+            "task {} is not one this source runs",
+            task.name
+        )));
+    }
+    let event = match process_event(&task) {
+        Ok(event) => event,
+        Err(reason) => return Ok(Outcome::Dead(reason)),
+    };
+    let size = serde_json::to_vec(&event.event).map_or(0, |v| v.len());
+    if size > max_event_bytes {
+        return Ok(Outcome::Dead(format!(
+            "the event is {size} bytes of JSON, more than the limit of {max_event_bytes}"
+        )));
+    }
+    let team: Team = match store.team(event.team_id) {
+        Ok(team) => team,
+        Err(StoreError::NotFound(_)) => {
+            return Ok(Outcome::Dead(format!("no team {}", event.team_id)))
+        }
+        Err(e) => return Err(e),
+    };
+    let ctx = RequestContext {
+        received_at: event.now,
+        sent_at: event.sent_at,
+        ip: event.ip.as_deref(),
+        anonymize_ips: team.anonymize_ips,
+        geoip: Some(geoip),
+        default_event: None,
+        cookieless: Some((team.id, salts)),
+    };
+    let (row, _) = normalize(&ctx, event.event);
+    Ok(Outcome::Batch(IngestBatch {
+        team_id: team.id,
+        received_at: event.now,
+        sent_at: event.sent_at,
+        ip: event.ip.filter(|_| !team.anonymize_ips),
+        events: vec![row],
+    }))
+}
