@@ -10,14 +10,11 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("its address").port()
-}
+use super::free_port;
 
 /// The Python that has chdb-core (`.ci/run` makes this virtual environment).
 fn chdb_python() -> PathBuf {
@@ -185,14 +182,7 @@ impl ClickHouse18 {
             .stderr(Stdio::null())
             .spawn()
             .expect("start clickhouse-server");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "clickhouse-server did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        super::wait_listening(port, "clickhouse-server", Duration::from_secs(30));
         ClickHouse18 {
             child,
             _dir: dir,

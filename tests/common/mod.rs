@@ -19,6 +19,21 @@ pub mod redis;
 
 pub const TOKEN: &str = "phc_testProjectToken123";
 
+/// A port nothing listens on now (for a server a test starts).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("its address").port()
+}
+
+/// Waits until something accepts connections on `port`; fails loudly after `within`.
+pub fn wait_listening(port: u16, what: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_appliance")
 }

@@ -31,10 +31,7 @@ fn bin_dir() -> PathBuf {
     )
 }
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("its address").port()
-}
+use super::free_port;
 
 impl PgServer {
     /// Initialises a cluster and starts it; returns once it accepts connections.

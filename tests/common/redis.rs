@@ -2,7 +2,7 @@
 //! directory, stopped when dropped.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct RedisServer {
     child: Child,
@@ -18,10 +18,7 @@ impl RedisServer {
             "{binary} not found (apt-get install redis-server; .ci/run does)"
         );
         let dir = tempfile::tempdir().expect("a directory for redis");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = super::free_port();
         let child = Command::new(binary)
             .args([
                 "--port",
@@ -37,11 +34,7 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_listening(port, "redis-server", Duration::from_secs(10));
         RedisServer {
             child,
             _dir: dir,
