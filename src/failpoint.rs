@@ -22,6 +22,8 @@ pub const POINTS: &[&str] = &[
     // After the Celery source's batches are durable, before its messages leave the processing
     // list.
     "celery.before_ack",
+    // After the Kafka source's batches are durable, before its offsets are committed.
+    "kafka.before_commit",
 ];
 
 /// Arms the named points (once, at start-up).

@@ -422,7 +422,7 @@ async fn run_idle(config: &Config) -> Result<(), AppError> {
 const GEOIP_WATCH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Reloads the GeoIP database when its file is replaced (a metadata read every two seconds).
-/// Starts the configured queue sources, each with a shutdown of its own (they stop before the
+/// Starts the configured queue sources under one shutdown of their own (they stop before the
 /// ingest writer, which waits for their handles).
 fn spawn_sources(
     config: &Config,
@@ -430,18 +430,50 @@ fn spawn_sources(
     ingest: &crate::ingest::IngestHandle,
     geoip: &Arc<GeoIp>,
 ) -> Option<(shutdown::ShutdownTrigger, tokio::task::JoinHandle<()>)> {
-    let settings = config.celery.clone()?;
-    tracing::info!(queue = %settings.queue, redis = %crate::config::redact_url(&settings.redis_url), "consuming Celery tasks");
-    let source = crate::sources::celery::CelerySource {
-        settings,
-        store: store.clone(),
-        ingest: ingest.clone(),
+    if config.celery.is_none() && config.kafka.is_none() {
+        return None;
+    }
+    let normalizer = crate::sources::Normalizer {
         geoip: geoip.clone(),
         salts: Arc::new(capture::DailySalts::new(store.clone())),
         max_event_bytes: config.capture.max_event_bytes,
     };
+    let room = crate::sources::RoomLimits {
+        max_queue_bytes: config.ingest_max_queue_bytes,
+        min_free_bytes: config.data_min_free_bytes,
+    };
     let (trigger, shutdown) = shutdown::channel();
-    Some((trigger, tokio::spawn(source.run(shutdown))))
+    let mut tasks = Vec::new();
+    if let Some(settings) = config.celery.clone() {
+        tracing::info!(queue = %settings.queue, redis = %crate::config::redact_url(&settings.redis_url), "consuming Celery tasks");
+        let source = crate::sources::celery::CelerySource {
+            settings,
+            store: store.clone(),
+            ingest: ingest.clone(),
+            normalizer: normalizer.clone(),
+            room,
+        };
+        tasks.push(tokio::spawn(source.run(shutdown.clone())));
+    }
+    if let Some(settings) = config.kafka.clone() {
+        tracing::info!(topic = %settings.topic, group = %settings.group, hosts = %settings.hosts, "consuming Kafka messages");
+        let source = crate::sources::kafka::KafkaSource {
+            settings,
+            store: store.clone(),
+            ingest: ingest.clone(),
+            normalizer,
+            room,
+        };
+        tasks.push(tokio::spawn(source.run(shutdown)));
+    }
+    let all = tokio::spawn(async move {
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "a source's task failed");
+            }
+        }
+    });
+    Some((trigger, all))
 }
 
 fn spawn_geoip_watch(geoip: Arc<GeoIp>) {

@@ -38,6 +38,8 @@ pub struct Config {
     pub sinks: SinkSettings,
     /// The Celery source, when `REDIS_URL` is set and `CELERY_SOURCE` is on.
     pub celery: Option<crate::sources::celery::CelerySettings>,
+    /// The Kafka source, when `KAFKA_ENABLED`.
+    pub kafka: Option<crate::sources::kafka::KafkaSettings>,
     pub web_enabled: bool,
     pub web_host: IpAddr,
     pub web_port: u16,
@@ -330,11 +332,24 @@ impl Config {
             explicit_value("DATABASE_URL").as_deref(),
             wants_clickhouse.then_some(clickhouse),
         )?;
+        let kafka = if flag("KAFKA_ENABLED") {
+            Some(kafka_settings(&get, explicit_value("KAFKA_HOSTS"))?)
+        } else {
+            None
+        };
+        // As the seed's plugin server: the Celery source runs when Kafka does not, unless
+        // CELERY_SOURCE says otherwise.
+        let celery_on = if explicit.contains(&"CELERY_SOURCE") {
+            flag("CELERY_SOURCE")
+        } else {
+            kafka.is_none()
+        };
         let config = Config {
             data_dir,
             sqlite_path,
             sinks,
-            celery: (explicit.contains(&"REDIS_URL") && flag("CELERY_SOURCE")).then(|| {
+            kafka,
+            celery: (explicit.contains(&"REDIS_URL") && celery_on).then(|| {
                 crate::sources::celery::CelerySettings {
                     redis_url: get("REDIS_URL"),
                     queue: get("PLUGINS_CELERY_QUEUE"),
@@ -487,9 +502,6 @@ impl Config {
         let mut notes = Vec::new();
         let set = |name: &str| self.explicit.contains(&name);
         let on = |name: &str| self.value(name).and_then(parse_bool).unwrap_or(false);
-        if on("KAFKA_ENABLED") || set("KAFKA_HOSTS") {
-            notes.push("KAFKA_ENABLED/KAFKA_HOSTS: the Kafka source is not built yet; events arrive over HTTP capture only".to_owned());
-        }
         if set("CLICKHOUSE_CA") {
             notes.push("CLICKHOUSE_CA: a custom CA is not supported; a secure ClickHouse connection checks the server against the system's trusted roots".to_owned());
         }
@@ -517,6 +529,51 @@ pub fn redact_url(url: &str) -> String {
         Ok(parsed) => parsed.to_string(),
         Err(_) => "(a URL that does not parse)".to_owned(),
     }
+}
+
+/// The Kafka source's settings; `KAFKA_HOSTS` is required.
+fn kafka_settings(
+    get: &dyn Fn(&str) -> String,
+    hosts: Option<String>,
+) -> Result<crate::sources::kafka::KafkaSettings, ConfigError> {
+    use base64::Engine;
+    let hosts = hosts.ok_or_else(|| ConfigError {
+        name: "KAFKA_HOSTS",
+        value: String::new(),
+        allowed: "the Kafka brokers (host:port, comma-separated) when KAFKA_ENABLED is true".into(),
+    })?;
+    // Checked as base64 by the settings table already.
+    let pem = |name: &str| {
+        let text = get(name);
+        (!text.is_empty())
+            .then(|| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(text.trim())
+                    .ok()
+            })
+            .flatten()
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let extra = get("KAFKA_CONSUMER_CONFIG");
+    let mut pairs = Vec::new();
+    for pair in extra.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').ok_or_else(|| ConfigError {
+            name: "KAFKA_CONSUMER_CONFIG",
+            value: extra.clone(),
+            allowed: "librdkafka properties as name=value, comma-separated".into(),
+        })?;
+        pairs.push((key.trim().to_owned(), value.trim().to_owned()));
+    }
+    Ok(crate::sources::kafka::KafkaSettings {
+        hosts,
+        topic: get("KAFKA_CONSUMPTION_TOPIC"),
+        group: get("KAFKA_CONSUMER_GROUP"),
+        dead_letter_topic: get("KAFKA_DEAD_LETTER_TOPIC"),
+        client_cert: pem("KAFKA_CLIENT_CERT_B64"),
+        client_key: pem("KAFKA_CLIENT_CERT_KEY_B64"),
+        trusted_cert: pem("KAFKA_TRUSTED_CERT_B64"),
+        extra: pairs,
+    })
 }
 
 /// The listen address: an IP, or `localhost`. Names needing DNS are refused, since a server
@@ -584,13 +641,13 @@ mod tests {
     #[test]
     fn settings_for_unbuilt_components_are_reported() {
         let c = Config::from_vars(vars(&[
-            ("KAFKA_ENABLED", "true"),
+            ("SENTRY_DSN", "https://key@sentry.example/1"),
             ("CLICKHOUSE_HOST", "ch.example"),
             ("CLICKHOUSE_CA", "/etc/ch-ca.pem"),
         ]))
         .unwrap();
         let notes = c.unbuilt_components().join("\n");
-        assert!(notes.contains("Kafka"), "{notes}");
+        assert!(notes.contains("SENTRY_DSN"), "{notes}");
         assert!(notes.contains("CLICKHOUSE_CA"), "{notes}");
         assert_eq!(
             c.sinks.kinds.last(),
@@ -612,7 +669,10 @@ mod tests {
     #[test]
     fn log_levels_map_to_filters() {
         let c = Config::from_vars(vars(&[("LOG_LEVEL", "log")])).unwrap();
-        assert_eq!(c.log_filter, "appliance=info,warn");
+        assert_eq!(
+            c.log_filter,
+            "appliance=info,librdkafka=info,rdkafka=info,warn"
+        );
         let c = Config::from_vars(vars(&[("LOG_LEVEL", "none")])).unwrap();
         assert_eq!(c.log_filter, "appliance=off,warn");
     }

@@ -74,7 +74,7 @@ pub const SETTINGS: &[Setting] = &[
     // The seed's table (PostHog plugin server README).
     setting("DATABASE_URL", Some("postgres://localhost:5432/posthog"), PG, "Postgres database URL: set, events also go to PostHog's tables in this database (the Postgres sink; see SINKS); libpq's sslmode picks TLS"),
     setting("REDIS_URL", Some("redis://localhost"), REDIS, "Redis URL: set, PostHog's Celery tasks are consumed from PLUGINS_CELERY_QUEUE there (the Celery source; see CELERY_SOURCE)"),
-    setting("CELERY_SOURCE", Some("true"), Kind::Bool, "consume PostHog's process_event_with_plugins Celery tasks when REDIS_URL is set"),
+    setting("CELERY_SOURCE", None, Kind::Bool, "consume PostHog's process_event_with_plugins Celery tasks when REDIS_URL is set; unset: yes unless KAFKA_ENABLED (as the seed's plugin server)"),
     setting("BASE_DIR", Some("."), Kind::Text, "base path for resolving local plugins"),
     setting("WORKER_CONCURRENCY", Some("0"), COUNT, "number of concurrent workers; 0 means all cores"),
     setting("TASKS_PER_WORKER", Some("10"), POSITIVE, "number of parallel tasks per worker"),
@@ -93,12 +93,15 @@ pub const SETTINGS: &[Setting] = &[
     setting("CLICKHOUSE_SECURE", Some("false"), Kind::Bool, "whether to secure ClickHouse connection (HTTPS)"),
     setting("CLICKHOUSE_PORT", None, PORT, "ClickHouse HTTP port; unset: 8123, or 8443 when CLICKHOUSE_SECURE"),
     setting("CLICKHOUSE_FLUSH_INTERVAL_MS", Some("1000"), int(0, 60_000), "the ClickHouse sink writes at most once per this many milliseconds unless a full batch is waiting (ClickHouse prefers few large inserts)"),
-    setting("KAFKA_ENABLED", Some("false"), Kind::Bool, "consume events from Kafka (Kafka source; not built yet)"),
+    setting("KAFKA_ENABLED", Some("false"), Kind::Bool, "consume the events PostHog's capture writes to KAFKA_CONSUMPTION_TOPIC (the Kafka source; needs KAFKA_HOSTS)"),
     setting("KAFKA_HOSTS", None, Kind::Text, "comma-delimited Kafka hosts"),
     setting("KAFKA_CONSUMPTION_TOPIC", Some("events_plugin_ingestion"), Kind::Text, "Kafka incoming events topic"),
     setting("KAFKA_CLIENT_CERT_B64", None, Kind::Base64, "Kafka certificate in Base64"),
     setting("KAFKA_CLIENT_CERT_KEY_B64", None, Kind::Base64, "Kafka certificate key in Base64"),
     setting("KAFKA_TRUSTED_CERT_B64", None, Kind::Base64, "Kafka trusted CA in Base64"),
+    setting("KAFKA_CONSUMER_GROUP", Some("appliance-ingestion"), Kind::Text, "the Kafka consumer group: appliances in one group split the topic's partitions"),
+    setting("KAFKA_DEAD_LETTER_TOPIC", Some("events_dead_letter_queue"), Kind::Text, "where Kafka messages that cannot be read go, with their partition, offset and reason as headers"),
+    setting("KAFKA_CONSUMER_CONFIG", None, Kind::Text, "extra librdkafka consumer properties, name=value, comma-separated (for tuning, e.g. session.timeout.ms=10000)"),
     setting("KAFKA_PRODUCER_MAX_QUEUE_SIZE", Some("20"), POSITIVE, "Kafka producer batch max size before flushing"),
     setting("KAFKA_FLUSH_FREQUENCY_MS", Some("500"), POSITIVE, "Kafka producer batch max duration before flushing"),
     setting("KAFKA_MAX_MESSAGE_BATCH_SIZE", Some("900000"), POSITIVE, "Kafka producer batch max size in bytes before flushing"),
@@ -152,7 +155,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("JOB_IDLE_POLL_MS", Some("5000"), int(10, 3_600_000), "how often idle job workers look at the queue without a wake-up (the CLI wakes them through a socket in the data directory; this bounds a lost wake-up)"),
     setting("JOB_KEY_RETENTION_HOURS", Some("24"), int(1, 8_760), "how long a job's idempotency key keeps deduplicating"),
     setting("PLUGIN_TASK_TIMEOUT_SECS", Some("30"), int(1, 86_400), "deadline of plugin setup, scheduled tasks, jobs and exports"),
-    setting("APPLIANCE_FAILPOINTS", None, Kind::Text, "for crash tests only: comma-separated failure points at which the process aborts (pipeline.after_sink_write, postgres.before_position, clickhouse.before_position, celery.before_ack)"),
+    setting("APPLIANCE_FAILPOINTS", None, Kind::Text, "for crash tests only: comma-separated failure points at which the process aborts (pipeline.after_sink_write, postgres.before_position, clickhouse.before_position, celery.before_ack, kafka.before_commit)"),
     setting("PLUGIN_ALLOWED_HOSTS", None, Kind::Text, "comma-separated hosts plugins may fetch from; unset: any host a plugin declares in its plugin.json"),
     setting("PLUGIN_ALLOWED_NETWORKS", None, Kind::Networks, "comma-separated networks (CIDR) plugins may reach although they are loopback, link-local or private, such as 10.0.0.0/8; unset: only public addresses"),
     setting("PLUGIN_SETUP_TIMEOUT_MS", Some("5000"), int(1, 600_000), "deadline of a plugin's setup; it runs off the pipeline's path, the team's events waiting for it"),
@@ -295,7 +298,8 @@ pub(super) fn log_filter(level: &str) -> String {
         .find(|(name, _)| name.eq_ignore_ascii_case(level))
         .map(|(_, filter)| *filter)
         .unwrap_or("info");
-    format!("appliance={level},warn")
+    // librdkafka's own log lines (through the rdkafka crate) follow LOG_LEVEL too.
+    format!("appliance={level},librdkafka={level},rdkafka={level},warn")
 }
 
 pub fn parse_bool(value: &str) -> Option<bool> {

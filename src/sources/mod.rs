@@ -8,3 +8,147 @@
 //! number of messages in memory, or stop on a message it cannot read.
 
 pub mod celery;
+pub mod kafka;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::capture::DailySalts;
+use crate::event::normalize::{normalize, RequestContext};
+use crate::event::IngestBatch;
+use crate::geoip::GeoIp;
+use crate::ingest::{IngestError, IngestHandle};
+use crate::shutdown::Shutdown;
+use crate::store::{Store, Team};
+
+/// What every source needs to turn a message's event into a batch as capture would.
+#[derive(Clone)]
+pub struct Normalizer {
+    pub geoip: std::sync::Arc<GeoIp>,
+    pub salts: std::sync::Arc<DailySalts>,
+    pub max_event_bytes: usize,
+}
+
+/// One event that arrived through a queue, with what its producer said about its request.
+pub struct Arrival {
+    pub ip: Option<String>,
+    /// When PostHog's capture received it (the `now` of the clock-skew correction).
+    pub now: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub event: Map<String, Value>,
+}
+
+impl Normalizer {
+    /// The batch of one event for `team`, normalised as capture normalises (GeoIP, the team's
+    /// `anonymize_ips`, cookieless ids); refused, with the reason, when it is too large.
+    pub fn batch(&self, team: &Team, arrival: Arrival) -> Result<IngestBatch, String> {
+        let size = serde_json::to_vec(&arrival.event).map_or(0, |v| v.len());
+        if size > self.max_event_bytes {
+            return Err(format!(
+                "the event is {size} bytes of JSON, more than the limit of {}",
+                self.max_event_bytes
+            ));
+        }
+        let ctx = RequestContext {
+            received_at: arrival.now,
+            sent_at: arrival.sent_at,
+            ip: arrival.ip.as_deref(),
+            anonymize_ips: team.anonymize_ips,
+            geoip: Some(&self.geoip),
+            default_event: None,
+            cookieless: Some((team.id, &*self.salts)),
+        };
+        let (row, _) = normalize(&ctx, arrival.event);
+        Ok(IngestBatch {
+            team_id: team.id,
+            received_at: arrival.now,
+            sent_at: arrival.sent_at,
+            ip: arrival.ip.filter(|_| !team.anonymize_ips),
+            events: vec![row],
+        })
+    }
+}
+
+/// The room capture keeps (`INGEST_MAX_QUEUE_BYTES`, `DATA_MIN_FREE_BYTES`); a source waits
+/// for it as capture answers 503.
+#[derive(Clone, Copy, Debug)]
+pub struct RoomLimits {
+    pub max_queue_bytes: u64,
+    pub min_free_bytes: u64,
+}
+
+impl RoomLimits {
+    /// Whether the queue is over its budget or the disk under its floor now.
+    pub fn exceeded(&self, store: &Store) -> bool {
+        let room = store.room();
+        room.queued_bytes >= self.max_queue_bytes || room.free_disk_bytes < self.min_free_bytes
+    }
+}
+
+/// Waits while the queue is over its budget or the disk under its floor (the messages wait in
+/// their source); returns whether it waited. Stops waiting when shutdown begins.
+pub async fn wait_for_room(store: &Store, limits: RoomLimits, shutdown: &mut Shutdown) -> bool {
+    if !limits.exceeded(store) {
+        return false;
+    }
+    tracing::warn!("the ingest queue is over its budget or the disk is low; the source waits");
+    while limits.exceeded(store) && !shutdown.is_draining() {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+    true
+}
+
+/// The longest wait between two tries of a full ingest queue.
+const FULL_QUEUE_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// Submits every encoded batch and returns once each is durable. A full queue is waited out
+/// (the messages stay in their source, not in memory); fails when the writer has closed, or
+/// when shutdown's deadline passes while the queue is still full.
+pub async fn submit_durably(
+    ingest: &IngestHandle,
+    mut pending: Vec<Vec<u8>>,
+    shutdown: &mut Shutdown,
+) -> Result<(), IngestError> {
+    let mut wait = Duration::from_millis(50);
+    while !pending.is_empty() {
+        let mut set = tokio::task::JoinSet::new();
+        for (index, encoded) in pending.iter().enumerate() {
+            let (ingest, encoded) = (ingest.clone(), encoded.clone());
+            set.spawn(async move { (index, ingest.submit(encoded).await) });
+        }
+        let mut busy = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            let (index, result) = joined.map_err(|e| IngestError::Storage(e.to_string()))?;
+            match result {
+                Ok(_) => {}
+                Err(IngestError::Busy) => busy.push(index),
+                Err(e) => return Err(e),
+            }
+        }
+        busy.sort_unstable();
+        pending = busy
+            .into_iter()
+            .filter_map(|i| pending.get(i).cloned())
+            .collect();
+        if !pending.is_empty() {
+            if shutdown.is_draining() {
+                tokio::time::sleep(wait).await;
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+            if shutdown.deadline_passed() {
+                return Err(IngestError::Closed);
+            }
+            wait = (wait * 2).min(FULL_QUEUE_WAIT_MAX);
+        }
+    }
+    Ok(())
+}

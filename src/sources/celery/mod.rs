@@ -21,10 +21,7 @@ use chrono::Utc;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
-use crate::capture::DailySalts;
-use crate::event::normalize::{normalize, RequestContext};
 use crate::event::IngestBatch;
-use crate::geoip::GeoIp;
 use crate::ingest::{IngestError, IngestHandle};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError, Team};
@@ -75,9 +72,8 @@ pub struct CelerySource {
     pub settings: CelerySettings,
     pub store: Store,
     pub ingest: IngestHandle,
-    pub geoip: Arc<GeoIp>,
-    pub salts: Arc<DailySalts>,
-    pub max_event_bytes: usize,
+    pub normalizer: super::Normalizer,
+    pub room: super::RoomLimits,
 }
 
 /// What became of one taken message.
@@ -139,6 +135,7 @@ impl CelerySource {
                 );
                 left.into_iter().rev().collect()
             } else {
+                super::wait_for_room(&self.store, self.room, shutdown).await;
                 self.take(&mut con, queue, &processing).await?
             };
             if taken.is_empty() {
@@ -149,7 +146,8 @@ impl CelerySource {
         Ok(())
     }
 
-    /// Moves up to a round's worth of messages to the processing list (waiting for the first).
+    /// Moves up to a round's worth of messages to the processing list (waiting for the first);
+    /// while the ingest queue is over its budget, nothing is taken.
     async fn take(
         &self,
         con: &mut MultiplexedConnection,
@@ -193,16 +191,11 @@ impl CelerySource {
         shutdown: &mut Shutdown,
     ) -> Result<(), SourceError> {
         let raws = Arc::new(taken);
-        let (store, geoip, salts, max) = (
-            self.store.clone(),
-            self.geoip.clone(),
-            self.salts.clone(),
-            self.max_event_bytes,
-        );
+        let (store, normalizer) = (self.store.clone(), self.normalizer.clone());
         let read = raws.clone();
         let outcomes = tokio::task::spawn_blocking(move || {
             read.iter()
-                .map(|raw| outcome(raw, &store, &geoip, &salts, max))
+                .map(|raw| outcome(raw, &store, &normalizer))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -223,7 +216,7 @@ impl CelerySource {
                 }
             }
         }
-        self.submit_all(pending, shutdown).await?;
+        super::submit_durably(&self.ingest, pending, shutdown).await?;
         crate::failpoint::hit("celery.before_ack");
         let mut pipe = redis::pipe();
         for letter in &dead {
@@ -249,48 +242,6 @@ impl CelerySource {
         pipe.query_async::<()>(con).await?;
         Ok(())
     }
-
-    /// Submits every batch and waits until each is durable; a full queue is waited out.
-    async fn submit_all(
-        &self,
-        mut pending: Vec<Vec<u8>>,
-        shutdown: &mut Shutdown,
-    ) -> Result<(), SourceError> {
-        let mut wait = Duration::from_millis(50);
-        while !pending.is_empty() {
-            let mut set = tokio::task::JoinSet::new();
-            for (index, encoded) in pending.iter().enumerate() {
-                let (ingest, encoded) = (self.ingest.clone(), encoded.clone());
-                set.spawn(async move { (index, ingest.submit(encoded).await) });
-            }
-            let mut busy = Vec::new();
-            while let Some(joined) = set.join_next().await {
-                let (index, result) = joined.map_err(|e| SourceError::Store(e.to_string()))?;
-                match result {
-                    Ok(_) => {}
-                    Err(IngestError::Busy) => busy.push(index),
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            busy.sort_unstable();
-            pending = busy
-                .into_iter()
-                .filter_map(|i| pending.get(i).cloned())
-                .collect();
-            if !pending.is_empty() {
-                // The queue is over its budget: the messages wait in Redis, not in memory.
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
-                }
-                if shutdown.deadline_passed() {
-                    return Err(IngestError::Closed.into());
-                }
-                wait = (wait * 2).min(RETRY_MAX);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// One message as a batch of one event, or the reason it cannot be one; fails only when the
@@ -298,9 +249,7 @@ impl CelerySource {
 fn outcome(
     raw: &[u8],
     store: &Store,
-    geoip: &GeoIp,
-    salts: &DailySalts,
-    max_event_bytes: usize,
+    normalizer: &super::Normalizer,
 ) -> Result<Outcome, StoreError> {
     if raw.len() > MAX_MESSAGE_BYTES {
         return Ok(Outcome::Dead(format!(
@@ -322,12 +271,6 @@ fn outcome(
         Ok(event) => event,
         Err(reason) => return Ok(Outcome::Dead(reason)),
     };
-    let size = serde_json::to_vec(&event.event).map_or(0, |v| v.len());
-    if size > max_event_bytes {
-        return Ok(Outcome::Dead(format!(
-            "the event is {size} bytes of JSON, more than the limit of {max_event_bytes}"
-        )));
-    }
     let team: Team = match store.team(event.team_id) {
         Ok(team) => team,
         Err(StoreError::NotFound(_)) => {
@@ -335,21 +278,14 @@ fn outcome(
         }
         Err(e) => return Err(e),
     };
-    let ctx = RequestContext {
-        received_at: event.now,
+    let arrival = super::Arrival {
+        ip: event.ip,
+        now: event.now,
         sent_at: event.sent_at,
-        ip: event.ip.as_deref(),
-        anonymize_ips: team.anonymize_ips,
-        geoip: Some(geoip),
-        default_event: None,
-        cookieless: Some((team.id, salts)),
+        event: event.event,
     };
-    let (row, _) = normalize(&ctx, event.event);
-    Ok(Outcome::Batch(IngestBatch {
-        team_id: team.id,
-        received_at: event.now,
-        sent_at: event.sent_at,
-        ip: event.ip.filter(|_| !team.anonymize_ips),
-        events: vec![row],
-    }))
+    Ok(match normalizer.batch(&team, arrival) {
+        Ok(batch) => Outcome::Batch(batch),
+        Err(reason) => Outcome::Dead(reason),
+    })
 }

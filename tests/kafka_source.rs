@@ -1,0 +1,185 @@
+//! The Kafka source against librdkafka's mock cluster (the real Kafka protocol on a local
+//! port), fed by a real producer with the message shapes PostHog's capture writes: every
+//! message becomes one stored event, a message that cannot be read goes to the dead-letter
+//! topic with its partition, offset and reason, and a kill between durability and the offset
+//! commit re-reads the round without storing anything twice.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{create_team, read_events, Appliance, TOKEN};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde_json::json;
+
+const TOPIC: &str = "events_plugin_ingestion";
+
+fn producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .expect("a producer")
+}
+
+/// The message PostHog's Rust capture writes for event `i` (the envelope around `data`).
+fn capture_message(i: usize) -> String {
+    let uuid = uuid::Uuid::from_u128(i as u128 + 1).to_string();
+    let data = json!({"event": "kafka event", "distinct_id": format!("user{}", i % 7),
+                      "uuid": uuid, "properties": {"i": i},
+                      "timestamp": "2026-11-02T10:00:00Z"});
+    json!({"uuid": uuid, "distinct_id": format!("user{}", i % 7), "ip": "1.2.3.4",
+           "data": data.to_string(), "now": "2026-12-02T00:00:00Z",
+           "sent_at": "2026-12-02T00:00:01Z", "token": TOKEN,
+           "event": "kafka event", "timestamp": "2026-11-02T10:00:00Z"})
+    .to_string()
+}
+
+async fn send(producer: &FutureProducer, payloads: impl IntoIterator<Item = String>) {
+    let mut pending = Vec::new();
+    for (n, payload) in payloads.into_iter().enumerate() {
+        let key = format!("{TOKEN}:{n}");
+        let record = FutureRecord::to(TOPIC).payload(&payload).key(&key);
+        pending.push(
+            producer
+                .send_result(record)
+                .map_err(|(e, _)| e)
+                .expect("queued"),
+        );
+    }
+    for delivery in pending {
+        delivery.await.expect("delivered").expect("acknowledged");
+    }
+}
+
+fn env(bootstrap: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("KAFKA_ENABLED", "true".into()),
+        ("KAFKA_HOSTS", bootstrap.into()),
+        (
+            "KAFKA_CONSUMER_CONFIG",
+            // The mock cluster holds a rejoining member back for the session timeout less a
+            // second; below 6 s it never answers the join.
+            "session.timeout.ms=6000,heartbeat.interval.ms=1000".into(),
+        ),
+    ]
+}
+
+fn borrowed<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+async fn wait_stored(app: &Appliance, count: usize) -> Vec<common::Row> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = read_events(&app.sqlite_path());
+        if rows.len() >= count || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn numbers(rows: &[common::Row]) -> Vec<i64> {
+    let mut seen: Vec<i64> = rows
+        .iter()
+        .map(|r| r.properties["i"].as_i64().unwrap())
+        .collect();
+    seen.sort_unstable();
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posthog_s_messages_become_events_and_unreadable_ones_go_to_the_dead_letter_topic() {
+    let cluster = MockCluster::new(1).expect("a mock cluster");
+    cluster.create_topic(TOPIC, 4, 1).expect("the topic");
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "t", TOKEN);
+    let env = env(&bootstrap);
+    let app = Appliance::start(dir.path(), &borrowed(&env));
+    let producer = producer(&bootstrap);
+    send(&producer, (0..40).map(capture_message)).await;
+    // The older Python capture's form: team_id instead of token, data without a uuid inside
+    // but one in the envelope.
+    let older = json!({"uuid": uuid::Uuid::from_u128(41).to_string(), "distinct_id": "old",
+        "ip": "5.6.7.8", "site_url": "http://x", "team_id": team,
+        "data": json!({"event": "kafka event", "properties": {"i": 40}}).to_string(),
+        "now": "2026-12-02T00:00:00", "sent_at": ""});
+    send(&producer, [older.to_string(), "not json".to_owned()]).await;
+    let rows = wait_stored(&app, 41).await;
+    assert_eq!(
+        numbers(&rows),
+        (0..41).collect::<Vec<_>>(),
+        "one event per message"
+    );
+    let first = rows.iter().find(|r| r.properties["i"] == 0).unwrap();
+    assert_eq!(first.distinct_id, "user0");
+    assert_eq!(first.properties["$ip"], "1.2.3.4");
+    // PostHog's clock-skew rule with the message's `now`, one second before its `sent_at`.
+    assert_eq!(first.timestamp, "2026-11-02T09:59:59.000000Z");
+    let old = rows.iter().find(|r| r.properties["i"] == 40).unwrap();
+    assert_eq!(old.distinct_id, "old");
+
+    let dead: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "dead-letter-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    dead.subscribe(&["events_dead_letter_queue"]).unwrap();
+    let letter = tokio::time::timeout(Duration::from_secs(30), dead.recv())
+        .await
+        .expect("a dead letter within 30 s")
+        .unwrap();
+    assert_eq!(letter.payload(), Some(&b"not json"[..]));
+    let headers = letter.headers().expect("headers");
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(header("topic").as_deref(), Some(TOPIC));
+    assert!(header("partition").is_some() && header("offset").is_some());
+    assert!(header("reason").unwrap().contains("not a JSON message"));
+    assert!(app.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_before_the_offset_commit_re_reads_the_round_and_stores_each_message_once() {
+    let cluster = MockCluster::new(1).expect("a mock cluster");
+    cluster.create_topic(TOPIC, 4, 1).expect("the topic");
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    create_team(dir.path(), "t", TOKEN);
+    let producer = producer(&bootstrap);
+    send(&producer, (0..500).map(capture_message)).await;
+    let env = env(&bootstrap);
+    let mut armed = borrowed(&env);
+    armed.push(("APPLIANCE_FAILPOINTS", "kafka.before_commit"));
+    let mut crashing = Appliance::start(dir.path(), &armed);
+    assert!(
+        !crashing.wait_exit(Duration::from_secs(60)).success(),
+        "aborted after a round was durable"
+    );
+    let app = Appliance::start(dir.path(), &borrowed(&env));
+    send(&producer, (500..600).map(capture_message)).await;
+    let rows = wait_stored(&app, 600).await;
+    app.wait_drained().await;
+    let rows = if rows.len() < 600 {
+        read_events(&app.sqlite_path())
+    } else {
+        rows
+    };
+    assert_eq!(
+        numbers(&rows),
+        (0..600).collect::<Vec<_>>(),
+        "each message once"
+    );
+}
