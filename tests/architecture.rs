@@ -33,6 +33,7 @@ const LAYERS: &[&[&str]] = &[
     &["pipeline"],
     &["ops", "backup"],
     &["capture", "admin"],
+    &["sources"],
     &["app"],
     &["cli"],
 ];

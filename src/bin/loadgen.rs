@@ -5,14 +5,17 @@
 //!
 //! `cargo run --release --bin loadgen` runs every scenario with the defaults.
 
+mod shared;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use shared::{ready, Server};
 
 const TOKEN: &str = "phc_loadgenProjectToken000";
 
@@ -217,13 +220,6 @@ async fn run(
     outcome
 }
 
-async fn ready(client: &reqwest::Client, base: &str) -> Value {
-    match client.get(format!("{base}/_ready")).send().await {
-        Ok(r) => r.json().await.unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    }
-}
-
 /// Waits until the sink has everything the queue holds; returns when that happened.
 async fn wait_drained(client: &reqwest::Client, base: &str) -> Instant {
     loop {
@@ -249,20 +245,6 @@ async fn wait_followers(client: &reqwest::Client, base: &str) -> Instant {
             return Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// An appliance started for the benchmark, stopped (SIGTERM via kill) on drop.
-struct Server {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -338,53 +320,12 @@ fn install_plugin_chain(
 }
 
 fn start_server(plugins: usize) -> Result<(Server, String), String> {
-    let exe = std::env::current_exe()
-        .map_err(|e| e.to_string())?
-        .with_file_name("appliance");
-    if !exe.exists() {
-        return Err(format!(
-            "{} not found: build it first (cargo build --release)",
-            exe.display()
-        ));
-    }
-    let dir = std::env::temp_dir().join(format!("appliance-loadgen-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let created = Command::new(&exe)
-        .env("DATA_DIR", &dir)
-        .args(["team", "create", "loadgen", "--token", TOKEN])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !created.status.success() {
-        return Err(String::from_utf8_lossy(&created.stderr).into_owned());
-    }
+    let exe = shared::appliance_exe()?;
+    let dir = shared::data_dir(&exe, "loadgen", TOKEN)?;
     if plugins > 0 {
         install_plugin_chain(&exe, &dir, plugins)?;
     }
-    let mut child = Command::new(&exe)
-        .env("DATA_DIR", &dir)
-        .env("WEB_HOSTNAME", "127.0.0.1")
-        .env("WEB_PORT", "0")
-        .env("ADMIN_PORT", "0")
-        .env("APPLIANCE_ENV_FILE", "")
-        .env("LOG_LEVEL", "warn")
-        .arg("run")
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-    let addr = loop {
-        match lines.next() {
-            Some(Ok(line)) => {
-                if let Some(a) = line.strip_prefix("listening on ") {
-                    break a.to_owned();
-                }
-            }
-            _ => return Err("the appliance exited before listening".into()),
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok((Server { child, dir }, addr))
+    shared::spawn(&exe, dir)
 }
 
 #[tokio::main]

@@ -9,6 +9,7 @@
 
 mod settings;
 mod sinks;
+mod sources;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use settings::{check, log_filter};
 pub use settings::{parse_bool, settings_help, Setting, SETTINGS};
 pub use sinks::{split_tls_params, ClickHouseSettings, SinkKind, SinkSettings, SplitUrl};
+pub use sources::{CelerySettings, KafkaSettings};
 
 /// A setting whose value was refused. Displayed as the one line start-up stops with.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +39,9 @@ pub struct Config {
     /// The sink events are written to, and its connection.
     pub sinks: SinkSettings,
     /// The Celery source, when `REDIS_URL` is set and `CELERY_SOURCE` is on.
-    pub celery: Option<crate::sources::celery::CelerySettings>,
+    pub celery: Option<CelerySettings>,
     /// The Kafka source, when `KAFKA_ENABLED`.
-    pub kafka: Option<crate::sources::kafka::KafkaSettings>,
+    pub kafka: Option<KafkaSettings>,
     pub web_enabled: bool,
     pub web_host: IpAddr,
     pub web_port: u16,
@@ -349,11 +351,9 @@ impl Config {
             sqlite_path,
             sinks,
             kafka,
-            celery: (explicit.contains(&"REDIS_URL") && celery_on).then(|| {
-                crate::sources::celery::CelerySettings {
-                    redis_url: get("REDIS_URL"),
-                    queue: get("PLUGINS_CELERY_QUEUE"),
-                }
+            celery: (explicit.contains(&"REDIS_URL") && celery_on).then(|| CelerySettings {
+                redis_url: get("REDIS_URL"),
+                queue: get("PLUGINS_CELERY_QUEUE"),
             }),
             web_enabled: !flag("DISABLE_WEB"),
             web_host,
@@ -535,7 +535,7 @@ pub fn redact_url(url: &str) -> String {
 fn kafka_settings(
     get: &dyn Fn(&str) -> String,
     hosts: Option<String>,
-) -> Result<crate::sources::kafka::KafkaSettings, ConfigError> {
+) -> Result<KafkaSettings, ConfigError> {
     use base64::Engine;
     let hosts = hosts.ok_or_else(|| ConfigError {
         name: "KAFKA_HOSTS",
@@ -564,7 +564,7 @@ fn kafka_settings(
         })?;
         pairs.push((key.trim().to_owned(), value.trim().to_owned()));
     }
-    Ok(crate::sources::kafka::KafkaSettings {
+    Ok(KafkaSettings {
         hosts,
         topic: get("KAFKA_CONSUMPTION_TOPIC"),
         group: get("KAFKA_CONSUMER_GROUP"),
@@ -674,6 +674,9 @@ mod tests {
             "appliance=info,librdkafka=info,rdkafka=info,warn"
         );
         let c = Config::from_vars(vars(&[("LOG_LEVEL", "none")])).unwrap();
-        assert_eq!(c.log_filter, "appliance=off,warn");
+        assert_eq!(
+            c.log_filter,
+            "appliance=off,librdkafka=off,rdkafka=off,warn"
+        );
     }
 }

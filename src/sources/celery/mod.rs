@@ -21,6 +21,7 @@ use chrono::Utc;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
+use crate::config::CelerySettings;
 use crate::event::IngestBatch;
 use crate::ingest::{IngestError, IngestHandle};
 use crate::shutdown::Shutdown;
@@ -38,25 +39,6 @@ const DEAD_KEEP: isize = 10_000;
 /// How long one `BLMOVE` waits for a message (short, so shutdown is seen).
 const POLL: f64 = 1.0;
 const RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// Where the source reads.
-#[derive(Clone, Debug)]
-pub struct CelerySettings {
-    pub redis_url: String,
-    pub queue: String,
-}
-
-impl CelerySettings {
-    /// The list a taken message waits on until its batch is durable.
-    pub fn processing_list(&self) -> String {
-        format!("{}.appliance.processing", self.queue)
-    }
-
-    /// The list of messages that could not be read, with the reason.
-    pub fn dead_list(&self) -> String {
-        format!("{}.appliance.dead", self.queue)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {

@@ -23,6 +23,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::config::KafkaSettings;
 use crate::ingest::{IngestError, IngestHandle};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
@@ -38,40 +39,23 @@ const GATHER: Duration = Duration::from_millis(20);
 const PREFETCH_KIB: &str = "16384";
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Where the source reads, and how it connects.
-#[derive(Clone, Debug, Default)]
-pub struct KafkaSettings {
-    pub hosts: String,
-    pub topic: String,
-    pub group: String,
-    pub dead_letter_topic: String,
-    /// PEM texts (the seed's `KAFKA_*_B64` settings, decoded): with a client certificate and
-    /// key the connection is TLS.
-    pub client_cert: Option<String>,
-    pub client_key: Option<String>,
-    pub trusted_cert: Option<String>,
-    /// Extra librdkafka properties (`KAFKA_CONSUMER_CONFIG`: `name=value,…`), for tuning.
-    pub extra: Vec<(String, String)>,
-}
-
-impl KafkaSettings {
-    fn client_config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.hosts);
-        if self.client_cert.is_some() || self.trusted_cert.is_some() {
-            config.set("security.protocol", "ssl");
-            for (key, pem) in [
-                ("ssl.certificate.pem", &self.client_cert),
-                ("ssl.key.pem", &self.client_key),
-                ("ssl.ca.pem", &self.trusted_cert),
-            ] {
-                if let Some(pem) = pem {
-                    config.set(key, pem);
-                }
+/// The client settings both the consumer and the dead-letter producer start from.
+fn client_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.hosts);
+    if settings.client_cert.is_some() || settings.trusted_cert.is_some() {
+        config.set("security.protocol", "ssl");
+        for (key, pem) in [
+            ("ssl.certificate.pem", &settings.client_cert),
+            ("ssl.key.pem", &settings.client_key),
+            ("ssl.ca.pem", &settings.trusted_cert),
+        ] {
+            if let Some(pem) = pem {
+                config.set(key, pem);
             }
         }
-        config
     }
+    config
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +106,7 @@ impl KafkaSource {
     }
 
     async fn consume(&self, shutdown: &mut Shutdown) -> Result<(), SourceError> {
-        let mut config = self.settings.client_config();
+        let mut config = client_config(&self.settings);
         config
             .set("group.id", &self.settings.group)
             .set("enable.auto.commit", "false")
@@ -132,9 +116,7 @@ impl KafkaSource {
             config.set(key, value);
         }
         let consumer: StreamConsumer = config.create()?;
-        let producer: FutureProducer = self
-            .settings
-            .client_config()
+        let producer: FutureProducer = client_config(&self.settings)
             .set("message.timeout.ms", "30000")
             .create()?;
         consumer.subscribe(&[&self.settings.topic])?;
