@@ -85,7 +85,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     crate::telemetry::install(&config);
     let _server_lock = lock_data_dir(&config.data_dir)?;
     let store = Store::open(&config.data_dir)?;
-    if let Some(team) = store.ensure_default_team()? {
+    let own_teams = config.teams_from_postgres.is_none();
+    if let Some(team) = own_teams
+        .then(|| store.ensure_default_team())
+        .transpose()?
+        .flatten()
+    {
         println!(
             "created team {} ({}) with project token {}",
             team.id, team.name, team.api_token
@@ -430,7 +435,7 @@ fn spawn_sources(
     ingest: &crate::ingest::IngestHandle,
     geoip: &Arc<GeoIp>,
 ) -> Option<(shutdown::ShutdownTrigger, tokio::task::JoinHandle<()>)> {
-    if config.celery.is_none() && config.kafka.is_none() {
+    if config.celery.is_none() && config.kafka.is_none() && config.teams_from_postgres.is_none() {
         return None;
     }
     let normalizer = crate::sources::Normalizer {
@@ -444,6 +449,14 @@ fn spawn_sources(
     };
     let (trigger, shutdown) = shutdown::channel();
     let mut tasks = Vec::new();
+    if let Some(settings) = config.teams_from_postgres.clone() {
+        tracing::info!(database = %crate::config::redact_url(&settings.url), "teams come from PostHog's posthog_team");
+        let mirror = crate::sources::teams::TeamMirror {
+            settings,
+            store: store.clone(),
+        };
+        tasks.push(tokio::spawn(mirror.run(shutdown.clone())));
+    }
     if let Some(settings) = config.celery.clone() {
         tracing::info!(queue = %settings.queue, redis = %crate::config::redact_url(&settings.redis_url), "consuming Celery tasks");
         let source = crate::sources::celery::CelerySource {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use settings::{check, log_filter};
 pub use settings::{parse_bool, settings_help, Setting, SETTINGS};
 pub use sinks::{split_tls_params, ClickHouseSettings, SinkKind, SinkSettings, SplitUrl};
-pub use sources::{CelerySettings, KafkaSettings};
+pub use sources::{CelerySettings, KafkaSettings, TeamsFromPostgres};
 
 /// A setting whose value was refused. Displayed as the one line start-up stops with.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,8 @@ pub struct Config {
     pub celery: Option<CelerySettings>,
     /// The Kafka source, when `KAFKA_ENABLED`.
     pub kafka: Option<KafkaSettings>,
+    /// PostHog's `posthog_team` as the list of teams, when `TEAMS_FROM_POSTGRES`.
+    pub teams_from_postgres: Option<TeamsFromPostgres>,
     pub web_enabled: bool,
     pub web_host: IpAddr,
     pub web_port: u16,
@@ -329,9 +331,30 @@ impl Config {
             || sinks_value
                 .as_deref()
                 .is_some_and(|s| s.to_ascii_lowercase().contains("clickhouse"));
+        let teams_from_postgres = if flag("TEAMS_FROM_POSTGRES") {
+            let url = explicit_value("DATABASE_URL").ok_or_else(|| ConfigError {
+                name: "TEAMS_FROM_POSTGRES",
+                value: get("TEAMS_FROM_POSTGRES"),
+                allowed: "true only with DATABASE_URL set to PostHog's database".into(),
+            })?;
+            Some(TeamsFromPostgres {
+                url,
+                reload_redis_url: explicit_value("REDIS_URL"),
+                reload_channel: get("PLUGINS_RELOAD_PUBSUB_CHANNEL"),
+            })
+        } else {
+            None
+        };
+        // Beside PostHog, DATABASE_URL is PostHog's own database: events go there only when
+        // SINKS says so.
+        let sink_database = if teams_from_postgres.is_some() && sinks_value.is_none() {
+            None
+        } else {
+            explicit_value("DATABASE_URL")
+        };
         let sinks = sinks::resolve(
             sinks_value.as_deref(),
-            explicit_value("DATABASE_URL").as_deref(),
+            sink_database.as_deref(),
             wants_clickhouse.then_some(clickhouse),
         )?;
         let kafka = if flag("KAFKA_ENABLED") {
@@ -351,6 +374,7 @@ impl Config {
             sqlite_path,
             sinks,
             kafka,
+            teams_from_postgres,
             celery: (explicit.contains(&"REDIS_URL") && celery_on).then(|| CelerySettings {
                 redis_url: get("REDIS_URL"),
                 queue: get("PLUGINS_CELERY_QUEUE"),

@@ -74,6 +74,7 @@ pub const SETTINGS: &[Setting] = &[
     // The seed's table (PostHog plugin server README).
     setting("DATABASE_URL", Some("postgres://localhost:5432/posthog"), PG, "Postgres database URL: set, events also go to PostHog's tables in this database (the Postgres sink; see SINKS); libpq's sslmode picks TLS"),
     setting("REDIS_URL", Some("redis://localhost"), REDIS, "Redis URL: set, PostHog's Celery tasks are consumed from PLUGINS_CELERY_QUEUE there (the Celery source; see CELERY_SOURCE)"),
+    setting("TEAMS_FROM_POSTGRES", Some("false"), Kind::Bool, "beside a PostHog app: the teams, their tokens and anonymize_ips come from posthog_team in DATABASE_URL (PostHog's database; events then go there only if SINKS names postgres), refreshed on PLUGINS_RELOAD_PUBSUB_CHANNEL when REDIS_URL is set and every minute"),
     setting("CELERY_SOURCE", None, Kind::Bool, "consume PostHog's process_event_with_plugins Celery tasks when REDIS_URL is set; unset: yes unless KAFKA_ENABLED (as the seed's plugin server)"),
     setting("BASE_DIR", Some("."), Kind::Text, "base path for resolving local plugins"),
     setting("WORKER_CONCURRENCY", Some("0"), COUNT, "number of concurrent workers; 0 means all cores"),

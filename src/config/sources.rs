@@ -33,3 +33,12 @@ pub struct KafkaSettings {
     /// Extra librdkafka properties (`KAFKA_CONSUMER_CONFIG`: `name=value,…`), for tuning.
     pub extra: Vec<(String, String)>,
 }
+
+/// Teams from PostHog's database (`TEAMS_FROM_POSTGRES` with `DATABASE_URL`), reloaded on
+/// PostHog's Redis channel when `REDIS_URL` is set.
+#[derive(Clone, Debug)]
+pub struct TeamsFromPostgres {
+    pub url: String,
+    pub reload_redis_url: Option<String>,
+    pub reload_channel: String,
+}

@@ -9,6 +9,7 @@
 
 pub mod celery;
 pub mod kafka;
+pub mod teams;
 
 use std::time::Duration;
 

@@ -188,6 +188,56 @@ impl Store {
         Ok(team)
     }
 
+    /// Makes the teams those of `teams` (PostHog's `posthog_team`, by id): each is created or
+    /// updated with its id, name, token and `anonymize_ips`; a team of this store that is not
+    /// among them keeps its record (its events and plugins) but loses its token, so capture
+    /// refuses it. Returns how many teams changed.
+    pub fn mirror_teams(&self, teams: &[Team]) -> Result<usize, StoreError> {
+        let txn = self.write()?;
+        let changed = {
+            let mut records = txn.open_table(TEAMS)?;
+            let mut tokens = txn.open_table(TEAM_TOKENS)?;
+            let mut changed = 0;
+            let wanted: std::collections::HashMap<TeamId, &Team> =
+                teams.iter().map(|t| (t.id, t)).collect();
+            let mut current = Vec::new();
+            for row in records.iter()? {
+                let (_, value) = row?;
+                current.push(decode_value::<Team>("team", value.value())?);
+            }
+            for team in &current {
+                let keep = wanted
+                    .get(&team.id)
+                    .is_some_and(|w| w.api_token == team.api_token);
+                if !keep && tokens.get(team.api_token.as_str())?.map(|v| v.value()) == Some(team.id)
+                {
+                    tokens.remove(team.api_token.as_str())?;
+                    changed += usize::from(!wanted.contains_key(&team.id));
+                }
+            }
+            for team in teams {
+                let before = current.iter().find(|t| t.id == team.id);
+                if before != Some(team) {
+                    changed += 1;
+                }
+                records.insert(team.id, encode_value(team).as_slice())?;
+                tokens.insert(team.api_token.as_str(), team.id)?;
+            }
+            let mut meta = txn.open_table(META)?;
+            let highest = teams.iter().map(|t| t.id).max().unwrap_or(0);
+            if meta_get(&meta, NEXT_TEAM_ID)? <= highest {
+                meta.insert(NEXT_TEAM_ID, highest + 1)?;
+            }
+            if changed > 0 {
+                let generation = meta_get(&meta, GENERATION)?;
+                meta.insert(GENERATION, generation + 1)?;
+            }
+            changed
+        };
+        self.commit(txn)?;
+        Ok(changed)
+    }
+
     /// Creates the default team when there is none; returns it only if it was created now.
     pub fn ensure_default_team(&self) -> Result<Option<Team>, StoreError> {
         if !self.list_teams()?.is_empty() {
@@ -200,6 +250,53 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirrored_teams_take_posthog_s_ids_and_tokens_and_the_others_lose_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let own = store
+            .create_team("own", Some("phc_ownProjectToken00001"))
+            .unwrap();
+        let team = |id, token: &str, anonymize_ips| Team {
+            id,
+            name: format!("posthog {id}"),
+            api_token: token.to_owned(),
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            anonymize_ips,
+        };
+        let posthog = [team(2, "phc_two", false), team(7, "phc_seven", true)];
+        let generation = store.teams_generation().unwrap();
+        assert_eq!(
+            store.mirror_teams(&posthog).unwrap(),
+            3,
+            "two new, one gone"
+        );
+        assert!(store.teams_generation().unwrap() > generation);
+        assert_eq!(
+            store.team_by_token("phc_seven").unwrap(),
+            Some(posthog[1].clone())
+        );
+        assert_eq!(
+            store.team_by_token(&own.api_token).unwrap(),
+            None,
+            "refused now"
+        );
+        assert!(store.team(own.id).is_ok(), "its record stays");
+        assert_eq!(store.mirror_teams(&posthog).unwrap(), 0, "nothing changed");
+        let rotated = [team(2, "phc_two_new", false), posthog[1].clone()];
+        assert_eq!(store.mirror_teams(&rotated).unwrap(), 1);
+        assert_eq!(store.team_by_token("phc_two").unwrap(), None);
+        assert_eq!(
+            store.team_by_token("phc_two_new").unwrap().map(|t| t.id),
+            Some(2)
+        );
+        assert_eq!(
+            store.create_team("next", None).unwrap().id,
+            8,
+            "ids go past PostHog's"
+        );
+    }
 
     #[test]
     fn teams_are_created_listed_and_found_by_token() {

@@ -59,7 +59,7 @@ impl PostgresTarget {
 }
 
 /// A pool that connects on first use, with TLS as `sslmode` asks ([`TlsPolicy`]).
-pub(super) fn pool(target: &PostgresTarget) -> Result<Pool, SinkError> {
+pub fn pool(target: &PostgresTarget) -> Result<Pool, SinkError> {
     let open_error = |detail: String| SinkError::Open {
         sink: NAME,
         target: target.redacted(),

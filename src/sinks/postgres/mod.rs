@@ -28,7 +28,7 @@ use uuid::Uuid;
 use super::{Role, Sink, SinkError, SinkFuture, SinkWrite, StoredRows, Written};
 use crate::event::EventRow;
 use crate::store::QueuedBatch;
-pub use connect::PostgresTarget;
+pub use connect::{pool, PostgresTarget};
 use text::{json_safe, text_safe};
 
 mod embedded {
