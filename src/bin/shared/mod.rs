@@ -58,7 +58,11 @@ pub fn spawn(exe: &Path, dir: PathBuf) -> Result<(Server, String), String> {
         .env("WEB_PORT", "0")
         .env("ADMIN_PORT", "0")
         .env("APPLIANCE_ENV_FILE", "")
-        .env("LOG_LEVEL", "warn")
+        // BENCH_LOG_LEVEL shows more of the appliance's log while a benchmark runs.
+        .env(
+            "LOG_LEVEL",
+            std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+        )
         .arg("run")
         .stdout(Stdio::piped())
         .spawn()

@@ -15,10 +15,13 @@
 mod message;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -115,48 +118,49 @@ impl KafkaSource {
         for (key, value) in &self.settings.extra {
             config.set(key, value);
         }
-        let consumer: StreamConsumer = config.create()?;
+        let consumer: Arc<BaseConsumer> = Arc::new(config.create()?);
         let producer: FutureProducer = client_config(&self.settings)
             .set("message.timeout.ms", "30000")
             .create()?;
         consumer.subscribe(&[&self.settings.topic])?;
-        while !shutdown.is_draining() {
-            let first = tokio::select! {
-                message = consumer.recv() => message?.detach(),
-                _ = shutdown.changed() => break,
-            };
-            let round = self.gather(&consumer, first).await?;
-            self.handle(&consumer, &producer, round, shutdown).await?;
-        }
-        consumer.unsubscribe();
-        Ok(())
-    }
-
-    /// The first message and what else arrives within [`GATHER`], up to a round's limits.
-    async fn gather(
-        &self,
-        consumer: &StreamConsumer,
-        first: OwnedMessage,
-    ) -> Result<Vec<OwnedMessage>, SourceError> {
-        let mut bytes = first.payload().map_or(0, <[u8]>::len);
-        let mut round = vec![first];
-        let deadline = tokio::time::Instant::now() + GATHER;
-        while round.len() < MAX_MESSAGES && bytes < MAX_BYTES {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(message) => {
-                    let message = message?.detach();
-                    bytes += message.payload().map_or(0, <[u8]>::len);
-                    round.push(message);
-                }
-                Err(_) => break,
+        // librdkafka is polled by a thread of its own that hands messages over a bounded
+        // channel: the async stream consumer stalled here with messages fetched but never
+        // yielded (about 37,000 into a 100,000-message topic), a blocking poll does not.
+        let (tx, mut messages) = tokio::sync::mpsc::channel(MAX_MESSAGES);
+        let stop = Arc::new(AtomicBool::new(false));
+        let poller = {
+            let (consumer, stop) = (consumer.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("kafka-poll".into())
+                .spawn(move || poll(&consumer, &stop, &tx))
+                .map_err(|e| SourceError::Store(format!("cannot start the Kafka thread: {e}")))?
+        };
+        let result = async {
+            while !shutdown.is_draining() {
+                let first = tokio::select! {
+                    message = messages.recv() => match message {
+                        Some(message) => message?,
+                        None => break,
+                    },
+                    _ = shutdown.changed() => break,
+                };
+                let round = gather(&mut messages, first).await?;
+                tracing::debug!(messages = round.len(), "a Kafka round is taken");
+                self.handle(&consumer, &producer, round, shutdown).await?;
             }
+            Ok(())
         }
-        Ok(round)
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        drop(messages);
+        let _ = tokio::task::spawn_blocking(move || poller.join()).await;
+        consumer.unsubscribe();
+        result
     }
 
     async fn handle(
         &self,
-        consumer: &StreamConsumer,
+        consumer: &BaseConsumer,
         producer: &FutureProducer,
         round: Vec<OwnedMessage>,
         shutdown: &mut Shutdown,
@@ -203,6 +207,10 @@ impl KafkaSource {
             offsets.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
         }
         consumer.commit(&offsets, CommitMode::Async)?;
+        tracing::debug!(
+            messages = round.len(),
+            "a Kafka round is durable and committed"
+        );
         Ok(())
     }
 
@@ -253,6 +261,43 @@ impl KafkaSource {
             .map(|_| ())
             .map_err(|(e, _)| SourceError::DeadLetter(e.to_string()))
     }
+}
+
+/// Polls `consumer` until `stop`, handing each message (or error) to `to`; waits while `to`
+/// is full, so at most a round waits beside librdkafka's own bounded prefetch.
+fn poll(
+    consumer: &BaseConsumer,
+    stop: &AtomicBool,
+    to: &tokio::sync::mpsc::Sender<KafkaResult<OwnedMessage>>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            if to.blocking_send(message.map(|m| m.detach())).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The first message and what else arrives within [`GATHER`], up to a round's limits.
+async fn gather(
+    messages: &mut tokio::sync::mpsc::Receiver<KafkaResult<OwnedMessage>>,
+    first: OwnedMessage,
+) -> Result<Vec<OwnedMessage>, SourceError> {
+    let mut bytes = first.payload().map_or(0, <[u8]>::len);
+    let mut round = vec![first];
+    let deadline = tokio::time::Instant::now() + GATHER;
+    while round.len() < MAX_MESSAGES && bytes < MAX_BYTES {
+        match tokio::time::timeout_at(deadline, messages.recv()).await {
+            Ok(Some(message)) => {
+                let message = message?;
+                bytes += message.payload().map_or(0, <[u8]>::len);
+                round.push(message);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok(round)
 }
 
 /// One message as an encoded batch, or the reason it cannot be one; fails only when the state
