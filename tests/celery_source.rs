@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::{create_team, read_events, sdk_dir, Appliance, TOKEN};
+use common::{create_team, read_events, sdk_dir, wait_stored, Appliance, TOKEN};
 use redis::Commands;
 use serde_json::Value;
 
@@ -40,18 +40,6 @@ fn send_tasks(redis: &RedisServer, team: u64, count: usize, protocol: u8, first:
 
 fn env(redis: &RedisServer) -> Vec<(&'static str, String)> {
     vec![("REDIS_URL", redis.url())]
-}
-
-/// Waits until the SQLite sink holds `count` events.
-async fn wait_stored(app: &Appliance, count: usize) -> Vec<common::Row> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let rows = read_events(&app.sqlite_path());
-        if rows.len() >= count || Instant::now() > deadline {
-            return rows;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn list(con: &mut redis::Connection, key: &str) -> Vec<String> {

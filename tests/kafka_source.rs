@@ -6,9 +6,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{create_team, read_events, Appliance, TOKEN};
+use common::{create_team, read_events, wait_stored, Appliance, TOKEN};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
@@ -71,17 +71,6 @@ fn env(bootstrap: &str) -> Vec<(&'static str, String)> {
 
 fn borrowed<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     env.iter().map(|(k, v)| (*k, v.as_str())).collect()
-}
-
-async fn wait_stored(app: &Appliance, count: usize) -> Vec<common::Row> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let rows = read_events(&app.sqlite_path());
-        if rows.len() >= count || Instant::now() > deadline {
-            return rows;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn numbers(rows: &[common::Row]) -> Vec<i64> {

@@ -358,7 +358,10 @@ impl Config {
             wants_clickhouse.then_some(clickhouse),
         )?;
         let kafka = if flag("KAFKA_ENABLED") {
-            Some(kafka_settings(&get, explicit_value("KAFKA_HOSTS"))?)
+            Some(sources::kafka_settings(
+                &get,
+                explicit_value("KAFKA_HOSTS"),
+            )?)
         } else {
             None
         };
@@ -553,51 +556,6 @@ pub fn redact_url(url: &str) -> String {
         Ok(parsed) => parsed.to_string(),
         Err(_) => "(a URL that does not parse)".to_owned(),
     }
-}
-
-/// The Kafka source's settings; `KAFKA_HOSTS` is required.
-fn kafka_settings(
-    get: &dyn Fn(&str) -> String,
-    hosts: Option<String>,
-) -> Result<KafkaSettings, ConfigError> {
-    use base64::Engine;
-    let hosts = hosts.ok_or_else(|| ConfigError {
-        name: "KAFKA_HOSTS",
-        value: String::new(),
-        allowed: "the Kafka brokers (host:port, comma-separated) when KAFKA_ENABLED is true".into(),
-    })?;
-    // Checked as base64 by the settings table already.
-    let pem = |name: &str| {
-        let text = get(name);
-        (!text.is_empty())
-            .then(|| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(text.trim())
-                    .ok()
-            })
-            .flatten()
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-    };
-    let extra = get("KAFKA_CONSUMER_CONFIG");
-    let mut pairs = Vec::new();
-    for pair in extra.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').ok_or_else(|| ConfigError {
-            name: "KAFKA_CONSUMER_CONFIG",
-            value: extra.clone(),
-            allowed: "librdkafka properties as name=value, comma-separated".into(),
-        })?;
-        pairs.push((key.trim().to_owned(), value.trim().to_owned()));
-    }
-    Ok(KafkaSettings {
-        hosts,
-        topic: get("KAFKA_CONSUMPTION_TOPIC"),
-        group: get("KAFKA_CONSUMER_GROUP"),
-        dead_letter_topic: get("KAFKA_DEAD_LETTER_TOPIC"),
-        client_cert: pem("KAFKA_CLIENT_CERT_B64"),
-        client_key: pem("KAFKA_CLIENT_CERT_KEY_B64"),
-        trusted_cert: pem("KAFKA_TRUSTED_CERT_B64"),
-        extra: pairs,
-    })
 }
 
 /// The listen address: an IP, or `localhost`. Names needing DNS are refused, since a server

@@ -72,6 +72,60 @@ impl Normalizer {
     }
 }
 
+/// The wait between tries of a source that failed (Redis or Kafka away, the queue closing):
+/// doubling from 100 ms to 5 s.
+pub struct Retry {
+    wait: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Retry {
+        Retry {
+            wait: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Retry {
+    /// Reports the failure of `source` and waits before its next try; the start of shutdown
+    /// cuts the wait short.
+    pub async fn after(
+        &mut self,
+        source: &str,
+        error: impl std::fmt::Display,
+        shutdown: &mut Shutdown,
+    ) {
+        tracing::error!(error = %error, retry_in_ms = self.wait.as_millis() as u64, "{source} failed; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(self.wait) => {}
+            _ = shutdown.changed() => {}
+        }
+        self.wait = (self.wait * 2).min(FULL_QUEUE_WAIT_MAX);
+    }
+}
+
+/// A time in a queued message: RFC 3339, Python's `isoformat()` without a zone (UTC), or
+/// kombu's tagged datetime (`{"__type__": "datetime", "__value__": …}`); empty or null is none.
+pub fn message_time(value: Option<&Value>) -> Result<Option<DateTime<Utc>>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) if text.is_empty() => Ok(None),
+        Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
+            .map(|t| Some(t.to_utc()))
+            .or_else(|_| {
+                chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+                    .map(|t| Some(t.and_utc()))
+            })
+            .map_err(|_| format!("{text:?} is not a time")),
+        Some(Value::Object(tagged))
+            if tagged.get("__type__").and_then(Value::as_str) == Some("datetime") =>
+        {
+            message_time(tagged.get("__value__"))
+        }
+        Some(other) => Err(format!("{other} is not a time")),
+    }
+}
+
 /// The room capture keeps (`INGEST_MAX_QUEUE_BYTES`, `DATA_MIN_FREE_BYTES`); a source waits
 /// for it as capture answers 503.
 #[derive(Clone, Copy, Debug)]

@@ -433,6 +433,18 @@ pub async fn send_batch(app: &Appliance, token: &str, events: Vec<Value>) {
     app.wait_drained().await;
 }
 
+/// Waits until the SQLite sink holds at least `count` events (at most 60 s); returns them.
+pub async fn wait_stored(app: &Appliance, count: usize) -> Vec<Row> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = read_events(&app.sqlite_path());
+        if rows.len() >= count || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn read_events(sqlite: &Path) -> Vec<Row> {
     let conn =
         rusqlite::Connection::open_with_flags(sqlite, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)

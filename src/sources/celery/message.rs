@@ -12,6 +12,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::sources::message_time;
+
 /// PostHog's ingestion task.
 pub const PROCESS_EVENT: &str = "posthog.tasks.process_event.process_event_with_plugins";
 
@@ -115,28 +117,6 @@ pub fn decode(raw: &[u8]) -> Result<Task, String> {
     })
 }
 
-fn time(value: Option<&Value>) -> Result<Option<DateTime<Utc>>, String> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) if text.is_empty() => Ok(None),
-        Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
-            .or_else(|_| {
-                // Python's isoformat() without a zone is the server's UTC.
-                chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
-                    .map(|t| t.and_utc().fixed_offset())
-            })
-            .map(|t| Some(t.to_utc()))
-            .map_err(|_| format!("{text:?} is not a time")),
-        // kombu's JSON for a Python datetime (Celery 5).
-        Some(Value::Object(tagged))
-            if tagged.get("__type__").and_then(Value::as_str) == Some("datetime") =>
-        {
-            time(tagged.get("__value__"))
-        }
-        Some(other) => Err(format!("{other} is not a time")),
-    }
-}
-
 /// The event of a `process_event_with_plugins(distinct_id, ip, site_url, data, team_id, now,
 /// sent_at)` task (positional, or by name in kwargs). As PostHog's handler, the event's own
 /// fields win over the task's; an event without a uuid gets one derived from the task id, so a
@@ -170,8 +150,8 @@ pub fn process_event(task: &Task) -> Result<TaskEvent, String> {
         _ => None,
     }
     .ok_or("the task has no team_id")?;
-    let now = time(arg(5))?.ok_or("the task has no now")?;
-    let sent_at = time(arg(6))?;
+    let now = message_time(arg(5))?.ok_or("the task has no now")?;
+    let sent_at = message_time(arg(6))?;
     if !event.contains_key("distinct_id") {
         match arg(0) {
             Some(id @ (Value::String(_) | Value::Number(_))) => {
@@ -286,7 +266,7 @@ mod tests {
     fn kombu_s_tagged_datetimes_are_times() {
         let tagged =
             json!({"__type__": "datetime", "__value__": "2026-12-02T16:45:55.870312+00:00"});
-        let at = time(Some(&tagged)).unwrap().unwrap();
+        let at = message_time(Some(&tagged)).unwrap().unwrap();
         assert_eq!(at.to_rfc3339(), "2026-12-02T16:45:55.870312+00:00");
     }
 }

@@ -38,7 +38,6 @@ const MAX_MESSAGE_BYTES: usize = 8 << 20;
 const DEAD_KEEP: isize = 10_000;
 /// How long one `BLMOVE` waits for a message (short, so shutdown is seen).
 const POLL: f64 = 1.0;
-const RETRY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -67,7 +66,7 @@ enum Outcome {
 impl CelerySource {
     /// Consumes until shutdown begins; reconnects with backoff when Redis goes away.
     pub async fn run(self, mut shutdown: Shutdown) {
-        let mut wait = Duration::from_millis(100);
+        let mut retry = super::Retry::default();
         let mut recovering = true;
         while !shutdown.is_draining() {
             let result = self.consume(&mut recovering, &mut shutdown).await;
@@ -75,12 +74,7 @@ impl CelerySource {
                 return;
             }
             if let Err(e) = result {
-                tracing::error!(error = %e, queue = %self.settings.queue, retry_in_ms = wait.as_millis() as u64, "the Celery source failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
-                }
-                wait = (wait * 2).min(RETRY_MAX);
+                retry.after("the Celery source", e, &mut shutdown).await;
             }
         }
     }

@@ -9,6 +9,8 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
+use crate::sources::message_time;
+
 /// One event read from a message, before its team is looked up and it is normalised.
 #[derive(Debug, PartialEq)]
 pub struct KafkaEvent {
@@ -18,21 +20,6 @@ pub struct KafkaEvent {
     pub now: DateTime<Utc>,
     pub sent_at: Option<DateTime<Utc>>,
     pub event: Map<String, Value>,
-}
-
-fn time(value: Option<&Value>) -> Result<Option<DateTime<Utc>>, String> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) if text.is_empty() => Ok(None),
-        Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
-            .map(|t| Some(t.to_utc()))
-            .or_else(|_| {
-                chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
-                    .map(|t| Some(t.and_utc()))
-            })
-            .map_err(|_| format!("{text:?} is not a time")),
-        Some(other) => Err(format!("{other} is not a time")),
-    }
 }
 
 /// Reads one message's payload.
@@ -63,8 +50,8 @@ pub fn parse(payload: &[u8]) -> Result<KafkaEvent, String> {
     if token.is_none() && team_id.is_none() {
         return Err("the message names no team (token or team_id)".into());
     }
-    let now = time(envelope.get("now"))?.ok_or("the message has no now")?;
-    let sent_at = time(envelope.get("sent_at"))?;
+    let now = message_time(envelope.get("now"))?.ok_or("the message has no now")?;
+    let sent_at = message_time(envelope.get("sent_at"))?;
     let ip = envelope
         .get("ip")
         .and_then(Value::as_str)

@@ -40,7 +40,6 @@ const MAX_BYTES: usize = 16 << 20;
 const GATHER: Duration = Duration::from_millis(20);
 /// librdkafka's prefetch per partition set, in KiB (its default is 64 MiB).
 const PREFETCH_KIB: &str = "16384";
-const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// The client settings both the consumer and the dead-letter producer start from.
 fn client_config(settings: &KafkaSettings) -> ClientConfig {
@@ -91,19 +90,14 @@ impl KafkaSource {
     /// Consumes until shutdown begins; a failing round is retried with backoff (its offsets
     /// were not committed, so it is read again).
     pub async fn run(self, mut shutdown: Shutdown) {
-        let mut wait = Duration::from_millis(100);
+        let mut retry = super::Retry::default();
         while !shutdown.is_draining() {
             let result = self.consume(&mut shutdown).await;
             if shutdown.is_draining() {
                 return;
             }
             if let Err(e) = result {
-                tracing::error!(error = %e, topic = %self.settings.topic, retry_in_ms = wait.as_millis() as u64, "the Kafka source failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
-                }
-                wait = (wait * 2).min(RETRY_MAX);
+                retry.after("the Kafka source", e, &mut shutdown).await;
             }
         }
     }
