@@ -17,6 +17,8 @@ use crate::store::{Store, Team};
 const REFRESH: Duration = Duration::from_secs(60);
 /// The longest a query may take.
 const DEADLINE: Duration = Duration::from_secs(30);
+/// The most teams mirrored (a PostHog has far fewer; the bound keeps one query's answer small).
+const MAX_TEAMS: i64 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
@@ -75,8 +77,8 @@ impl TeamMirror {
             client
                 .query(
                     "SELECT id::bigint, name::text, api_token::text, anonymize_ips,
-                            created_at FROM posthog_team",
-                    &[],
+                            created_at FROM posthog_team ORDER BY id LIMIT $1",
+                    &[&(MAX_TEAMS + 1)],
                 )
                 .await
                 .map_err(|e| postgres(&e))
@@ -85,8 +87,15 @@ impl TeamMirror {
         .map_err(|_| {
             MirrorError::Postgres(format!("no answer within {} s", DEADLINE.as_secs()))
         })??;
+        if rows.len() as i64 > MAX_TEAMS {
+            tracing::warn!(
+                mirrored = MAX_TEAMS,
+                "posthog_team has more teams than are mirrored; those with the highest ids are left out"
+            );
+        }
         let teams: Vec<Team> = rows
             .iter()
+            .take(MAX_TEAMS as usize)
             .filter_map(|row| {
                 let id: i64 = row.get(0);
                 Some(Team {
