@@ -126,6 +126,25 @@ pub fn message_time(value: Option<&Value>) -> Result<Option<DateTime<Utc>>, Stri
     }
 }
 
+/// What `judge` makes of each message, worked out on the blocking pool (it reads the state
+/// file and normalises); fails, with the reason, when the state file cannot be read.
+pub async fn judge_all<T: Send + 'static>(
+    messages: std::sync::Arc<Vec<Vec<u8>>>,
+    store: Store,
+    normalizer: Normalizer,
+    judge: fn(&[u8], &Store, &Normalizer) -> Result<T, crate::store::StoreError>,
+) -> Result<Vec<T>, String> {
+    tokio::task::spawn_blocking(move || {
+        messages
+            .iter()
+            .map(|message| judge(message, &store, &normalizer))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
 /// The room capture keeps (`INGEST_MAX_QUEUE_BYTES`, `DATA_MIN_FREE_BYTES`); a source waits
 /// for it as capture answers 503.
 #[derive(Clone, Copy, Debug)]

@@ -167,16 +167,14 @@ impl CelerySource {
         shutdown: &mut Shutdown,
     ) -> Result<(), SourceError> {
         let raws = Arc::new(taken);
-        let (store, normalizer) = (self.store.clone(), self.normalizer.clone());
-        let read = raws.clone();
-        let outcomes = tokio::task::spawn_blocking(move || {
-            read.iter()
-                .map(|raw| outcome(raw, &store, &normalizer))
-                .collect::<Result<Vec<_>, _>>()
-        })
+        let outcomes = super::judge_all(
+            raws.clone(),
+            self.store.clone(),
+            self.normalizer.clone(),
+            outcome,
+        )
         .await
-        .map_err(|e| SourceError::Store(e.to_string()))?
-        .map_err(|e| SourceError::Store(e.to_string()))?;
+        .map_err(SourceError::Store)?;
         let mut pending = Vec::new();
         let mut dead = Vec::new();
         for (raw, outcome) in raws.iter().zip(outcomes) {

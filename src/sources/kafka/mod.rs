@@ -159,20 +159,18 @@ impl KafkaSource {
         round: Vec<OwnedMessage>,
         shutdown: &mut Shutdown,
     ) -> Result<(), SourceError> {
-        let (store, normalizer) = (self.store.clone(), self.normalizer.clone());
         let payloads: Vec<Vec<u8>> = round
             .iter()
             .map(|m| m.payload().unwrap_or_default().to_vec())
             .collect();
-        let outcomes = tokio::task::spawn_blocking(move || {
-            payloads
-                .iter()
-                .map(|p| outcome(p, &store, &normalizer))
-                .collect::<Result<Vec<_>, _>>()
-        })
+        let outcomes = super::judge_all(
+            Arc::new(payloads),
+            self.store.clone(),
+            self.normalizer.clone(),
+            outcome,
+        )
         .await
-        .map_err(|e| SourceError::Store(e.to_string()))?
-        .map_err(|e| SourceError::Store(e.to_string()))?;
+        .map_err(SourceError::Store)?;
         let mut batches = Vec::new();
         for (message, outcome) in round.iter().zip(outcomes) {
             match outcome {
