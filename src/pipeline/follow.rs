@@ -204,7 +204,10 @@ impl Follower {
         mark.store(position, Ordering::Relaxed);
         let mut backoff = Backoff::default();
         let gather = self.sink.min_write_interval();
-        let mut last_write = tokio::time::Instant::now() - gather;
+        // Shortly after boot the monotonic clock may not reach back a whole interval.
+        let mut last_write = tokio::time::Instant::now()
+            .checked_sub(gather)
+            .unwrap_or_else(tokio::time::Instant::now);
         loop {
             if shutdown.deadline_passed() {
                 return;
