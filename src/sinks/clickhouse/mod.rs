@@ -202,13 +202,22 @@ impl ClickHouseSink {
             .copied()
     }
 
-    /// The position and the begun write, from the state file.
-    async fn recorded(&self) -> Result<(u64, Option<u64>), SinkError> {
+    /// Runs `work` on the state file, on the blocking pool.
+    async fn in_state<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, SinkError> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.sink_position(POSITION_KEY))
+        tokio::task::spawn_blocking(move || work(&store))
             .await
             .map_err(state_error)?
             .map_err(state_error)
+    }
+
+    /// The position and the begun write, from the state file.
+    async fn recorded(&self) -> Result<(u64, Option<u64>), SinkError> {
+        self.in_state(|store| store.sink_position(POSITION_KEY))
+            .await
     }
 
     async fn write_now(&self, write: SinkWrite, position: u64) -> Result<Written, SinkError> {
@@ -216,11 +225,8 @@ impl ClickHouseSink {
         let (recorded, _) = self.recorded().await?;
         let moves = position > recorded;
         if moves {
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.begin_sink_write(POSITION_KEY, position))
-                .await
-                .map_err(state_error)?
-                .map_err(state_error)?;
+            self.in_state(move |store| store.begin_sink_write(POSITION_KEY, position))
+                .await?;
         }
         let now = Utc::now();
         let (events, kept) = rows::events(&write, now);
@@ -238,11 +244,8 @@ impl ClickHouseSink {
             .await?;
         crate::failpoint::hit("clickhouse.before_position");
         if moves {
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.finish_sink_write(POSITION_KEY, position))
-                .await
-                .map_err(state_error)?
-                .map_err(state_error)?;
+            self.in_state(move |store| store.finish_sink_write(POSITION_KEY, position))
+                .await?;
         }
         Ok(Written { inserted: kept })
     }
