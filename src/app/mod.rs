@@ -233,10 +233,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let workers = tokio::spawn(
         Workers {
             queue: queue.clone(),
-            runner: Arc::new(PluginRunner {
-                catalog: catalog.clone(),
-                events: Some(events.clone()),
-            }),
+            runner: Arc::new(PluginRunner::new(
+                catalog.clone(),
+                Some(events.clone()),
+                idle_job_instances(config.jobs.slots),
+            )),
             schedule_done: Some(schedule_done.clone()),
         }
         .run(shutdown.clone()),
@@ -384,6 +385,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 /// Holds the data directory's server lock for as long as the returned file lives. One server
 /// per data directory: the job queue treats every claim it finds at start-up as left by a dead
 /// process, which is only true if no other server is running.
+/// Plugin instances kept idle between jobs: one per job slot at most (each holds its memory, up
+/// to `PLUGIN_MAX_MEMORY_MB`), and never more than a small share of the engine's instance pool,
+/// which the event chains draw from too.
+fn idle_job_instances(slots: usize) -> usize {
+    slots.min(64)
+}
+
 fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, AppError> {
     match crate::store::try_lock_data_dir(data_dir) {
         Ok(Some(file)) => Ok(file),

@@ -3,6 +3,10 @@
 //! its start while a backlog of future jobs sits in the queue.
 //!
 //! `cargo run --release --bin jobbench -- --sizes 1000,10000,100000,1000000`
+//! `cargo run --release --bin jobbench -- --plugin --sizes 10000,100000` measures what users
+//! run instead: a WASM plugin's no-op job (Job Lab's `noop`, built under `plugins/`), queued in
+//! bulk through the same operation as `POST …/jobs` and run by the server's plugin runner with
+//! `JOBS_PER_PLUGIN_CONFIG` of them at once.
 //! Prints one line per size; `bench/jobs.sh` runs Graphile Worker beside it.
 
 use std::sync::{Arc, Mutex};
@@ -28,6 +32,12 @@ struct Args {
     /// Jobs whose start delay is measured, due one per millisecond.
     #[arg(long, default_value_t = 2000)]
     latency_jobs: usize,
+    /// Run a WASM plugin's no-op job instead of the queue's internal no-op.
+    #[arg(long)]
+    plugin: bool,
+    /// Jobs of one plugin config running at once (JOBS_PER_PLUGIN_CONFIG).
+    #[arg(long, default_value_t = 4)]
+    per_config: usize,
 }
 
 /// Runs no-op jobs and records how late each started.
@@ -82,6 +92,13 @@ async fn drained(store: &Store, remaining: u64) {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if args.plugin {
+        if let Err(e) = plugin_jobs(&args).await {
+            eprintln!("jobbench: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     println!(
         "{:>9}  {:>12}  {:>12}  {:>14}  {:>10}  {:>10}",
         "queued", "enqueue/s", "execute/s", "enq+exec/s", "start p50", "start p99"
@@ -89,17 +106,7 @@ async fn main() {
     for &size in &args.sizes {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("store");
-        let queue = JobQueue::new(
-            store.clone(),
-            JobSettings {
-                slots: args.slots,
-                per_plugin_config: 4,
-                retry_base: Duration::from_secs(1),
-                key_retention: Duration::from_secs(3600),
-                dead_retention: Duration::from_secs(86_400),
-                idle_poll: Duration::from_secs(5),
-            },
-        );
+        let queue = JobQueue::new(store.clone(), settings(&args));
         let recorder = Arc::new(Recorder {
             delays: Mutex::new(Histogram::new(3).expect("histogram")),
         });
@@ -159,4 +166,122 @@ async fn main() {
         trigger.drain_until(tokio::time::Instant::now());
         let _ = workers.await;
     }
+}
+
+fn settings(args: &Args) -> JobSettings {
+    JobSettings {
+        slots: args.slots,
+        per_plugin_config: args.per_config,
+        retry_base: Duration::from_secs(1),
+        key_retention: Duration::from_secs(3600),
+        dead_retention: Duration::from_secs(86_400),
+        idle_poll: Duration::from_secs(5),
+    }
+}
+
+/// Plugin jobs: Job Lab's `noop`, queued in bulk (chunks of 10,000, as Graphile's `addJobs`
+/// run) and run to the last by the server's worker pool and plugin runner.
+async fn plugin_jobs(args: &Args) -> Result<(), String> {
+    use appliance::plugins::{self, tasks::PluginRunner, Catalog, PluginPolicy};
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    let wasm = root.join("target/wasm32-wasip2/release/job_lab.wasm");
+    if !wasm.exists() {
+        return Err(format!(
+            "{} is missing: build the plugins first",
+            wasm.display()
+        ));
+    }
+    println!(
+        "{:>9}  {:>12}  {:>12}  {:>14}   (plugin jobs: WASM no-op, {} of one config at once)",
+        "queued", "enqueue/s", "execute/s", "enq+exec/s", args.per_config
+    );
+    for &size in &args.sizes {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let data = dir.path();
+        let config = appliance::config::Config::from_vars([(
+            "DATA_DIR".to_string(),
+            data.display().to_string(),
+        )])
+        .map_err(|e| e.to_string())?;
+        let store = Store::open(data).map_err(|e| e.to_string())?;
+        let team = store
+            .create_team("bench", None)
+            .map_err(|e| e.to_string())?;
+        let runtime = Arc::new(appliance::app::plugin_runtime(&config).map_err(|e| e.to_string())?);
+        let folder = data.join("job-lab");
+        std::fs::create_dir_all(&folder).map_err(|e| e.to_string())?;
+        std::fs::copy(
+            root.join("tests/job-lab/plugin.json"),
+            folder.join("plugin.json"),
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::copy(&wasm, folder.join("job_lab.wasm")).map_err(|e| e.to_string())?;
+        let plugin =
+            plugins::install(&store, &runtime, data, &folder).map_err(|e| e.to_string())?;
+        store
+            .upsert_plugin_config(team.id, plugin.id, true, None, None)
+            .map_err(|e| e.to_string())?;
+        let queue = JobQueue::new(store.clone(), settings(args));
+        let catalog = Arc::new(Catalog::new(
+            runtime.clone(),
+            store.clone(),
+            data,
+            PluginPolicy::closed(),
+            Some(queue.clone()),
+            Arc::new(appliance::geoip::GeoIp::disabled()),
+        ));
+        let ops = appliance::ops::Ops::in_server(store.clone(), queue.clone(), data, runtime);
+        let (trigger, shutdown) = appliance::shutdown::channel();
+        let workers = tokio::spawn(
+            Workers {
+                queue: queue.clone(),
+                runner: Arc::new(PluginRunner::new(catalog, None, args.slots.min(64))),
+                schedule_done: None,
+            }
+            .run(shutdown),
+        );
+
+        let started = Instant::now();
+        let team_id = team.id;
+        tokio::task::spawn_blocking(move || {
+            let mut done = 0;
+            while done < size {
+                let n = (size - done).min(10_000);
+                let requests = (0..n)
+                    .map(|_| appliance::ops::jobs::JobRequest {
+                        name: "noop".into(),
+                        payload: "{}".into(),
+                        idempotency_key: None,
+                        delay_ms: 0,
+                        max_attempts: None,
+                        timeout_ms: 0,
+                    })
+                    .collect();
+                ops.enqueue_jobs(team_id, "Job Lab", requests)
+                    .map_err(|e| e.to_string())?;
+                done += n;
+            }
+            Ok::<(), String>(())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let enqueued = started.elapsed();
+        drained(&store, 0).await;
+        let total = started.elapsed();
+        let executed = total - enqueued;
+        let dead = store.job_stats().map_err(|e| e.to_string())?;
+        if dead.total != 0 {
+            return Err(format!("{} jobs were left in the queue", dead.total));
+        }
+        println!(
+            "{:>9}  {:>12.0}  {:>12.0}  {:>14.0}",
+            size,
+            size as f64 / enqueued.as_secs_f64(),
+            size as f64 / executed.as_secs_f64(),
+            size as f64 / total.as_secs_f64(),
+        );
+        trigger.drain_until(tokio::time::Instant::now());
+        let _ = workers.await;
+    }
+    Ok(())
 }

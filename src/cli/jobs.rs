@@ -3,8 +3,8 @@
 use clap::Subcommand;
 
 use super::{print_json, CliError};
-use crate::ops::jobs::{parse_job_id, parse_job_state, JobRequest};
-use crate::ops::Ops;
+use crate::ops::jobs::{parse_job_id, parse_job_state, read_job_lines, JobRequest};
+use crate::ops::{OpError, Ops};
 use crate::store::{Control, JobState};
 
 #[derive(Subcommand, Debug)]
@@ -19,7 +19,7 @@ pub enum JobsCommand {
     },
     /// Show one job with its history, as JSON
     Show { id: String },
-    /// Queue a plugin's job for a team
+    /// Queue a plugin's job for a team, or many from a file
     Enqueue {
         /// Team id
         #[arg(long)]
@@ -27,7 +27,13 @@ pub enum JobsCommand {
         /// Plugin name or id
         plugin: String,
         /// Job name, as the plugin declares it
-        name: String,
+        #[arg(required_unless_present = "from")]
+        name: Option<String>,
+        /// Queue the jobs of this file (`-` for standard input) in one transaction: one JSON
+        /// object per line, {"name": …, "payload": …, "idempotency_key": …, "delay_ms": …,
+        /// "max_attempts": …}, at most 100,000
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["name", "payload", "key", "delay_ms", "max_attempts"])]
+        from: Option<std::path::PathBuf>,
         /// JSON payload
         #[arg(long, default_value = "null")]
         payload: String,
@@ -80,14 +86,38 @@ pub(super) fn run(ops: &Ops, action: JobsCommand) -> Result<(), CliError> {
         JobsCommand::Enqueue {
             team,
             plugin,
+            from: Some(file),
+            ..
+        } => {
+            let requests = if file.as_os_str() == "-" {
+                read_job_lines(std::io::stdin().lock())?
+            } else {
+                let opened = std::fs::File::open(&file)
+                    .map_err(|e| OpError::Malformed(format!("{}: {e}", file.display())))?;
+                read_job_lines(std::io::BufReader::new(opened))?
+            };
+            let ids = ops.enqueue_jobs(team, &plugin, requests)?;
+            let distinct: std::collections::HashSet<_> = ids.iter().collect();
+            match ids.len() - distinct.len() {
+                0 => println!("{} jobs queued", distinct.len()),
+                again => println!(
+                    "{} jobs queued ({again} lines named a job of the file again by its idempotency key)",
+                    distinct.len()
+                ),
+            }
+        }
+        JobsCommand::Enqueue {
+            team,
+            plugin,
             name,
             payload,
             key,
             delay_ms,
             max_attempts,
+            from: None,
         } => {
             let request = JobRequest {
-                name,
+                name: name.unwrap_or_default(),
                 payload,
                 idempotency_key: key,
                 delay_ms,

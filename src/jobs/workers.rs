@@ -19,6 +19,10 @@ const CANCEL_GRACE: Duration = Duration::from_secs(5);
 const CONTROL_POLL: Duration = Duration::from_millis(200);
 /// Most jobs claimed in one transaction.
 const MAX_CLAIM: usize = 1024;
+/// Jobs of one plugin config claimed ahead, as a multiple of what may run at once: a commit then
+/// hands the slots enough of a busy config's jobs to keep them going until the next one, while
+/// the pool still runs at most `JOBS_PER_PLUGIN_CONFIG` of them at a time.
+const CLAIM_AHEAD: usize = 32;
 
 /// A claimed job this process holds.
 struct Held {
@@ -32,19 +36,51 @@ type Ended = (JobId, bool, Outcome);
 
 /// The slots: long-lived threads that take claimed jobs from a shared local queue and report
 /// back. Jobs flow without a round trip through the async loop per job, and completions that
-/// arrive while the loop commits are recorded together in its next transaction.
+/// arrive while the loop commits are recorded together in its next transaction. A slot takes
+/// the first waiting job whose plugin config is below `JOBS_PER_PLUGIN_CONFIG` running jobs, so
+/// jobs claimed ahead never raise how many of one config run at once.
 struct Pool {
     state: Mutex<PoolState>,
     work: Condvar,
     /// Wakes the loop when attempts have ended (notifications coalesce).
     ended: Notify,
+    /// Jobs of one plugin config that may run at once (internal jobs are not limited).
+    per_owner: usize,
 }
 
 #[derive(Default)]
 struct PoolState {
     waiting: VecDeque<(Job, Arc<StopFlags>)>,
+    /// Running jobs per owner (plugin config).
+    running: HashMap<u64, usize>,
     ended: Vec<Ended>,
     closing: bool,
+}
+
+impl PoolState {
+    /// Takes the first waiting job its owner has room to run, and counts it as running.
+    fn take_runnable(&mut self, per_owner: usize) -> Option<(Job, Arc<StopFlags>)> {
+        let running = &self.running;
+        let at = self.waiting.iter().position(|(job, _)| {
+            let owner = job.kind.owner();
+            owner == 0 || running.get(&owner).copied().unwrap_or(0) < per_owner
+        })?;
+        let next = self.waiting.remove(at)?;
+        let owner = next.0.kind.owner();
+        if owner != 0 {
+            *self.running.entry(owner).or_default() += 1;
+        }
+        Some(next)
+    }
+
+    fn stopped_running(&mut self, owner: u64) {
+        if let Some(n) = self.running.get_mut(&owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.running.remove(&owner);
+            }
+        }
+    }
 }
 
 impl Pool {
@@ -57,6 +93,7 @@ impl Pool {
             state: Mutex::default(),
             work: Condvar::new(),
             ended: Notify::new(),
+            per_owner: settings.per_plugin_config.max(1),
         });
         for n in 0..slots.max(1) {
             let (pool, runner) = (pool.clone(), runner.clone());
@@ -71,13 +108,14 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One slot: runs waiting jobs until the pool closes.
+    /// One slot: runs waiting jobs until the pool closes. A slot that ends a job takes the next
+    /// itself, so the room its job freed is used without waking another.
     fn serve(&self, runner: &dyn Runner, settings: &JobSettings) {
         loop {
             let (job, stop) = {
                 let mut state = self.lock();
                 loop {
-                    if let Some(next) = state.waiting.pop_front() {
+                    if let Some(next) = state.take_runnable(self.per_owner) {
                         break next;
                     }
                     if state.closing {
@@ -90,7 +128,10 @@ impl Pool {
             let started = std::time::Instant::now();
             let outcome = attempt(runner, &job, &stop, settings);
             record_attempt(&job.kind, started, &outcome);
-            self.lock().ended.push((job.id, schedule, outcome));
+            let mut state = self.lock();
+            state.stopped_running(job.kind.owner());
+            state.ended.push((job.id, schedule, outcome));
+            drop(state);
             self.ended.notify_one();
         }
     }
@@ -130,7 +171,7 @@ impl Workers {
                 return;
             }
         };
-        let local_capacity = (settings.slots * 8).clamp(64, MAX_CLAIM);
+        let local_capacity = (settings.slots * 32).clamp(256, MAX_CLAIM);
         let mut held: HashMap<JobId, Held> = HashMap::new();
         let mut finished: Vec<(JobId, Outcome)> = Vec::new();
         let mut next_due: Option<i64> = Some(i64::MIN);
@@ -165,7 +206,7 @@ impl Workers {
                 let batch = std::mem::take(&mut finished);
                 let retry_copy = batch.clone();
                 let store = store.clone();
-                let per_owner = settings.per_plugin_config;
+                let per_owner = settings.per_plugin_config.max(1) * CLAIM_AHEAD;
                 let retention = self.queue.key_retention_ms();
                 let result = tokio::task::spawn_blocking(move || {
                     let room_of = |owner: u64| {

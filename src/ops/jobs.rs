@@ -12,6 +12,9 @@ use crate::store::{Control, Job, JobId, JobKind, JobState, JobStats, NewJob, Tea
 
 /// Jobs listed when the operator does not say how many.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
+/// Most jobs one bulk enqueue takes (they are committed in one transaction and held in memory
+/// until then).
+pub const MAX_BULK_JOBS: usize = 100_000;
 
 /// A job as the CLI and `/api/` show it.
 #[derive(Debug, Serialize)]
@@ -80,6 +83,56 @@ fn null_payload() -> String {
     "null".into()
 }
 
+/// A job as `POST …/jobs` and `appliance jobs enqueue --from` take it: the payload is JSON
+/// itself, not text; a misspelt field is refused rather than ignored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+}
+
+impl From<JobSpec> for JobRequest {
+    fn from(spec: JobSpec) -> JobRequest {
+        JobRequest {
+            name: spec.name,
+            payload: spec.payload.to_string(),
+            idempotency_key: spec.idempotency_key,
+            delay_ms: spec.delay_ms,
+            max_attempts: spec.max_attempts,
+            timeout_ms: 0,
+        }
+    }
+}
+
+/// Reads jobs given one JSON object per line (blank lines skipped), at most [`MAX_BULK_JOBS`];
+/// an unreadable line is refused with its number.
+pub fn read_job_lines(input: impl std::io::BufRead) -> Result<Vec<JobRequest>, OpError> {
+    let mut jobs = Vec::new();
+    for (n, line) in input.lines().enumerate() {
+        let line = line.map_err(|e| OpError::Malformed(format!("line {}: {e}", n + 1)))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if jobs.len() == MAX_BULK_JOBS {
+            return Err(OpError::Malformed(format!(
+                "more than {MAX_BULK_JOBS} jobs: split the file"
+            )));
+        }
+        let spec: JobSpec = serde_json::from_str(&line)
+            .map_err(|e| OpError::Malformed(format!("line {}: {e}", n + 1)))?;
+        jobs.push(JobRequest::from(spec));
+    }
+    Ok(jobs)
+}
+
 /// Reads a job id as operators type it.
 pub fn parse_job_id(text: &str) -> Result<JobId, OpError> {
     text.trim()
@@ -122,34 +175,69 @@ impl Ops {
         plugin: &str,
         request: JobRequest,
     ) -> Result<JobId, OpError> {
-        let (_, config) = team_config(&self.store, team, plugin)?;
-        if serde_json::from_str::<serde::de::IgnoredAny>(&request.payload).is_err() {
-            return Err(OpError::Malformed(format!(
-                "the payload of job {:?} is not JSON",
-                request.name
-            )));
-        }
-        let ids = self.queue.enqueue(vec![NewJob {
-            id: Uuid::now_v7(),
-            kind: JobKind::Plugin {
-                config: config.id,
-                name: request.name,
-            },
-            payload: request.payload,
-            run_at_ms: now_ms().saturating_add(request.delay_ms.min(i64::MAX as u64) as i64),
-            max_attempts: request
-                .max_attempts
-                .unwrap_or(DEFAULT_JOB_ATTEMPTS)
-                .clamp(1, 100),
-            timeout_ms: request.timeout_ms,
-            idempotency_key: request
-                .idempotency_key
-                .map(|k| format!("{}:{k}", config.id)),
-            after: Vec::new(),
-        }])?;
-        ids.into_iter()
+        self.enqueue_jobs(team, plugin, vec![request])?
+            .into_iter()
             .next()
             .ok_or_else(|| OpError::Internal("the queue returned no job id".into()))
+    }
+
+    /// Queues the plugin's jobs for the team's config, all in one transaction: either every job
+    /// is queued or none is. Answers their ids in order (a job whose idempotency key is already
+    /// kept answers the kept job's id).
+    pub fn enqueue_jobs(
+        &self,
+        team: TeamId,
+        plugin: &str,
+        requests: Vec<JobRequest>,
+    ) -> Result<Vec<JobId>, OpError> {
+        if requests.len() > MAX_BULK_JOBS {
+            return Err(OpError::Malformed(format!(
+                "{} jobs in one request; at most {MAX_BULK_JOBS}",
+                requests.len()
+            )));
+        }
+        let (_, config) = team_config(&self.store, team, plugin)?;
+        let now = now_ms();
+        let mut jobs = Vec::with_capacity(requests.len());
+        for (n, request) in requests.into_iter().enumerate() {
+            if serde_json::from_str::<serde::de::IgnoredAny>(&request.payload).is_err() {
+                let which = match n {
+                    0 => String::new(),
+                    n => format!(" (job {})", n + 1),
+                };
+                return Err(OpError::Malformed(format!(
+                    "the payload of job {:?}{which} is not JSON",
+                    request.name
+                )));
+            }
+            jobs.push(NewJob {
+                id: Uuid::now_v7(),
+                kind: JobKind::Plugin {
+                    config: config.id,
+                    name: request.name,
+                },
+                payload: request.payload,
+                run_at_ms: now.saturating_add(request.delay_ms.min(i64::MAX as u64) as i64),
+                max_attempts: request
+                    .max_attempts
+                    .unwrap_or(DEFAULT_JOB_ATTEMPTS)
+                    .clamp(1, 100),
+                timeout_ms: request.timeout_ms,
+                idempotency_key: request
+                    .idempotency_key
+                    .map(|k| format!("{}:{k}", config.id)),
+                after: Vec::new(),
+            });
+        }
+        let count = jobs.len();
+        let ids = self.queue.enqueue(jobs)?;
+        if ids.len() != count {
+            return Err(OpError::Internal(format!(
+                "the queue answered {} ids for {count} jobs",
+                ids.len()
+            )));
+        }
+        Ok(ids)
     }
 
     /// Asks a job to stop (see [`Control`]); returns its state after: cancelled at once, or

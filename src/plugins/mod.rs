@@ -5,7 +5,7 @@
 //! ([`runtime`]), `plugin.json` ([`manifest`]), installing plugins ([`install`]), what is
 //! installed and enabled, compiled and ready ([`catalog`]), each team's chain of
 //! `process-event` plugins ([`chain`]), reloaded when plugin configs change, and plugins' work
-//! outside the chain as jobs ([`tasks`]).
+//! outside the chain as jobs ([`tasks`]) on instances kept between jobs ([`idle`]).
 //! Must never: let a plugin's failure (trap, timeout, memory, garbage) stop the pipeline or touch
 //! another plugin config or team; a failing plugin is logged against its config with the event
 //! uuids, the events continue unchanged, and after many consecutive failures that one config is
@@ -15,6 +15,7 @@ mod archive;
 pub mod catalog;
 pub mod chain;
 pub mod host;
+mod idle;
 pub mod install;
 pub mod manifest;
 pub mod runtime;

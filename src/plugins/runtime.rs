@@ -192,6 +192,7 @@ impl Runtime {
             },
             limits: self.limits,
             call: None,
+            broken: false,
         };
         instance.arm("instantiate", self.limits.task);
         let limits = self.limits;
@@ -215,6 +216,9 @@ pub struct Instance {
     limits: Limits,
     /// The running call's kind and start, for its metrics.
     call: Option<(&'static str, std::time::Instant)>,
+    /// Set when a call trapped, timed out, ran out of memory or was terminated: the guest's
+    /// state is then unknown, and the instance must not run another call.
+    broken: bool,
 }
 
 impl Instance {
@@ -228,6 +232,12 @@ impl Instance {
 
     pub fn host(&mut self) -> &mut HostState {
         self.store.data_mut()
+    }
+
+    /// True while every call so far ended normally (with a value or the plugin's own error), so
+    /// the instance may run the next one.
+    pub fn reusable(&self) -> bool {
+        !self.broken && self.plugin.is_some()
     }
 
     /// Runs `setup`, within `PLUGIN_SETUP_TIMEOUT_MS`.
@@ -264,6 +274,15 @@ impl Instance {
         self.store.data_mut().end_call();
         self.store.data_mut().deadline = None;
         let result = finish(&self.store, &self.limits, result, deadline);
+        if matches!(
+            result,
+            Err(CallError::Trap(_)
+                | CallError::Timeout(_)
+                | CallError::OutOfMemory(_)
+                | CallError::Terminated)
+        ) {
+            self.broken = true;
+        }
         if let Some((kind, started)) = self.call.take() {
             record_call(self.store.data().config_id(), kind, started, &result);
         }

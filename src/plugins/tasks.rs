@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::chain::to_wit;
 use super::host::JobContext;
+use super::idle::IdleInstances;
 use super::runtime::{CallError, Exports, Instance, WitEvent};
 use super::{Catalog, Entry};
 use crate::event::{timestamp_text, EventRow, IngestBatch};
@@ -150,12 +151,13 @@ pub fn delivery_jobs(
     Ok(jobs)
 }
 
-/// Runs plugin jobs, schedule slots, deliveries and export pages on fresh instances of the
-/// plugin.
+/// Runs plugin jobs, schedule slots, deliveries and export pages, each as one call on an
+/// instance of the plugin config kept between jobs ([`IdleInstances`]).
 pub struct PluginRunner {
-    pub catalog: Arc<Catalog>,
+    catalog: Arc<Catalog>,
     /// Where historical exports read stored events from.
-    pub events: Option<Arc<dyn EventReader>>,
+    events: Option<Arc<dyn EventReader>>,
+    idle: IdleInstances,
 }
 
 impl Runner for PluginRunner {
@@ -167,10 +169,14 @@ impl Runner for PluginRunner {
             | JobKind::Deliver { config }
             | JobKind::ExportPage { config, .. } => *config,
         };
-        let entry = self
+        let (generation, entries) = self
             .catalog
-            .entry(config)
-            .map_err(|e| RunError::Retry(e.to_string()))?
+            .enabled()
+            .map_err(|e| RunError::Retry(e.to_string()))?;
+        let entry = entries
+            .iter()
+            .find(|e| e.config.id == config)
+            .cloned()
             .ok_or_else(|| {
                 RunError::Failed(format!(
                     "plugin config {config} is not enabled (re-queue the job once it is)"
@@ -180,55 +186,85 @@ impl Runner for PluginRunner {
             0 => self.catalog.runtime().limits.task,
             ms => Duration::from_millis(ms),
         };
-        let context = JobContext {
+        let mut instance = match self.idle.take(&entry, generation, &entries) {
+            Some(instance) => instance,
+            None => self
+                .catalog
+                .start(&entry, None)
+                .map_err(|e| failure(&self.catalog, config, job, "could not start", e))?,
+        };
+        instance.host().job = Some(JobContext {
             id: job.id,
             checkpoint: job.checkpoint.clone(),
             stop: stop.clone(),
             follow_ups: Vec::new(),
-        };
-        let mut instance = self
-            .catalog
-            .start(&entry, Some(context))
-            .map_err(|e| failure(&self.catalog, config, job, "could not start", e))?;
+        });
         let mut export = None;
         let mut pages = Vec::new();
         let result = match &job.kind {
             JobKind::ExportPage { export: id, .. } => {
-                match self.export_page(job, *id, &entry, &mut instance, deadline)? {
-                    Some((progress, next)) => {
+                match self.export_page(job, *id, &entry, &mut instance, deadline) {
+                    Ok(Some((progress, next))) => {
                         export = Some(progress);
                         pages.extend(next);
                         Ok(())
                     }
-                    None => Ok(()),
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
                 }
             }
-            JobKind::Plugin { name, .. } => instance.run_job(name, &job.payload, deadline),
-            JobKind::Schedule { cadence, .. } => instance.run_every(*cadence, deadline),
-            JobKind::Deliver { .. } => {
-                let events: Vec<DeliveredEvent> = serde_json::from_str(&job.payload)
-                    .map_err(|e| RunError::Failed(format!("unreadable delivery payload: {e}")))?;
-                let events: Vec<WitEvent> = events.into_iter().map(WitEvent::from).collect();
-                instance.deliver(&events, deadline)
-            }
+            JobKind::Plugin { name, .. } => instance
+                .run_job(name, &job.payload, deadline)
+                .map_err(|e| failure(&self.catalog, config, job, "failed", e)),
+            JobKind::Schedule { cadence, .. } => instance
+                .run_every(*cadence, deadline)
+                .map_err(|e| failure(&self.catalog, config, job, "failed", e)),
+            JobKind::Deliver { .. } => deliver(&mut instance, &job.payload, deadline)
+                .map_err(|e| failure(&self.catalog, config, job, "failed", e)),
             JobKind::Noop => Ok(()),
         };
         let mut follow_ups = instance
             .host()
             .job
-            .as_mut()
-            .map(|j| std::mem::take(&mut j.follow_ups))
+            .take()
+            .map(|j| j.follow_ups)
             .unwrap_or_default();
         instance.host().end_call();
-        follow_ups.extend(pages);
-        match result {
-            Ok(()) => Ok(Done { follow_ups, export }),
-            Err(e) => Err(failure(&self.catalog, config, job, "failed", e)),
+        if instance.reusable() {
+            self.idle.put(entry, instance);
         }
+        follow_ups.extend(pages);
+        result.map(|()| Done { follow_ups, export })
     }
 }
 
+/// Hands a delivery job's events to the plugin.
+fn deliver(instance: &mut Instance, payload: &str, deadline: Duration) -> Result<(), CallError> {
+    let events: Vec<DeliveredEvent> = serde_json::from_str(payload)
+        .map_err(|e| CallError::Failed(format!("unreadable delivery payload: {e}")))?;
+    let events: Vec<WitEvent> = events.into_iter().map(WitEvent::from).collect();
+    instance.deliver(&events, deadline)
+}
+
 impl PluginRunner {
+    /// Runs `catalog`'s plugins, keeping up to `keep_idle` instances between jobs.
+    pub fn new(
+        catalog: Arc<Catalog>,
+        events: Option<Arc<dyn EventReader>>,
+        keep_idle: usize,
+    ) -> PluginRunner {
+        PluginRunner {
+            catalog,
+            events,
+            idle: IdleInstances::new(keep_idle),
+        }
+    }
+
+    /// Instances kept idle now, for the next jobs of their configs.
+    pub fn idle_instances(&self) -> usize {
+        self.idle.count()
+    }
+
     /// Hands one page of a historical export to the plugin. Returns the progress and the next
     /// page's job (none after the last page), or `None` if the export was cancelled.
     fn export_page(

@@ -10,37 +10,38 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{blocking, ApiError, ApiState};
-use crate::ops::jobs::{parse_job_id, parse_job_state, JobRequest, DEFAULT_LIST_LIMIT};
+use crate::ops::jobs::{parse_job_id, parse_job_state, JobRequest, JobSpec, DEFAULT_LIST_LIMIT};
+use crate::ops::OpError;
 use crate::store::TeamId;
 
-#[derive(Deserialize)]
-pub(super) struct EnqueueBody {
-    name: String,
-    #[serde(default)]
-    payload: Value,
-    #[serde(default)]
-    idempotency_key: Option<String>,
-    #[serde(default)]
-    delay_ms: u64,
-    #[serde(default)]
-    max_attempts: Option<u32>,
-}
+/// Most bytes of an enqueue request: room for a bulk enqueue of many small jobs, far below what
+/// would let one request hold the server's memory.
+pub(super) const MAX_ENQUEUE_BYTES: usize = 16 << 20;
 
+/// Queues one job (a JSON object, answered with its `id`) or many (an array of them, committed
+/// in one transaction and answered with their `ids` in order).
 pub(super) async fn enqueue(
     State(state): State<Arc<ApiState>>,
     Path((team, plugin)): Path<(TeamId, String)>,
-    Json(body): Json<EnqueueBody>,
+    Json(body): Json<Value>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let request = JobRequest {
-        name: body.name,
-        payload: body.payload.to_string(),
-        idempotency_key: body.idempotency_key,
-        delay_ms: body.delay_ms,
-        max_attempts: body.max_attempts,
-        timeout_ms: 0,
+    let bulk = body.is_array();
+    let requests: Vec<JobRequest> = if bulk {
+        let specs: Vec<JobSpec> = serde_json::from_value(body)
+            .map_err(|e| OpError::Malformed(format!("not a list of jobs: {e}")))?;
+        specs.into_iter().map(JobRequest::from).collect()
+    } else {
+        let spec: JobSpec = serde_json::from_value(body)
+            .map_err(|e| OpError::Malformed(format!("not a job: {e}")))?;
+        vec![JobRequest::from(spec)]
     };
-    let id = blocking(&state, move |ops| ops.enqueue_job(team, &plugin, request)).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id.to_string() }))))
+    let ids = blocking(&state, move |ops| ops.enqueue_jobs(team, &plugin, requests)).await?;
+    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    let answer = match (bulk, ids.first()) {
+        (false, Some(id)) => json!({ "id": id }),
+        _ => json!({ "ids": ids }),
+    };
+    Ok((StatusCode::ACCEPTED, Json(answer)))
 }
 
 #[derive(Deserialize)]

@@ -87,7 +87,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route(
             "/api/teams/{team}/plugins/{plugin}/jobs",
-            post(jobs::enqueue),
+            post(jobs::enqueue).layer(DefaultBodyLimit::max(jobs::MAX_ENQUEUE_BYTES)),
         )
         .route(
             "/api/teams/{team}/plugins/{plugin}/exports",

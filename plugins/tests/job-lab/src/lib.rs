@@ -3,8 +3,10 @@
 //! fails permanently, `spin` never returns, `polite` runs until cancelled, `steps` saves a
 //! checkpoint after each step (and fails once at `fail_at`), `slow` busy-waits `ms` (counting
 //! its runs in its checkpoint), `fan-out` starts `parts` jobs and a `join` that waits for them,
-//! and `extract` → `transform` → `load` is a chain. What ran is written to storage (committed
-//! when each call ends) for the tests to read; a running job shows in its checkpoint.
+//! and `extract` → `transform` → `load` is a chain; `noop` does nothing (the benchmark's job) and
+//! `setup` counts itself, so the tests see how many instances ran jobs. What ran is written to
+//! storage (committed when each call ends) for the tests to read; a running job shows in its
+//! checkpoint, and `slow` records the wall-clock span it ran in.
 
 use std::time::{Duration, Instant};
 
@@ -29,8 +31,16 @@ fn busy_wait(ms: u64) {
     }
 }
 
+/// Milliseconds since the Unix epoch, by the host's wall clock (the same for every instance).
+fn wall_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
 impl Plugin for JobLab {
-    const EXPORTS: Exports = Exports::empty();
+    const EXPORTS: Exports = Exports::SETUP;
     const JOBS: &'static [&'static str] = &[
         "flaky",
         "doomed",
@@ -48,7 +58,17 @@ impl Plugin for JobLab {
         "reuse-key",
         "bad-after",
         "nap",
+        "noop",
     ];
+
+    fn setup() -> Result<(), Error> {
+        // One key per instance: instances set up side by side would race on a counter.
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        storage::set(&format!("setup:{at}"), "1").map_err(Error::retry)
+    }
 
     fn run_job(name: &str, payload: Value) -> Result<(), Error> {
         match name {
@@ -109,12 +129,14 @@ impl Plugin for JobLab {
                     + 1;
                 jobs::save_checkpoint(&run.to_string()).map_err(Error::retry)?;
                 incr(&format!("{tag}_started"));
+                let began = wall_ms();
                 busy_wait(payload["ms"].as_u64().unwrap_or(1000));
+                let span = format!("{began}-{}", wall_ms());
                 incr(&format!("{tag}_finished"));
                 storage::set(&format!("{tag}_runs"), &run.to_string()).map_err(Error::retry)?;
                 // Jobs running side by side race on the counters above; this key is their own.
                 let id = jobs::current_job().unwrap_or_default();
-                storage::set(&format!("{tag}_done:{id}"), "1").map_err(Error::retry)?;
+                storage::set(&format!("{tag}_done:{id}"), &span).map_err(Error::retry)?;
                 Ok(())
             }
             "fan-out" => {
@@ -187,6 +209,7 @@ impl Plugin for JobLab {
                 storage::set("reuse_second", &second).map_err(Error::retry)?;
                 Ok(())
             }
+            "noop" => Ok(()),
             "nap" => {
                 jobs::save_checkpoint("napping").map_err(Error::retry)?;
                 std::thread::sleep(Duration::from_secs(60));
