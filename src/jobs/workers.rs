@@ -46,6 +46,7 @@ struct Pool {
     ended: Notify,
     /// Jobs of one plugin config that may run at once (internal jobs are not limited).
     per_owner: usize,
+    slots: usize,
 }
 
 #[derive(Default)]
@@ -73,6 +74,25 @@ impl PoolState {
         Some(next)
     }
 
+    /// How many waiting jobs could start now, given what runs.
+    fn startable(&self, per_owner: usize) -> usize {
+        let mut running = self.running.clone();
+        let mut startable = 0;
+        for (job, _) in &self.waiting {
+            let owner = job.kind.owner();
+            if owner == 0 {
+                startable += 1;
+                continue;
+            }
+            let n = running.entry(owner).or_default();
+            if *n < per_owner {
+                *n += 1;
+                startable += 1;
+            }
+        }
+        startable
+    }
+
     fn stopped_running(&mut self, owner: u64) {
         if let Some(n) = self.running.get_mut(&owner) {
             *n = n.saturating_sub(1);
@@ -94,6 +114,7 @@ impl Pool {
             work: Condvar::new(),
             ended: Notify::new(),
             per_owner: settings.per_plugin_config.max(1),
+            slots: slots.max(1),
         });
         for n in 0..slots.max(1) {
             let (pool, runner) = (pool.clone(), runner.clone());
@@ -109,15 +130,21 @@ impl Pool {
     }
 
     /// One slot: runs waiting jobs until the pool closes. A slot that ends a job takes the next
-    /// itself, so the room its job freed is used without waking another.
+    /// itself, so the room its job freed is used without waking another; if it takes another
+    /// config's job, it wakes one slot for the job its own may have let start.
     fn serve(&self, runner: &dyn Runner, settings: &JobSettings) {
+        let mut freed: Option<u64> = None;
         loop {
             let (job, stop) = {
                 let mut state = self.lock();
                 loop {
                     if let Some(next) = state.take_runnable(self.per_owner) {
+                        if freed.take().is_some_and(|o| o != next.0.kind.owner()) {
+                            self.work.notify_one();
+                        }
                         break next;
                     }
+                    freed = None;
                     if state.closing {
                         return;
                     }
@@ -130,17 +157,24 @@ impl Pool {
             record_attempt(&job.kind, started, &outcome);
             let mut state = self.lock();
             state.stopped_running(job.kind.owner());
+            freed = Some(job.kind.owner());
             state.ended.push((job.id, schedule, outcome));
             drop(state);
             self.ended.notify_one();
         }
     }
 
+    /// Queues claimed jobs and wakes as many slots as can start one now (not every slot: most
+    /// of a busy config's jobs wait for its running ones, and a slot that ends a job takes the
+    /// next itself).
     fn submit(&self, jobs: impl IntoIterator<Item = (Job, Arc<StopFlags>)>) {
         let mut state = self.lock();
         state.waiting.extend(jobs);
+        let startable = state.startable(self.per_owner).min(self.slots);
         drop(state);
-        self.work.notify_all();
+        for _ in 0..startable {
+            self.work.notify_one();
+        }
     }
 
     fn close(&self) {

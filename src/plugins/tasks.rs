@@ -7,8 +7,8 @@
 //! plugin, and queues the following page with its completion).
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -158,7 +158,14 @@ pub struct PluginRunner {
     /// Where historical exports read stored events from.
     events: Option<Arc<dyn EventReader>>,
     idle: IdleInstances,
+    /// The enabled configs as last read, and when: reading them costs a read transaction, whose
+    /// file locks (redb's, for the CLI beside the server) cost more than a no-op job.
+    enabled: Mutex<Option<(Instant, u64, Vec<Arc<Entry>>)>>,
 }
+
+/// How stale the runner's view of the enabled configs may be: a config changed or disabled
+/// reaches jobs within this time.
+const ENABLED_FRESH_FOR: Duration = Duration::from_millis(100);
 
 impl Runner for PluginRunner {
     fn run(&self, job: &Job, stop: &Arc<StopFlags>) -> Result<Done, RunError> {
@@ -169,10 +176,7 @@ impl Runner for PluginRunner {
             | JobKind::Deliver { config }
             | JobKind::ExportPage { config, .. } => *config,
         };
-        let (generation, entries) = self
-            .catalog
-            .enabled()
-            .map_err(|e| RunError::Retry(e.to_string()))?;
+        let (generation, entries) = self.enabled()?;
         let entry = entries
             .iter()
             .find(|e| e.config.id == config)
@@ -257,7 +261,25 @@ impl PluginRunner {
             catalog,
             events,
             idle: IdleInstances::new(keep_idle),
+            enabled: Mutex::new(None),
         }
+    }
+
+    /// The catalog's generation and enabled configs, read again when older than
+    /// [`ENABLED_FRESH_FOR`].
+    fn enabled(&self) -> Result<(u64, Vec<Arc<Entry>>), RunError> {
+        let mut cached = self.enabled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((read_at, generation, entries)) = &*cached {
+            if read_at.elapsed() < ENABLED_FRESH_FOR {
+                return Ok((*generation, entries.clone()));
+            }
+        }
+        let (generation, entries) = self
+            .catalog
+            .enabled()
+            .map_err(|e| RunError::Retry(e.to_string()))?;
+        *cached = Some((Instant::now(), generation, entries.clone()));
+        Ok((generation, entries))
     }
 
     /// Instances kept idle now, for the next jobs of their configs.
