@@ -160,8 +160,11 @@ pub struct PluginRunner {
     idle: IdleInstances,
     /// The enabled configs as last read, and when: reading them costs a read transaction, whose
     /// file locks (redb's, for the CLI beside the server) cost more than a no-op job.
-    enabled: Mutex<Option<(Instant, u64, Vec<Arc<Entry>>)>>,
+    enabled: Mutex<Option<EnabledView>>,
 }
+
+/// When the enabled configs were read, the catalog's generation then, and the configs.
+type EnabledView = (Instant, u64, Vec<Arc<Entry>>);
 
 /// How stale the runner's view of the enabled configs may be: a config changed or disabled
 /// reaches jobs within this time.
