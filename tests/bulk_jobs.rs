@@ -109,3 +109,70 @@ async fn jobs_queued_in_bulk_run_on_instances_set_up_once() {
     let all = setups(dir.path(), &team);
     assert!(all <= 4, "setup ran {all} times for 2,302 jobs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_job_payloads_and_files_are_refused_precisely() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "lab", TOKEN).to_string();
+    install_plugin(dir.path(), "tests/job-lab", "job_lab.wasm");
+    enable_plugin(dir.path(), &team, "Job Lab", &[]);
+    let app = Appliance::start(dir.path(), &[]);
+    let api = Api::new(&app);
+    let path = format!("/api/teams/{team}/plugins/Job%20Lab/jobs");
+
+    // An operator's payload past 1 MiB, alone or in a list: refused, nothing queued.
+    let big = json!({"name": "noop", "payload": {"blob": "x".repeat(2 << 20)}});
+    let (status, body) = api
+        .call(reqwest::Method::POST, &path, Some(big.clone()))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("at most 1048576"), "{body}");
+    let list = json!([{"name": "noop"}, big]);
+    let (status, body) = api.call(reqwest::Method::POST, &path, Some(list)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.to_string().contains("job 2"),
+        "the error names the job: {body}"
+    );
+    assert_eq!(kept(&api).await, 0);
+
+    // A file whose line is longer than any job could be is refused without reading it whole.
+    let file = dir.path().join("jobs.jsonl");
+    let long = format!(
+        "{{\"name\": \"noop\", \"payload\": \"{}\"}}\n",
+        "y".repeat(3 << 20)
+    );
+    std::fs::write(&file, format!("{{\"name\": \"noop\"}}\n{long}")).unwrap();
+    let file_arg = file.display().to_string();
+    let error = cli_error(
+        dir.path(),
+        &[
+            "jobs", "enqueue", "--team", &team, "Job Lab", "--from", &file_arg,
+        ],
+    );
+    assert!(
+        error.contains("line 2 is longer than a job can be"),
+        "{error}"
+    );
+    assert_eq!(kept(&api).await, 0);
+
+    // A plugin asking for a follow-up with such a payload is refused at the call.
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"name": "huge-follow-up"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let seen = common::wait_storage(dir.path(), &team, "Job Lab", "the huge follow-up", |s| {
+        s.contains_key("huge_follow_up")
+    })
+    .await;
+    assert!(
+        seen["huge_follow_up"].contains("at most 1048576"),
+        "{}",
+        seen["huge_follow_up"]
+    );
+    wait_drained(&api, "the job").await;
+}

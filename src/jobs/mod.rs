@@ -26,6 +26,24 @@ pub use workers::Workers;
 
 const RETRY_MAX: Duration = Duration::from_secs(3600);
 
+/// Largest payload of one job, from a plugin or an operator: a job carries what to do, not the
+/// data it works on (each queued job is kept on disk until it ends).
+pub const MAX_JOB_PAYLOAD_BYTES: usize = 1 << 20;
+
+/// Refuses a payload past [`MAX_JOB_PAYLOAD_BYTES`] or one that is not JSON, naming the job.
+pub fn check_payload(name: &str, payload: &str) -> Result<(), String> {
+    if payload.len() > MAX_JOB_PAYLOAD_BYTES {
+        return Err(format!(
+            "the payload of job {name:?} is {} bytes; at most {MAX_JOB_PAYLOAD_BYTES}",
+            payload.len()
+        ));
+    }
+    if serde_json::from_str::<serde::de::IgnoredAny>(payload).is_err() {
+        return Err(format!("the payload of job {name:?} is not JSON"));
+    }
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch, the queue's clock.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()

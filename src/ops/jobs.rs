@@ -112,13 +112,41 @@ impl From<JobSpec> for JobRequest {
     }
 }
 
-/// Reads jobs given one JSON object per line (blank lines skipped), at most [`MAX_BULK_JOBS`];
-/// an unreadable line is refused with its number.
-pub fn read_job_lines(input: impl std::io::BufRead) -> Result<Vec<JobRequest>, OpError> {
-    let mut jobs = Vec::new();
-    for (n, line) in input.lines().enumerate() {
-        let line = line.map_err(|e| OpError::Malformed(format!("line {}: {e}", n + 1)))?;
-        if line.trim().is_empty() {
+/// Most bytes of one bulk enqueue (the file, or the payloads of a list): all of it is held in
+/// memory and committed in one transaction.
+pub const MAX_BULK_BYTES: usize = 64 << 20;
+
+/// Reads jobs given one JSON object per line (blank lines skipped), at most [`MAX_BULK_JOBS`]
+/// and [`MAX_BULK_BYTES`]; an unreadable line is refused with its number, and no line is read
+/// past what could be a job.
+pub fn read_job_lines(mut input: impl std::io::BufRead) -> Result<Vec<JobRequest>, OpError> {
+    use std::io::{BufRead, Read};
+    let longest = crate::jobs::MAX_JOB_PAYLOAD_BYTES + 4096;
+    let (mut jobs, mut total, mut line, mut n) = (Vec::new(), 0usize, Vec::new(), 0usize);
+    loop {
+        line.clear();
+        n += 1;
+        let read = (&mut input)
+            .take(longest as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| OpError::Malformed(format!("line {n}: {e}")))?;
+        if read == 0 {
+            return Ok(jobs);
+        }
+        if line.len() > longest {
+            return Err(OpError::Malformed(format!(
+                "line {n} is longer than a job can be ({longest} bytes)"
+            )));
+        }
+        total += line.len();
+        if total > MAX_BULK_BYTES {
+            return Err(OpError::Malformed(format!(
+                "more than {MAX_BULK_BYTES} bytes of jobs: split the file"
+            )));
+        }
+        let text = std::str::from_utf8(&line)
+            .map_err(|_| OpError::Malformed(format!("line {n} is not UTF-8")))?;
+        if text.trim().is_empty() {
             continue;
         }
         if jobs.len() == MAX_BULK_JOBS {
@@ -126,11 +154,10 @@ pub fn read_job_lines(input: impl std::io::BufRead) -> Result<Vec<JobRequest>, O
                 "more than {MAX_BULK_JOBS} jobs: split the file"
             )));
         }
-        let spec: JobSpec = serde_json::from_str(&line)
-            .map_err(|e| OpError::Malformed(format!("line {}: {e}", n + 1)))?;
+        let spec: JobSpec =
+            serde_json::from_str(text).map_err(|e| OpError::Malformed(format!("line {n}: {e}")))?;
         jobs.push(JobRequest::from(spec));
     }
-    Ok(jobs)
 }
 
 /// Reads a job id as operators type it.
@@ -196,20 +223,22 @@ impl Ops {
                 requests.len()
             )));
         }
+        let bytes: usize = requests.iter().map(|r| r.payload.len()).sum();
+        if bytes > MAX_BULK_BYTES {
+            return Err(OpError::Malformed(format!(
+                "{bytes} bytes of payloads in one request; at most {MAX_BULK_BYTES}"
+            )));
+        }
         let (_, config) = team_config(&self.store, team, plugin)?;
         let now = now_ms();
         let mut jobs = Vec::with_capacity(requests.len());
         for (n, request) in requests.into_iter().enumerate() {
-            if serde_json::from_str::<serde::de::IgnoredAny>(&request.payload).is_err() {
-                let which = match n {
-                    0 => String::new(),
-                    n => format!(" (job {})", n + 1),
-                };
-                return Err(OpError::Malformed(format!(
-                    "the payload of job {:?}{which} is not JSON",
-                    request.name
-                )));
-            }
+            crate::jobs::check_payload(&request.name, &request.payload).map_err(|e| {
+                OpError::Malformed(match n {
+                    0 => e,
+                    n => format!("job {}: {e}", n + 1),
+                })
+            })?;
             jobs.push(NewJob {
                 id: Uuid::now_v7(),
                 kind: JobKind::Plugin {

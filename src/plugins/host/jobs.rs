@@ -71,9 +71,7 @@ impl HostState {
                 self.scope.job_names.join(", ")
             ));
         }
-        if serde_json::from_str::<serde::de::IgnoredAny>(&payload).is_err() {
-            return Err(format!("the payload of job {name:?} is not JSON"));
-        }
+        crate::jobs::check_payload(&name, &payload)?;
         let config = self.scope.config_id;
         // Keys are per plugin config: one plugin cannot collide with another's.
         let key = options.idempotency_key.map(|k| format!("{config}:{k}"));

@@ -59,6 +59,7 @@ impl Plugin for JobLab {
         "bad-after",
         "nap",
         "noop",
+        "huge-follow-up",
     ];
 
     fn setup() -> Result<(), Error> {
@@ -210,6 +211,13 @@ impl Plugin for JobLab {
                 Ok(())
             }
             "noop" => Ok(()),
+            "huge-follow-up" => {
+                // A payload past the host's limit: refused at the call, the job goes on.
+                let big = json!({"blob": "x".repeat(2 << 20)});
+                let refused = jobs::enqueue_job("noop", &big, &jobs::options(None, &[]));
+                storage::set("huge_follow_up", &format!("{refused:?}")).map_err(Error::retry)?;
+                Ok(())
+            }
             "nap" => {
                 jobs::save_checkpoint("napping").map_err(Error::retry)?;
                 std::thread::sleep(Duration::from_secs(60));
