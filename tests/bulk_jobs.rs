@@ -176,3 +176,38 @@ async fn oversized_job_payloads_and_files_are_refused_precisely() {
     );
     wait_drained(&api, "the job").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconfigured_plugin_runs_its_next_jobs_on_a_new_instance_with_the_new_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "lab", TOKEN).to_string();
+    install_plugin(dir.path(), "tests/job-lab", "job_lab.wasm");
+    enable_plugin(dir.path(), &team, "Job Lab", &["label=first"]);
+    let app = Appliance::start(dir.path(), &[]);
+    let api = Api::new(&app);
+    let echo = || async {
+        api.enqueue(&team, "Job Lab", json!({"name": "echo-config"}))
+            .await;
+        wait_drained(&api, "the echo job").await;
+        storage(dir.path(), &team, "Job Lab")["echoed_label"].clone()
+    };
+    assert_eq!(echo().await, "first");
+    assert_eq!(echo().await, "first");
+    assert_eq!(
+        setups(dir.path(), &team),
+        1,
+        "the second job reused the instance"
+    );
+
+    enable_plugin(dir.path(), &team, "Job Lab", &["label=second"]);
+    assert_eq!(
+        echo().await,
+        "second",
+        "the kept instance is not used after the change"
+    );
+    assert_eq!(
+        setups(dir.path(), &team),
+        2,
+        "a new instance was set up for it"
+    );
+}

@@ -60,6 +60,7 @@ impl Plugin for JobLab {
         "nap",
         "noop",
         "huge-follow-up",
+        "echo-config",
     ];
 
     fn setup() -> Result<(), Error> {
@@ -211,6 +212,10 @@ impl Plugin for JobLab {
                 Ok(())
             }
             "noop" => Ok(()),
+            "echo-config" => {
+                let label = appliance_pdk::config::get("label").unwrap_or_default();
+                storage::set("echoed_label", &label).map_err(Error::retry)
+            }
             "huge-follow-up" => {
                 // A payload past the host's limit: refused at the call, the job goes on.
                 let big = json!({"blob": "x".repeat(2 << 20)});
