@@ -130,7 +130,6 @@ async fn main() {
         let enqueued = started.elapsed();
         drained(&store, 0).await;
         let total = started.elapsed();
-        let executed = total - enqueued;
 
         // Start delay: `size` future jobs stay queued while `latency_jobs` come due, one per ms.
         let q = queue.clone();
@@ -155,17 +154,25 @@ async fn main() {
             .unwrap_or_default();
 
         println!(
-            "{:>9}  {:>12.0}  {:>12.0}  {:>14.0}  {:>8.2}ms  {:>8.2}ms",
-            size,
-            size as f64 / enqueued.as_secs_f64(),
-            size as f64 / executed.as_secs_f64(),
-            size as f64 / total.as_secs_f64(),
+            "{}  {:>8.2}ms  {:>8.2}ms",
+            rates(size, enqueued, total),
             p50 as f64 / 1000.0,
             p99 as f64 / 1000.0,
         );
         trigger.drain_until(tokio::time::Instant::now());
         let _ = workers.await;
     }
+}
+
+/// A row's first columns: the size, then jobs/s enqueued, executed, and both together.
+fn rates(size: usize, enqueued: Duration, total: Duration) -> String {
+    let per_s = |d: Duration| size as f64 / d.as_secs_f64();
+    format!(
+        "{size:>9}  {:>12.0}  {:>12.0}  {:>14.0}",
+        per_s(enqueued),
+        per_s(total - enqueued),
+        per_s(total)
+    )
 }
 
 fn settings(args: &Args) -> JobSettings {
@@ -268,18 +275,11 @@ async fn plugin_jobs(args: &Args) -> Result<(), String> {
         let enqueued = started.elapsed();
         drained(&store, 0).await;
         let total = started.elapsed();
-        let executed = total - enqueued;
         let dead = store.job_stats().map_err(|e| e.to_string())?;
         if dead.total != 0 {
             return Err(format!("{} jobs were left in the queue", dead.total));
         }
-        println!(
-            "{:>9}  {:>12.0}  {:>12.0}  {:>14.0}",
-            size,
-            size as f64 / enqueued.as_secs_f64(),
-            size as f64 / executed.as_secs_f64(),
-            size as f64 / total.as_secs_f64(),
-        );
+        println!("{}", rates(size, enqueued, total));
         trigger.drain_until(tokio::time::Instant::now());
         let _ = workers.await;
     }

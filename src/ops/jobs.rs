@@ -62,25 +62,16 @@ impl From<&Job> for JobView {
 }
 
 /// A job an operator queues for a plugin.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct JobRequest {
     pub name: String,
     /// JSON text.
-    #[serde(default = "null_payload")]
     pub payload: String,
-    #[serde(default)]
     pub idempotency_key: Option<String>,
-    #[serde(default)]
     pub delay_ms: u64,
-    #[serde(default)]
     pub max_attempts: Option<u32>,
     /// Deadline of each attempt; 0 for the appliance's task deadline.
-    #[serde(default)]
     pub timeout_ms: u64,
-}
-
-fn null_payload() -> String {
-    "null".into()
 }
 
 /// A job as `POST …/jobs` and `appliance jobs enqueue --from` take it: the payload is JSON
