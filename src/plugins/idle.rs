@@ -84,11 +84,6 @@ impl IdleInstances {
         }
         tear_down(evicted);
     }
-
-    /// How many instances are idle now.
-    pub fn count(&self) -> usize {
-        self.lock().idle.len()
-    }
 }
 
 /// Runs `teardown` on discarded instances, outside the lock (it may take the setup deadline).

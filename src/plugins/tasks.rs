@@ -209,17 +209,14 @@ impl Runner for PluginRunner {
         let mut export = None;
         let mut pages = Vec::new();
         let result = match &job.kind {
-            JobKind::ExportPage { export: id, .. } => {
-                match self.export_page(job, *id, &entry, &mut instance, deadline) {
-                    Ok(Some((progress, next))) => {
+            JobKind::ExportPage { export: id, .. } => self
+                .export_page(job, *id, &entry, &mut instance, deadline)
+                .map(|page| {
+                    if let Some((progress, next)) = page {
                         export = Some(progress);
                         pages.extend(next);
-                        Ok(())
                     }
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(e),
-                }
-            }
+                }),
             JobKind::Plugin { name, .. } => instance
                 .run_job(name, &job.payload, deadline)
                 .map_err(|e| failure(&self.catalog, config, job, "failed", e)),
@@ -283,11 +280,6 @@ impl PluginRunner {
             .map_err(|e| RunError::Retry(e.to_string()))?;
         *cached = Some((Instant::now(), generation, entries.clone()));
         Ok((generation, entries))
-    }
-
-    /// Instances kept idle now, for the next jobs of their configs.
-    pub fn idle_instances(&self) -> usize {
-        self.idle.count()
     }
 
     /// Hands one page of a historical export to the plugin. Returns the progress and the next

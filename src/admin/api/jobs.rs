@@ -23,15 +23,16 @@ pub(super) const MAX_ENQUEUE_BYTES: usize = 16 << 20;
 pub(super) async fn enqueue(
     State(state): State<Arc<ApiState>>,
     Path((team, plugin)): Path<(TeamId, String)>,
-    Json(body): Json<Value>,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let bulk = body.is_array();
+    // Read straight into the jobs, without a JSON tree of the whole body first.
+    let bulk = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
     let requests: Vec<JobRequest> = if bulk {
-        let specs: Vec<JobSpec> = serde_json::from_value(body)
+        let specs: Vec<JobSpec> = serde_json::from_slice(&body)
             .map_err(|e| OpError::Malformed(format!("not a list of jobs: {e}")))?;
         specs.into_iter().map(JobRequest::from).collect()
     } else {
-        let spec: JobSpec = serde_json::from_value(body)
+        let spec: JobSpec = serde_json::from_slice(&body)
             .map_err(|e| OpError::Malformed(format!("not a job: {e}")))?;
         vec![JobRequest::from(spec)]
     };
