@@ -136,8 +136,16 @@ pub struct Room {
 /// How often a failed store may try to reopen its file.
 const REOPEN_EVERY: Duration = Duration::from_millis(500);
 
+/// Memory redb may hold as its page cache. Its default is 1 GiB, which a growing ingest queue
+/// fills (pages written once and read once by the pipeline), so the state file's cache, not the
+/// data, set the appliance's peak memory under overload. The interior pages every lookup
+/// re-touches fit many times over; the rest is read through the OS's page cache.
+/// (128 MiB: 64 MiB cost capture 5–15 % in back-to-back runs; 128 MiB cost nothing measurable.)
+pub const CACHE_BYTES: usize = 128 << 20;
+
 fn open_database(path: &Path) -> Result<Database, StoreError> {
     Database::builder()
+        .set_cache_size(CACHE_BYTES)
         .set_concurrency_mode(ConcurrencyMode::MultiWriter)
         .create(path)
         .map_err(|source| match source {
