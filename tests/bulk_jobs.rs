@@ -6,9 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{
-    cli_error, create_team, enable_plugin, install_plugin, storage, Api, Appliance, TOKEN,
-};
+use common::{cli_error, enable_plugin, start_job_lab, storage, Api};
 use serde_json::{json, Value};
 
 /// Jobs the queue still keeps (succeeded jobs are not kept).
@@ -25,6 +23,11 @@ async fn wait_drained(api: &Api, what: &str) {
     }
 }
 
+/// Where the team's Job Lab jobs are queued through the API.
+fn jobs_path(team: &str) -> String {
+    format!("/api/teams/{team}/plugins/Job%20Lab/jobs")
+}
+
 fn setups(dir: &std::path::Path, team: &str) -> usize {
     storage(dir, team, "Job Lab")
         .keys()
@@ -35,12 +38,9 @@ fn setups(dir: &std::path::Path, team: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_queued_in_bulk_run_on_instances_set_up_once() {
     let dir = tempfile::tempdir().unwrap();
-    let team = create_team(dir.path(), "lab", TOKEN).to_string();
-    install_plugin(dir.path(), "tests/job-lab", "job_lab.wasm");
-    enable_plugin(dir.path(), &team, "Job Lab", &[]);
-    let app = Appliance::start(dir.path(), &[("JOBS_PER_PLUGIN_CONFIG", "4")]);
+    let (app, team) = start_job_lab(dir.path(), &[], &[("JOBS_PER_PLUGIN_CONFIG", "4")]);
     let api = Api::new(&app);
-    let path = format!("/api/teams/{team}/plugins/Job%20Lab/jobs");
+    let path = jobs_path(&team);
 
     // One misspelt field refuses the whole list, and nothing of it is queued.
     let mut list: Vec<Value> = (0..50)
@@ -113,12 +113,9 @@ async fn jobs_queued_in_bulk_run_on_instances_set_up_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_job_payloads_and_files_are_refused_precisely() {
     let dir = tempfile::tempdir().unwrap();
-    let team = create_team(dir.path(), "lab", TOKEN).to_string();
-    install_plugin(dir.path(), "tests/job-lab", "job_lab.wasm");
-    enable_plugin(dir.path(), &team, "Job Lab", &[]);
-    let app = Appliance::start(dir.path(), &[]);
+    let (app, team) = start_job_lab(dir.path(), &[], &[]);
     let api = Api::new(&app);
-    let path = format!("/api/teams/{team}/plugins/Job%20Lab/jobs");
+    let path = jobs_path(&team);
 
     // An operator's payload past 1 MiB, alone or in a list: refused, nothing queued.
     let big = json!({"name": "noop", "payload": {"blob": "x".repeat(2 << 20)}});
@@ -180,10 +177,7 @@ async fn oversized_job_payloads_and_files_are_refused_precisely() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconfigured_plugin_runs_its_next_jobs_on_a_new_instance_with_the_new_config() {
     let dir = tempfile::tempdir().unwrap();
-    let team = create_team(dir.path(), "lab", TOKEN).to_string();
-    install_plugin(dir.path(), "tests/job-lab", "job_lab.wasm");
-    enable_plugin(dir.path(), &team, "Job Lab", &["label=first"]);
-    let app = Appliance::start(dir.path(), &[]);
+    let (app, team) = start_job_lab(dir.path(), &["label=first"], &[]);
     let api = Api::new(&app);
     let echo = || async {
         api.enqueue(&team, "Job Lab", json!({"name": "echo-config"}))

@@ -25,12 +25,9 @@ const FAST: &[(&str, &str)] = &[
 ];
 
 fn start_lab(dir: &Path, env: &[(&str, &str)]) -> (Appliance, String) {
-    let team = create_team(dir, "lab", TOKEN).to_string();
-    install_plugin(dir, "tests/job-lab", "job_lab.wasm");
-    enable_plugin(dir, &team, "Job Lab", &[]);
     let mut all = FAST.to_vec();
     all.extend_from_slice(env);
-    (Appliance::start(dir, &all), team)
+    common::start_job_lab(dir, &[], &all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -531,6 +531,15 @@ pub fn install_plugin(data_dir: &Path, crate_dir: &str, wasm: &str) -> String {
     )
 }
 
+/// A team (with [`TOKEN`]) whose Job Lab plugin is enabled with `config`, and a server started
+/// with `env`; answers the server and the team's id.
+pub fn start_job_lab(dir: &Path, config: &[&str], env: &[(&str, &str)]) -> (Appliance, String) {
+    let team = create_team(dir, "lab", TOKEN).to_string();
+    install_plugin(dir, "tests/job-lab", "job_lab.wasm");
+    enable_plugin(dir, &team, "Job Lab", config);
+    (Appliance::start(dir, env), team)
+}
+
 /// What a plugin config keeps in storage, read through the CLI.
 pub fn storage(dir: &Path, team: &str, plugin: &str) -> HashMap<String, String> {
     cli(dir, &["plugin", "storage", "--team", team, plugin])
