@@ -36,6 +36,7 @@ pub mod names {
     pub const JOB_RUN_SECONDS: &str = "appliance_job_run_seconds";
     pub const JOBS_FINISHED: &str = "appliance_jobs_finished_total";
     pub const SCHEDULE_LAG: &str = "appliance_schedule_lag_seconds";
+    pub const SCHEDULE_LEASE_HELD: &str = "appliance_schedule_lease_held";
     pub const FREE_DISK_BYTES: &str = "appliance_free_disk_bytes";
     pub const INGESTION_WARNINGS_DROPPED: &str = "appliance_ingestion_warnings_dropped_total";
     pub const PERSON_STEP_SECONDS: &str = "appliance_person_step_seconds";
@@ -248,6 +249,10 @@ fn describe() {
         "Duration of job attempts by kind"
     );
     describe_counter!(JOBS_FINISHED, "Job attempts by how they ended");
+    describe_gauge!(
+        SCHEDULE_LEASE_HELD,
+        "1 while this box holds the schedule lease (SCHEDULE_LEASE), else 0"
+    );
     describe_gauge!(
         SCHEDULE_LAG,
         Unit::Seconds,

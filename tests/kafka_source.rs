@@ -8,70 +8,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::kafka::{borrowed, capture_message, env, producer, send, TOPIC};
 use common::{create_team, read_events, wait_stored, Appliance, TOKEN};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::json;
-
-const TOPIC: &str = "events_plugin_ingestion";
-
-fn producer(bootstrap: &str) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .create()
-        .expect("a producer")
-}
-
-/// The message PostHog's Rust capture writes for event `i` (the envelope around `data`).
-fn capture_message(i: usize) -> String {
-    let uuid = uuid::Uuid::from_u128(i as u128 + 1).to_string();
-    let data = json!({"event": "kafka event", "distinct_id": format!("user{}", i % 7),
-                      "uuid": uuid, "properties": {"i": i},
-                      "timestamp": "2026-11-02T10:00:00Z"});
-    json!({"uuid": uuid, "distinct_id": format!("user{}", i % 7), "ip": "1.2.3.4",
-           "data": data.to_string(), "now": "2026-12-02T00:00:00Z",
-           "sent_at": "2026-12-02T00:00:01Z", "token": TOKEN,
-           "event": "kafka event", "timestamp": "2026-11-02T10:00:00Z"})
-    .to_string()
-}
-
-async fn send(producer: &FutureProducer, payloads: impl IntoIterator<Item = String>) {
-    let mut pending = Vec::new();
-    for (n, payload) in payloads.into_iter().enumerate() {
-        let key = format!("{TOKEN}:{n}");
-        let record = FutureRecord::to(TOPIC).payload(&payload).key(&key);
-        pending.push(
-            producer
-                .send_result(record)
-                .map_err(|(e, _)| e)
-                .expect("queued"),
-        );
-    }
-    for delivery in pending {
-        delivery.await.expect("delivered").expect("acknowledged");
-    }
-}
-
-fn env(bootstrap: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("KAFKA_ENABLED", "true".into()),
-        ("KAFKA_HOSTS", bootstrap.into()),
-        (
-            "KAFKA_CONSUMER_CONFIG",
-            // The mock cluster holds a rejoining member back for the session timeout less a
-            // second; below 6 s it never answers the join.
-            "session.timeout.ms=6000,heartbeat.interval.ms=1000".into(),
-        ),
-    ]
-}
-
-fn borrowed<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
-}
 
 fn numbers(rows: &[common::Row]) -> Vec<i64> {
     let mut seen: Vec<i64> = rows

@@ -349,7 +349,7 @@ async fn migrate_applies_the_postgres_schema_once() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(migrate().contains("1 Postgres migration(s) applied"));
+    assert!(migrate().contains("2 Postgres migration(s) applied"));
     assert!(migrate().contains("0 Postgres migration(s) applied"));
     let db = pg.client("events").await;
     let tables = texts(

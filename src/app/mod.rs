@@ -26,6 +26,7 @@ use crate::ops::Ops;
 use crate::pipeline::{Deliveries, FollowMarks, Follower, PersonEngine, Pipeline, PipelineStatus};
 use crate::plugins::tasks::{PluginRunner, PluginSchedules};
 use crate::plugins::{Catalog, Chains, PluginError, PluginPolicy};
+use crate::schedule::lease::RedisLease;
 use crate::schedule::Scheduler;
 use crate::shutdown;
 use crate::sinks::{Sink, SinkError};
@@ -41,6 +42,8 @@ pub enum AppError {
     Plugin(#[from] PluginError),
     #[error("cannot prepare the admin page: {0}")]
     Admin(#[from] crate::ops::OpError),
+    #[error("SCHEDULE_LEASE=redis: REDIS_URL: {0}")]
+    LeaseUrl(redis::RedisError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -66,6 +69,8 @@ async fn sink_position_at_start(sink: &dyn Sink) -> Result<u64, AppError> {
     loop {
         match sink.position().await {
             Ok(position) => return Ok(position),
+            // Waiting cannot help: another box's position is not this one's.
+            Err(e @ SinkError::Taken { .. }) => return Err(e.into()),
             Err(e) if started.elapsed() + pause < SINK_START_WAIT => {
                 tracing::warn!(error = %e, "the sink does not answer yet; waiting for it before accepting events");
                 tokio::time::sleep(pause).await;
@@ -230,6 +235,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         .run(shutdown.clone()),
     );
     let schedule_done = Arc::new(Notify::new());
+    let schedule_lease = match &config.cluster.schedule_lease {
+        Some(settings) => Some(Arc::new(
+            RedisLease::new(settings).map_err(AppError::LeaseUrl)?,
+        )),
+        None => None,
+    };
     let workers = tokio::spawn(
         Workers {
             queue: queue.clone(),
@@ -249,6 +260,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             timeout: config.plugin_limits.task,
             timezone: config.schedule_timezone,
             job_done: schedule_done,
+            lease: schedule_lease,
         }
         .run(shutdown),
     );

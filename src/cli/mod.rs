@@ -306,9 +306,20 @@ fn run_server(config: Config) -> Result<(), CliError> {
         .enable_all()
         .build()
         .map_err(|e| CliError::Other(format!("cannot start the runtime: {e}")))?;
+    let node = config.cluster.node.clone();
     runtime
         .block_on(crate::app::run(config))
-        .map_err(|e| CliError::Other(e.to_string()))
+        .map_err(|e| match e {
+            // A shared sink's position moved by another box: NODE_ID is what to change.
+            crate::app::AppError::Sink(crate::sinks::SinkError::Taken { detail, .. }) => {
+                CliError::Config(crate::config::ConfigError {
+                    name: "NODE_ID",
+                    value: node.unwrap_or_default(),
+                    allowed: detail,
+                })
+            }
+            e => CliError::Other(e.to_string()),
+        })
 }
 
 fn migrate(config: &Config) -> Result<(), CliError> {

@@ -7,6 +7,7 @@
 //! Must never: read the environment anywhere else, or let a bad value through with a fallback.
 //! A bad value is a [`ConfigError`] naming the variable, the value and what is allowed.
 
+mod cluster;
 mod settings;
 mod sinks;
 mod sources;
@@ -16,6 +17,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use cluster::{ClusterSettings, LeaseSettings};
 use settings::{check, log_filter};
 pub use settings::{parse_bool, settings_help, Setting, SETTINGS};
 pub use sinks::{split_tls_params, ClickHouseSettings, SinkKind, SinkSettings, SplitUrl};
@@ -44,6 +46,8 @@ pub struct Config {
     pub kafka: Option<KafkaSettings>,
     /// PostHog's `posthog_team` as the list of teams, when `TEAMS_FROM_POSTGRES`.
     pub teams_from_postgres: Option<TeamsFromPostgres>,
+    /// This box's name in a group of boxes and the schedule lease.
+    pub cluster: ClusterSettings,
     pub web_enabled: bool,
     pub web_host: IpAddr,
     pub web_port: u16,
@@ -352,7 +356,7 @@ impl Config {
         } else {
             explicit_value("DATABASE_URL")
         };
-        let sinks = sinks::resolve(
+        let mut sinks = sinks::resolve(
             sinks_value.as_deref(),
             sink_database.as_deref(),
             wants_clickhouse.then_some(clickhouse),
@@ -372,8 +376,11 @@ impl Config {
         } else {
             kafka.is_none()
         };
+        let cluster = cluster::cluster_settings(&get, &explicit_value)?;
+        sinks.node = cluster.node.clone();
         let config = Config {
             data_dir,
+            cluster,
             sqlite_path,
             sinks,
             kafka,

@@ -82,7 +82,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("REDIS_POOL_MIN_SIZE", Some("1"), POSITIVE, "minimum number of Redis connections"),
     setting("REDIS_POOL_MAX_SIZE", Some("3"), POSITIVE, "maximum number of Redis connections"),
     setting("SCHEDULE_TIMEZONE", Some("UTC"), Kind::TimeZone, "time zone whose midnight starts run-every-day slots (minute and hour slots follow UTC)"),
-    setting("SCHEDULE_LOCK_TTL", Some("60"), POSITIVE, "how many seconds to hold the lock for the schedule"),
+    setting("SCHEDULE_LOCK_TTL", Some("60"), POSITIVE, "how many seconds to hold the lock for the schedule (SCHEDULE_LEASE=redis: a box that stops renewing it loses it after this long, and another box runs the schedules)"),
     setting("CELERY_DEFAULT_QUEUE", Some("celery"), Kind::Text, "Celery outgoing queue"),
     setting("PLUGINS_CELERY_QUEUE", Some("posthog-plugins"), Kind::Text, "Celery incoming queue"),
     setting("PLUGINS_RELOAD_PUBSUB_CHANNEL", Some("reload-plugins"), Kind::Text, "Redis channel for reload events"),
@@ -127,6 +127,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("PISCINA_ATOMICS_TIMEOUT", Some("5000"), POSITIVE, "kept for compatibility; has no effect (no Piscina here)"),
     // The appliance's own.
     setting("APPLIANCE_ENV_FILE", None, Kind::Text, "file of NAME=value lines read at start; the environment wins over it; it is part of backups. Unset: /etc/appliance/appliance.env (the .deb's) if it exists; empty: no file"),
+    setting("NODE_ID", None, Kind::Text, "this box's name when several boxes share a Kafka consumer group and a sink: a shared Postgres keeps each box's position under its name, and the schedule lease is held under it (letters, digits, '.', '_', '-'; at most 64). Unset: one box"),
+    setting("SCHEDULE_LEASE", Some("none"), Kind::Choice { choices: &["none", "redis"] }, "redis: the boxes of a group take turns running the schedules, one at a time, under a lease of SCHEDULE_LOCK_TTL seconds in REDIS_URL (the seed's Redlock), and each slot is recorded there so that no slot runs twice (needs NODE_ID); none: this box runs its schedules itself"),
     setting("DATA_DIR", Some("./data"), Kind::Text, "directory holding the appliance's state (redb) and the embedded SQLite event store"),
     setting("SINKS", None, Kind::Text, "the sinks events are written to, comma-separated: sqlite, postgres, clickhouse. The first leads: the pipeline writes to it, after-write deliveries and exports follow it; the others copy its writes, each at its own pace. ClickHouse can only follow (it cannot say which rows a write inserted). Unset: sqlite, then postgres when DATABASE_URL is set, then clickhouse when CLICKHOUSE_HOST is set"),
     setting("SQLITE_PATH", None, Kind::Text, "path of the SQLite event store; default DATA_DIR/events.sqlite3"),

@@ -35,6 +35,8 @@ pub struct SinkSettings {
     pub postgres_url: Option<String>,
     /// Where the ClickHouse sink writes (its settings have defaults; used only when chosen).
     pub clickhouse: ClickHouseSettings,
+    /// `NODE_ID`: a sink shared by several boxes keeps this box's position under it.
+    pub node: Option<String>,
 }
 
 /// The ClickHouse server's HTTP interface and account (`CLICKHOUSE_*`).
@@ -209,6 +211,7 @@ pub(super) fn resolve(
         kinds,
         postgres_url: database_url.map(str::to_owned),
         clickhouse: clickhouse.unwrap_or_else(|| ClickHouseSettings::new("localhost", None, false)),
+        node: None,
     })
 }
 

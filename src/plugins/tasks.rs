@@ -19,7 +19,7 @@ use super::runtime::{CallError, Exports, Instance, WitEvent};
 use super::{Catalog, Entry};
 use crate::event::{timestamp_text, EventRow, IngestBatch};
 use crate::jobs::{Done, InternalRunner, RunError, Runner, StopFlags};
-use crate::schedule::ScheduleSource;
+use crate::schedule::{ScheduleSource, Wanted};
 use crate::sinks::{EventReader, StoredEvent};
 use crate::store::{
     Cadence, ExportProgress, ExportState, Job, JobKind, NewJob, PageCursor, PluginConfigId, TeamId,
@@ -407,7 +407,7 @@ pub struct PluginSchedules {
 }
 
 impl ScheduleSource for PluginSchedules {
-    fn wanted(&self) -> Result<Vec<(PluginConfigId, Cadence)>, String> {
+    fn wanted(&self) -> Result<Vec<Wanted>, String> {
         let (_, entries) = self.catalog.enabled().map_err(|e| e.to_string())?;
         let mut wanted = Vec::new();
         for entry in entries {
@@ -417,7 +417,16 @@ impl ScheduleSource for PluginSchedules {
                 (Cadence::Day, Exports::RUN_EVERY_DAY),
             ] {
                 if entry.info.exports.contains(export) {
-                    wanted.push((entry.config.id, cadence));
+                    wanted.push(Wanted {
+                        config: entry.config.id,
+                        cadence,
+                        name: format!(
+                            "{}/{}/{}",
+                            entry.config.team_id,
+                            entry.plugin_name,
+                            cadence.name()
+                        ),
+                    });
                 }
             }
         }

@@ -7,9 +7,14 @@
 //! slot's job, so a slot is queued once even across a crash. After downtime every missed hourly
 //! and daily slot runs once, oldest first, up to a cap; missed minute slots coalesce into one
 //! run. A slot is not queued while the previous slot's job may still run (no overlap).
+//! With `SCHEDULE_LEASE` (several boxes in a group), only the box holding the lease queues
+//! slots, and only slots it claimed in the shared store first ([`lease`]).
 //! Must never: run a plugin's code (the job queue does), or read the wall clock itself: the time
 //! comes from the caller, so tests drive it.
 
+pub mod lease;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +65,14 @@ fn day_start(now_s: i64, tz: Tz) -> i64 {
         .map_or(utc_day, |start| start.timestamp())
 }
 
+/// The slot before `slot`.
+fn preceding(cadence: Cadence, slot: i64, tz: Tz) -> i64 {
+    match cadence {
+        Cadence::Day => slot_of(Cadence::Day, slot - 1, tz),
+        _ => slot - cadence.seconds(),
+    }
+}
+
 /// The slot after `slot`.
 fn following(cadence: Cadence, slot: i64, tz: Tz) -> i64 {
     match cadence {
@@ -93,6 +106,26 @@ pub fn next_slot(cadence: Cadence, last: Option<i64>, now_s: i64, tz: Tz) -> Opt
     }
 }
 
+/// A slot of a schedule: its config, cadence and start (unix seconds).
+pub type Slot = (PluginConfigId, Cadence, i64);
+
+/// What a group of boxes decided about this box's schedules (see [`lease`]).
+#[derive(Debug, Default)]
+pub struct Gate {
+    /// Slots up to these were handed out already (by another box, or by this one).
+    pub floors: HashMap<(PluginConfigId, Cadence), i64>,
+    /// When given, only these slots may be queued; the others due are held back.
+    pub allow: Option<HashSet<Slot>>,
+}
+
+/// What a tick did.
+#[derive(Debug, Default)]
+pub struct Ticked {
+    pub queued: Vec<Slot>,
+    /// Due, but not in the gate's `allow`.
+    pub held_back: Vec<Slot>,
+}
+
 /// Brings the stored schedules in line with `wanted` (the enabled configs' cadences) and queues
 /// each schedule's next due slot, at `now_ms`. Returns the jobs queued.
 pub fn tick(
@@ -101,10 +134,22 @@ pub fn tick(
     now_ms: i64,
     timeout_ms: u64,
     tz: Tz,
-) -> Result<Vec<(PluginConfigId, Cadence, i64)>, StoreError> {
+) -> Result<Vec<Slot>, StoreError> {
+    tick_gated(store, wanted, now_ms, timeout_ms, tz, &Gate::default()).map(|t| t.queued)
+}
+
+/// [`tick`] within what `gate` allows.
+pub fn tick_gated(
+    store: &Store,
+    wanted: &[(PluginConfigId, Cadence)],
+    now_ms: i64,
+    timeout_ms: u64,
+    tz: Tz,
+    gate: &Gate,
+) -> Result<Ticked, StoreError> {
     let now_s = now_ms.div_euclid(1000);
     store.update_schedules(now_ms, |tables| {
-        let mut queued = Vec::new();
+        let mut ticked = Ticked::default();
         let existing = tables.all()?;
         for ((config, cadence), _) in &existing {
             if !wanted.contains(&(*config, *cadence)) {
@@ -121,9 +166,22 @@ pub fn tick(
                     continue;
                 }
             }
-            let Some(slot) = next_slot(cadence, state.map(|s| s.last_slot), now_s, tz) else {
+            let floor = gate.floors.get(&(config, cadence)).copied();
+            let last = [state.map(|s| s.last_slot), floor]
+                .into_iter()
+                .flatten()
+                .max();
+            let Some(slot) = next_slot(cadence, last, now_s, tz) else {
                 continue;
             };
+            if gate
+                .allow
+                .as_ref()
+                .is_some_and(|allow| !allow.contains(&(config, cadence, slot)))
+            {
+                ticked.held_back.push((config, cadence, slot));
+                continue;
+            }
             let job = tables.jobs.insert(
                 NewJob {
                     id: uuid::Uuid::now_v7(),
@@ -149,16 +207,25 @@ pub fn tick(
                     job: Some(job),
                 },
             )?;
-            queued.push((config, cadence, slot));
+            ticked.queued.push((config, cadence, slot));
         }
-        Ok(queued)
+        Ok(ticked)
     })
+}
+
+/// A schedule that should exist now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    pub config: PluginConfigId,
+    pub cadence: Cadence,
+    /// Its name across a group of boxes (config ids are each box's own): team, plugin, cadence.
+    pub name: String,
 }
 
 /// Which (plugin config, cadence) pairs should have a schedule now.
 pub trait ScheduleSource: Send + Sync + 'static {
     /// An error leaves every schedule as it is until the next tick.
-    fn wanted(&self) -> Result<Vec<(PluginConfigId, Cadence)>, String>;
+    fn wanted(&self) -> Result<Vec<Wanted>, String>;
 }
 
 /// Queues due slots every second, and at once when a schedule's job ends.
@@ -170,25 +237,29 @@ pub struct Scheduler {
     pub timezone: Tz,
     /// Notified by the workers when a schedule's job ends.
     pub job_done: Arc<Notify>,
+    /// With several boxes: the lease that says whether this one runs the schedules.
+    pub lease: Option<Arc<lease::RedisLease>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TickError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("the schedule lease: {0}")]
+    Lease(#[from] redis::RedisError),
+    #[error("the scheduler's task: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl Scheduler {
     pub async fn run(self, mut shutdown: Shutdown) {
+        let mut held = false;
         loop {
             if shutdown.is_draining() {
-                return;
+                break;
             }
-            let source = self.source.clone();
-            let store = self.queue.store().clone();
-            let timeout_ms = self.timeout.as_millis() as u64;
-            let tz = self.timezone;
-            let result = tokio::task::spawn_blocking(move || {
-                let wanted = source.wanted().map_err(StoreError::Conflict)?;
-                tick(&store, &wanted, crate::jobs::now_ms(), timeout_ms, tz)
-            })
-            .await;
-            match result {
-                Ok(Ok(queued)) if !queued.is_empty() => {
+            match self.tick_once(&mut held).await {
+                Ok(queued) if !queued.is_empty() => {
                     let now_s = crate::jobs::now_ms() / 1000;
                     for (config, cadence, slot) in &queued {
                         metrics::gauge!(crate::telemetry::names::SCHEDULE_LAG, "cadence" => cadence.name())
@@ -202,9 +273,8 @@ impl Scheduler {
                     }
                     self.queue.wake();
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot queue scheduled runs; retrying"),
-                Err(e) => tracing::error!(error = %e, "the scheduler's task failed; retrying"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot queue scheduled runs; retrying"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
@@ -212,6 +282,102 @@ impl Scheduler {
                 _ = shutdown.changed() => {}
             }
         }
+        if let (Some(lease), true) = (&self.lease, held) {
+            match lease.release().await {
+                Ok(()) => tracing::info!(node = lease.node(), "schedule lease given up"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not give the schedule lease up; it lapses")
+                }
+            }
+        }
+    }
+
+    /// Runs `tick_gated` on a blocking thread.
+    async fn tick_with(
+        &self,
+        wanted: Vec<(PluginConfigId, Cadence)>,
+        gate: Gate,
+    ) -> Result<Ticked, TickError> {
+        let store = self.queue.store().clone();
+        let timeout_ms = self.timeout.as_millis() as u64;
+        let tz = self.timezone;
+        let now = crate::jobs::now_ms();
+        let ticked = tokio::task::spawn_blocking(move || {
+            tick_gated(&store, &wanted, now, timeout_ms, tz, &gate)
+        })
+        .await??;
+        Ok(ticked)
+    }
+
+    /// One tick: the slots queued. With a lease, nothing unless this box holds it, and only
+    /// slots claimed first.
+    async fn tick_once(&self, held: &mut bool) -> Result<Vec<Slot>, TickError> {
+        if let Some(lease) = &self.lease {
+            let holds = lease.hold().await;
+            let now_held = holds.as_ref().is_ok_and(|h| *h);
+            if now_held != *held {
+                tracing::info!(node = lease.node(), held = now_held, "schedule lease");
+                *held = now_held;
+            }
+            metrics::gauge!(crate::telemetry::names::SCHEDULE_LEASE_HELD)
+                .set(f64::from(u8::from(now_held)));
+            if !holds? {
+                return Ok(Vec::new());
+            }
+        }
+        let source = self.source.clone();
+        let wanted = tokio::task::spawn_blocking(move || source.wanted())
+            .await?
+            .map_err(StoreError::Conflict)?;
+        let pairs: Vec<(PluginConfigId, Cadence)> =
+            wanted.iter().map(|w| (w.config, w.cadence)).collect();
+        let Some(lease) = &self.lease else {
+            return Ok(self.tick_with(pairs, Gate::default()).await?.queued);
+        };
+        // The slots handed out so far: after one of another box's, or from one of this box's
+        // own (claimed but perhaps not queued before a crash; the local state knows).
+        let names: Vec<String> = wanted.iter().map(|w| w.name.clone()).collect();
+        let mut floors = HashMap::new();
+        for (w, claimed) in wanted.iter().zip(lease.claimed(&names).await?) {
+            if let Some(claimed) = claimed {
+                let floor = if claimed.node == lease.node() {
+                    preceding(w.cadence, claimed.slot, self.timezone)
+                } else {
+                    claimed.slot
+                };
+                floors.insert((w.config, w.cadence), floor);
+            }
+        }
+        // What is due, queueing nothing yet; then each due slot claimed; then the claimed queued.
+        let plan = Gate {
+            floors: floors.clone(),
+            allow: Some(HashSet::new()),
+        };
+        let held_back = self.tick_with(pairs.clone(), plan).await?.held_back;
+        let mut allow = HashSet::new();
+        for slot in held_back {
+            let Some(w) = wanted
+                .iter()
+                .find(|w| (w.config, w.cadence) == (slot.0, slot.1))
+            else {
+                continue;
+            };
+            match lease.claim(&w.name, slot.2).await? {
+                lease::Claim::Granted => {
+                    allow.insert(slot);
+                }
+                lease::Claim::Taken => {}
+                lease::Claim::LeaseLost => break,
+            }
+        }
+        if allow.is_empty() {
+            return Ok(Vec::new());
+        }
+        let claimed = Gate {
+            floors,
+            allow: Some(allow),
+        };
+        Ok(self.tick_with(pairs, claimed).await?.queued)
     }
 }
 
@@ -354,6 +520,41 @@ mod tests {
         assert_eq!(again, slots, "the same job, same slot, runs again");
         let job = store.job(again[0].1).unwrap().unwrap();
         assert_eq!(job.state, JobState::Running);
+    }
+
+    #[test]
+    fn a_gate_holds_back_unclaimed_slots_and_its_floors_skip_slots_handed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let wanted = [(1, Cadence::Hour)];
+        let utc = chrono_tz::UTC;
+        let plan = Gate {
+            floors: HashMap::new(),
+            allow: Some(HashSet::new()),
+        };
+        let ticked = tick_gated(&store, &wanted, T0 + 10 * MINUTE, 1000, utc, &plan).unwrap();
+        assert!(ticked.queued.is_empty());
+        assert_eq!(ticked.held_back, [(1, Cadence::Hour, T0 / 1000)]);
+        assert!(
+            claim_slots(&store, T0 + 10 * MINUTE).is_empty(),
+            "nothing queued"
+        );
+        // Another box handed out the slots up to 02:00: at 02:30 nothing is due here.
+        let floors = HashMap::from([((1, Cadence::Hour), T0 / 1000 + 7_200)]);
+        let handed_out = Gate {
+            floors: floors.clone(),
+            allow: None,
+        };
+        let ticked = tick_gated(&store, &wanted, T0 + 150 * MINUTE, 1000, utc, &handed_out);
+        assert!(ticked.unwrap().queued.is_empty());
+        // At 03:10 the 03:00 slot, claimed, is queued.
+        let claimed = Gate {
+            floors,
+            allow: Some(HashSet::from([(1, Cadence::Hour, T0 / 1000 + 10_800)])),
+        };
+        let ticked = tick_gated(&store, &wanted, T0 + 190 * MINUTE, 1000, utc, &claimed).unwrap();
+        assert_eq!(ticked.queued, [(1, Cadence::Hour, T0 / 1000 + 10_800)]);
+        assert_eq!(preceding(Cadence::Hour, T0 / 1000, utc), T0 / 1000 - 3_600);
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub enum SinkError {
     Refused { sink: &'static str, detail: String },
     #[error("{sink}: read failed: {detail}")]
     Read { sink: &'static str, detail: String },
+    /// The sink's position belongs to another appliance (two boxes given one `NODE_ID`):
+    /// writing would skip the other's events, so nothing is written.
+    #[error("{sink}: {detail}")]
+    Taken { sink: &'static str, detail: String },
 }
 
 /// How both SQL sinks upsert a person: a row already at a newer version (a replay) is left
@@ -246,7 +250,17 @@ fn open_one(
                     target: crate::config::redact_url(url),
                     detail,
                 })?;
-            let sink = Arc::new(postgres::PostgresSink::open(&target, role)?);
+            let state = store.state_id().map_err(|e| SinkError::Open {
+                sink: "postgres",
+                target: target.redacted(),
+                detail: format!("the state file's id: {e}"),
+            })?;
+            let sink = Arc::new(postgres::PostgresSink::open(
+                &target,
+                role,
+                settings.node.as_deref(),
+                state,
+            )?);
             Ok(OpenedSink {
                 target: sink.target().to_owned(),
                 sink: sink.clone(),

@@ -52,6 +52,9 @@ pub const STATE_FILE: &str = "state.redb";
 
 /// Small counters and markers, by name.
 pub(in crate::store) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The state file's id (a uuid in two halves), kept in `META`.
+const STATE_ID_HIGH: &str = "state_id_high";
+const STATE_ID_LOW: &str = "state_id_low";
 /// Version of the table layout as a whole, kept in `META`.
 const LAYOUT_VERSION_KEY: &str = "layout_version";
 const LAYOUT_VERSION: u64 = 1;
@@ -323,6 +326,11 @@ impl Store {
                     meta.insert(LAYOUT_VERSION_KEY, LAYOUT_VERSION)?;
                 }
             }
+            if meta.get(STATE_ID_HIGH)?.is_none() {
+                let id = uuid::Uuid::new_v4().as_u64_pair();
+                meta.insert(STATE_ID_HIGH, id.0)?;
+                meta.insert(STATE_ID_LOW, id.1)?;
+            }
             teams::create_tables(&txn)?;
             ingest::create_tables(&txn)?;
             plugins::create_tables(&txn)?;
@@ -340,6 +348,17 @@ impl Store {
         ingest::init_queued_bytes(&txn)?;
         self.commit(txn)?;
         Ok(())
+    }
+
+    /// This state file's own id, made when it was created (a backup restored keeps it): a sink
+    /// shared by several boxes tells their positions apart by it.
+    pub fn state_id(&self) -> Result<uuid::Uuid, StoreError> {
+        let txn = self.read()?;
+        let meta = txn.open_table(META)?;
+        Ok(uuid::Uuid::from_u64_pair(
+            meta_get(&meta, STATE_ID_HIGH)?,
+            meta_get(&meta, STATE_ID_LOW)?,
+        ))
     }
 
     fn read(&self) -> Result<redb::ReadTransaction, StoreError> {

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 pub mod ch;
 pub mod fidelity;
+pub mod kafka;
 pub mod load;
 pub mod pg;
 pub mod redis;

@@ -50,8 +50,10 @@ pub struct PostgresSink {
     migrated: OnceCell<()>,
     /// The runtime the blocking readers ([`super::EventReader`]) run their queries on.
     runtime: tokio::runtime::Handle,
-    /// The name its position is kept under (see [`Role`]).
-    position_key: &'static str,
+    /// The name its position is kept under (see [`Role`]), with `NODE_ID` when set.
+    position_key: String,
+    /// The state file whose queue the position counts in ([`crate::store::Store::state_id`]).
+    state: Uuid,
 }
 
 /// An error with its causes: tokio-postgres and the pool put the server's words ("duplicate
@@ -99,21 +101,45 @@ fn read_error(e: impl std::error::Error + 'static) -> SinkError {
 
 /// Applies the SQL migrations under `migrations/postgres`; returns how many were applied now.
 pub async fn migrate(target: &PostgresTarget) -> Result<usize, SinkError> {
-    let sink = PostgresSink::open(target, Role::Lead)?;
+    let sink = PostgresSink::open(target, Role::Lead, None, Uuid::nil())?;
     sink.apply_migrations().await
 }
 
 impl PostgresSink {
     /// Builds the pool; connects only when first used, so a server that is down at start-up is
     /// retried by the pipeline like one that goes down later. Must be called inside the runtime.
-    pub fn open(target: &PostgresTarget, role: Role) -> Result<PostgresSink, SinkError> {
+    /// Its position is kept under `node` (`NODE_ID`) when given, for the state file `state`.
+    pub fn open(
+        target: &PostgresTarget,
+        role: Role,
+        node: Option<&str>,
+        state: Uuid,
+    ) -> Result<PostgresSink, SinkError> {
+        let key = role.position_key(NAME, FOLLOWER_KEY);
         Ok(PostgresSink {
             pool: connect::pool(target)?,
             target: target.redacted(),
             migrated: OnceCell::new(),
             runtime: tokio::runtime::Handle::current(),
-            position_key: role.position_key(NAME, FOLLOWER_KEY),
+            position_key: match node {
+                Some(node) => format!("{key}@{node}"),
+                None => key.to_owned(),
+            },
+            state,
         })
+    }
+
+    /// The error of a position row another state file moves: two boxes share this database
+    /// under one name, and each would skip the other's events.
+    fn not_ours(&self, other: Uuid) -> SinkError {
+        SinkError::Taken {
+            sink: NAME,
+            detail: format!(
+                "the position {:?} in {} is moved by another appliance (state {other}, this one \
+                 is {}): give each box that shares this database its own NODE_ID",
+                self.position_key, self.target, self.state
+            ),
+        }
     }
 
     pub fn target(&self) -> &str {
@@ -224,15 +250,31 @@ impl PostgresSink {
         persons::write(&tx, &write.persons).await?;
         let record = tx
             .prepare_cached(
-                "INSERT INTO appliance_sink_position (sink, position) VALUES ($1, $2)
+                "INSERT INTO appliance_sink_position (sink, position, state) VALUES ($1, $2, $3)
                  ON CONFLICT (sink) DO UPDATE
-                 SET position = GREATEST(appliance_sink_position.position, excluded.position)",
+                 SET position = GREATEST(appliance_sink_position.position, excluded.position),
+                     state = excluded.state
+                 WHERE appliance_sink_position.state IS NULL
+                    OR appliance_sink_position.state = excluded.state
+                 RETURNING position",
             )
             .await
             .map_err(statement_error)?;
-        tx.execute(&record, &[&self.position_key, &(position as i64)])
+        let moved = tx
+            .query_opt(
+                &record,
+                &[&self.position_key, &(position as i64), &self.state],
+            )
             .await
             .map_err(statement_error)?;
+        if moved.is_none() {
+            // Dropping the transaction rolls its rows back with it; the position says whose it is.
+            drop(tx);
+            return Err(match self.position_now().await {
+                Err(e) => e,
+                Ok(_) => self.not_ours(Uuid::nil()),
+            });
+        }
         tx.commit().await.map_err(statement_error)?;
         Ok(written)
     }
@@ -241,12 +283,16 @@ impl PostgresSink {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT position FROM appliance_sink_position WHERE sink = $1",
+                "SELECT position, state FROM appliance_sink_position WHERE sink = $1",
                 &[&self.position_key],
             )
             .await
             .map_err(read_error)?;
-        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+        let Some(row) = row else { return Ok(0) };
+        match row.get::<_, Option<Uuid>>(1) {
+            Some(other) if other != self.state => Err(self.not_ours(other)),
+            _ => Ok(row.get::<_, i64>(0) as u64),
+        }
     }
 
     async fn stored_rows_now(
