@@ -2,7 +2,8 @@
 //! PostHog's `process_event_with_plugins` tasks as PostHog's Django did: every task becomes one
 //! stored event, a message that cannot be read goes to the dead-letter list with the reason,
 //! and a kill between durability and acknowledgement takes the message again without storing
-//! it twice.
+//! it twice. PostHog's `plugin_job` tasks (its app's "run job" button) queue the plugin
+//! config's job once, however often the task is delivered.
 
 mod common;
 
@@ -10,7 +11,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::{create_team, read_events, sdk_dir, wait_stored, Appliance, TOKEN};
+use common::{
+    cli, create_team, enable_plugin, install_plugin, read_events, sdk_dir, storage, wait_storage,
+    wait_stored, Appliance, TOKEN,
+};
 use redis::Commands;
 use serde_json::Value;
 
@@ -153,4 +157,94 @@ async fn a_kill_before_the_acknowledgement_takes_the_messages_again_and_stores_e
     assert_eq!(seen, (0..35).collect::<Vec<_>>(), "each task once");
     assert!(list(&mut con, &format!("{QUEUE}.appliance.processing")).is_empty());
     assert!(list(&mut con, QUEUE).is_empty());
+}
+
+/// Sends one `plugin_job` task as PostHog's Django sent it; answers the task id.
+fn send_job(redis: &RedisServer, team: &str, config: u64, name: &str, op: &str, payload: &str) {
+    let out = Command::new("python3")
+        .arg(sdk_dir().join("celery_job.py"))
+        .args([
+            &redis.url(),
+            QUEUE,
+            team,
+            &config.to_string(),
+            name,
+            op,
+            payload,
+        ])
+        .output()
+        .expect("run python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "celery_job.py failed: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posthog_s_plugin_job_tasks_queue_the_config_s_job_once() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "lab", TOKEN).to_string();
+    install_plugin(dir.path(), "tests/job-lab", "job_lab.wasm");
+    enable_plugin(dir.path(), &team, "Job Lab", &[]);
+    // "  config 1 team 1 enabled order 0", as `plugin list` prints it.
+    let config: u64 = cli(dir.path(), &["plugin", "list"])
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("config ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("the config's id");
+    tokio::task::block_in_place(|| {
+        send_job(&redis, &team, config, "record", "start", r#"{"a": 1}"#);
+        send_job(&redis, &team, config, "record", "stop", "{}");
+        send_job(&redis, &team, config + 50, "record", "start", "{}");
+    });
+    // Redis delivered the first task twice (a consumer crashed before acknowledging it).
+    let mut con = redis.connection();
+    let first: Vec<String> = con.lrange(QUEUE, -1, -1).unwrap();
+    let _: () = con.rpush(QUEUE, &first[0]).unwrap();
+    let env = env(&redis);
+    let app = Appliance::start(
+        dir.path(),
+        &env.iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    let seen = wait_storage(dir.path(), &team, "Job Lab", "two recorded jobs", |s| {
+        s.contains_key("recorded_2")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen_after = storage(dir.path(), &team, "Job Lab");
+    assert_eq!(
+        seen_after.get("recorded").map(String::as_str),
+        Some("2"),
+        "{seen_after:?}"
+    );
+    let payloads: Vec<Value> = ["recorded_1", "recorded_2"]
+        .iter()
+        .map(|k| serde_json::from_str(&seen[*k]).unwrap())
+        .collect();
+    assert!(
+        payloads.contains(&serde_json::json!({"a": 1, "$operation": "start"})),
+        "{payloads:?}"
+    );
+    assert!(
+        payloads.contains(&serde_json::json!({"$operation": "stop"})),
+        "{payloads:?}"
+    );
+    let dead = list(&mut con, &format!("{QUEUE}.appliance.dead"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0].contains(&format!(
+            "no enabled plugin config {} of team {team}",
+            config + 50
+        )),
+        "{dead:?}"
+    );
+    assert!(list(&mut con, &format!("{QUEUE}.appliance.processing")).is_empty());
+    assert!(app.terminate().success());
 }

@@ -288,7 +288,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         config.plugin_quotas.clone(),
         shutdown_for_maintenance,
     ));
-    let sources = spawn_sources(&config, &store, &ingest, &geoip);
+    let sources = spawn_sources(&config, &store, &ingest, &geoip, &queue);
     if config.web_enabled {
         let capture = capture::router(Arc::new(CaptureState {
             ingest,
@@ -454,6 +454,7 @@ fn spawn_sources(
     store: &Store,
     ingest: &crate::ingest::IngestHandle,
     geoip: &Arc<GeoIp>,
+    jobs: &JobQueue,
 ) -> Option<(shutdown::ShutdownTrigger, tokio::task::JoinHandle<()>)> {
     if config.celery.is_none() && config.kafka.is_none() && config.teams_from_postgres.is_none() {
         return None;
@@ -482,6 +483,7 @@ fn spawn_sources(
         let source = crate::sources::celery::CelerySource {
             settings,
             store: store.clone(),
+            jobs: jobs.clone(),
             ingest: ingest.clone(),
             normalizer: normalizer.clone(),
             room,

@@ -6,9 +6,11 @@ use uuid::Uuid;
 
 use super::plugins::team_config;
 use super::{time_text, OpError, Ops};
-use crate::jobs::now_ms;
+use crate::jobs::{now_ms, JobQueue};
 use crate::plugins::host::DEFAULT_JOB_ATTEMPTS;
-use crate::store::{Control, Job, JobId, JobKind, JobState, JobStats, NewJob, TeamId};
+use crate::store::{
+    Control, Job, JobId, JobKind, JobState, JobStats, NewJob, PluginConfig, Store, TeamId,
+};
 
 /// Jobs listed when the operator does not say how many.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
@@ -208,56 +210,8 @@ impl Ops {
         plugin: &str,
         requests: Vec<JobRequest>,
     ) -> Result<Vec<JobId>, OpError> {
-        if requests.len() > MAX_BULK_JOBS {
-            return Err(OpError::Malformed(format!(
-                "{} jobs in one request; at most {MAX_BULK_JOBS}",
-                requests.len()
-            )));
-        }
-        let bytes: usize = requests.iter().map(|r| r.payload.len()).sum();
-        if bytes > MAX_BULK_BYTES {
-            return Err(OpError::Malformed(format!(
-                "{bytes} bytes of payloads in one request; at most {MAX_BULK_BYTES}"
-            )));
-        }
         let (_, config) = team_config(&self.store, team, plugin)?;
-        let now = now_ms();
-        let mut jobs = Vec::with_capacity(requests.len());
-        for (n, request) in requests.into_iter().enumerate() {
-            crate::jobs::check_payload(&request.name, &request.payload).map_err(|e| {
-                OpError::Malformed(match n {
-                    0 => e,
-                    n => format!("job {}: {e}", n + 1),
-                })
-            })?;
-            jobs.push(NewJob {
-                id: Uuid::now_v7(),
-                kind: JobKind::Plugin {
-                    config: config.id,
-                    name: request.name,
-                },
-                payload: request.payload,
-                run_at_ms: now.saturating_add(request.delay_ms.min(i64::MAX as u64) as i64),
-                max_attempts: request
-                    .max_attempts
-                    .unwrap_or(DEFAULT_JOB_ATTEMPTS)
-                    .clamp(1, 100),
-                timeout_ms: request.timeout_ms,
-                idempotency_key: request
-                    .idempotency_key
-                    .map(|k| format!("{}:{k}", config.id)),
-                after: Vec::new(),
-            });
-        }
-        let count = jobs.len();
-        let ids = self.queue.enqueue(jobs)?;
-        if ids.len() != count {
-            return Err(OpError::Internal(format!(
-                "the queue answered {} ids for {count} jobs",
-                ids.len()
-            )));
-        }
-        Ok(ids)
+        enqueue_for_config(&self.queue, &config, requests)
     }
 
     /// Asks a job to stop (see [`Control`]); returns its state after: cancelled at once, or
@@ -284,4 +238,72 @@ impl Ops {
         self.queue.wake();
         Ok(JobState::Scheduled)
     }
+}
+
+/// The enabled config `config` of `team`, by id (PostHog's Celery `plugin_job` names configs so).
+pub fn enabled_config(store: &Store, team: TeamId, config: u64) -> Result<PluginConfig, OpError> {
+    store
+        .list_plugin_configs()?
+        .into_iter()
+        .find(|c| c.id == config && c.team_id == team && c.enabled)
+        .ok_or_else(|| {
+            OpError::NotFound(format!("no enabled plugin config {config} of team {team}"))
+        })
+}
+
+/// Queues `requests` for `config`, all in one transaction (see [`Ops::enqueue_jobs`]).
+pub fn enqueue_for_config(
+    queue: &JobQueue,
+    config: &PluginConfig,
+    requests: Vec<JobRequest>,
+) -> Result<Vec<JobId>, OpError> {
+    if requests.len() > MAX_BULK_JOBS {
+        return Err(OpError::Malformed(format!(
+            "{} jobs in one request; at most {MAX_BULK_JOBS}",
+            requests.len()
+        )));
+    }
+    let bytes: usize = requests.iter().map(|r| r.payload.len()).sum();
+    if bytes > MAX_BULK_BYTES {
+        return Err(OpError::Malformed(format!(
+            "{bytes} bytes of payloads in one request; at most {MAX_BULK_BYTES}"
+        )));
+    }
+    let now = now_ms();
+    let mut jobs = Vec::with_capacity(requests.len());
+    for (n, request) in requests.into_iter().enumerate() {
+        crate::jobs::check_payload(&request.name, &request.payload).map_err(|e| {
+            OpError::Malformed(match n {
+                0 => e,
+                n => format!("job {}: {e}", n + 1),
+            })
+        })?;
+        jobs.push(NewJob {
+            id: Uuid::now_v7(),
+            kind: JobKind::Plugin {
+                config: config.id,
+                name: request.name,
+            },
+            payload: request.payload,
+            run_at_ms: now.saturating_add(request.delay_ms.min(i64::MAX as u64) as i64),
+            max_attempts: request
+                .max_attempts
+                .unwrap_or(DEFAULT_JOB_ATTEMPTS)
+                .clamp(1, 100),
+            timeout_ms: request.timeout_ms,
+            idempotency_key: request
+                .idempotency_key
+                .map(|k| format!("{}:{k}", config.id)),
+            after: Vec::new(),
+        });
+    }
+    let count = jobs.len();
+    let ids = queue.enqueue(jobs)?;
+    if ids.len() != count {
+        return Err(OpError::Internal(format!(
+            "the queue answered {} ids for {count} jobs",
+            ids.len()
+        )));
+    }
+    Ok(ids)
 }

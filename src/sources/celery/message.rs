@@ -144,12 +144,7 @@ pub fn process_event(task: &Task) -> Result<TaskEvent, String> {
         },
         _ => return Err("the task has no event (data)".into()),
     };
-    let team_id = match arg(4) {
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(s)) => s.parse().ok(),
-        _ => None,
-    }
-    .ok_or("the task has no team_id")?;
+    let team_id = id_arg(arg(4)).ok_or("the task has no team_id")?;
     let now = message_time(arg(5))?.ok_or("the task has no now")?;
     let sent_at = message_time(arg(6))?;
     if !event.contains_key("distinct_id") {
@@ -175,6 +170,68 @@ pub fn process_event(task: &Task) -> Result<TaskEvent, String> {
         now,
         sent_at,
         event,
+    })
+}
+
+/// An id given as a number or as its text.
+fn id_arg(value: Option<&Value>) -> Option<u64> {
+    match value? {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// A job PostHog's app asks a plugin config to run (`plugin_job`).
+#[derive(Debug, PartialEq)]
+pub struct TaskJob {
+    pub team_id: u64,
+    pub config_id: u64,
+    pub name: String,
+    /// The payload, with PostHog's `$operation` (`start` or `stop`) in it, as JSON text.
+    pub payload: String,
+    /// The Celery task id: a task delivered twice queues one job.
+    pub task_id: String,
+}
+
+/// The job of a `plugin_job(pluginConfigTeam, pluginConfigId, type, jobOp, payload)` task, as
+/// the seed's plugin server queued it: the payload gets `$operation` = `jobOp`.
+pub fn plugin_job(task: &Task) -> Result<TaskJob, String> {
+    const NAMES: [&str; 5] = [
+        "plugin_config_team",
+        "plugin_config_id",
+        "type",
+        "job_op",
+        "payload",
+    ];
+    let arg = |index: usize| {
+        task.args
+            .get(index)
+            .or_else(|| task.kwargs.get(NAMES[index]))
+    };
+    let team_id = id_arg(arg(0)).ok_or("the job task has no plugin config team")?;
+    let config_id = id_arg(arg(1)).ok_or("the job task has no plugin config id")?;
+    let name = match arg(2) {
+        Some(Value::String(name)) if !name.is_empty() => name.clone(),
+        _ => return Err("the job task has no job type".into()),
+    };
+    let operation = match arg(3) {
+        Some(Value::String(op)) => op.clone(),
+        None | Some(Value::Null) => "start".into(),
+        Some(_) => return Err("the job task's operation is not text".into()),
+    };
+    let mut payload = match arg(4) {
+        Some(Value::Object(payload)) => payload.clone(),
+        None | Some(Value::Null) => Map::new(),
+        Some(_) => return Err("the job task's payload is not an object".into()),
+    };
+    payload.insert("$operation".into(), Value::String(operation));
+    Ok(TaskJob {
+        team_id,
+        config_id,
+        name,
+        payload: Value::Object(payload).to_string(),
+        task_id: task.id.clone(),
     })
 }
 

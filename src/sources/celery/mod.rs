@@ -24,9 +24,15 @@ use serde_json::json;
 use crate::config::CelerySettings;
 use crate::event::IngestBatch;
 use crate::ingest::{IngestError, IngestHandle};
+use crate::jobs::JobQueue;
+use crate::ops::jobs::{enabled_config, enqueue_for_config, JobRequest};
+use crate::ops::OpError;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError, Team};
-pub use message::{decode, process_event, Task, TaskEvent, PROCESS_EVENT};
+pub use message::{decode, plugin_job, process_event, Task, TaskEvent, TaskJob, PROCESS_EVENT};
+
+/// PostHog's task that asks a plugin config to run a job (from its app's plugin page).
+pub const PLUGIN_JOB: &str = "posthog.tasks.plugins.plugin_job";
 
 /// Messages taken in one round.
 const MAX_MESSAGES: usize = 200;
@@ -52,6 +58,8 @@ pub enum SourceError {
 pub struct CelerySource {
     pub settings: CelerySettings,
     pub store: Store,
+    /// Where `plugin_job` tasks queue their jobs.
+    pub jobs: JobQueue,
     pub ingest: IngestHandle,
     pub normalizer: super::Normalizer,
     pub room: super::RoomLimits,
@@ -60,6 +68,7 @@ pub struct CelerySource {
 /// What became of one taken message.
 enum Outcome {
     Batch(IngestBatch),
+    Job(TaskJob),
     Dead(String),
 }
 
@@ -176,21 +185,27 @@ impl CelerySource {
         .await
         .map_err(SourceError::Store)?;
         let mut pending = Vec::new();
+        let mut jobs = Vec::new();
         let mut dead = Vec::new();
+        let dead_letter = |reason: String, raw: &[u8]| {
+            tracing::warn!(reason = %reason, "a Celery message cannot be run; it goes to the dead letters");
+            json!({"reason": reason, "at": Utc::now().to_rfc3339(),
+                   "message": String::from_utf8_lossy(raw)})
+            .to_string()
+        };
         for (raw, outcome) in raws.iter().zip(outcomes) {
             match outcome {
                 Outcome::Batch(batch) => pending.push(batch.encode()),
-                Outcome::Dead(reason) => {
-                    tracing::warn!(reason = %reason, "a Celery message cannot be read; it goes to the dead letters");
-                    dead.push(
-                        json!({"reason": reason, "at": Utc::now().to_rfc3339(),
-                               "message": String::from_utf8_lossy(raw)})
-                        .to_string(),
-                    );
-                }
+                Outcome::Job(job) => jobs.push((job, raw)),
+                Outcome::Dead(reason) => dead.push(dead_letter(reason, raw)),
             }
         }
         super::submit_durably(&self.ingest, pending, shutdown).await?;
+        for (job, raw) in jobs {
+            if let Err(reason) = self.queue_job(job).await? {
+                dead.push(dead_letter(reason, raw));
+            }
+        }
         crate::failpoint::hit("celery.before_ack");
         let mut pipe = redis::pipe();
         for letter in &dead {
@@ -218,8 +233,41 @@ impl CelerySource {
     }
 }
 
-/// One message as a batch of one event, or the reason it cannot be one; fails only when the
-/// state file cannot be read (the message is then taken again).
+impl CelerySource {
+    /// Queues a `plugin_job` task's job (durably; the task id is its idempotency key, so a task
+    /// taken again queues nothing more). The inner error is why the task cannot be run; the
+    /// outer one, a state file that failed (the message is then taken again).
+    async fn queue_job(&self, job: TaskJob) -> Result<Result<(), String>, SourceError> {
+        let (store, queue) = (self.store.clone(), self.jobs.clone());
+        let queued = tokio::task::spawn_blocking(move || {
+            let config = enabled_config(&store, job.team_id, job.config_id)?;
+            let request = JobRequest {
+                name: job.name,
+                payload: job.payload,
+                idempotency_key: Some(format!("celery:{}", job.task_id)),
+                delay_ms: 0,
+                max_attempts: None,
+                timeout_ms: 0,
+            };
+            enqueue_for_config(&queue, &config, vec![request])
+        })
+        .await
+        .map_err(|e| SourceError::Store(e.to_string()))?;
+        match queued {
+            Ok(_) => {
+                self.jobs.wake();
+                Ok(Ok(()))
+            }
+            Err(e @ (OpError::NotFound(_) | OpError::Malformed(_) | OpError::Invalid(_))) => {
+                Ok(Err(e.to_string()))
+            }
+            Err(e) => Err(SourceError::Store(e.to_string())),
+        }
+    }
+}
+
+/// One message as a batch of one event, a job to queue, or the reason it is neither; fails only
+/// when the state file cannot be read (the message is then taken again).
 fn outcome(
     raw: &[u8],
     store: &Store,
@@ -235,6 +283,12 @@ fn outcome(
         Ok(task) => task,
         Err(reason) => return Ok(Outcome::Dead(reason)),
     };
+    if task.name == PLUGIN_JOB {
+        return Ok(match plugin_job(&task) {
+            Ok(job) => Outcome::Job(job),
+            Err(reason) => Outcome::Dead(reason),
+        });
+    }
     if task.name != PROCESS_EVENT {
         return Ok(Outcome::Dead(format!(
             "task {} is not one this source runs",

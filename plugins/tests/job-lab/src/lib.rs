@@ -61,6 +61,7 @@ impl Plugin for JobLab {
         "noop",
         "huge-follow-up",
         "echo-config",
+        "record",
     ];
 
     fn setup() -> Result<(), Error> {
@@ -212,6 +213,10 @@ impl Plugin for JobLab {
                 Ok(())
             }
             "noop" => Ok(()),
+            "record" => {
+                let n = incr("recorded");
+                storage::set(&format!("recorded_{n}"), &payload.to_string()).map_err(Error::retry)
+            }
             "echo-config" => {
                 let label = appliance_pdk::config::get("label").unwrap_or_default();
                 storage::set("echoed_label", &label).map_err(Error::retry)
