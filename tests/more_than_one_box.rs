@@ -239,6 +239,18 @@ async fn the_schedule_lease_runs_each_slot_on_one_box_and_passes_on_when_its_hol
         "the next minute's slot, not the one already run"
     );
     assert_eq!(runs(dir_b.path(), &team_b), 1, "once");
+    let metrics = reqwest::get(box_b.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("appliance_schedule_lease_held ") && l.ends_with(" 1")),
+        "{metrics}"
+    );
     assert!(box_b.terminate().success());
     // Given up at shutdown: the next box need not wait for it to lapse.
     let mut con = redis.connection();
