@@ -399,9 +399,14 @@ async fn tls_follows_libpq_sslmode() {
         create_team(dir.path(), "t", TOKEN);
         let name = format!("appliance{n}");
         let with_tls = format!("{url}?{query}&application_name={name}");
+        // Three boxes on one database: each keeps its position under its own name.
         let app = Appliance::start(
             dir.path(),
-            &[("SINKS", "postgres"), ("DATABASE_URL", &with_tls)],
+            &[
+                ("SINKS", "postgres"),
+                ("DATABASE_URL", &with_tls),
+                ("NODE_ID", &name),
+            ],
         );
         assert_eq!(send_numbered(&app, n).await, 200);
         app.wait_drained().await;
