@@ -32,6 +32,8 @@ pub const CATCH_UP_HOURS: i64 = 24;
 pub const CATCH_UP_DAYS: i64 = 7;
 /// Attempts of one slot's run.
 pub const SLOT_ATTEMPTS: u32 = 3;
+/// How often the same failure of a tick is logged again.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How often due slots are looked for without a wake-up.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -254,12 +256,14 @@ enum TickError {
 impl Scheduler {
     pub async fn run(self, mut shutdown: Shutdown) {
         let mut held = false;
+        let mut last_error = None;
         loop {
             if shutdown.is_draining() {
                 break;
             }
             match self.tick_once(&mut held).await {
                 Ok(queued) if !queued.is_empty() => {
+                    last_error = None;
                     let now_s = crate::jobs::now_ms() / 1000;
                     for (config, cadence, slot) in &queued {
                         metrics::gauge!(crate::telemetry::names::SCHEDULE_LAG, "cadence" => cadence.name())
@@ -273,8 +277,21 @@ impl Scheduler {
                     }
                     self.queue.wake();
                 }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "cannot queue scheduled runs; retrying"),
+                Ok(_) => last_error = None,
+                Err(e) => {
+                    // Once per minute while the same error lasts (a Redis that is down would
+                    // otherwise log every second).
+                    let text = e.to_string();
+                    let repeat = last_error.as_ref().is_some_and(
+                        |(last, at): &(String, std::time::Instant)| {
+                            *last == text && at.elapsed() < ERROR_LOG_EVERY
+                        },
+                    );
+                    if !repeat {
+                        tracing::error!(error = %text, "cannot queue scheduled runs; retrying");
+                        last_error = Some((text, std::time::Instant::now()));
+                    }
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
