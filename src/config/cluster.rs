@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use super::ConfigError;
 
+/// The shortest schedule lease: it is renewed every second.
+const MIN_LEASE_SECS: u64 = 2;
 /// The longest `NODE_ID`.
 const MAX_NODE_ID: usize = 64;
 
@@ -59,10 +61,21 @@ pub(super) fn cluster_settings(
             let node = node.clone().ok_or_else(|| {
                 refuse("redis only with NODE_ID set (each box holds the lease under its own name)")
             })?;
+            let ttl: u64 = get("SCHEDULE_LOCK_TTL").parse().unwrap_or(60);
+            if ttl < MIN_LEASE_SECS {
+                return Err(ConfigError {
+                    name: "SCHEDULE_LOCK_TTL",
+                    value: ttl.to_string(),
+                    allowed: format!(
+                        "at least {MIN_LEASE_SECS} with SCHEDULE_LEASE=redis (the holder renews \
+                         the lease every second; a shorter one would lapse between renewals)"
+                    ),
+                });
+            }
             Some(LeaseSettings {
                 redis_url,
                 node,
-                ttl: Duration::from_secs(get("SCHEDULE_LOCK_TTL").parse().unwrap_or(60)),
+                ttl: Duration::from_secs(ttl),
             })
         }
         _ => None,
@@ -71,4 +84,34 @@ pub(super) fn cluster_settings(
         node,
         schedule_lease,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, String> {
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_lease_needs_redis_a_node_id_and_a_ttl_it_can_renew() {
+        let lease = [("SCHEDULE_LEASE", "redis")];
+        assert!(config(&lease).unwrap_err().contains("REDIS_URL"));
+        let with_redis = [lease[0], ("REDIS_URL", "redis://r")];
+        assert!(config(&with_redis).unwrap_err().contains("NODE_ID"));
+        let named = [with_redis[0], with_redis[1], ("NODE_ID", "box-1")];
+        let settings = config(&named).unwrap().cluster.schedule_lease.unwrap();
+        assert_eq!(
+            (settings.node.as_str(), settings.ttl.as_secs()),
+            ("box-1", 60)
+        );
+        let short = [named[0], named[1], named[2], ("SCHEDULE_LOCK_TTL", "1")];
+        assert!(config(&short).unwrap_err().contains("SCHEDULE_LOCK_TTL"));
+        assert!(config(&[("NODE_ID", "a b")])
+            .unwrap_err()
+            .contains("NODE_ID"));
+        assert!(config(&[]).unwrap().cluster.schedule_lease.is_none());
+    }
 }
