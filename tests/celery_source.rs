@@ -42,8 +42,9 @@ fn send_tasks(redis: &RedisServer, team: u64, count: usize, protocol: u8, first:
     assert!(out.status.success(), "celery_send.py failed: {stderr}");
 }
 
-fn env(redis: &RedisServer) -> Vec<(&'static str, String)> {
-    vec![("REDIS_URL", redis.url())]
+/// The appliance on `dir`, consuming the Celery queue in `redis`.
+fn start_consuming(dir: &std::path::Path, redis: &RedisServer) -> Appliance {
+    Appliance::start(dir, &[("REDIS_URL", redis.url().as_str())])
 }
 
 fn list(con: &mut redis::Connection, key: &str) -> Vec<String> {
@@ -55,13 +56,7 @@ async fn tasks_sent_by_the_real_celery_package_become_events_and_bad_ones_dead_l
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let team = create_team(dir.path(), "t", TOKEN);
-    let env = env(&redis);
-    let app = Appliance::start(
-        dir.path(),
-        &env.iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect::<Vec<_>>(),
-    );
+    let app = start_consuming(dir.path(), &redis);
     tokio::task::block_in_place(|| {
         send_tasks(&redis, team, 40, 2, 0);
         send_tasks(&redis, team, 10, 1, 40);
@@ -206,13 +201,7 @@ async fn posthog_s_plugin_job_tasks_queue_the_config_s_job_once() {
     let mut con = redis.connection();
     let first: Vec<String> = con.lrange(QUEUE, -1, -1).unwrap();
     let _: () = con.rpush(QUEUE, &first[0]).unwrap();
-    let env = env(&redis);
-    let app = Appliance::start(
-        dir.path(),
-        &env.iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect::<Vec<_>>(),
-    );
+    let app = start_consuming(dir.path(), &redis);
     let seen = wait_storage(dir.path(), &team, "Job Lab", "two recorded jobs", |s| {
         s.contains_key("recorded_2")
     })
