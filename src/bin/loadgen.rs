@@ -87,8 +87,13 @@ impl Outcome {
     }
 }
 
+/// Stands for an event's uuid in a pre-built body; each send puts a fresh one in its place.
+const UUID_SLOT: &str = "ffffffff-ffff-7fff-bfff-ffffffffffff";
+
+/// A posthog-js `$pageview`, with the uuid every SDK puts on each event (see [`UUID_SLOT`]).
 fn event(n: u64) -> Value {
     json!({
+        "uuid": UUID_SLOT,
         "event": "$pageview",
         "properties": {
             "distinct_id": format!("user-{}", n % 10_000),
@@ -132,6 +137,33 @@ fn body(shape: Shape, token: &str, n: u64) -> (String, u64, &'static str) {
     }
 }
 
+/// A request body with the places of its events' uuids.
+struct Template {
+    text: Vec<u8>,
+    slots: Vec<usize>,
+}
+
+impl Template {
+    fn new(text: String) -> Template {
+        let slots = text.match_indices(UUID_SLOT).map(|(at, _)| at).collect();
+        Template {
+            text: text.into_bytes(),
+            slots,
+        }
+    }
+
+    /// The body with a fresh uuid for each event.
+    fn fill(&self) -> bytes::Bytes {
+        let mut text = self.text.clone();
+        let mut buffer = uuid::Uuid::encode_buffer();
+        for &at in &self.slots {
+            let fresh = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buffer);
+            text[at..at + UUID_SLOT.len()].copy_from_slice(fresh.as_bytes());
+        }
+        bytes::Bytes::from(text)
+    }
+}
+
 /// Runs one scenario. With `rate` (requests/s), requests are paced on a schedule and latency is
 /// measured from each request's scheduled time, so a stalled server cannot hide its queueing.
 async fn run(
@@ -142,12 +174,13 @@ async fn run(
     duration: Duration,
     rate: Option<f64>,
 ) -> Outcome {
-    // Pre-built bodies: the generator should spend its CPU on HTTP, not on JSON.
-    let bodies: Arc<Vec<(bytes::Bytes, u64)>> = Arc::new(
+    // Pre-built bodies: the generator should spend its CPU on HTTP, not on JSON. Each send
+    // writes fresh uuids (v7, as posthog-js makes them) into its copy, as an SDK would.
+    let bodies: Arc<Vec<(Template, u64)>> = Arc::new(
         (0..64)
             .map(|n| {
                 let (text, events, _) = body(shape, token, n);
-                (bytes::Bytes::from(text), events)
+                (Template::new(text), events)
             })
             .collect(),
     );
@@ -179,7 +212,8 @@ async fn run(
                 } else {
                     Instant::now()
                 };
-                let (payload, count) = bodies[i % bodies.len()].clone();
+                let (template, count) = &bodies[i % bodies.len()];
+                let (payload, count) = (template.fill(), *count);
                 i += 1;
                 let ok = match client
                     .post(&url)
