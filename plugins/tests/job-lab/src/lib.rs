@@ -214,8 +214,9 @@ impl Plugin for JobLab {
             }
             "noop" => Ok(()),
             "record" => {
-                let n = incr("recorded");
-                storage::set(&format!("recorded_{n}"), &payload.to_string()).map_err(Error::retry)
+                // One key per job (jobs run side by side: a shared counter would race).
+                let job = jobs::current_job().unwrap_or_default();
+                storage::set(&format!("recorded:{job}"), &payload.to_string()).map_err(Error::retry)
             }
             "echo-config" => {
                 let label = appliance_pdk::config::get("label").unwrap_or_default();
