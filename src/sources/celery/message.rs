@@ -326,4 +326,34 @@ mod tests {
         let at = message_time(Some(&tagged)).unwrap().unwrap();
         assert_eq!(at.to_rfc3339(), "2026-12-02T16:45:55.870312+00:00");
     }
+
+    #[test]
+    fn a_plugin_job_task_is_the_config_s_job_with_posthog_s_operation() {
+        let task = |args: Value| Task {
+            id: "task-9".into(),
+            name: "posthog.tasks.plugins.plugin_job".into(),
+            args: args.as_array().cloned().unwrap_or_default(),
+            kwargs: Map::new(),
+        };
+        let job = plugin_job(&task(json!([2, "39", "Export", "stop", {"a": 1}]))).unwrap();
+        assert_eq!(
+            (job.team_id, job.config_id, job.name.as_str()),
+            (2, 39, "Export")
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&job.payload).unwrap(),
+            json!({"a": 1, "$operation": "stop"})
+        );
+        assert_eq!(job.task_id, "task-9");
+        // No operation or payload: PostHog's defaults ("start", {}).
+        let bare = plugin_job(&task(json!([2, 39, "Export"]))).unwrap();
+        assert_eq!(bare.payload, r#"{"$operation":"start"}"#);
+        assert!(plugin_job(&task(json!([2, 39])))
+            .unwrap_err()
+            .contains("job type"));
+        assert!(plugin_job(&task(json!([2, 39, "E", "start", [1]])))
+            .unwrap_err()
+            .contains("payload"));
+        assert!(plugin_job(&task(json!([]))).unwrap_err().contains("team"));
+    }
 }
