@@ -213,7 +213,10 @@ async fn the_schedule_lease_runs_each_slot_on_one_box_and_passes_on_when_its_hol
     })
     .await;
     let (slot_a, by) = claimed(&redis, &team_a).expect("the slot claimed");
-    assert_eq!(by, "a");
+    assert!(
+        by.starts_with("a/"),
+        "{by}: the holder is NODE_ID and its state file"
+    );
 
     // The second box starts while the first holds the lease: it runs nothing.
     let (box_b, team_b) = scheduled_box(dir_b.path(), &redis, "b");
@@ -232,7 +235,7 @@ async fn the_schedule_lease_runs_each_slot_on_one_box_and_passes_on_when_its_hol
     })
     .await;
     let (slot_b, by) = claimed(&redis, &team_b).expect("the slot claimed");
-    assert_eq!(by, "b");
+    assert!(by.starts_with("b/"), "{by}");
     assert_eq!(
         slot_b,
         slot_a + 60,
@@ -251,6 +254,16 @@ async fn the_schedule_lease_runs_each_slot_on_one_box_and_passes_on_when_its_hol
             .any(|l| l.starts_with("appliance_schedule_lease_held ") && l.ends_with(" 1")),
         "{metrics}"
     );
+    // A third box given the holder's name is still another box: it runs nothing.
+    let dir_c = tempfile::tempdir().unwrap();
+    let (box_c, team_c) = scheduled_box(dir_c.path(), &redis, "b");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        runs(dir_c.path(), &team_c),
+        0,
+        "one name, two state files: one holder"
+    );
+    assert!(box_c.terminate().success());
     assert!(box_b.terminate().success());
     // Given up at shutdown: the next box need not wait for it to lapse.
     let mut con = redis.connection();

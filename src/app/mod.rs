@@ -237,7 +237,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let schedule_done = Arc::new(Notify::new());
     let schedule_lease = match &config.cluster.schedule_lease {
         Some(settings) => Some(Arc::new(
-            RedisLease::new(settings).map_err(AppError::LeaseUrl)?,
+            RedisLease::new(settings, store.state_id()?).map_err(AppError::LeaseUrl)?,
         )),
         None => None,
     };

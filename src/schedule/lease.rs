@@ -1,7 +1,8 @@
 //! The schedule lease (`SCHEDULE_LEASE=redis`): which box of a group runs the schedules, and
 //! which slots have been handed to a box already.
 //!
-//! One Redis key holds the lease: the holder's `NODE_ID`, set only if absent and renewed only
+//! One Redis key holds the lease: the holder's identity (`NODE_ID` and its state file's id, so
+//! two boxes given one name still exclude each other), set only if absent and renewed only
 //! by its holder (a script compares and extends in one step), so it lapses `SCHEDULE_LOCK_TTL`
 //! after its holder stops renewing it, and another box takes it. A hash records each schedule's
 //! last claimed slot and the box that claimed it. A box claims a slot there before queueing it,
@@ -20,7 +21,7 @@ use crate::config::LeaseSettings;
 
 /// The key that names the holder.
 const LEASE_KEY: &str = "appliance:schedule:lease";
-/// The hash of schedule name → `"{last claimed slot} {node}"`.
+/// The hash of schedule name → `"{last claimed slot} {holder}"`.
 const SLOTS_KEY: &str = "appliance:schedule:slots";
 /// How long one Redis request may take before the tick counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -81,28 +82,34 @@ pub enum Claim {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claimed {
     pub slot: i64,
-    pub node: String,
+    pub holder: String,
 }
 
 pub struct RedisLease {
     client: redis::Client,
     connection: Mutex<Option<redis::aio::MultiplexedConnection>>,
-    node: String,
+    /// `{NODE_ID}/{state file id}`: the same after a restart, another box's even under one name.
+    holder: String,
     ttl: Duration,
 }
 
 impl RedisLease {
-    pub fn new(settings: &LeaseSettings) -> Result<RedisLease, redis::RedisError> {
+    /// The lease as `settings.node` of the state file `state` ([`crate::store::Store::state_id`]).
+    pub fn new(
+        settings: &LeaseSettings,
+        state: uuid::Uuid,
+    ) -> Result<RedisLease, redis::RedisError> {
         Ok(RedisLease {
             client: redis::Client::open(settings.redis_url.as_str())?,
             connection: Mutex::new(None),
-            node: settings.node.clone(),
+            holder: format!("{}/{state}", settings.node),
             ttl: settings.ttl,
         })
     }
 
-    pub fn node(&self) -> &str {
-        &self.node
+    /// Who this box is to the lease.
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
     /// A connection, made on first use and again after a failure.
@@ -145,7 +152,7 @@ impl RedisLease {
     /// Takes or renews the lease; true while this box holds it.
     pub async fn hold(&self) -> Result<bool, redis::RedisError> {
         let mut command = Self::script(HOLD, &[LEASE_KEY]);
-        command.arg(&self.node).arg(self.ttl.as_millis() as u64);
+        command.arg(&self.holder).arg(self.ttl.as_millis() as u64);
         Ok(self.run::<i64>(&command).await? == 1)
     }
 
@@ -163,12 +170,12 @@ impl RedisLease {
         Ok(values
             .into_iter()
             .map(|value| {
-                let (slot, node) = value?
+                let (slot, holder) = value?
                     .split_once(' ')
                     .map(|(s, n)| (s.to_owned(), n.to_owned()))?;
                 Some(Claimed {
                     slot: slot.parse().ok()?,
-                    node,
+                    holder,
                 })
             })
             .collect())
@@ -177,7 +184,7 @@ impl RedisLease {
     /// Claims `slot` of the schedule `name` for this box.
     pub async fn claim(&self, name: &str, slot: i64) -> Result<Claim, redis::RedisError> {
         let mut command = Self::script(CLAIM, &[LEASE_KEY, SLOTS_KEY]);
-        command.arg(&self.node).arg(name).arg(slot);
+        command.arg(&self.holder).arg(name).arg(slot);
         Ok(match self.run::<i64>(&command).await? {
             1 => Claim::Granted,
             0 => Claim::Taken,
@@ -188,7 +195,7 @@ impl RedisLease {
     /// Gives the lease up (at shutdown), so another box need not wait for it to lapse.
     pub async fn release(&self) -> Result<(), redis::RedisError> {
         let mut command = Self::script(RELEASE, &[LEASE_KEY]);
-        command.arg(&self.node);
+        command.arg(&self.holder);
         self.run::<i64>(&command).await.map(|_| ())
     }
 }

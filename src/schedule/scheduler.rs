@@ -94,7 +94,7 @@ impl Scheduler {
         }
         if let (Some(lease), true) = (&self.lease, held) {
             match lease.release().await {
-                Ok(()) => tracing::info!(node = lease.node(), "schedule lease given up"),
+                Ok(()) => tracing::info!(holder = lease.holder(), "schedule lease given up"),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not give the schedule lease up; it lapses")
                 }
@@ -126,7 +126,7 @@ impl Scheduler {
             let holds = lease.hold().await;
             let now_held = holds.as_ref().is_ok_and(|h| *h);
             if now_held != *held {
-                tracing::info!(node = lease.node(), held = now_held, "schedule lease");
+                tracing::info!(holder = lease.holder(), held = now_held, "schedule lease");
                 *held = now_held;
             }
             metrics::gauge!(crate::telemetry::names::SCHEDULE_LEASE_HELD)
@@ -150,7 +150,7 @@ impl Scheduler {
         let mut floors = HashMap::new();
         for (w, claimed) in wanted.iter().zip(lease.claimed(&names).await?) {
             if let Some(claimed) = claimed {
-                let floor = if claimed.node == lease.node() {
+                let floor = if claimed.holder == lease.holder() {
                     preceding(w.cadence, claimed.slot, self.timezone)
                 } else {
                     claimed.slot
