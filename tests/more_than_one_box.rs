@@ -209,14 +209,9 @@ async fn the_schedule_lease_runs_each_slot_on_one_box_and_passes_on_when_its_hol
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (box_a, team_a) = scheduled_box(dir_a.path(), &redis, "a");
     eventually("the first box's run", Duration::from_secs(60), || async {
-        (runs(dir_a.path(), &team_a) == 1).then_some(())
+        (runs(dir_a.path(), &team_a) >= 1).then_some(())
     })
     .await;
-    let (slot_a, by) = claimed(&redis, &team_a).expect("the slot claimed");
-    assert!(
-        by.starts_with("a/"),
-        "{by}: the holder is NODE_ID and its state file"
-    );
 
     // The second box starts while the first holds the lease: it runs nothing.
     let (box_b, team_b) = scheduled_box(dir_b.path(), &redis, "b");
@@ -227,21 +222,28 @@ async fn the_schedule_lease_runs_each_slot_on_one_box_and_passes_on_when_its_hol
         "only the holder runs schedules"
     );
 
-    // The holder dies without giving the lease up: after SCHEDULE_LOCK_TTL the second box takes
-    // it, does not run the slot the first ran, and runs the next one once.
+    // The holder dies without giving the lease up (it renewed it under a second ago, so what
+    // Redis holds now is the first box's last claim). After SCHEDULE_LOCK_TTL the second box
+    // takes the lease, does not run a slot the first ran, and runs each slot after it once.
     box_a.kill9();
+    let (slot_a, by) = claimed(&redis, &team_a).expect("the slot claimed");
+    assert!(
+        by.starts_with("a/"),
+        "{by}: the holder is NODE_ID and its state file"
+    );
     eventually("the second box's run", Duration::from_secs(90), || async {
         (runs(dir_b.path(), &team_b) >= 1).then_some(())
     })
     .await;
     let (slot_b, by) = claimed(&redis, &team_b).expect("the slot claimed");
     assert!(by.starts_with("b/"), "{by}");
-    assert_eq!(
-        slot_b,
-        slot_a + 60,
-        "the next minute's slot, not the one already run"
+    // Usually the next minute's slot; two when a minute ended just as it took over.
+    let after = (slot_b - slot_a) / 60;
+    assert!(
+        slot_b > slot_a && (slot_b - slot_a) % 60 == 0 && after <= 2,
+        "{slot_a} then {slot_b}: the slots after the first box's"
     );
-    assert_eq!(runs(dir_b.path(), &team_b), 1, "once");
+    assert_eq!(runs(dir_b.path(), &team_b), after, "each slot once");
     let metrics = reqwest::get(box_b.admin_url("/metrics"))
         .await
         .unwrap()
