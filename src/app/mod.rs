@@ -394,16 +394,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     Ok(())
 }
 
-/// Holds the data directory's server lock for as long as the returned file lives. One server
-/// per data directory: the job queue treats every claim it finds at start-up as left by a dead
-/// process, which is only true if no other server is running.
 /// Plugin instances kept idle between jobs: one per job slot at most (each holds its memory, up
-/// to `PLUGIN_MAX_MEMORY_MB`), and never more than a small share of the engine's instance pool,
+/// to `PLUGIN_MEMORY_MB`), and never more than a small share of the engine's instance pool,
 /// which the event chains draw from too.
 fn idle_job_instances(slots: usize) -> usize {
     slots.min(64)
 }
 
+/// Holds the data directory's server lock for as long as the returned file lives. One server
+/// per data directory: the job queue treats every claim it finds at start-up as left by a dead
+/// process, which is only true if no other server is running.
 fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, AppError> {
     match crate::store::try_lock_data_dir(data_dir) {
         Ok(Some(file)) => Ok(file),
@@ -440,13 +440,9 @@ async fn run_idle(config: &Config) -> Result<(), AppError> {
     .await
 }
 
-/// Under systemd with `WatchdogSec=`: pings the watchdog at half its interval for as long as the
-/// pipeline's loops keep going round; a stalled pipeline (or runtime) stops the pings and
-/// systemd restarts the service.
 /// How often the GeoIP database file is looked at for a replacement.
 const GEOIP_WATCH: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Reloads the GeoIP database when its file is replaced (a metadata read every two seconds).
 /// Starts the configured queue sources under one shutdown of their own (they stop before the
 /// ingest writer, which waits for their handles).
 fn spawn_sources(
@@ -511,6 +507,7 @@ fn spawn_sources(
     Some((trigger, all))
 }
 
+/// Reloads the GeoIP database when its file is replaced (a metadata read every two seconds).
 fn spawn_geoip_watch(geoip: Arc<GeoIp>) {
     if !geoip.is_enabled() {
         return;
@@ -524,6 +521,9 @@ fn spawn_geoip_watch(geoip: Arc<GeoIp>) {
     });
 }
 
+/// Under systemd with `WatchdogSec=`: pings the watchdog at half its interval for as long as the
+/// pipeline's loops keep going round; a stalled pipeline (or runtime) stops the pings and
+/// systemd restarts the service.
 fn spawn_watchdog(pipeline: Arc<PipelineStatus>) {
     let Some(limit) = watchdog_interval() else {
         return;
