@@ -117,6 +117,13 @@ pub fn decode(raw: &[u8]) -> Result<Task, String> {
     })
 }
 
+impl Task {
+    /// Argument `index`, given by position or else by `name` in the kwargs.
+    fn arg(&self, index: usize, name: &str) -> Option<&Value> {
+        self.args.get(index).or_else(|| self.kwargs.get(name))
+    }
+}
+
 /// The event of a `process_event_with_plugins(distinct_id, ip, site_url, data, team_id, now,
 /// sent_at)` task (positional, or by name in kwargs). As PostHog's handler, the event's own
 /// fields win over the task's; an event without a uuid gets one derived from the task id, so a
@@ -131,11 +138,7 @@ pub fn process_event(task: &Task) -> Result<TaskEvent, String> {
         "now",
         "sent_at",
     ];
-    let arg = |index: usize| {
-        task.args
-            .get(index)
-            .or_else(|| task.kwargs.get(NAMES[index]))
-    };
+    let arg = |index: usize| task.arg(index, NAMES[index]);
     let mut event = match arg(3) {
         Some(Value::Object(data)) => data.clone(),
         Some(Value::String(text)) => match serde_json::from_str(text) {
@@ -204,11 +207,7 @@ pub fn plugin_job(task: &Task) -> Result<TaskJob, String> {
         "job_op",
         "payload",
     ];
-    let arg = |index: usize| {
-        task.args
-            .get(index)
-            .or_else(|| task.kwargs.get(NAMES[index]))
-    };
+    let arg = |index: usize| task.arg(index, NAMES[index]);
     let team_id = id_arg(arg(0)).ok_or("the job task has no plugin config team")?;
     let config_id = id_arg(arg(1)).ok_or("the job task has no plugin config id")?;
     let name = match arg(2) {
