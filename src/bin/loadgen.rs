@@ -51,6 +51,17 @@ struct Args {
     /// Events per second of the memory scenario
     #[arg(long, default_value_t = 10_000.0)]
     memory_rate: f64,
+    /// What each event carries: `trimmed` (the 17 properties of a posthog-js `$pageview` that
+    /// matter most) or `posthog-js` (all 75 properties a captured posthog-js `$pageview`
+    /// carries, for an identified user, so the person step does its full work)
+    #[arg(long, value_enum, default_value_t = Events::Trimmed)]
+    events: Events,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Events {
+    Trimmed,
+    PosthogJs,
 }
 
 /// The issue's targets on a 2-core machine; latency is also measured at half of each.
@@ -91,8 +102,8 @@ impl Outcome {
 const UUID_SLOT: &str = "ffffffff-ffff-7fff-bfff-ffffffffffff";
 
 /// A posthog-js `$pageview`, with the uuid every SDK puts on each event (see [`UUID_SLOT`]).
-fn event(n: u64) -> Value {
-    json!({
+fn event(n: u64, events: Events) -> Value {
+    let mut event = json!({
         "uuid": UUID_SLOT,
         "event": "$pageview",
         "properties": {
@@ -113,19 +124,62 @@ fn event(n: u64) -> Value {
             "n": n
         },
         "timestamp": "2026-11-26T02:25:24.349Z"
-    })
+    });
+    if let (Events::PosthogJs, Some(properties)) = (events, event["properties"].as_object_mut()) {
+        // The rest of what posthog-js 1.449 sent with a `$pageview` in the captured fixtures
+        // (`../shared/notes/fixtures/js-fetch-1.json`), for a user it has identified.
+        let rest: Value = serde_json::from_str(
+            r#"{
+            "$timezone": "UTC", "$timezone_offset": 0,
+            "$raw_user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+            "$browser_language": "en-US", "$browser_language_prefix": "en",
+            "$viewport_height": 768, "$viewport_width": 1024,
+            "$insert_id": "k6p9zqzusmf5roh1", "$time": 1795659924.42, "$sdk_dist_channel": "cdn",
+            "$initialization_time": "2026-11-26T02:25:24.349Z",
+            "$configured_session_timeout_ms": 1800000,
+            "$device_id": "01a215ac-0381-71a2-b97f-b6fc0eb1981e",
+            "$sdk_debug_extensions_init_method": "synchronous",
+            "$sdk_debug_extensions_init_time_ms": 2, "$search_engine": "google",
+            "li_fat_id": null, "utm_source": "newsletter", "utm_medium": null,
+            "utm_campaign": null, "utm_content": null, "utm_term": null, "gad_source": null,
+            "mc_cid": null, "gclid": null, "gclsrc": null, "dclid": null, "gbraid": null,
+            "wbraid": null, "fbclid": null, "msclkid": null, "twclid": null, "igshid": null,
+            "ttclid": null, "rdt_cid": null, "epik": null, "qclid": null, "sccid": null,
+            "oppref": null, "bfcid": null, "irclid": null, "_kx": null,
+            "$referrer": "https://www.google.com/", "$referring_domain": "www.google.com",
+            "title": "Demo shop", "$config_defaults": "unset",
+            "$session_entry_referrer": "https://www.google.com/",
+            "$session_entry_referring_domain": "www.google.com",
+            "$session_entry_url": "https://shop.example.com/products/42?utm_source=newsletter",
+            "$session_entry_host": "shop.example.com",
+            "$session_entry_pathname": "/products/42",
+            "$session_entry_utm_source": "newsletter",
+            "$session_entry_search_engine": "google", "$recording_status": "disabled",
+            "$sdk_debug_retry_queue_size": 0,
+            "$lib_custom_api_host": "https://eu.i.posthog.com",
+            "$pageview_id": "01a215ac-03a6-7f99-b406-c4155928c515",
+            "$is_identified": true, "$process_person_profile": true,
+            "$lib_rate_limit_remaining_tokens": 99
+        }"#,
+        )
+        .unwrap_or(Value::Null);
+        if let Value::Object(rest) = rest {
+            properties.extend(rest);
+        }
+    }
+    event
 }
 
-fn body(shape: Shape, token: &str, n: u64) -> (String, u64, &'static str) {
+fn body(shape: Shape, events: Events, token: &str, n: u64) -> (String, u64, &'static str) {
     match shape {
         Shape::Single => {
-            let mut e = event(n);
+            let mut e = event(n, events);
             e["properties"]["token"] = json!(token);
             (e.to_string(), 1, "/e/")
         }
         Shape::Batch(size) => {
             let batch: Vec<Value> = (0..size as u64)
-                .map(|i| event(n * size as u64 + i))
+                .map(|i| event(n * size as u64 + i, events))
                 .collect();
             let sent_at = chrono::Utc::now().to_rfc3339();
             (
@@ -170,6 +224,7 @@ async fn run(
     base: &str,
     token: &str,
     shape: Shape,
+    events: Events,
     connections: usize,
     duration: Duration,
     rate: Option<f64>,
@@ -179,12 +234,12 @@ async fn run(
     let bodies: Arc<Vec<(Template, u64)>> = Arc::new(
         (0..64)
             .map(|n| {
-                let (text, events, _) = body(shape, token, n);
-                (Template::new(text), events)
+                let (text, count, _) = body(shape, events, token, n);
+                (Template::new(text), count)
             })
             .collect(),
     );
-    let path = body(shape, token, 0).2;
+    let path = body(shape, events, token, 0).2;
     let url = format!("{base}{path}");
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -389,6 +444,7 @@ async fn main() {
         memory(pid, &base, &args).await;
         return;
     }
+    let pid = _server.as_ref().map(|s| s.child.id());
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let duration = Duration::from_secs(args.duration);
     let client = reqwest::Client::new();
@@ -433,12 +489,27 @@ async fn main() {
                 .unwrap_or_default()
         };
         let sinks_before = stored_by(&before);
+        let cpu_before = pid.map(cpu_seconds);
         let load_start = Instant::now();
-        let full = run(&base, &args.token, shape, args.connections, duration, None).await;
+        let full = run(
+            &base,
+            &args.token,
+            shape,
+            args.events,
+            args.connections,
+            duration,
+            None,
+        )
+        .await;
         full.print(&format!("{label}, max load"));
+        let capture_ended = Instant::now();
+        let at_capture_end = ready(&client, &base).await["sink"]["events_stored"]
+            .as_u64()
+            .unwrap_or(0);
         let drained_at = wait_drained(&client, &base).await;
         let after = ready(&client, &base).await;
-        let written = after["sink"]["events_stored"].as_u64().unwrap_or(0) - written_before;
+        let stored = |r: &Value| r["sink"]["events_stored"].as_u64().unwrap_or(0);
+        let written = stored(&after) - written_before;
         let e2e = drained_at.duration_since(load_start);
         let lead = after["sink"]["sink"]
             .as_str()
@@ -451,6 +522,23 @@ async fn main() {
             written,
             e2e.as_secs_f64() - full.elapsed.as_secs_f64()
         );
+        // Once capture is quiet the pipeline has the machine to itself: its own rate, and the
+        // CPU the appliance spent per event, are the figures least moved by a noisy machine.
+        let catch_up = drained_at.duration_since(capture_ended).as_secs_f64();
+        if stored(&after) > at_capture_end && catch_up > 0.5 {
+            println!(
+                "{:<58} {:>10.0} events/s reached {lead} while catching up, capture idle",
+                format!("{label}, pipeline alone"),
+                (stored(&after) - at_capture_end) as f64 / catch_up,
+            );
+        }
+        if let (Some(pid), Some(before)) = (pid, cpu_before) {
+            println!(
+                "{:<58} {:>10.1} µs of appliance CPU per event, capture to {lead}",
+                format!("{label}, cost"),
+                (cpu_seconds(pid) - before) * 1e6 / written.max(1) as f64,
+            );
+        }
         if sinks_before.len() > 1 {
             let followed_at = wait_followers(&client, &base).await;
             let after = stored_by(&ready(&client, &base).await);
@@ -477,6 +565,7 @@ async fn main() {
                 &base,
                 &args.token,
                 shape,
+                args.events,
                 args.connections,
                 duration,
                 Some(rate),
@@ -486,6 +575,25 @@ async fn main() {
             wait_drained(&client, &base).await;
         }
     }
+}
+
+/// The CPU time `pid` has used (user and system), in seconds; 0 if it cannot be read.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The fields after the command (which may hold spaces) start after its closing bracket;
+    // utime and stime are the 14th and 15th fields, in clock ticks.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Linux reports these in USER_HZ, 100 per second on every platform it runs on here.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// The resident memory of `pid`, in KiB.
@@ -523,6 +631,7 @@ async fn memory(pid: u32, base: &str, args: &Args) {
         base,
         &args.token,
         Shape::Batch(batch),
+        args.events,
         args.connections,
         Duration::from_secs(args.duration),
         Some(args.memory_rate / batch as f64),

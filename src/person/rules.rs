@@ -120,28 +120,61 @@ fn skips_auto_properties(event: &str) -> bool {
     matches!(event, "$snapshot" | "$performance_event")
 }
 
+/// The `$set_once` name of each of [`EVENT_TO_PERSON_PROPERTIES`], in the same order
+/// (`$initial_` and the name without its `$`; `$os_name` is another name for `$os`).
+const INITIAL_PERSON_PROPERTIES: [&str; 19] = [
+    "$initial_app_build",
+    "$initial_app_name",
+    "$initial_app_namespace",
+    "$initial_app_version",
+    "$initial_browser",
+    "$initial_browser_version",
+    "$initial_device_type",
+    "$initial_current_url",
+    "$initial_pathname",
+    "$initial_os",
+    "$initial_os",
+    "$initial_os_version",
+    "$initial_referring_domain",
+    "$initial_referrer",
+    "$initial_screen_height",
+    "$initial_screen_width",
+    "$initial_viewport_height",
+    "$initial_viewport_width",
+    "$initial_raw_user_agent",
+];
+
 /// Adds PostHog's automatic person properties of `event` to its `$set` and `$set_once`;
-/// answers whether that changed anything.
+/// answers whether that changed anything. A key the event sets itself is left as it set it.
 pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Value>) -> bool {
     if skips_auto_properties(event) {
         return false;
     }
     let is_server = properties.get("$is_server") == Some(&Value::Bool(true));
+    // What the event does not set itself, gathered before anything is written (the first
+    // source of a name wins: `$os` before `$os_name`).
+    let given = |name: &str, key: &str| match properties.get(name) {
+        Some(Value::Object(map)) => map.contains_key(key),
+        _ => false,
+    };
     let mut set = Map::new();
     let mut set_once = Map::new();
-    for key in EVENT_TO_PERSON_PROPERTIES {
+    for (key, initial) in EVENT_TO_PERSON_PROPERTIES
+        .into_iter()
+        .zip(INITIAL_PERSON_PROPERTIES)
+    {
         let Some(value) = properties.get(key) else {
             continue;
         };
-        // `$os_name` is another name for `$os`.
         let person_key = if key == "$os_name" { "$os" } else { key };
         if is_server && matches!(person_key, "$os" | "$os_version") {
             continue;
         }
-        set.entry(person_key).or_insert_with(|| value.clone());
-        if !value.is_null() {
-            let initial = format!("$initial_{}", person_key.trim_start_matches('$'));
-            set_once.entry(initial).or_insert_with(|| value.clone());
+        if !set.contains_key(person_key) && !given("$set", person_key) {
+            set.insert(person_key.to_owned(), value.clone());
+        }
+        if !value.is_null() && !set_once.contains_key(initial) && !given("$set_once", initial) {
+            set_once.insert(initial.to_owned(), value.clone());
         }
     }
     let mut changed = false;
@@ -149,19 +182,11 @@ pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Valu
         if extra.is_empty() {
             continue;
         }
-        let target = properties
-            .entry(name)
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !target.is_object() {
-            *target = Value::Object(Map::new());
-            changed = true;
-        }
-        if let Value::Object(target) = target {
-            for (key, value) in extra {
-                if !target.contains_key(&key) {
-                    target.insert(key, value);
-                    changed = true;
-                }
+        changed = true;
+        match properties.get_mut(name) {
+            Some(Value::Object(target)) => target.extend(extra),
+            _ => {
+                properties.insert(name.to_owned(), Value::Object(extra));
             }
         }
     }
@@ -367,6 +392,20 @@ mod tests {
             p["$set_once"],
             json!({"$initial_browser": "Firefox", "$initial_os": "Linux"})
         );
+        for (key, initial) in EVENT_TO_PERSON_PROPERTIES
+            .iter()
+            .zip(INITIAL_PERSON_PROPERTIES)
+        {
+            let person_key = if *key == "$os_name" { "$os" } else { key };
+            assert_eq!(initial, format!("$initial_{}", &person_key[1..]));
+        }
+        let mut both = map(json!({"$os_name": "Android", "$os": "Linux"}));
+        add_auto_person_properties("e", &mut both);
+        assert_eq!(both["$set"], json!({"$os": "Linux"}), "$os comes first");
+        assert_eq!(both["$set_once"], json!({"$initial_os": "Linux"}));
+        let mut odd = map(json!({"$os": "Linux", "$set": "not an object"}));
+        assert!(add_auto_person_properties("e", &mut odd));
+        assert_eq!(odd["$set"], json!({"$os": "Linux"}));
         let mut server = map(json!({"$os": "Linux", "$is_server": true}));
         add_auto_person_properties("e", &mut server);
         assert!(!server.contains_key("$set"));

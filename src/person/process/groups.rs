@@ -43,10 +43,8 @@ impl<S: PersonState> PersonProcessor<'_, S> {
             if let Some(index) = self.group_type_index(team, &group_type, row)? {
                 let name = format!("$group_{index}");
                 if properties.get(&name) != Some(&key) {
-                    match properties.insert(name.clone(), key) {
-                        Some(_) => edit.rewrite = true,
-                        None => edit.added.push(name),
-                    }
+                    let was_there = properties.insert(name.clone(), key).is_some();
+                    edit.wrote(&name, was_there);
                 }
             }
         }

@@ -21,9 +21,9 @@ use super::{
 };
 use crate::event::EventRow;
 use crate::ids::TeamId;
-use edit::Edit;
+use event_properties::Edit;
 
-mod edit;
+mod event_properties;
 mod groups;
 
 /// The persons, distinct ids and groups as they stand before the step: what the processor
@@ -94,16 +94,14 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
             return self.seen_before(team, row).map(Some);
         }
         self.updates.seen.insert((team, row.uuid));
-        let (mut properties, parsed) = match serde_json::from_str(&row.properties) {
-            Ok(Value::Object(map)) => (map, true),
-            _ => (Map::new(), false),
+        // Only the keys the rules read; the text keeps the rest.
+        let (mut properties, parsed) = match event_properties::read(&row.properties) {
+            Some(map) => (map, true),
+            None => (Map::new(), false),
         };
         let personless = properties.get("$process_person_profile") == Some(&Value::Bool(false));
-        // Rewriting the properties' text costs as much as reading it: only what changed is.
-        let mut edit = Edit {
-            rewrite: !parsed,
-            added: Vec::new(),
-        };
+        // Writing the properties' text again costs as much as reading it: only what changed is.
+        let mut edit = Edit::new(parsed);
         let columns = if personless {
             if PERSON_EVENTS.contains(&row.event.as_str()) {
                 self.warn(
@@ -115,18 +113,15 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
                 return Ok(None);
             }
             for key in ["$set", "$set_once", "$unset"] {
-                edit.rewrite |= properties.remove(key).is_some();
+                edit.remove(&mut properties, key);
             }
             self.personless_columns(team, row)?
         } else {
-            edit.rewrite |= properties.remove("$process_person_profile").is_some();
+            edit.remove(&mut properties, "$process_person_profile");
             let had = ["$set", "$set_once"].map(|k| properties.contains_key(k));
             if rules::add_auto_person_properties(&row.event, &mut properties) {
-                if had.contains(&true) {
-                    edit.rewrite = true;
-                } else {
-                    edit.added
-                        .extend(["$set".to_owned(), "$set_once".to_owned()]);
+                for (key, had) in ["$set", "$set_once"].into_iter().zip(had) {
+                    edit.wrote(key, had);
                 }
             }
             self.full(team, row, &properties)?
@@ -134,7 +129,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         self.groups(team, row, &mut properties, &mut edit)?;
         if personless {
             for index in 0..MAX_GROUP_TYPES {
-                edit.rewrite |= properties.remove(&format!("$group_{index}")).is_some();
+                edit.remove(&mut properties, &format!("$group_{index}"));
             }
         }
         edit.apply(&mut row.properties, &properties);
