@@ -10,8 +10,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
-use serde::Deserializer as _;
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -40,13 +39,32 @@ pub(super) fn is_read_key(key: &str) -> bool {
     ) || EVENT_TO_PERSON_PROPERTIES.contains(&key)
 }
 
-/// The keys of `text` (a JSON object) that [`is_read_key`] names, parsed; `None` if `text` is
-/// not a JSON object. Of a key given twice, the last value counts, as in a parsed tree.
-pub(super) fn read(text: &str) -> Option<Map<String, Value>> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    let map = de.deserialize_map(ReadKeys).ok()?;
-    de.end().ok()?;
-    Some(map)
+/// An event's properties text, read once: every entry with its value unparsed, and the keys
+/// [`is_read_key`] names parsed.
+pub(super) struct EventProperties<'t> {
+    /// Every entry in the order it came; `None` if the text is not a JSON object.
+    entries: Option<Vec<(Key<'t>, &'t RawValue)>>,
+}
+
+impl<'t> EventProperties<'t> {
+    /// Reads `text`; the map holds the read keys (of a key given twice, the last value counts,
+    /// as in a parsed tree), empty if the text is not a JSON object.
+    pub(super) fn read(text: &'t str) -> (EventProperties<'t>, Map<String, Value>) {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let entries = RawEntries
+            .deserialize(&mut de)
+            .ok()
+            .filter(|_| de.end().is_ok());
+        let mut read = Map::new();
+        for (Key(key), raw) in entries.iter().flatten() {
+            if is_read_key(key) {
+                // The text was read as JSON already, so its values parse.
+                let value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
+                read.insert(key.as_ref().to_owned(), value);
+            }
+        }
+        (EventProperties { entries }, read)
+    }
 }
 
 /// A map key, borrowed from the text unless it has escapes.
@@ -68,27 +86,6 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
             }
         }
         d.deserialize_str(KeyVisitor)
-    }
-}
-
-struct ReadKeys;
-
-impl<'de> Visitor<'de> for ReadKeys {
-    type Value = Map<String, Value>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a properties object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut read = Map::new();
-        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
-            if is_read_key(&key) {
-                let value: Value = map.next_value()?;
-                read.insert(key.into_owned(), value);
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(read)
     }
 }
 
@@ -118,8 +115,6 @@ impl<'de> Visitor<'de> for RawEntries {
 
 /// Which of an event's properties the step changed, and whether only by adding keys.
 pub(super) struct Edit {
-    /// The text could not be read as an object: it is written again from the read keys.
-    unreadable: bool,
     /// A key that was in the text changed or went: the text is copied with those keys
     /// written again; otherwise the changed keys are only appended.
     replaced: bool,
@@ -128,10 +123,9 @@ pub(super) struct Edit {
 }
 
 impl Edit {
-    /// No change yet, to properties that were (`readable`) or were not a JSON object.
-    pub(super) fn new(readable: bool) -> Edit {
+    /// No change yet.
+    pub(super) fn new() -> Edit {
         Edit {
-            unreadable: !readable,
             replaced: false,
             touched: Vec::new(),
         }
@@ -152,38 +146,45 @@ impl Edit {
         }
     }
 
-    /// Brings `text` (the properties as they came) in line with `read`, the read keys as the
-    /// step left them.
-    pub(super) fn apply(&self, text: &mut String, read: &Map<String, Value>) {
-        if self.unreadable {
-            *text = into_text(serde_json::to_vec(read).unwrap_or_else(|_| b"{}".to_vec()));
-            return;
-        }
+    /// The text of `properties` (as they came in `text`) in line with `read`, the read keys
+    /// as the step left them; `None` if the text stays as it is.
+    pub(super) fn apply(
+        &self,
+        text: &str,
+        properties: &EventProperties<'_>,
+        read: &Map<String, Value>,
+    ) -> Option<String> {
+        let Some(entries) = &properties.entries else {
+            // Not an object: what is left is the read keys.
+            return Some(into_text(
+                serde_json::to_vec(read).unwrap_or_else(|_| b"{}".to_vec()),
+            ));
+        };
         if self.touched.is_empty() {
-            return;
+            return None;
         }
-        let appended = if self.replaced {
-            None
-        } else {
-            append(text, self.touched.iter().map(String::as_str), read)
-        };
-        *text = match appended {
-            Some(appended) => appended,
-            None => self.rewrite(text, read),
-        };
+        if !self.replaced {
+            if let Some(appended) = append(text, self.touched.iter().map(String::as_str), read) {
+                return Some(appended);
+            }
+        }
+        Some(self.rewrite(text.len(), entries, read))
     }
 
-    /// `text` with each touched key as `read` has it (gone if `read` lacks it) where it first
-    /// was, every other key copied as it came, in the order it came; touched keys that are new
-    /// at the end.
-    fn rewrite(&self, text: &str, read: &Map<String, Value>) -> String {
-        let mut de = serde_json::Deserializer::from_str(text);
-        let entries = RawEntries.deserialize(&mut de).unwrap_or_default();
+    /// The entries with each touched key as `read` has it (gone if `read` lacks it) where it
+    /// first was, every other key copied as it came, in the order it came; touched keys that
+    /// are new at the end.
+    fn rewrite(
+        &self,
+        size: usize,
+        entries: &[(Key<'_>, &RawValue)],
+        read: &Map<String, Value>,
+    ) -> String {
         let mut written: Vec<&str> = Vec::with_capacity(self.touched.len());
-        let mut out = Vec::with_capacity(text.len() + 256);
+        let mut out = Vec::with_capacity(size + 256);
         out.push(b'{');
         let mut first = true;
-        for (Key(key), raw) in &entries {
+        for (Key(key), raw) in entries {
             match self.touched.iter().find(|t| t.as_str() == key.as_ref()) {
                 None => {
                     match key {
@@ -263,6 +264,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn read(text: &str) -> Option<Map<String, Value>> {
+        let (properties, read) = EventProperties::read(text);
+        properties.entries.is_some().then_some(read)
+    }
+
     #[test]
     fn only_the_keys_the_rules_read_are_parsed() {
         let text =
@@ -272,8 +278,9 @@ mod tests {
             Value::Object(read),
             json!({"$browser": "Firefox", "$set": {"a": 2}})
         );
-        assert!(super::read("[1]").is_none());
-        assert!(super::read("{\"a\":").is_none());
+        assert!(super::tests::read("[1]").is_none());
+        assert!(super::tests::read("{\"a\":").is_none());
+        assert!(super::tests::read("{} {}").is_none());
         for key in EVENT_TO_PERSON_PROPERTIES {
             assert!(is_read_key(key), "{key}");
         }
@@ -281,24 +288,24 @@ mod tests {
 
     #[test]
     fn a_rewrite_changes_the_touched_keys_and_copies_the_rest() {
-        let text = r#"{"n": 1.50, "$process_person_profile": true, "$set": {"a": 1}, "$os": 1.50, "u": "\u00e9", "n": 2, "$set": {"a": 3}}"#;
-        let mut read = read(text).unwrap();
-        let mut edit = Edit::new(true);
+        let text = r#"{"n": 1.50, "$process_person_profile": true, "$set": {"a": 1}, "$os": 1.50, "u": "\u00e9", "k\u00e9": 0, "n": 2, "$set": {"a": 3}}"#;
+        let (properties, mut read) = EventProperties::read(text);
+        let mut edit = Edit::new();
         edit.remove(&mut read, "$process_person_profile");
         read.insert("$set".into(), json!({"a": 3, "$os": 1.5}));
         edit.wrote("$set", true);
         read.insert("$set_once".into(), json!({"$initial_os": 1.5}));
         edit.wrote("$set_once", false);
-        let mut out = text.to_owned();
-        edit.apply(&mut out, &read);
+        let out = edit.apply(text, &properties, &read).unwrap();
         // Values the step did not change are copied byte for byte (`1.50`, `\u00e9`, both
         // `n`s); a touched key given twice is written once.
         assert_eq!(
             out,
-            r#"{"n":1.50,"$set":{"$os":1.5,"a":3},"$os":1.50,"u":"\u00e9","n":2,"$set_once":{"$initial_os":1.5}}"#
+            r#"{"n":1.50,"$set":{"$os":1.5,"a":3},"$os":1.50,"u":"\u00e9","ké":0,"n":2,"$set_once":{"$initial_os":1.5}}"#
         );
         let parsed: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(parsed["n"], json!(2));
+        assert_eq!(Edit::new().apply(text, &properties, &read), None);
     }
 
     #[test]
@@ -309,14 +316,15 @@ mod tests {
             (r#"{"a": 1} "#, r#"{"a": 1,"$group_0":"acme"}"#),
             ("{}", r#"{"$group_0":"acme"}"#),
         ] {
-            let mut edit = Edit::new(true);
+            let mut edit = Edit::new();
             edit.wrote("$group_0", false);
-            let mut out = text.to_owned();
-            edit.apply(&mut out, &read);
-            assert_eq!(out, expected);
+            let (properties, _) = EventProperties::read(text);
+            assert_eq!(edit.apply(text, &properties, &read).unwrap(), expected);
         }
-        let mut out = "[1, 2]".to_owned();
-        Edit::new(false).apply(&mut out, &read);
-        assert_eq!(out, r#"{"$group_0":"acme"}"#);
+        let (unreadable, _) = EventProperties::read("[1, 2]");
+        assert_eq!(
+            Edit::new().apply("[1, 2]", &unreadable, &read).unwrap(),
+            r#"{"$group_0":"acme"}"#
+        );
     }
 }

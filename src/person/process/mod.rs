@@ -21,7 +21,7 @@ use super::{
 };
 use crate::event::EventRow;
 use crate::ids::TeamId;
-use event_properties::Edit;
+use event_properties::{Edit, EventProperties};
 
 mod event_properties;
 mod groups;
@@ -94,14 +94,11 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
             return self.seen_before(team, row).map(Some);
         }
         self.updates.seen.insert((team, row.uuid));
-        // Only the keys the rules read; the text keeps the rest.
-        let (mut properties, parsed) = match event_properties::read(&row.properties) {
-            Some(map) => (map, true),
-            None => (Map::new(), false),
-        };
+        // Only the keys the rules read are parsed; the text keeps the rest.
+        let (entries, mut properties) = EventProperties::read(&row.properties);
         let personless = properties.get("$process_person_profile") == Some(&Value::Bool(false));
         // Writing the properties' text again costs as much as reading it: only what changed is.
-        let mut edit = Edit::new(parsed);
+        let mut edit = Edit::new();
         let columns = if personless {
             if PERSON_EVENTS.contains(&row.event.as_str()) {
                 self.warn(
@@ -132,7 +129,11 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
                 edit.remove(&mut properties, &format!("$group_{index}"));
             }
         }
-        edit.apply(&mut row.properties, &properties);
+        let written = edit.apply(&row.properties, &entries, &properties);
+        drop(entries);
+        if let Some(written) = written {
+            row.properties = written;
+        }
         Ok(Some(columns))
     }
 
