@@ -491,16 +491,19 @@ async fn main() {
         let sinks_before = stored_by(&before);
         let cpu_before = pid.map(cpu_seconds);
         let load_start = Instant::now();
-        let full = run(
-            &base,
-            &args.token,
-            shape,
-            args.events,
-            args.connections,
-            duration,
-            None,
-        )
-        .await;
+        // The scenario's load, at full speed (`None`) or paced at `rate` requests/s.
+        let load = |rate: Option<f64>| {
+            run(
+                &base,
+                &args.token,
+                shape,
+                args.events,
+                args.connections,
+                duration,
+                rate,
+            )
+        };
+        let full = load(None).await;
         full.print(&format!("{label}, max load"));
         let capture_ended = Instant::now();
         let at_capture_end = ready(&client, &base).await["sink"]["events_stored"]
@@ -561,16 +564,7 @@ async fn main() {
             ("half of measured max", half_measured),
             ("half of target", half_target),
         ] {
-            let paced = run(
-                &base,
-                &args.token,
-                shape,
-                args.events,
-                args.connections,
-                duration,
-                Some(rate),
-            )
-            .await;
+            let paced = load(Some(rate)).await;
             paced.print(&format!("{label}, {what} ({rate:.0} req/s)"));
             wait_drained(&client, &base).await;
         }
