@@ -95,18 +95,17 @@ async fn run(args: &Args) -> Result<(), String> {
     let dir = shared::data_dir(&exe, "kafkabench", TOKEN)?;
     let (_server, base) = shared::spawn(&exe, dir)?;
     let client = reqwest::Client::new();
-    let stored = |r: &serde_json::Value| r["sink"]["events_stored"].as_u64().unwrap_or(0);
     // The clock starts at the first stored event: the consumer group's join (about 3 s on the
     // mock) is not the source's speed.
     let first = loop {
-        if stored(&shared::ready(&client, &base).await) > 0 {
+        if shared::events_stored(&shared::ready(&client, &base).await) > 0 {
             break Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let deadline = first + Duration::from_secs(600);
     loop {
-        let now = stored(&shared::ready(&client, &base).await);
+        let now = shared::events_stored(&shared::ready(&client, &base).await);
         if now >= args.messages {
             break;
         }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use shared::{ready, Server};
+use shared::{events_stored, ready, Server};
 
 const TOKEN: &str = "phc_loadgenProjectToken000";
 
@@ -473,7 +473,7 @@ async fn main() {
     }
     for (label, shape) in scenarios {
         let before = ready(&client, &base).await;
-        let written_before = before["sink"]["events_stored"].as_u64().unwrap_or(0);
+        let written_before = events_stored(&before);
         let stored_by = |r: &Value| -> Vec<(String, u64)> {
             r["sinks"]
                 .as_array()
@@ -506,13 +506,10 @@ async fn main() {
         let full = load(None).await;
         full.print(&format!("{label}, max load"));
         let capture_ended = Instant::now();
-        let at_capture_end = ready(&client, &base).await["sink"]["events_stored"]
-            .as_u64()
-            .unwrap_or(0);
+        let at_capture_end = events_stored(&ready(&client, &base).await);
         let drained_at = wait_drained(&client, &base).await;
         let after = ready(&client, &base).await;
-        let stored = |r: &Value| r["sink"]["events_stored"].as_u64().unwrap_or(0);
-        let written = stored(&after) - written_before;
+        let written = events_stored(&after) - written_before;
         let e2e = drained_at.duration_since(load_start);
         let lead = after["sink"]["sink"]
             .as_str()
@@ -528,11 +525,11 @@ async fn main() {
         // Once capture is quiet the pipeline has the machine to itself: its own rate, and the
         // CPU the appliance spent per event, are the figures least moved by a noisy machine.
         let catch_up = drained_at.duration_since(capture_ended).as_secs_f64();
-        if stored(&after) > at_capture_end && catch_up > 0.5 {
+        if events_stored(&after) > at_capture_end && catch_up > 0.5 {
             println!(
                 "{:<58} {:>10.0} events/s reached {lead} while catching up, capture idle",
                 format!("{label}, pipeline alone"),
-                (stored(&after) - at_capture_end) as f64 / catch_up,
+                (events_stored(&after) - at_capture_end) as f64 / catch_up,
             );
         }
         if let (Some(pid), Some(before)) = (pid, cpu_before) {

@@ -91,3 +91,8 @@ pub async fn ready(client: &reqwest::Client, base: &str) -> Value {
         Err(_) => Value::Null,
     }
 }
+
+/// The events the leading sink has stored, from a `/_ready` answer (0 if it does not say).
+pub fn events_stored(ready: &Value) -> u64 {
+    ready["sink"]["events_stored"].as_u64().unwrap_or(0)
+}

@@ -1,5 +1,5 @@
 //! An event's properties as the person step sees them: only the keys PostHog's person and group
-//! rules read are parsed ([`read`]); every other value stays the text it came as. What the step
+//! rules read are parsed ([`EventProperties::read`]); every other value stays the text it came as. What the step
 //! changed is brought back into that text by [`Edit::apply`]: new keys are appended, and a key
 //! that changed or went is rewritten in place while every other value is copied as it was.
 //!
@@ -187,18 +187,7 @@ impl Edit {
         for (Key(key), raw) in entries {
             match self.touched.iter().find(|t| t.as_str() == key.as_ref()) {
                 None => {
-                    match key {
-                        // A key borrowed from the text had no escapes: it is copied as it was.
-                        Cow::Borrowed(plain) => {
-                            if !std::mem::take(&mut first) {
-                                out.push(b',');
-                            }
-                            out.push(b'"');
-                            out.extend_from_slice(plain.as_bytes());
-                            out.extend_from_slice(b"\":");
-                        }
-                        Cow::Owned(_) => push_key(&mut out, &mut first, key),
-                    }
+                    push_key(&mut out, &mut first, key);
                     out.extend_from_slice(raw.get().as_bytes());
                 }
                 // A touched key given twice is written once, with the value the step left.
@@ -239,11 +228,11 @@ fn append<'k>(
     Some(into_text(out))
 }
 
+/// Writes `key` and its colon, after a comma unless it is the `first` entry.
 fn push_key(out: &mut Vec<u8>, first: &mut bool, key: &str) {
-    if !*first {
+    if !std::mem::take(first) {
         out.push(b',');
     }
-    *first = false;
     // Writing JSON into memory cannot fail.
     let _ = serde_json::to_writer(&mut *out, key);
     out.push(b':');
