@@ -19,7 +19,8 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::error::{CaptureError, Rejection};
-use crate::event::normalize::{normalize, RequestContext};
+use crate::event::normalize::{normalize, CapturedEvent, RequestContext};
+use crate::event::properties::RawObject;
 use crate::event::timestamp::parse_client_time;
 use crate::event::timestamp::TimestampWarning;
 use crate::event::EventRow;
@@ -342,7 +343,8 @@ pub fn find_token(
     Ok(token)
 }
 
-/// Parses, judges and normalises each event in turn; one event's tree at a time.
+/// Parses, judges and normalises each event in turn; one event at a time, and of its properties
+/// only the few that normalisation reads are parsed.
 pub fn build_rows(
     split: &SplitPayload,
     max_event_bytes: usize,
@@ -363,23 +365,16 @@ pub fn build_rows(
                 ),
             ))
         } else {
-            match serde_json::from_str::<Value>(json) {
-                Ok(value) => validate_event(value, ctx.default_event).map(|event| {
-                    let sent = event.get("timestamp").cloned().unwrap_or(Value::Null);
-                    let (row, warning) = normalize(ctx, event);
-                    if let Some(warning) = warning {
-                        if judged.warnings.len() < MAX_LISTED_REJECTIONS {
-                            judged.warnings.push((row.uuid, sent, warning));
-                        }
+            read_event(json, ctx.default_event).map(|event| {
+                let sent = event.field("timestamp").cloned().unwrap_or(Value::Null);
+                let (row, warning) = normalize(ctx, event);
+                if let Some(warning) = warning {
+                    if judged.warnings.len() < MAX_LISTED_REJECTIONS {
+                        judged.warnings.push((row.uuid, sent, warning));
                     }
-                    row
-                }),
-                Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err((
-                    None,
-                    format!("the event is nested deeper than {MAX_JSON_DEPTH} levels"),
-                )),
-                Err(e) => Err((None, format!("not valid JSON: {e}"))),
-            }
+                }
+                row
+            })
         };
         match outcome {
             Ok(row) => judged.rows.push(row),
@@ -394,28 +389,106 @@ pub fn build_rows(
     judged
 }
 
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// Why an event was refused, with its uuid if it gave one.
+type Refusal = (Option<String>, String);
+
+/// An event's fields: all but `properties` parsed, `properties` read as entries whose values
+/// stay unparsed.
+struct EventFields<'de> {
+    top: Map<String, Value>,
+    properties: PropertiesField<'de>,
+}
+
+/// What an event's `properties` field held.
+enum PropertiesField<'de> {
+    /// No field, or `null`.
+    Absent,
+    Object(RawObject<'de>),
+    /// Anything else (refused).
+    Other,
+}
+
+impl<'de> Deserialize<'de> for PropertiesField<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+        impl<'de> Visitor<'de> for FieldVisitor {
+            type Value = PropertiesField<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("properties")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let object = RawObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(PropertiesField::Object(object))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(PropertiesField::Absent)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(PropertiesField::Other)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(PropertiesField::Other)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(PropertiesField::Other)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(PropertiesField::Other)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(PropertiesField::Other)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(PropertiesField::Other)
+            }
+        }
+        d.deserialize_any(FieldVisitor)
     }
 }
 
-/// Checks one event; on success it has a string `distinct_id` and a hyphenated `uuid`.
-fn validate_event(
-    event: Value,
+impl<'de> Deserialize<'de> for EventFields<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = EventFields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an event object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = EventFields {
+                    top: Map::new(),
+                    properties: PropertiesField::Absent,
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "properties" {
+                        fields.properties = map.next_value()?;
+                    } else {
+                        fields.top.insert(key, map.next_value()?);
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        d.deserialize_map(FieldsVisitor)
+    }
+}
+
+/// Reads and checks one event; on success it has a string `distinct_id` and a hyphenated
+/// `uuid`.
+fn read_event<'t>(
+    json: &'t str,
     default_event: Option<&str>,
-) -> Result<Map<String, Value>, (Option<String>, String)> {
-    let Value::Object(mut event) = event else {
-        return Err((
-            None,
-            format!("an event must be a JSON object, not {}", json_kind(&event)),
-        ));
-    };
+) -> Result<CapturedEvent<'t>, Refusal> {
+    if !json.trim_start().starts_with('{') {
+        let kind = match serde_json::from_str::<Value>(json) {
+            Ok(value) => json_kind(&value),
+            Err(e) => return Err((None, parse_error(e))),
+        };
+        return Err((None, format!("an event must be a JSON object, not {kind}")));
+    }
+    let fields: EventFields<'t> = serde_json::from_str(json).map_err(|e| (None, parse_error(e)))?;
+    let mut event = fields.top;
     let uuid_text = event.get("uuid").and_then(Value::as_str).map(str::to_owned);
     let fail = |error: String| Err((uuid_text.clone(), error));
 
@@ -437,21 +510,43 @@ fn validate_event(
         None | Some(Value::Null) => return fail("missing event name (the \"event\" field)".into()),
         Some(_) => return fail("event name must be a string".into()),
     }
-    match event.get("properties") {
-        None | Some(Value::Null) | Some(Value::Object(_)) => {}
-        Some(_) => return fail("properties must be a JSON object".into()),
-    }
-    let distinct_id = ["distinct_id", "$distinct_id"]
+    let properties = match fields.properties {
+        PropertiesField::Absent => RawObject::empty(),
+        PropertiesField::Object(object) => object,
+        PropertiesField::Other => return fail("properties must be a JSON object".into()),
+    };
+    let given = ["distinct_id", "$distinct_id"]
         .iter()
         .find_map(|key| event.get(*key).filter(|v| !v.is_null()))
-        .or_else(|| event.get("properties").and_then(|p| p.get("distinct_id")))
         .and_then(distinct_id_text);
+    let mut captured = CapturedEvent::of_object(event, properties);
+    let distinct_id = given.or_else(|| captured.distinct_id_property().and_then(distinct_id_text));
     let Some(distinct_id) = distinct_id else {
         return fail("missing distinct_id (top level or in properties)".into());
     };
-    event.insert("uuid".into(), Value::String(uuid.hyphenated().to_string()));
-    event.insert("distinct_id".into(), Value::String(distinct_id));
-    Ok(event)
+    captured.set_field("uuid", Value::String(uuid.hyphenated().to_string()));
+    captured.set_field("distinct_id", Value::String(distinct_id));
+    Ok(captured)
+}
+
+/// What is wrong with an event's JSON.
+fn parse_error(e: serde_json::Error) -> String {
+    if e.to_string().starts_with("recursion limit exceeded") {
+        format!("the event is nested deeper than {MAX_JSON_DEPTH} levels")
+    } else {
+        format!("not valid JSON: {e}")
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// distinct ids may arrive as strings, numbers or objects; all are kept as text, as PostHog's
@@ -618,6 +713,38 @@ mod tests {
             split_payload(b"nonsense".to_vec(), 10),
             Err(CaptureError::InvalidJson(_))
         ));
+    }
+
+    #[test]
+    fn properties_normalisation_does_not_read_are_stored_as_sent() {
+        let mut ctx = ctx();
+        ctx.ip = Some("203.0.113.9");
+        let row = |text: &str| {
+            let p = split_payload(text.as_bytes().to_vec(), 10).unwrap();
+            let mut judged = build_rows(&p, 1 << 20, &ctx);
+            assert_eq!(judged.rejected_count, 0, "{:?}", judged.rejected);
+            judged.rows.remove(0)
+        };
+        // Only adding `$ip`: the client's entries, each value as it came, then the new key.
+        let added = row(r#"{"event":"e","distinct_id":"x","properties":{"b": 1.50, "a": [2, 3]}}"#);
+        assert_eq!(
+            added.properties,
+            r#"{"b":1.50,"a":[2, 3],"$ip":"203.0.113.9"}"#
+        );
+        // Removing the chain and a repeated key: written again in the client's order, each key
+        // once with its last value, every value it did not read as it came.
+        let rewritten = row(
+            r#"[{"event":"e","properties":{"distinct_id":"d","price":1.50,"name":"\u00e9","$elements_chain":"a:","z":1,"a":2,"z":3}}]"#,
+        );
+        assert_eq!(rewritten.distinct_id, "d");
+        assert_eq!(rewritten.elements_chain, "a:");
+        assert_eq!(
+            rewritten.properties,
+            r#"{"distinct_id":"d","price":1.50,"name":"\u00e9","z":3,"a":2,"$ip":"203.0.113.9"}"#
+        );
+        // No properties at all.
+        let bare = row(r#"{"event":"e","distinct_id":"x","properties":null}"#);
+        assert_eq!(bare.properties, r#"{"$ip":"203.0.113.9"}"#);
     }
 
     #[test]

@@ -17,6 +17,16 @@ use std::hash::Hasher;
 pub const SENTINEL: &str = "$posthog_cookieless";
 const MODE_PROPERTY: &str = "$cookieless_mode";
 const EXTRA_PROPERTY: &str = "$cookieless_extra";
+const HOST_PROPERTY: &str = "$host";
+const USER_AGENT_PROPERTY: &str = "$raw_user_agent";
+
+/// Every property the hash reads.
+pub const PROPERTIES_READ: [&str; 4] = [
+    MODE_PROPERTY,
+    EXTRA_PROPERTY,
+    HOST_PROPERTY,
+    USER_AGENT_PROPERTY,
+];
 
 /// The daily salts (kept by the caller: the same day must give the same salt everywhere).
 pub trait Salts {
@@ -43,8 +53,8 @@ pub fn distinct_id(
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
     };
-    let host = text("$host")?;
-    let user_agent = text("$raw_user_agent")?;
+    let host = text(HOST_PROPERTY)?;
+    let user_agent = text(USER_AGENT_PROPERTY)?;
     let extra: String = text(EXTRA_PROPERTY)
         .unwrap_or_default()
         .chars()

@@ -8,6 +8,7 @@
 
 use serde_json::{Map, Value};
 
+use super::properties::Edit;
 use crate::geoip::GeoIp;
 
 /// The location keys PostHog resets on the person before writing the new location.
@@ -29,8 +30,15 @@ const RESET_KEYS: [&str; 15] = [
     "time_zone",
 ];
 
-/// Adds the `$geoip_*` properties of the event's `$ip`, if the database places it.
-pub fn add_geoip_properties(geoip: &GeoIp, properties: &mut Map<String, Value>) {
+/// Whether GeoIP reads or writes `key` of an event's properties.
+pub fn reads_property(key: &str) -> bool {
+    matches!(key, "$ip" | "$geoip_disable" | "$set" | "$set_once") || key.starts_with("$geoip_")
+}
+
+/// Adds the `$geoip_*` properties of the event's `$ip`, if the database places it, to
+/// `properties` (which must hold every key [`reads_property`] names that the event has),
+/// recording what changed in `edit`.
+pub fn add_geoip_properties(geoip: &GeoIp, properties: &mut Map<String, Value>, edit: &mut Edit) {
     if properties.get("$geoip_disable").is_some_and(super::truthy) {
         return;
     }
@@ -49,17 +57,19 @@ pub fn add_geoip_properties(geoip: &GeoIp, properties: &mut Map<String, Value>) 
             .or_insert(Value::Null);
     }
     for (key, value) in location.properties() {
-        properties.insert(format!("$geoip_{key}"), value.clone());
+        edit.set(properties, &format!("$geoip_{key}"), value.clone());
         set.insert(format!("$geoip_{key}"), value.clone());
         set_once.insert(format!("$initial_geoip_{key}"), value);
     }
-    properties.insert("$set".into(), Value::Object(set));
-    properties.insert("$set_once".into(), Value::Object(set_once));
+    edit.set(properties, "$set", Value::Object(set));
+    edit.set(properties, "$set_once", Value::Object(set_once));
 }
 
+/// The object at `key`, taken out; an empty one if there was none. (The key stays in
+/// `properties` so that writing it again is known to replace it.)
 fn take_object(properties: &mut Map<String, Value>, key: &str) -> Map<String, Value> {
-    match properties.remove(key) {
-        Some(Value::Object(map)) => map,
+    match properties.get_mut(key) {
+        Some(Value::Object(map)) => std::mem::take(map),
         _ => Map::new(),
     }
 }

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::properties::{Edit, EventProperties, RawObject};
 use super::timestamp::{event_timestamp, TimestampWarning};
 use crate::event::EventRow;
 use crate::geoip::GeoIp;
@@ -31,25 +32,102 @@ pub struct RequestContext<'a> {
     pub cookieless: Option<(u64, &'a dyn super::cookieless::Salts)>,
 }
 
-/// Normalises one event. Deterministic: the same input gives the same row.
-pub fn normalize(
+/// Whether normalisation reads (or may write) `key` of an event's properties; every other
+/// property is copied as the client sent it.
+fn is_read_key(key: &str) -> bool {
+    matches!(
+        key,
+        "distinct_id" | "$ignore_sent_at" | "$elements" | "$elements_chain"
+    ) || super::geo::reads_property(key)
+        || super::cookieless::PROPERTIES_READ.contains(&key)
+}
+
+/// A captured event as normalisation takes it: every field but `properties` parsed (they are
+/// few and small), and the properties read once, parsing only the keys normalisation reads.
+pub struct CapturedEvent<'t> {
+    top: Map<String, Value>,
+    properties: EventProperties<'t>,
+    read: Map<String, Value>,
+}
+
+impl<'t> CapturedEvent<'t> {
+    /// The event of the fields `top` (without `properties`) and the properties' text.
+    pub fn new(top: Map<String, Value>, properties: &'t str) -> CapturedEvent<'t> {
+        let (properties, read) = EventProperties::read(properties, is_read_key);
+        CapturedEvent {
+            top,
+            properties,
+            read,
+        }
+    }
+
+    /// The event of the fields `top` (without `properties`) and the properties' entries, met
+    /// while parsing the event.
+    pub fn of_object(top: Map<String, Value>, properties: RawObject<'t>) -> CapturedEvent<'t> {
+        let (properties, read) = EventProperties::of_object(properties, is_read_key);
+        CapturedEvent {
+            top,
+            properties,
+            read,
+        }
+    }
+
+    /// One of the event's fields other than `properties`.
+    pub fn field(&self, key: &str) -> Option<&Value> {
+        self.top.get(key)
+    }
+
+    /// Sets one of the event's fields other than `properties`.
+    pub fn set_field(&mut self, key: &str, value: Value) {
+        self.top.insert(key.to_owned(), value);
+    }
+
+    /// The `distinct_id` given in the properties, if any.
+    pub fn distinct_id_property(&self) -> Option<&Value> {
+        self.read.get("distinct_id")
+    }
+}
+
+/// Normalises one event given as a parsed tree (the queue sources); as [`normalize`].
+pub fn normalize_tree(
     ctx: &RequestContext<'_>,
     mut event: Map<String, Value>,
 ) -> (EventRow, Option<TimestampWarning>) {
-    let (timestamp, warning) = event_timestamp(ctx.received_at, ctx.sent_at, &event);
-    let mut properties = match event.remove("properties") {
-        Some(Value::Object(p)) => p,
-        _ => Map::new(),
+    let text = match event.remove("properties") {
+        Some(properties @ Value::Object(_)) => properties.to_string(),
+        _ => "{}".to_owned(),
     };
+    normalize(ctx, CapturedEvent::new(event, &text))
+}
+
+/// Normalises one event. Deterministic: the same input gives the same row. Properties it does
+/// not read are copied as they came, in the order they came.
+pub fn normalize(
+    ctx: &RequestContext<'_>,
+    event: CapturedEvent<'_>,
+) -> (EventRow, Option<TimestampWarning>) {
+    let CapturedEvent {
+        top: mut event,
+        properties: parsed,
+        read: mut properties,
+    } = event;
+    let ignore_sent_at = properties
+        .get("$ignore_sent_at")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let (timestamp, warning) =
+        event_timestamp(ctx.received_at, ctx.sent_at, ignore_sent_at, &event);
+    let mut edit = Edit::new();
     // Top-level $set / $set_once (posthog-js, posthog-python set()) join those in properties;
     // the top-level values win.
     for key in ["$set", "$set_once"] {
         if let Some(Value::Object(top)) = event.remove(key) {
             match properties.get_mut(key) {
-                Some(Value::Object(existing)) => existing.extend(top),
-                _ => {
-                    properties.insert(key.to_owned(), Value::Object(top));
+                Some(Value::Object(existing)) => {
+                    existing.extend(top);
+                    edit.wrote(key, true);
                 }
+                _ => edit.set(&mut properties, key, Value::Object(top)),
             }
         }
     }
@@ -57,9 +135,9 @@ pub fn normalize(
     let client_ip = matches!(properties.get("$ip"), Some(Value::String(ip)) if !ip.is_empty())
         || matches!(properties.get("$ip"), Some(v) if !v.is_null() && !v.is_string());
     if let (false, Some(ip)) = (client_ip, ctx.ip) {
-        properties.insert("$ip".into(), Value::String(ip.to_owned()));
+        edit.set(&mut properties, "$ip", Value::String(ip.to_owned()));
     }
-    let mut distinct_id = text(event.get("distinct_id")).to_owned();
+    let mut distinct_id = text_of(event.get("distinct_id")).to_owned();
     if let (Some((team, salts)), Some(Value::String(ip))) = (ctx.cookieless, properties.get("$ip"))
     {
         if super::cookieless::wanted(&distinct_id, &properties) {
@@ -70,36 +148,44 @@ pub fn normalize(
         }
     }
     if let Some(geoip) = ctx.geoip {
-        super::geo::add_geoip_properties(geoip, &mut properties);
+        super::geo::add_geoip_properties(geoip, &mut properties, &mut edit);
     }
     if ctx.anonymize_ips {
-        properties.remove("$ip");
+        edit.remove(&mut properties, "$ip");
     }
     // The client's chain wins over `$elements`; both leave the properties.
-    let elements = properties.remove("$elements");
-    let elements_chain = match properties.remove("$elements_chain") {
+    let elements = properties.get("$elements").cloned();
+    edit.remove(&mut properties, "$elements");
+    let chain = properties.get("$elements_chain").cloned();
+    edit.remove(&mut properties, "$elements_chain");
+    let elements_chain = match chain {
         Some(Value::String(chain)) if !chain.is_empty() => chain,
         _ => match elements {
             Some(Value::Array(elements)) => elements_to_chain(&elements),
             _ => String::new(),
         },
     };
-    let name: String = text(event.get("event"))
+    let name: String = text_of(event.get("event"))
         .chars()
         .take(MAX_EVENT_NAME_CHARS)
         .collect();
-    let uuid = text(event.get("uuid")).parse::<Uuid>().unwrap_or_else(|_| {
-        Uuid::new_v5(
-            &Uuid::NAMESPACE_OID,
-            Value::Object(event.clone()).to_string().as_bytes(),
-        )
-    });
+    let uuid = text_of(event.get("uuid"))
+        .parse::<Uuid>()
+        .unwrap_or_else(|_| {
+            Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                Value::Object(event).to_string().as_bytes(),
+            )
+        });
+    let properties = edit
+        .apply(&parsed, &properties)
+        .or_else(|| parsed.text().map(str::to_owned))
+        .unwrap_or_else(|| "{}".to_owned());
     let row = EventRow {
         uuid,
         event: name,
         distinct_id,
-        // Serialising a map of JSON values cannot fail.
-        properties: serde_json::to_string(&properties).unwrap_or_default(),
+        properties,
         timestamp,
         elements_chain,
     };
@@ -114,7 +200,7 @@ fn truncate(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
 }
 
-fn text(value: Option<&Value>) -> &str {
+fn text_of(value: Option<&Value>) -> &str {
     value.and_then(Value::as_str).unwrap_or_default()
 }
 
@@ -123,7 +209,7 @@ fn text(value: Option<&Value>) -> &str {
 fn elements_to_chain(elements: &[Value]) -> String {
     let mut chain = Vec::with_capacity(elements.len());
     for element in elements.iter().filter_map(Value::as_object) {
-        let mut out = text(element.get("tag_name")).to_owned();
+        let mut out = text_of(element.get("tag_name")).to_owned();
         if let Some(classes) = element.get("attr__class").and_then(Value::as_str) {
             let mut classes: Vec<&str> = classes.split_whitespace().collect();
             classes.sort_unstable();
@@ -202,7 +288,7 @@ mod tests {
             json!({"event": "$identify", "distinct_id": "u", "uuid": "0190a0b0-0000-7000-8000-000000000001",
             "$set": {"a": 1}, "$set_once": {"b": 2}, "properties": {"$set": {"a": 0, "c": 3}}}),
         );
-        let (s, _) = normalize(&ctx(false), e);
+        let (s, _) = normalize_tree(&ctx(false), e);
         let p = props(&s);
         assert_eq!(p["$set"], json!({"a": 1, "c": 3}));
         assert_eq!(p["$set_once"], json!({"b": 2}));
@@ -214,12 +300,15 @@ mod tests {
     fn a_clients_ip_wins_and_anonymize_removes_it() {
         for empty in [json!(null), json!("")] {
             let e = obj(json!({"event": "e", "distinct_id": "u", "properties": {"$ip": empty}}));
-            assert_eq!(props(&normalize(&ctx(false), e).0)["$ip"], "203.0.113.9");
+            assert_eq!(
+                props(&normalize_tree(&ctx(false), e).0)["$ip"],
+                "203.0.113.9"
+            );
         }
         let e = obj(json!({"event": "e", "distinct_id": "u", "properties": {"$ip": "1.2.3.4"}}));
-        assert_eq!(props(&normalize(&ctx(false), e).0)["$ip"], "1.2.3.4");
+        assert_eq!(props(&normalize_tree(&ctx(false), e).0)["$ip"], "1.2.3.4");
         let e = obj(json!({"event": "e", "distinct_id": "u", "properties": {"$ip": "1.2.3.4"}}));
-        assert!(!props(&normalize(&ctx(true), e).0).contains_key("$ip"));
+        assert!(!props(&normalize_tree(&ctx(true), e).0).contains_key("$ip"));
     }
 
     #[test]
@@ -230,7 +319,7 @@ mod tests {
                 {"tag_name": "a", "attr__href": "/x", "nth_child": 1, "nth_of_type": 1}
             ]}}),
         );
-        let (s, _) = normalize(&ctx(false), e);
+        let (s, _) = normalize_tree(&ctx(false), e);
         assert_eq!(
             s.elements_chain,
             "button.btn.primary:attr__class=\"btn primary\"attr__id=\"buy\"attr_id=\"buy\"nth-child=\"2\"nth-of-type=\"1\"text=\"Buy\";a:attr__href=\"/x\"href=\"/x\"nth-child=\"1\"nth-of-type=\"1\""
@@ -240,7 +329,7 @@ mod tests {
             json!({"event": "$autocapture", "distinct_id": "u", "properties": {
             "$elements_chain": "a:href=\"/given\"", "$elements": [{"tag_name": "b"}]}}),
         );
-        let (s, _) = normalize(&ctx(false), e);
+        let (s, _) = normalize_tree(&ctx(false), e);
         assert_eq!(s.elements_chain, "a:href=\"/given\"");
         let p = props(&s);
         assert!(!p.contains_key("$elements") && !p.contains_key("$elements_chain"));

@@ -105,17 +105,14 @@ pub fn sent_at_from_query_millis(text: &str) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_millis(millis)
 }
 
-/// Computes the stored timestamp of `event` received at `now`.
+/// Computes the stored timestamp of `event` (its fields other than `properties`) received at
+/// `now`; `ignore_sent_at` is its `$ignore_sent_at` property.
 pub fn event_timestamp(
     now: DateTime<Utc>,
     sent_at: Option<DateTime<Utc>>,
+    ignore_sent_at: bool,
     event: &Map<String, Value>,
 ) -> (DateTime<Utc>, Option<TimestampWarning>) {
-    let ignore_sent_at = event
-        .get("properties")
-        .and_then(|p| p.get("$ignore_sent_at"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
     let sent_at = if ignore_sent_at { None } else { sent_at };
 
     let mut result = Some(now);
@@ -154,6 +151,20 @@ mod tests {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
+    /// The timestamp of a whole event, `$ignore_sent_at` read from its properties.
+    fn stamp(
+        now: DateTime<Utc>,
+        sent_at: Option<DateTime<Utc>>,
+        e: &Map<String, Value>,
+    ) -> (DateTime<Utc>, Option<TimestampWarning>) {
+        let ignore = e
+            .get("properties")
+            .and_then(|p| p.get("$ignore_sent_at"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        event_timestamp(now, sent_at, ignore, e)
+    }
+
     fn event(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap()
     }
@@ -163,7 +174,7 @@ mod tests {
         // The example from PostHog's docs: client clock 5 s ahead.
         let now = at("2026-01-01T12:00:00Z");
         let e = event(json!({"timestamp": "2026-01-01T11:59:55Z"}));
-        let (t, w) = event_timestamp(now, Some(at("2026-01-01T12:00:05Z")), &e);
+        let (t, w) = stamp(now, Some(at("2026-01-01T12:00:05Z")), &e);
         assert_eq!(t, at("2026-01-01T11:59:50Z"));
         assert_eq!(w, None);
     }
@@ -172,7 +183,7 @@ mod tests {
     fn without_sent_at_the_client_timestamp_is_kept() {
         let now = at("2026-01-01T12:00:00Z");
         let e = event(json!({"timestamp": "2024-01-02T03:04:05+00:00"}));
-        assert_eq!(event_timestamp(now, None, &e).0, at("2024-01-02T03:04:05Z"));
+        assert_eq!(stamp(now, None, &e).0, at("2024-01-02T03:04:05Z"));
     }
 
     #[test]
@@ -182,7 +193,7 @@ mod tests {
             json!({"timestamp": "2020-05-05T00:00:00Z", "properties": {"$ignore_sent_at": true}}),
         );
         assert_eq!(
-            event_timestamp(now, Some(at("2026-01-01T12:00:05Z")), &e).0,
+            stamp(now, Some(at("2026-01-01T12:00:05Z")), &e).0,
             at("2020-05-05T00:00:00Z")
         );
     }
@@ -191,10 +202,7 @@ mod tests {
     fn offset_counts_back_from_now_and_wins() {
         let now = at("2026-01-01T12:00:00Z");
         let e = event(json!({"offset": 1500, "timestamp": "2000-01-01T00:00:00Z"}));
-        assert_eq!(
-            event_timestamp(now, None, &e).0,
-            at("2026-01-01T11:59:58.500Z")
-        );
+        assert_eq!(stamp(now, None, &e).0, at("2026-01-01T11:59:58.500Z"));
     }
 
     #[test]
@@ -202,21 +210,18 @@ mod tests {
         let now = at("2026-01-01T12:00:00Z");
         let e = event(json!({"timestamp": "2026-01-02T12:00:00Z"}));
         assert_eq!(
-            event_timestamp(now, None, &e),
+            stamp(now, None, &e),
             (now, Some(TimestampWarning::InFuture))
         );
         let e = event(json!({"timestamp": "2026-01-02T10:00:00Z"}));
-        assert_eq!(event_timestamp(now, None, &e).0, at("2026-01-02T10:00:00Z"));
+        assert_eq!(stamp(now, None, &e).0, at("2026-01-02T10:00:00Z"));
         let e = event(json!({"timestamp": "not a time"}));
         assert_eq!(
-            event_timestamp(now, None, &e),
+            stamp(now, None, &e),
             (now, Some(TimestampWarning::Unparseable))
         );
         let e = event(json!({"offset": i64::MAX}));
-        assert_eq!(
-            event_timestamp(now, None, &e).1,
-            Some(TimestampWarning::OutOfRange)
-        );
+        assert_eq!(stamp(now, None, &e).1, Some(TimestampWarning::OutOfRange));
     }
 
     #[test]

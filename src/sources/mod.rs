@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::capture::DailySalts;
-use crate::event::normalize::{normalize, RequestContext};
+use crate::event::normalize::{normalize_tree, RequestContext};
 use crate::event::IngestBatch;
 use crate::geoip::GeoIp;
 use crate::ingest::{IngestError, IngestHandle};
@@ -61,7 +61,7 @@ impl Normalizer {
             default_event: None,
             cookieless: Some((team.id, &*self.salts)),
         };
-        let (row, _) = normalize(&ctx, arrival.event);
+        let (row, _) = normalize_tree(&ctx, arrival.event);
         Ok(IngestBatch {
             team_id: team.id,
             received_at: arrival.now,

@@ -19,12 +19,35 @@ use super::{
     person_uuid, placeholder_created_at, DistinctId, Group, IngestionWarning, Person, PersonChange,
     PersonColumns, PersonMode, PersonUpdates, TextCache, MAX_GROUP_TYPES, MAX_PROPERTIES_BYTES,
 };
+use crate::event::properties::{Edit, EventProperties};
 use crate::event::EventRow;
 use crate::ids::TeamId;
-use event_properties::{Edit, EventProperties};
 
-mod event_properties;
 mod groups;
+
+/// Whether the person step reads (and may change) `key` of an event's properties: the keys
+/// PostHog's person and group rules look at.
+fn is_read_key(key: &str) -> bool {
+    matches!(
+        key,
+        "$process_person_profile"
+            | "$set"
+            | "$set_once"
+            | "$unset"
+            | "$anon_distinct_id"
+            | "alias"
+            | "$is_server"
+            | "$groups"
+            | "$group_type"
+            | "$group_key"
+            | "$group_set"
+            | "$group_0"
+            | "$group_1"
+            | "$group_2"
+            | "$group_3"
+            | "$group_4"
+    ) || rules::EVENT_TO_PERSON_PROPERTIES.contains(&key)
+}
 
 /// The persons, distinct ids and groups as they stand before the step: what the processor
 /// reads. Its own changes it keeps in its [`PersonUpdates`] and reads from there first.
@@ -95,7 +118,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         }
         self.updates.seen.insert((team, row.uuid));
         // Only the keys the rules read are parsed; the text keeps the rest.
-        let (entries, mut properties) = EventProperties::read(&row.properties);
+        let (entries, mut properties) = EventProperties::read(&row.properties, is_read_key);
         let personless = properties.get("$process_person_profile") == Some(&Value::Bool(false));
         // Writing the properties' text again costs as much as reading it: only what changed is.
         let mut edit = Edit::new();
@@ -129,7 +152,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
                 edit.remove(&mut properties, &format!("$group_{index}"));
             }
         }
-        let written = edit.apply(&row.properties, &entries, &properties);
+        let written = edit.apply(&entries, &properties);
         drop(entries);
         if let Some(written) = written {
             row.properties = written;
