@@ -55,7 +55,12 @@ async fn bad_requests_get_precise_errors_and_the_server_keeps_serving() {
             ("CAPTURE_MAX_EVENT_BYTES", "4096"),
         ],
     );
-    let client = reqwest::Client::new();
+    // A fresh connection per request: a server that refuses a body before reading all of it
+    // (413) closes that connection, and a pooled client could send the next case down it.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let good = |event: &str| {
         json!({"api_key": TOKEN, "batch": [{"event": event, "distinct_id": "u"}]}).to_string()
     };
