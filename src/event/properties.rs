@@ -34,8 +34,8 @@ pub struct EventProperties<'t> {
 }
 
 impl<'t> EventProperties<'t> {
-    /// Reads `text`; the map holds the keys `is_read` names (of a key given twice, the last
-    /// value counts, as in a parsed tree), empty if the text is not a JSON object.
+    /// Reads `text`, properties the appliance wrote (no key in them is repeated); the map holds
+    /// the keys `is_read` names, empty if the text is not a JSON object.
     pub fn read(
         text: &'t str,
         is_read: impl Fn(&str) -> bool,
@@ -45,21 +45,25 @@ impl<'t> EventProperties<'t> {
             .deserialize(&mut de)
             .ok()
             .filter(|_| de.end().is_ok());
-        EventProperties::of_entries(Some(text), entries, is_read)
+        EventProperties::of_entries(Some(text), entries, is_read, false)
     }
 
-    /// The properties of entries met while parsing a larger text (an event).
+    /// The properties of entries met while parsing a larger text (an event from a client); of a
+    /// key given twice, the last value counts, here and when they are written again.
     pub fn of_object(
         object: RawObject<'t>,
         is_read: impl Fn(&str) -> bool,
     ) -> (EventProperties<'t>, Map<String, Value>) {
-        EventProperties::of_entries(None, Some(object.0), is_read)
+        EventProperties::of_entries(None, Some(object.0), is_read, true)
     }
 
+    /// `check_repeats`: look for a repeated key (text from a client may have one; text the
+    /// appliance wrote never does).
     fn of_entries(
         text: Option<&'t str>,
         entries: Option<Vec<(Key<'t>, &'t RawValue)>>,
         is_read: impl Fn(&str) -> bool,
+        check_repeats: bool,
     ) -> (EventProperties<'t>, Map<String, Value>) {
         let mut read = Map::new();
         for (Key(key), raw) in entries.iter().flatten() {
@@ -69,7 +73,7 @@ impl<'t> EventProperties<'t> {
                 read.insert(key.as_ref().to_owned(), value);
             }
         }
-        let repeated = entries.as_deref().is_some_and(has_repeated_key);
+        let repeated = check_repeats && entries.as_deref().is_some_and(has_repeated_key);
         let properties = EventProperties {
             text,
             entries,
@@ -87,6 +91,20 @@ impl<'t> EventProperties<'t> {
     pub fn text(&self) -> Option<&'t str> {
         self.text
     }
+}
+
+/// `text` (a JSON object) with each repeated key written once, with its last value, where it
+/// first stood; `None` if no key is repeated (or the text is not an object).
+pub fn without_repeated_keys(text: &str) -> Option<String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let entries = RawEntries.deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    let (properties, read) =
+        EventProperties::of_entries(Some(text), Some(entries), |_| false, true);
+    properties
+        .repeated
+        .then(|| Edit::new().apply(&properties, &read))
+        .flatten()
 }
 
 /// A JSON object's entries, values unparsed: deserialize it where an object is expected inside
@@ -117,6 +135,14 @@ fn has_repeated_key(entries: &[(Key<'_>, &RawValue)]) -> bool {
 
 /// A map key, borrowed from the text unless it has escapes.
 pub struct Key<'de>(Cow<'de, str>);
+
+impl Key<'_> {
+    /// Whether the key can be written between quotes as it is: serde_json lends a key only
+    /// when it has no escape, and refuses control characters in text.
+    fn as_is(&self) -> bool {
+        matches!(self.0, Cow::Borrowed(_))
+    }
+}
 
 impl<'de> de::Deserialize<'de> for Key<'de> {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -252,8 +278,8 @@ impl Edit {
         let mut out = Vec::with_capacity(size + 256);
         out.push(b'{');
         let mut first = true;
-        for (Key(key), raw) in entries {
-            let key = key.as_ref();
+        for (entry_key, raw) in entries {
+            let key = entry_key.0.as_ref();
             let touched = self.touched.iter().find(|t| t.as_str() == key);
             let repeats = last.is_some() || touched.is_some();
             if repeats && !written.insert(key) {
@@ -262,7 +288,7 @@ impl Edit {
             match touched {
                 None => {
                     let raw = last.as_ref().and_then(|l| l.get(key)).unwrap_or(raw);
-                    push_key(&mut out, &mut first, key);
+                    push_key(&mut out, &mut first, key, entry_key.as_is());
                     out.extend_from_slice(raw.get().as_bytes());
                 }
                 Some(touched) => {
@@ -310,18 +336,25 @@ fn append<'k>(
     Some(into_text(out))
 }
 
-/// Writes `key` and its colon, after a comma unless it is the `first` entry.
-fn push_key(out: &mut Vec<u8>, first: &mut bool, key: &str) {
+/// Writes `key` and its colon, after a comma unless it is the `first` entry; `as_is` if the key
+/// needs no escaping.
+fn push_key(out: &mut Vec<u8>, first: &mut bool, key: &str, as_is: bool) {
     if !std::mem::take(first) {
         out.push(b',');
     }
-    // Writing JSON into memory cannot fail.
-    let _ = serde_json::to_writer(&mut *out, key);
+    if as_is {
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing JSON into memory cannot fail.
+        let _ = serde_json::to_writer(&mut *out, key);
+    }
     out.push(b':');
 }
 
 fn push_entry(out: &mut Vec<u8>, first: &mut bool, key: &str, value: &Value) {
-    push_key(out, first, key);
+    push_key(out, first, key, false);
     let _ = serde_json::to_writer(&mut *out, value);
 }
 
@@ -385,14 +418,20 @@ mod tests {
     fn a_repeated_key_is_written_once_with_its_last_value() {
         let text =
             r#"{"n": 1, "m": [1], "$os": "a", "n": {"x": 2}, "$os": "b", "k\u00e9": 1, "ké": 2}"#;
-        let (properties, read) = EventProperties::read(text, is_read);
-        let out = Edit::new().apply(&properties, &read).unwrap();
-        assert_eq!(out, r#"{"n":{"x": 2},"m":[1],"$os":"b","ké":2}"#);
+        let expected = r#"{"n":{"x": 2},"m":[1],"$os":"b","ké":2}"#;
+        assert_eq!(without_repeated_keys(text).unwrap(), expected);
         let parsed: Map<String, Value> = serde_json::from_str(text).unwrap();
         assert_eq!(
-            serde_json::from_str::<Map<String, Value>>(&out).unwrap(),
+            serde_json::from_str::<Map<String, Value>>(expected).unwrap(),
             parsed
         );
+        assert_eq!(without_repeated_keys(r#"{"n": 1, "m": 2}"#), None);
+        assert_eq!(without_repeated_keys("[1, 1]"), None);
+        // Met as an object in a client's event, the same.
+        let object: RawObject<'_> = serde_json::from_str(text).unwrap();
+        let (properties, read) = EventProperties::of_object(object, is_read);
+        assert_eq!(read.get("$os"), Some(&json!("b")));
+        assert_eq!(Edit::new().apply(&properties, &read).unwrap(), expected);
     }
 
     #[test]

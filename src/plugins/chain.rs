@@ -21,6 +21,7 @@ use uuid::Uuid;
 use super::catalog::{Catalog, Entry};
 use super::runtime::{CallError, Exports, Instance, WitEvent};
 use super::{PluginError, DISABLE_AFTER_FAILURES};
+use crate::event::properties::without_repeated_keys;
 use crate::event::{json_depth_within, timestamp_text, EventRow, IngestBatch, MAX_JSON_DEPTH};
 use crate::store::{PluginConfig, PluginConfigId, TeamId};
 
@@ -468,7 +469,7 @@ pub(super) fn to_wit(row: &EventRow, team_id: TeamId, ip: Option<&str>) -> WitEv
 /// within capture's limits (size, nesting, name and distinct id length); what it left as it was
 /// is not checked again.
 fn check_changed(
-    e: WitEvent,
+    mut e: WitEvent,
     input: &WitEvent,
     key: (Uuid, DateTime<Utc>),
     team_id: TeamId,
@@ -516,6 +517,41 @@ fn check_changed(
         if !is_object {
             return Err("the properties are not a JSON object".into());
         }
+        // A key given twice counts once, with its last value, as capture keeps it (the steps
+        // after this one read text the appliance wrote as having no repeated key).
+        if let Some(once) = without_repeated_keys(&e.properties) {
+            e.properties = once;
+        }
     }
     Ok((e, (key.0, timestamp)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_event_keeps_each_property_once_with_its_last_value() {
+        let row = EventRow {
+            uuid: Uuid::now_v7(),
+            event: "e".into(),
+            distinct_id: "d".into(),
+            properties: r#"{"a":1}"#.into(),
+            timestamp: Utc::now(),
+            elements_chain: String::new(),
+        };
+        let input = to_wit(&row, 7, None);
+        let key = (row.uuid, row.timestamp);
+        let mut changed = input.clone();
+        changed.properties = r#"{"a": 1, "b": 2, "a": 3}"#.into();
+        let (kept, _) = check_changed(changed, &input, key, 7, 1 << 20).unwrap();
+        assert_eq!(kept.properties, r#"{"a":3,"b":2}"#);
+        let mut changed = input.clone();
+        changed.properties = r#"{"a": 1, "b": 2}"#.into();
+        let (kept, _) = check_changed(changed, &input, key, 7, 1 << 20).unwrap();
+        assert_eq!(kept.properties, r#"{"a": 1, "b": 2}"#, "left as it came");
+        let mut changed = input.clone();
+        changed.properties = "[1]".into();
+        assert!(check_changed(changed, &input, key, 7, 1 << 20).is_err());
+    }
 }
