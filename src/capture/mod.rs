@@ -10,6 +10,7 @@
 pub mod budget;
 pub mod decode;
 pub mod error;
+mod event;
 mod flags;
 mod intake;
 pub mod lz64;
