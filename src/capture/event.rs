@@ -103,17 +103,14 @@ impl<'de> Deserialize<'de> for EventFields<'de> {
     }
 }
 
-/// Reads and checks one event; on success it has a string `distinct_id` and a hyphenated
-/// `uuid`.
+/// Reads and checks one event (`json`, a value of a payload already read as JSON); on success
+/// it has a string `distinct_id` and a hyphenated `uuid`.
 pub fn read_event<'t>(
     json: &'t str,
     default_event: Option<&str>,
 ) -> Result<CapturedEvent<'t>, Refusal> {
-    if !json.trim_start().starts_with('{') {
-        let kind = match serde_json::from_str::<Value>(json) {
-            Ok(value) => json_kind(&value),
-            Err(e) => return Err((None, parse_error(e))),
-        };
+    let kind = json_kind(json);
+    if kind != "an object" {
         return Err((None, format!("an event must be a JSON object, not {kind}")));
     }
     let fields: EventFields<'t> = serde_json::from_str(json).map_err(|e| (None, parse_error(e)))?;
@@ -167,14 +164,15 @@ fn parse_error(e: serde_json::Error) -> String {
     }
 }
 
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// What kind of value `json` (text known to be JSON) is, told by its first character.
+pub fn json_kind(json: &str) -> &'static str {
+    match json.trim_start().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
     }
 }
 

@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::error::{CaptureError, Rejection};
-use super::event::read_event;
+use super::event::{json_kind, read_event};
 use crate::event::normalize::{normalize, RequestContext};
 use crate::event::timestamp::parse_client_time;
 use crate::event::timestamp::TimestampWarning;
@@ -95,13 +95,7 @@ pub fn split_payload(bytes: Vec<u8>, max_events: usize) -> Result<SplitPayload, 
         _ => {
             // A scalar: say which, once it is known to be JSON at all.
             parse_whole(&text, IgnoredAnySeed, max_events)?;
-            let kind = match first {
-                b'"' => "a string",
-                b't' | b'f' => "a boolean",
-                b'n' => "null",
-                _ => "a number",
-            };
-            return Err(CaptureError::UnexpectedShape(kind));
+            return Err(CaptureError::UnexpectedShape(json_kind(&text)));
         }
     };
     Ok(SplitPayload {

@@ -10,8 +10,10 @@
 //! with its own list of keys.
 //!
 //! Of a key given twice, the last value counts (as in a parsed tree, and as PostHog's capture
-//! keeps it): text with a repeated key is always written again, each key once, where it first
-//! stood, with its last value.
+//! keeps it). Text from outside (an object met in a client's event, or given to
+//! [`with_each_key_once`]) is checked for repeated keys and, if it has one, written again with
+//! each key once, where it first stood, with its last value; text the appliance wrote has none,
+//! and is not checked again.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -40,12 +42,7 @@ impl<'t> EventProperties<'t> {
         text: &'t str,
         is_read: impl Fn(&str) -> bool,
     ) -> (EventProperties<'t>, Map<String, Value>) {
-        let mut de = serde_json::Deserializer::from_str(text);
-        let entries = RawEntries
-            .deserialize(&mut de)
-            .ok()
-            .filter(|_| de.end().is_ok());
-        EventProperties::of_entries(Some(text), entries, is_read, false)
+        EventProperties::of_entries(Some(text), entries_of(text), is_read, false)
     }
 
     /// The properties of entries met while parsing a larger text (an event from a client); of a
@@ -82,29 +79,35 @@ impl<'t> EventProperties<'t> {
         (properties, read)
     }
 
-    /// Whether the text was a JSON object.
-    pub fn is_object(&self) -> bool {
-        self.entries.is_some()
-    }
-
     /// The text they were read from, if they were read on their own.
     pub fn text(&self) -> Option<&'t str> {
         self.text
     }
 }
 
-/// `text` (a JSON object) with each repeated key written once, with its last value, where it
-/// first stood; `None` if no key is repeated (or the text is not an object).
-pub fn without_repeated_keys(text: &str) -> Option<String> {
+/// Text from outside that is not a JSON object.
+#[derive(Debug, PartialEq)]
+pub struct NotAnObject;
+
+/// Checks that `text` is a JSON object; if some key in it is repeated, the text with each key
+/// once, with its last value, where it first stood (`None`: the text is fine as it is).
+pub fn with_each_key_once(text: &str) -> Result<Option<String>, NotAnObject> {
+    let entries = entries_of(text).ok_or(NotAnObject)?;
+    let (properties, read) =
+        EventProperties::of_entries(Some(text), Some(entries), |_| false, true);
+    Ok(if properties.repeated {
+        Edit::new().apply(&properties, &read)
+    } else {
+        None
+    })
+}
+
+/// The entries of `text` if all of it is one JSON object.
+fn entries_of(text: &str) -> Option<Vec<(Key<'_>, &RawValue)>> {
     let mut de = serde_json::Deserializer::from_str(text);
     let entries = RawEntries.deserialize(&mut de).ok()?;
     de.end().ok()?;
-    let (properties, read) =
-        EventProperties::of_entries(Some(text), Some(entries), |_| false, true);
-    properties
-        .repeated
-        .then(|| Edit::new().apply(&properties, &read))
-        .flatten()
+    Some(entries)
 }
 
 /// A JSON object's entries, values unparsed: deserialize it where an object is expected inside
@@ -134,7 +137,7 @@ fn has_repeated_key(entries: &[(Key<'_>, &RawValue)]) -> bool {
 }
 
 /// A map key, borrowed from the text unless it has escapes.
-pub struct Key<'de>(Cow<'de, str>);
+struct Key<'de>(Cow<'de, str>);
 
 impl Key<'_> {
     /// Whether the key can be written between quotes as it is: serde_json lends a key only
@@ -377,7 +380,7 @@ mod tests {
 
     fn read(text: &str) -> Option<Map<String, Value>> {
         let (properties, read) = EventProperties::read(text, is_read);
-        properties.is_object().then_some(read)
+        properties.entries.is_some().then_some(read)
     }
 
     #[test]
@@ -419,14 +422,15 @@ mod tests {
         let text =
             r#"{"n": 1, "m": [1], "$os": "a", "n": {"x": 2}, "$os": "b", "k\u00e9": 1, "ké": 2}"#;
         let expected = r#"{"n":{"x": 2},"m":[1],"$os":"b","ké":2}"#;
-        assert_eq!(without_repeated_keys(text).unwrap(), expected);
+        assert_eq!(with_each_key_once(text).unwrap().unwrap(), expected);
         let parsed: Map<String, Value> = serde_json::from_str(text).unwrap();
         assert_eq!(
             serde_json::from_str::<Map<String, Value>>(expected).unwrap(),
             parsed
         );
-        assert_eq!(without_repeated_keys(r#"{"n": 1, "m": 2}"#), None);
-        assert_eq!(without_repeated_keys("[1, 1]"), None);
+        assert_eq!(with_each_key_once(r#"{"n": 1, "m": 2}"#), Ok(None));
+        assert_eq!(with_each_key_once("[1, 1]"), Err(NotAnObject));
+        assert_eq!(with_each_key_once(r#"{"n": 1} {}"#), Err(NotAnObject));
         // Met as an object in a client's event, the same.
         let object: RawObject<'_> = serde_json::from_str(text).unwrap();
         let (properties, read) = EventProperties::of_object(object, is_read);

@@ -21,7 +21,7 @@ use uuid::Uuid;
 use super::catalog::{Catalog, Entry};
 use super::runtime::{CallError, Exports, Instance, WitEvent};
 use super::{PluginError, DISABLE_AFTER_FAILURES};
-use crate::event::properties::without_repeated_keys;
+use crate::event::properties::{with_each_key_once, NotAnObject};
 use crate::event::{json_depth_within, timestamp_text, EventRow, IngestBatch, MAX_JSON_DEPTH};
 use crate::store::{PluginConfig, PluginConfigId, TeamId};
 
@@ -512,15 +512,12 @@ fn check_changed(
                 "the properties are nested deeper than {MAX_JSON_DEPTH} levels"
             ));
         }
-        let is_object = e.properties.trim_start().starts_with('{')
-            && serde_json::from_str::<serde::de::IgnoredAny>(&e.properties).is_ok();
-        if !is_object {
-            return Err("the properties are not a JSON object".into());
-        }
         // A key given twice counts once, with its last value, as capture keeps it (the steps
         // after this one read text the appliance wrote as having no repeated key).
-        if let Some(once) = without_repeated_keys(&e.properties) {
-            e.properties = once;
+        match with_each_key_once(&e.properties) {
+            Err(NotAnObject) => return Err("the properties are not a JSON object".into()),
+            Ok(Some(once)) => e.properties = once,
+            Ok(None) => {}
         }
     }
     Ok((e, (key.0, timestamp)))
