@@ -350,14 +350,12 @@ fn dir_size(dir: &Path) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_resolving_to_loopback_is_refused_unless_the_operator_allows_it() {
     let dir = tempfile::tempdir().unwrap();
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = probe.local_addr().unwrap().port();
-    drop(probe);
-    // Serve something on that port, so an allowed request gets an answer.
+    // Serve something on a loopback port, so an allowed request gets an answer. The listener
+    // keeps the port from the moment it is chosen (probing a port and binding it again later
+    // lost it to a parallel test once).
     let app_for_port = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app_for_port).await });
     let url = format!("url=http://localhost:{port}/");
     let hostile = two_teams(dir.path(), &["mode=fetch", &url]);
