@@ -120,7 +120,10 @@ async fn a_call_that_sleeps_or_waits_on_a_silent_host_is_cut_at_its_deadline() {
         ],
     );
     let running = Arc::new(AtomicBool::new(true));
-    let checker = keep_checking_the_other_team(&app, running.clone(), Duration::from_secs(2));
+    // One read can hold a fetch and a sleep (500 ms each, the chains of one read run in turn)
+    // ahead of the other team's event, and another read may be under way when it arrives: 2 s
+    // of waiting at worst, and 3 s with a loaded machine's write, far from the minute's sleep.
+    let checker = keep_checking_the_other_team(&app, running.clone(), Duration::from_secs(3));
     for n in 0..3 {
         assert_eq!(post(&app, HOSTILE_TOKEN, &format!("fetch-{n}")).await, 200);
         assert_eq!(

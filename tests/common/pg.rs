@@ -14,6 +14,9 @@ pub struct PgServer {
     owner: Option<(u32, u32)>,
     /// Serving TLS with a certificate signed by the test CA (`ca.pem` in [`PgServer::path`]).
     tls: bool,
+    /// Whether it has served once (a restart must keep its port: tests hold its URL).
+    started: bool,
+    bind_retries: u8,
 }
 
 /// The newest PostgreSQL's binaries on this machine; fails loudly when there are none.
@@ -70,6 +73,8 @@ impl PgServer {
             port: free_port(),
             owner,
             tls,
+            started: false,
+            bind_retries: 0,
         };
         let init = server
             .as_owner(&mut Command::new(bin_dir().join("initdb")))
@@ -223,6 +228,23 @@ impl PgServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // The port was free when chosen, but another test may have taken it since (initdb
+            // takes seconds): a first start that cannot bind tries again on another port.
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some();
+            if exited
+                && !self.started
+                && self.bind_retries < 5
+                && self.log().contains("Address already in use")
+            {
+                self.bind_retries += 1;
+                self.port = free_port();
+                return self.resume();
+            }
+            assert!(!exited, "postgres exited at start: {}", self.log());
             let ready = Command::new(bin_dir().join("pg_isready"))
                 .args([
                     "-h",
@@ -238,6 +260,7 @@ impl PgServer {
                 .status()
                 .is_ok_and(|s| s.success());
             if ready {
+                self.started = true;
                 return;
             }
             assert!(
