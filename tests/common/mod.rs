@@ -28,11 +28,28 @@ pub fn free_port() -> u16 {
 
 /// Waits until something accepts connections on `port`; fails loudly after `within`.
 pub fn wait_listening(port: u16, what: &str, within: Duration) {
+    assert!(wait_listening_while_running(None, port, what, within));
+}
+
+/// Waits until something accepts connections on `port`, or `server` exits (answers `false`:
+/// a server that could not bind the port it was given); fails loudly after `within`.
+pub fn wait_listening_while_running(
+    mut server: Option<&mut std::process::Child>,
+    port: u16,
+    what: &str,
+    within: Duration,
+) -> bool {
     let deadline = Instant::now() + within;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(child) = server.as_mut() {
+            if child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+        }
         assert!(Instant::now() < deadline, "{what} did not listen on {port}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 pub fn binary() -> &'static str {

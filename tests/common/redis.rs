@@ -18,28 +18,35 @@ impl RedisServer {
             "{binary} not found (apt-get install redis-server; .ci/run does)"
         );
         let dir = tempfile::tempdir().expect("a directory for redis");
-        let port = super::free_port();
-        let child = Command::new(binary)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        super::wait_listening(port, "redis-server", Duration::from_secs(10));
-        RedisServer {
-            child,
-            _dir: dir,
-            port,
+        // The port was free when chosen, but a parallel test may take it before redis binds it:
+        // a server that exits at start tries again on another port.
+        for _ in 0..5 {
+            let port = super::free_port();
+            let mut child = Command::new(binary)
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            let within = Duration::from_secs(10);
+            if super::wait_listening_while_running(Some(&mut child), port, "redis-server", within) {
+                return RedisServer {
+                    child,
+                    _dir: dir,
+                    port,
+                };
+            }
         }
+        panic!("redis-server exited at start five times");
     }
 
     pub fn url(&self) -> String {
