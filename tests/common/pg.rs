@@ -14,10 +14,10 @@ pub struct PgServer {
     owner: Option<(u32, u32)>,
     /// Serving TLS with a certificate signed by the test CA (`ca.pem` in [`PgServer::path`]).
     tls: bool,
-    /// Whether it has served once (a restart must keep its port: tests hold its URL).
-    started: bool,
-    bind_retries: u8,
 }
+
+/// Postgres exited at start because its port was taken.
+struct PortTaken;
 
 /// The newest PostgreSQL's binaries on this machine; fails loudly when there are none.
 fn bin_dir() -> PathBuf {
@@ -73,8 +73,6 @@ impl PgServer {
             port: free_port(),
             owner,
             tls,
-            started: false,
-            bind_retries: 0,
         };
         let init = server
             .as_owner(&mut Command::new(bin_dir().join("initdb")))
@@ -100,8 +98,16 @@ impl PgServer {
         if tls {
             server.make_certificates();
         }
-        server.resume();
-        server
+        // The port was free when chosen, but another test may have taken it since (initdb
+        // takes seconds): the first start tries again on another port. Restarts keep theirs,
+        // because tests hold the server's URL.
+        for _ in 0..5 {
+            if server.start_on_port().is_ok() {
+                return server;
+            }
+            server.port = free_port();
+        }
+        panic!("postgres found its port taken five times: {}", server.log());
     }
 
     /// A CA and a server certificate signed by it, with openssl (installed by .ci/run).
@@ -188,8 +194,17 @@ impl PgServer {
         command.current_dir(self.dir.path())
     }
 
-    /// Starts the server (again) on its port and waits until it accepts connections.
+    /// Starts the server again on its port and waits until it accepts connections.
     pub fn resume(&mut self) {
+        assert!(
+            self.start_on_port().is_ok(),
+            "postgres found its port {} taken: {}",
+            self.port,
+            self.log()
+        );
+    }
+
+    fn start_on_port(&mut self) -> Result<(), PortTaken> {
         let log = std::fs::File::create(self.dir.path().join("server.log")).expect("server log");
         if let Some((uid, gid)) = self.owner {
             let _ =
@@ -228,21 +243,13 @@ impl PgServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            // The port was free when chosen, but another test may have taken it since (initdb
-            // takes seconds): a first start that cannot bind tries again on another port.
             let exited = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
                 .is_some();
-            if exited
-                && !self.started
-                && self.bind_retries < 5
-                && self.log().contains("Address already in use")
-            {
-                self.bind_retries += 1;
-                self.port = free_port();
-                return self.resume();
+            if exited && self.log().contains("Address already in use") {
+                return Err(PortTaken);
             }
             assert!(!exited, "postgres exited at start: {}", self.log());
             let ready = Command::new(bin_dir().join("pg_isready"))
@@ -260,8 +267,7 @@ impl PgServer {
                 .status()
                 .is_ok_and(|s| s.success());
             if ready {
-                self.started = true;
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
