@@ -152,11 +152,15 @@ pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Valu
     }
     let is_server = properties.get("$is_server") == Some(&Value::Bool(true));
     // What the event does not set itself, gathered before anything is written (the first
-    // source of a name wins: `$os` before `$os_name`).
-    let given = |name: &str, key: &str| match properties.get(name) {
-        Some(Value::Object(map)) => map.contains_key(key),
-        _ => false,
+    // source of a name wins: `$os` before `$os_name`). The event's own objects are looked up
+    // once, not once per name.
+    let own = |name: &str| match properties.get(name) {
+        Some(Value::Object(map)) => Some(map),
+        _ => None,
     };
+    let (own_set, own_set_once) = (own("$set"), own("$set_once"));
+    let given =
+        |own: Option<&Map<String, Value>>, key: &str| own.is_some_and(|m| m.contains_key(key));
     let mut set = Map::new();
     let mut set_once = Map::new();
     for (key, initial) in EVENT_TO_PERSON_PROPERTIES
@@ -170,10 +174,10 @@ pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Valu
         if is_server && matches!(person_key, "$os" | "$os_version") {
             continue;
         }
-        if !set.contains_key(person_key) && !given("$set", person_key) {
+        if !set.contains_key(person_key) && !given(own_set, person_key) {
             set.insert(person_key.to_owned(), value.clone());
         }
-        if !value.is_null() && !set_once.contains_key(initial) && !given("$set_once", initial) {
+        if !value.is_null() && !set_once.contains_key(initial) && !given(own_set_once, initial) {
             set_once.insert(initial.to_owned(), value.clone());
         }
     }
@@ -247,11 +251,7 @@ impl<'a> PropertyUpdate<'a> {
                     || self.set.contains_key(*k)
             })
             || self.set.iter().any(|(k, v)| {
-                let current = if values.contains_key(k) {
-                    values.get(k)
-                } else {
-                    self.set_once.get(k)
-                };
+                let current = values.get(k).or_else(|| self.set_once.get(k));
                 current != Some(v) && (person_event || !is_filtered(k))
             })
     }
