@@ -52,8 +52,11 @@ struct Args {
     #[arg(long, default_value_t = 10_000.0)]
     memory_rate: f64,
     /// What each event carries: `trimmed` (the 17 properties of a posthog-js `$pageview` that
-    /// matter most) or `posthog-js` (all 75 properties a captured posthog-js `$pageview`
-    /// carries, for an identified user, so the person step does its full work)
+    /// matter most), `posthog-js` (all 75 properties a captured posthog-js `$pageview`
+    /// carries, for an identified user, so the person step does its full work) or `personless`
+    /// (`trimmed` with `$process_person_profile: false`, as posthog-js sends it for an
+    /// anonymous user under `person_profiles: 'identified_only'`: no person is processed, so
+    /// the same build measures what person processing costs)
     #[arg(long, value_enum, default_value_t = Events::Trimmed)]
     events: Events,
 }
@@ -62,6 +65,7 @@ struct Args {
 enum Events {
     Trimmed,
     PosthogJs,
+    Personless,
 }
 
 /// The targets on a 2-core machine; latency is also measured at half of each.
@@ -125,6 +129,9 @@ fn event(n: u64, events: Events) -> Value {
         },
         "timestamp": "2026-11-26T02:25:24.349Z"
     });
+    if let (Events::Personless, Some(properties)) = (events, event["properties"].as_object_mut()) {
+        properties.insert("$process_person_profile".into(), Value::Bool(false));
+    }
     if let (Events::PosthogJs, Some(properties)) = (events, event["properties"].as_object_mut()) {
         // The rest of what posthog-js 1.449 sent with a `$pageview` in the captured fixtures
         // (`../shared/notes/fixtures/js-fetch-1.json`), for a user it has identified.
