@@ -19,7 +19,9 @@ impl RedisServer {
         );
         let dir = tempfile::tempdir().expect("a directory for redis");
         // The port was free when chosen, but a parallel test may take it before redis binds it:
-        // a server that exits at start tries again on another port.
+        // a server that exits at start because of that tries again on another port (as the
+        // Postgres test server does); any other exit fails with redis's own words.
+        let log = dir.path().join("redis.log");
         for _ in 0..5 {
             let port = super::free_port();
             let mut child = Command::new(binary)
@@ -33,6 +35,8 @@ impl RedisServer {
                 ])
                 .arg("--dir")
                 .arg(dir.path())
+                .arg("--logfile")
+                .arg(&log)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -45,8 +49,13 @@ impl RedisServer {
                     port,
                 };
             }
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                said.contains("Address already in use"),
+                "redis-server exited at start: {said}"
+            );
         }
-        panic!("redis-server exited at start five times");
+        panic!("redis-server found its port taken five times");
     }
 
     pub fn url(&self) -> String {
