@@ -33,6 +33,9 @@ pub struct EventProperties<'t> {
     entries: Option<Vec<(Key<'t>, &'t RawValue)>>,
     /// Some key is given more than once.
     repeated: bool,
+    /// The keys the reader named, in key order, each with its value's text (empty if some key
+    /// is repeated: [`EventProperties::raw`] then finds nothing, and callers write values).
+    read_raw: Vec<(&'t str, &'t RawValue)>,
 }
 
 impl<'t> EventProperties<'t> {
@@ -63,18 +66,27 @@ impl<'t> EventProperties<'t> {
         check_repeats: bool,
     ) -> (EventProperties<'t>, Map<String, Value>) {
         let mut read = Map::new();
-        for (Key(key), raw) in entries.iter().flatten() {
-            if is_read(key) {
+        let mut read_raw = Vec::new();
+        for (key, raw) in entries.iter().flatten() {
+            if is_read(&key.0) {
                 // The text was read as JSON already, so its values parse.
                 let value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
-                read.insert(key.as_ref().to_owned(), value);
+                read.insert(key.0.as_ref().to_owned(), value);
+                if let Cow::Borrowed(name) = key.0 {
+                    read_raw.push((name, *raw));
+                }
             }
         }
         let repeated = check_repeats && entries.as_deref().is_some_and(has_repeated_key);
+        if repeated {
+            read_raw.clear();
+        }
+        read_raw.sort_unstable_by_key(|(name, _)| *name);
         let properties = EventProperties {
             text,
             entries,
             repeated,
+            read_raw,
         };
         (properties, read)
     }
@@ -82,6 +94,16 @@ impl<'t> EventProperties<'t> {
     /// The text they were read from, if they were read on their own.
     pub fn text(&self) -> Option<&'t str> {
         self.text
+    }
+
+    /// The text of the value of `key`, one the reader named, as it came (so it can be copied
+    /// into other JSON instead of being written again).
+    pub fn raw(&self, key: &str) -> Option<&'t RawValue> {
+        let at = self
+            .read_raw
+            .binary_search_by(|(name, _)| (*name).cmp(key))
+            .ok()?;
+        self.read_raw.get(at).map(|(_, raw)| *raw)
     }
 }
 
@@ -197,6 +219,8 @@ pub struct Edit {
     replaced: bool,
     /// Every key added, changed or removed.
     touched: Vec<String>,
+    /// Touched keys whose new value's text the step wrote itself ([`Edit::wrote_text`]).
+    texts: Vec<(String, String)>,
 }
 
 impl Default for Edit {
@@ -211,6 +235,7 @@ impl Edit {
         Edit {
             replaced: false,
             touched: Vec::new(),
+            texts: Vec::new(),
         }
     }
 
@@ -231,9 +256,43 @@ impl Edit {
     /// Records that `key` was written (or removed); `was_there` if the text had it before.
     pub fn wrote(&mut self, key: &str, was_there: bool) {
         self.replaced |= was_there;
+        self.texts.retain(|(k, _)| k != key);
         if !self.touched.iter().any(|k| k == key) {
             self.touched.push(key.to_owned());
         }
+    }
+
+    /// Records that `key` was written, with `text` the JSON text of the value it now has in
+    /// the read keys (written as it is, instead of writing that value again).
+    pub fn wrote_text(&mut self, key: &str, was_there: bool, text: String) {
+        self.wrote(key, was_there);
+        self.texts.push((key.to_owned(), text));
+    }
+
+    /// Writes the entry of touched `key`, from its text if the step wrote one, else from
+    /// `read` (nothing if `read` lacks it: the key went).
+    fn push_touched(
+        &self,
+        out: &mut Vec<u8>,
+        first: &mut bool,
+        key: &str,
+        read: &Map<String, Value>,
+    ) {
+        if let Some((_, text)) = self.texts.iter().find(|(k, _)| k == key) {
+            push_key(out, first, key, false);
+            out.extend_from_slice(text.as_bytes());
+        } else if let Some(value) = read.get(key) {
+            push_entry(out, first, key, value);
+        }
+    }
+
+    /// Room for the touched entries, ahead of writing them.
+    fn room(&self) -> usize {
+        self.texts
+            .iter()
+            .map(|(k, t)| k.len() + t.len() + 4)
+            .sum::<usize>()
+            + 64 * self.touched.len()
     }
 
     /// The text of `properties` in line with `read`, the read keys as the step left them;
@@ -256,8 +315,7 @@ impl Edit {
         match properties.text {
             Some(_) if self.touched.is_empty() => return None,
             Some(text) if !self.replaced => {
-                if let Some(appended) = append(text, self.touched.iter().map(String::as_str), read)
-                {
+                if let Some(appended) = self.append(text, read) {
                     return Some(appended);
                 }
             }
@@ -278,7 +336,7 @@ impl Edit {
         last: Option<HashMap<&str, &RawValue, RandomState>>,
     ) -> String {
         let mut written: HashSet<&str, RandomState> = HashSet::default();
-        let mut out = Vec::with_capacity(size + 256);
+        let mut out = Vec::with_capacity(size + self.room());
         out.push(b'{');
         let mut first = true;
         for (entry_key, raw) in entries {
@@ -294,20 +352,30 @@ impl Edit {
                     push_key(&mut out, &mut first, key, entry_key.as_is());
                     out.extend_from_slice(raw.get().as_bytes());
                 }
-                Some(touched) => {
-                    if let Some(value) = read.get(touched) {
-                        push_entry(&mut out, &mut first, touched, value);
-                    }
-                }
+                Some(touched) => self.push_touched(&mut out, &mut first, touched, read),
             }
         }
         for key in &self.touched {
-            if let (false, Some(value)) = (written.contains(key.as_str()), read.get(key)) {
-                push_entry(&mut out, &mut first, key, value);
+            if !written.contains(key.as_str()) {
+                self.push_touched(&mut out, &mut first, key, read);
             }
         }
         out.push(b'}');
         into_text(out)
+    }
+
+    /// `text` with the touched keys (all new to it) appended, or `None` if `text` does not end
+    /// as an object does.
+    fn append(&self, text: &str, read: &Map<String, Value>) -> Option<String> {
+        let open = text.trim_end().strip_suffix('}')?.trim_end();
+        let mut out = Vec::with_capacity(open.len() + self.room() + 1);
+        out.extend_from_slice(open.as_bytes());
+        let mut first = out.ends_with(b"{");
+        for key in &self.touched {
+            self.push_touched(&mut out, &mut first, key, read);
+        }
+        out.push(b'}');
+        Some(into_text(out))
     }
 }
 
@@ -319,24 +387,6 @@ fn last_values<'e>(
         .iter()
         .map(|(Key(key), raw)| (key.as_ref(), *raw))
         .collect()
-}
-
-/// `text` with `keys` (their values in `read`) appended, or `None` if `text` does not end as
-/// an object does.
-fn append<'k>(
-    text: &str,
-    keys: impl Iterator<Item = &'k str>,
-    read: &Map<String, Value>,
-) -> Option<String> {
-    let open = text.trim_end().strip_suffix('}')?.trim_end();
-    let mut out = Vec::with_capacity(text.len() + 256);
-    out.extend_from_slice(open.as_bytes());
-    let mut first = out.ends_with(b"{");
-    for (key, value) in keys.filter_map(|k| read.get_key_value(k)) {
-        push_entry(&mut out, &mut first, key, value);
-    }
-    out.push(b'}');
-    Some(into_text(out))
 }
 
 /// Writes `key` and its colon, after a comma unless it is the `first` entry; `as_is` if the key
@@ -436,6 +486,35 @@ mod tests {
         let (properties, read) = EventProperties::of_object(object, is_read);
         assert_eq!(read.get("$os"), Some(&json!("b")));
         assert_eq!(Edit::new().apply(&properties, &read).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_value_text_the_step_wrote_is_used_until_the_key_is_written_again() {
+        let text = r#"{"$os": "Linux", "$pp": 1.50, "$set": {"a": 1}}"#;
+        let (properties, mut read) = EventProperties::read(text, is_read);
+        assert_eq!(properties.raw("$pp").map(RawValue::get), Some("1.50"));
+        assert_eq!(
+            properties.raw("$set").map(RawValue::get),
+            Some(r#"{"a": 1}"#)
+        );
+        assert!(properties.raw("n").is_none());
+        read.insert("$set_once".into(), json!({"$initial_os": 1.5}));
+        let mut edit = Edit::new();
+        edit.wrote_text("$set_once", false, r#"{"$initial_os":1.50}"#.into());
+        assert_eq!(
+            edit.apply(&properties, &read).unwrap(),
+            r#"{"$os": "Linux", "$pp": 1.50, "$set": {"a": 1},"$set_once":{"$initial_os":1.50}}"#
+        );
+        edit.wrote("$set_once", false);
+        edit.set(&mut read, "$os", json!("Mac"));
+        assert_eq!(
+            edit.apply(&properties, &read).unwrap(),
+            r#"{"$os":"Mac","$pp":1.50,"$set":{"a": 1},"$set_once":{"$initial_os":1.5}}"#
+        );
+        // Repeated keys: no value text is lent.
+        let object: RawObject<'_> = serde_json::from_str(r#"{"$os": 1, "$os": 2}"#).unwrap();
+        let (properties, _) = EventProperties::of_object(object, is_read);
+        assert!(properties.raw("$os").is_none());
     }
 
     #[test]

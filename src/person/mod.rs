@@ -85,6 +85,13 @@ impl Person {
 #[derive(Default)]
 pub struct TextCache(OnceLock<Arc<str>>);
 
+impl TextCache {
+    /// A cache holding `text`, the properties' text as serde_json writes it.
+    pub fn of(text: Arc<str>) -> Self {
+        TextCache(OnceLock::from(text))
+    }
+}
+
 impl Clone for TextCache {
     fn clone(&self) -> Self {
         TextCache::default()

@@ -144,16 +144,44 @@ const INITIAL_PERSON_PROPERTIES: [&str; 19] = [
     "$initial_raw_user_agent",
 ];
 
-/// Adds PostHog's automatic person properties of `event` to its `$set` and `$set_once`;
-/// answers whether that changed anything. A key the event sets itself is left as it set it.
-pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Value>) -> bool {
+/// [`EVENT_TO_PERSON_PROPERTIES`] in key order, each with its place in that list.
+static BY_KEY: std::sync::LazyLock<Vec<(&'static str, usize)>> = std::sync::LazyLock::new(|| {
+    let mut by_key: Vec<_> = EVENT_TO_PERSON_PROPERTIES
+        .into_iter()
+        .enumerate()
+        .map(|(index, key)| (key, index))
+        .collect();
+    by_key.sort_unstable();
+    by_key
+});
+
+/// The automatic person properties of an event, chosen but not yet written: for `$set` and
+/// for `$set_once`, each person property with the event property it comes from and its value.
+pub struct AutoProperties<'m> {
+    pub set: Vec<(&'static str, &'static str, &'m Value)>,
+    pub set_once: Vec<(&'static str, &'static str, &'m Value)>,
+}
+
+/// PostHog's automatic person properties of `event`: what its `$set` and `$set_once` gain. A
+/// key the event sets itself is left as it set it.
+pub fn auto_person_properties<'m>(
+    event: &str,
+    properties: &'m Map<String, Value>,
+) -> AutoProperties<'m> {
+    let mut auto = AutoProperties {
+        set: Vec::new(),
+        set_once: Vec::new(),
+    };
     if skips_auto_properties(event) {
-        return false;
+        return auto;
     }
     let is_server = properties.get("$is_server") == Some(&Value::Bool(true));
-    // What the event does not set itself, gathered before anything is written (the first
-    // source of a name wins: `$os` before `$os_name`). The event's own objects are looked up
-    // once, not once per name.
+    // Each listed property the event has, found in one walk of its keys.
+    let mut found = [None; EVENT_TO_PERSON_PROPERTIES.len()];
+    let mut walk = SortedLookup::new(properties);
+    for (key, index) in BY_KEY.iter() {
+        found[*index] = walk.get(key);
+    }
     let own = |name: &str| match properties.get(name) {
         Some(Value::Object(map)) => Some(map),
         _ => None,
@@ -161,40 +189,103 @@ pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Valu
     let (own_set, own_set_once) = (own("$set"), own("$set_once"));
     let given =
         |own: Option<&Map<String, Value>>, key: &str| own.is_some_and(|m| m.contains_key(key));
-    let mut set = Map::new();
-    let mut set_once = Map::new();
-    for (key, initial) in EVENT_TO_PERSON_PROPERTIES
+    // The first source of a name wins: `$os` before `$os_name`.
+    let has = |list: &[(&str, &str, &Value)], key: &str| list.iter().any(|(k, _, _)| *k == key);
+    for ((key, initial), value) in EVENT_TO_PERSON_PROPERTIES
         .into_iter()
         .zip(INITIAL_PERSON_PROPERTIES)
+        .zip(found)
     {
-        let Some(value) = properties.get(key) else {
+        let Some(value) = value else {
             continue;
         };
         let person_key = if key == "$os_name" { "$os" } else { key };
         if is_server && matches!(person_key, "$os" | "$os_version") {
             continue;
         }
-        if !set.contains_key(person_key) && !given(own_set, person_key) {
-            set.insert(person_key.to_owned(), value.clone());
+        if !has(&auto.set, person_key) && !given(own_set, person_key) {
+            auto.set.push((person_key, key, value));
         }
-        if !value.is_null() && !set_once.contains_key(initial) && !given(own_set_once, initial) {
-            set_once.insert(initial.to_owned(), value.clone());
+        if !value.is_null() && !has(&auto.set_once, initial) && !given(own_set_once, initial) {
+            auto.set_once.push((initial, key, value));
         }
     }
+    auto
+}
+
+/// The automatic properties to add to `$set` and to `$set_once`, as owned maps (empty if none).
+pub fn owned_auto_properties(auto: AutoProperties<'_>) -> [(&'static str, Map<String, Value>); 2] {
+    let owned = |list: Vec<(&str, &str, &Value)>| -> Map<String, Value> {
+        list.into_iter()
+            .map(|(k, _, v)| (k.to_owned(), v.clone()))
+            .collect()
+    };
+    [
+        ("$set", owned(auto.set)),
+        ("$set_once", owned(auto.set_once)),
+    ]
+}
+
+/// Adds `extra` to `$set` or `$set_once` (`name`) of `properties`; answers whether that changed
+/// anything.
+pub fn add_to_object(
+    properties: &mut Map<String, Value>,
+    name: &str,
+    extra: Map<String, Value>,
+) -> bool {
+    if extra.is_empty() {
+        return false;
+    }
+    match properties.get_mut(name) {
+        Some(Value::Object(target)) => target.extend(extra),
+        _ => {
+            properties.insert(name.to_owned(), Value::Object(extra));
+        }
+    }
+    true
+}
+
+/// Adds PostHog's automatic person properties of `event` to its `$set` and `$set_once`;
+/// answers whether that changed anything.
+pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Value>) -> bool {
+    let extra = owned_auto_properties(auto_person_properties(event, properties));
     let mut changed = false;
-    for (name, extra) in [("$set", set), ("$set_once", set_once)] {
-        if extra.is_empty() {
-            continue;
-        }
-        changed = true;
-        match properties.get_mut(name) {
-            Some(Value::Object(target)) => target.extend(extra),
-            _ => {
-                properties.insert(name.to_owned(), Value::Object(extra));
-            }
-        }
+    for (name, extra) in extra {
+        changed |= add_to_object(properties, name, extra);
     }
     changed
+}
+
+/// Looks keys up in a map by walking it once, for keys asked in ascending order: a person's
+/// or an event's properties are compared key by key with another sorted list, and one walk
+/// costs far fewer string comparisons than a search per key.
+///
+/// serde_json's `Map` iterates in key order as long as its `preserve_order` feature is off
+/// (`map_iterates_in_key_order` checks it).
+struct SortedLookup<'m> {
+    rest: std::iter::Peekable<serde_json::map::Iter<'m>>,
+}
+
+impl<'m> SortedLookup<'m> {
+    fn new(map: &'m Map<String, Value>) -> Self {
+        SortedLookup {
+            rest: map.iter().peekable(),
+        }
+    }
+
+    /// The value of `key`; `key` must not come before the key asked last.
+    fn get(&mut self, key: &str) -> Option<&'m Value> {
+        while let Some((at, value)) = self.rest.peek() {
+            match at.as_str().cmp(key) {
+                std::cmp::Ordering::Less => {
+                    self.rest.next();
+                }
+                std::cmp::Ordering::Equal => return Some(value),
+                std::cmp::Ordering::Greater => return None,
+            }
+        }
+        None
+    }
 }
 
 /// What an event asks of its person's properties, borrowed from the event.
@@ -240,27 +331,89 @@ impl<'a> PropertyUpdate<'a> {
         self.set_once.is_empty() && self.set.is_empty() && self.unset.is_empty()
     }
 
-    /// Whether applying it to `values` would change anything that warrants a write (the same
-    /// judgement as [`apply_update`], without changing anything).
-    pub fn would_change(&self, values: &Map<String, Value>, event: &str) -> bool {
+    /// What applying it to `values` would do: whether it changes anything that warrants a
+    /// write (the same judgement as [`apply_update`], without changing anything), and whether
+    /// `$set` agrees with `values` already. One walk of each sorted map answers both.
+    pub fn effect(&self, values: &Map<String, Value>, event: &str) -> Effect {
         let person_event = is_person_event(event);
-        self.set_once.keys().any(|k| !values.contains_key(k))
-            || self.unset.iter().any(|k| {
-                values.contains_key(*k)
-                    || self.set_once.contains_key(*k)
-                    || self.set.contains_key(*k)
-            })
-            || self.set.iter().any(|(k, v)| {
-                let current = values.get(k).or_else(|| self.set_once.get(k));
-                current != Some(v) && (person_event || !is_filtered(k))
-            })
+        let mut held = SortedLookup::new(values);
+        let adds_once = self.set_once.keys().any(|k| held.get(k).is_none());
+        let (mut held, mut once) = (SortedLookup::new(values), SortedLookup::new(self.set_once));
+        let (mut set_agrees, mut set_changes) = (true, false);
+        for (key, value) in self.set {
+            let current = held.get(key);
+            if current == Some(value) {
+                continue;
+            }
+            set_agrees = false;
+            if !set_changes && (person_event || !is_filtered(key)) {
+                set_changes = current.or_else(|| once.get(key)) != Some(value);
+            }
+        }
+        let unsets = self.unset.iter().any(|k| {
+            values.contains_key(*k) || self.set_once.contains_key(*k) || self.set.contains_key(*k)
+        });
+        Effect {
+            changes: adds_once || unsets || set_changes,
+            set_agrees,
+        }
     }
 
     /// Whether `$set` agrees with `values` already (so the properties an event shows are the
     /// person's own).
     pub fn set_agrees(&self, values: &Map<String, Value>) -> bool {
-        self.set.iter().all(|(k, v)| values.get(k) == Some(v))
+        let mut held = SortedLookup::new(values);
+        self.set.iter().all(|(k, v)| held.get(k) == Some(v))
     }
+}
+
+/// The JSON text of `under` with the entries of `over` over it, as serde_json writes the
+/// merged map (keys in order), without building it: an event shows its person's properties
+/// with its own `$set` over them, and its `$set` rarely agrees where pages change.
+pub fn overlaid_text(under: &Map<String, Value>, over: &Map<String, Value>) -> String {
+    serde_json::to_string(&Overlay { under, over }).unwrap_or_default()
+}
+
+struct Overlay<'m> {
+    under: &'m Map<String, Value>,
+    over: &'m Map<String, Value>,
+}
+
+impl serde::Serialize for Overlay<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        use std::cmp::Ordering;
+        let mut map = serializer.serialize_map(None)?;
+        let (mut under, mut over) = (self.under.iter().peekable(), self.over.iter().peekable());
+        loop {
+            let order = match (under.peek(), over.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((u, _)), Some((o, _))) => u.cmp(o),
+            };
+            let (key, value) = match order {
+                Ordering::Less => under.next(),
+                Ordering::Greater => over.next(),
+                Ordering::Equal => {
+                    under.next();
+                    over.next()
+                }
+            }
+            .ok_or_else(|| serde::ser::Error::custom("overlay walk"))?;
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
+}
+
+/// What a [`PropertyUpdate`] would do to a person's properties.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Effect {
+    /// It changes something that warrants a write.
+    pub changes: bool,
+    /// Its `$set` agrees with the properties as they are.
+    pub set_agrees: bool,
 }
 
 fn is_person_event(event: &str) -> bool {
@@ -409,6 +562,104 @@ mod tests {
         let mut server = map(json!({"$os": "Linux", "$is_server": true}));
         add_auto_person_properties("e", &mut server);
         assert!(!server.contains_key("$set"));
+    }
+
+    #[test]
+    fn overlaid_text_is_the_merged_maps_text() {
+        let cases = [
+            (json!({}), json!({})),
+            (json!({"a": 1, "c": {"x": [1]}, "e": "é\n"}), json!({})),
+            (json!({}), json!({"b": 2})),
+            (
+                json!({"a": 1, "c": 3, "e": 5}),
+                json!({"b": 2, "c": "over", "f": null}),
+            ),
+            (
+                json!({"$os": "Linux", "$initial_os": "Mac"}),
+                json!({"$os": "Mac", "$a": 0}),
+            ),
+        ];
+        for (under, over) in cases {
+            let (under, over) = (map(under), map(over));
+            let mut merged = under.clone();
+            merged.extend(over.clone());
+            assert_eq!(
+                overlaid_text(&under, &over),
+                serde_json::to_string(&merged).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn map_iterates_in_key_order() {
+        // `SortedLookup` relies on it: serde_json's `preserve_order` feature must stay off.
+        let m = map(json!({"b": 1, "$z": 2, "a": 3, "$initial_os": 4, "$os": 5}));
+        let keys: Vec<&String> = m.keys().collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+    }
+
+    /// The judgement of an update, one key at a time (as PostHog writes it).
+    fn effect_key_by_key(
+        update: &PropertyUpdate,
+        values: &Map<String, Value>,
+        event: &str,
+    ) -> Effect {
+        let person_event = is_person_event(event);
+        let changes = update.set_once.keys().any(|k| !values.contains_key(k))
+            || update.unset.iter().any(|k| {
+                values.contains_key(*k)
+                    || update.set_once.contains_key(*k)
+                    || update.set.contains_key(*k)
+            })
+            || update.set.iter().any(|(k, v)| {
+                let current = values.get(k).or_else(|| update.set_once.get(k));
+                current != Some(v) && (person_event || !is_filtered(k))
+            });
+        let set_agrees = update.set.iter().all(|(k, v)| values.get(k) == Some(v));
+        Effect {
+            changes,
+            set_agrees,
+        }
+    }
+
+    #[test]
+    fn effect_is_the_key_by_key_judgement() {
+        let persons = [
+            json!({}),
+            json!({"$browser": "A", "a": 1, "z": 2}),
+            json!({"$initial_os": "Linux", "$os": "Linux", "b": null, "m": [1]}),
+        ];
+        let updates = [
+            json!({}),
+            json!({"$set": {"$browser": "A"}}),
+            json!({"$set": {"$browser": "B"}}),
+            json!({"$set": {"$browser": "B", "a": 1}, "$set_once": {"$browser": "B"}}),
+            json!({"$set_once": {"$initial_os": "Mac", "a": 7}}),
+            json!({"$set_once": {"zz": 1}, "$set": {"m": [1], "$os": "Linux"}}),
+            json!({"$set": {"b": null, "c": 0}, "$set_once": {"c": 0}}),
+            json!({"$unset": ["a"]}),
+            json!({"$unset": ["nothing"], "$set": {"$os": "Linux"}}),
+        ];
+        for person in &persons {
+            let values = map(person.clone());
+            for given in &updates {
+                let given = map(given.clone());
+                let update = PropertyUpdate::of(&given);
+                for event in ["$pageview", "$identify"] {
+                    assert_eq!(
+                        update.effect(&values, event),
+                        effect_key_by_key(&update, &values, event),
+                        "{given:?} on {values:?} by {event}"
+                    );
+                    assert_eq!(
+                        update.set_agrees(&values),
+                        effect_key_by_key(&update, &values, event).set_agrees
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -5,10 +5,11 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use super::process::{PersonProcessor, PersonState};
+use super::rules::add_auto_person_properties;
 use super::*;
 use crate::event::EventRow;
 
@@ -431,4 +432,39 @@ fn processing_the_stored_rows_again_changes_nothing() {
     assert_eq!(once.ids, twice.ids);
     assert_eq!(once.personless, twice.personless);
     assert_eq!(once.group_types, twice.group_types);
+}
+
+#[test]
+fn stored_events_carry_the_automatic_person_properties() {
+    let mut m = Memory::default();
+    let given = [
+        // No `$set` of its own: the objects are made of the values' text as it came.
+        json!({"$browser": "Fire\"fox\u{e9}", "$os_name": "Android", "$screen_width": 1.50}),
+        // Its own `$set` wins over the automatic value; its `$set_once` is added to.
+        json!({"$browser": "A", "$os": "Linux", "$set": {"$browser": "Mine"}, "$set_once": {"x": 1}}),
+        // Not an object: replaced.
+        json!({"$os": "Linux", "$set": "odd"}),
+    ];
+    for props in given {
+        let mut expected = props.as_object().cloned().unwrap();
+        add_auto_person_properties("$pageview", &mut expected);
+        let out = m.run(&[("$pageview", "u", props)]);
+        let (row, _) = out[0].clone().unwrap();
+        let stored: Map<String, Value> = serde_json::from_str(&row.properties).unwrap();
+        assert_eq!(stored, expected, "{}", row.properties);
+    }
+    let mut row = EventRow {
+        uuid: Uuid::from_u128(1_000),
+        event: "$pageview".into(),
+        distinct_id: "v".into(),
+        properties: r#"{"$screen_width": 1.50}"#.into(),
+        timestamp: at(0),
+        elements_chain: String::new(),
+    };
+    let Ok(_) = PersonProcessor::new(&mut m).process(1, &mut row);
+    assert_eq!(
+        row.properties,
+        r#"{"$screen_width": 1.50,"$set":{"$screen_width":1.50},"$set_once":{"$initial_screen_width":1.50}}"#,
+        "the value's text is copied as it came"
+    );
 }

@@ -138,12 +138,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
             self.personless_columns(team, row)?
         } else {
             edit.remove(&mut properties, "$process_person_profile");
-            let had = ["$set", "$set_once"].map(|k| properties.contains_key(k));
-            if rules::add_auto_person_properties(&row.event, &mut properties) {
-                for (key, had) in ["$set", "$set_once"].into_iter().zip(had) {
-                    edit.wrote(key, had);
-                }
-            }
+            add_auto_person_properties(row, &entries, &mut properties, &mut edit);
             self.full(team, row, &properties)?
         };
         self.groups(team, row, &mut properties, &mut edit)?;
@@ -263,14 +258,13 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
                 None => None,
             };
         }
-        let mut working = match working {
-            Some(w) => {
-                if !rules::never_updates_person(&row.event) {
-                    self.apply(team, row, w, &update)
-                } else {
-                    w
-                }
+        // Whether the event's `$set` agrees with its person's properties, where that is known
+        // already.
+        let (mut working, set_agrees) = match working {
+            Some(w) if !rules::never_updates_person(&row.event) => {
+                self.apply(team, row, w, &update)
             }
+            Some(w) => (w, None),
             None => {
                 let person = Arc::new(self.new_person(
                     team,
@@ -286,11 +280,12 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
                         version: 0,
                     }),
                 );
-                Working {
+                let created = Working {
                     person,
                     next: NextVersion::New,
                     changed: true,
-                }
+                };
+                (created, None)
             }
         };
         if working.changed {
@@ -306,12 +301,11 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         }
         // PostHog's `person_properties`: the person's properties with this event's `$set` over
         // them (what a device property that did not trigger an update would have been).
-        let shown = if update.set_agrees(&working.person.properties) {
+        let agrees = set_agrees.unwrap_or_else(|| update.set_agrees(&working.person.properties));
+        let shown = if agrees {
             working.person.properties_text()
         } else {
-            let mut shown = working.person.properties.clone();
-            shown.extend(update.set.clone());
-            Arc::from(serde_json::to_string(&shown).unwrap_or_default())
+            Arc::from(rules::overlaid_text(&working.person.properties, update.set))
         };
         Ok(PersonColumns {
             person_id: working.person.uuid,
@@ -322,16 +316,33 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
     }
 
     /// Applies the event's property update to `working`, unless the result would be too big.
+    /// Answers the person, and whether the update's `$set` agrees with its properties if that
+    /// was found out on the way.
     fn apply(
+        &mut self,
+        team: TeamId,
+        row: &EventRow,
+        working: Working,
+        update: &PropertyUpdate,
+    ) -> (Working, Option<bool>) {
+        if update.is_empty() {
+            return (working, Some(true));
+        }
+        let effect = update.effect(&working.person.properties, &row.event);
+        if !effect.changes {
+            return (working, Some(effect.set_agrees));
+        }
+        (self.change(team, row, working, update), None)
+    }
+
+    /// Applies an update that changes something, unless the result would be too big.
+    fn change(
         &mut self,
         team: TeamId,
         row: &EventRow,
         mut working: Working,
         update: &PropertyUpdate,
     ) -> Working {
-        if update.is_empty() || !update.would_change(&working.person.properties, &row.event) {
-            return working;
-        }
         let before = working.person.clone();
         let person = Arc::make_mut(&mut working.person);
         person.text = TextCache::default();
@@ -344,7 +355,8 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
             working.person = before;
             return working;
         }
-        if json_len(&working.person.properties) > MAX_PROPERTIES_BYTES {
+        let text = serde_json::to_string(&working.person.properties).unwrap_or_default();
+        if text.len() > MAX_PROPERTIES_BYTES {
             self.warn(
                 team,
                 "person_properties_size_violation",
@@ -354,6 +366,8 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
             working.person = before;
             return working;
         }
+        // Measured once, the text serves as the person's properties text too.
+        Arc::make_mut(&mut working.person).text = TextCache::of(Arc::from(text));
         working.changed = true;
         working
     }
@@ -613,6 +627,54 @@ fn identified(mut person: Arc<Person>) -> Working {
         person,
         changed,
     }
+}
+
+/// Adds PostHog's automatic person properties to the event's `$set` and `$set_once`. Where
+/// the event has no such object of its own, the new object's text is made of the values'
+/// text as it came, rather than written again from the values.
+fn add_auto_person_properties(
+    row: &EventRow,
+    entries: &EventProperties<'_>,
+    properties: &mut Map<String, Value>,
+    edit: &mut Edit,
+) {
+    let auto = rules::auto_person_properties(&row.event, properties);
+    let texts = [("$set", &auto.set), ("$set_once", &auto.set_once)].map(|(name, list)| {
+        match properties.get(name) {
+            Some(Value::Object(_)) => None,
+            _ => object_text(entries, list),
+        }
+    });
+    for ((name, extra), text) in rules::owned_auto_properties(auto).into_iter().zip(texts) {
+        let had = properties.contains_key(name);
+        if rules::add_to_object(properties, name, extra) {
+            match text {
+                Some(text) => edit.wrote_text(name, had, text),
+                None => edit.wrote(name, had),
+            }
+        }
+    }
+}
+
+/// The text of an object of `entries`' values under new names (names that need no escaping),
+/// each value's text copied as the event gave it; `None` if one has no text of its own.
+fn object_text(
+    entries: &EventProperties<'_>,
+    list: &[(&'static str, &'static str, &Value)],
+) -> Option<String> {
+    let mut out = String::with_capacity(list.len() * 48 + 2);
+    out.push('{');
+    for (name, source, _) in list {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(name);
+        out.push_str("\":");
+        out.push_str(entries.raw(source)?.get());
+    }
+    out.push('}');
+    Some(out)
 }
 
 /// JavaScript's `String(value)` for an id: strings as they are, other values as JSON text.
