@@ -96,14 +96,11 @@ impl<'t> EventProperties<'t> {
         self.text
     }
 
-    /// The text of the value of `key`, one the reader named, as it came (so it can be copied
-    /// into other JSON instead of being written again).
-    pub fn raw(&self, key: &str) -> Option<&'t RawValue> {
-        let at = self
-            .read_raw
-            .binary_search_by(|(name, _)| (*name).cmp(key))
-            .ok()?;
-        self.read_raw.get(at).map(|(_, raw)| *raw)
+    /// The keys the reader named, in key order, each with the text of its value as it came
+    /// (so it can be copied into other JSON instead of being written again). Empty if some key
+    /// is repeated.
+    pub fn read_raw(&self) -> impl Iterator<Item = (&'t str, &'t RawValue)> + '_ {
+        self.read_raw.iter().copied()
     }
 }
 
@@ -492,12 +489,15 @@ mod tests {
     fn a_value_text_the_step_wrote_is_used_until_the_key_is_written_again() {
         let text = r#"{"$os": "Linux", "$pp": 1.50, "$set": {"a": 1}}"#;
         let (properties, mut read) = EventProperties::read(text, is_read);
-        assert_eq!(properties.raw("$pp").map(RawValue::get), Some("1.50"));
+        let raw: Vec<(&str, &str)> = properties.read_raw().map(|(k, v)| (k, v.get())).collect();
         assert_eq!(
-            properties.raw("$set").map(RawValue::get),
-            Some(r#"{"a": 1}"#)
+            raw,
+            [
+                ("$os", r#""Linux""#),
+                ("$pp", "1.50"),
+                ("$set", r#"{"a": 1}"#)
+            ]
         );
-        assert!(properties.raw("n").is_none());
         read.insert("$set_once".into(), json!({"$initial_os": 1.5}));
         let mut edit = Edit::new();
         edit.wrote_text("$set_once", false, r#"{"$initial_os":1.50}"#.into());
@@ -514,7 +514,7 @@ mod tests {
         // Repeated keys: no value text is lent.
         let object: RawObject<'_> = serde_json::from_str(r#"{"$os": 1, "$os": 2}"#).unwrap();
         let (properties, _) = EventProperties::of_object(object, is_read);
-        assert!(properties.raw("$os").is_none());
+        assert_eq!(properties.read_raw().count(), 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! only describe the device do not make an update on their own.
 
 use chrono::{DateTime, Duration, Utc};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
@@ -639,10 +640,11 @@ fn add_auto_person_properties(
     edit: &mut Edit,
 ) {
     let auto = rules::auto_person_properties(&row.event, properties);
+    let raw = rules::find_listed(entries.read_raw());
     let texts = [("$set", &auto.set), ("$set_once", &auto.set_once)].map(|(name, list)| {
         match properties.get(name) {
             Some(Value::Object(_)) => None,
-            _ => object_text(entries, list),
+            _ => object_text(&raw, list),
         }
     });
     for ((name, extra), text) in rules::owned_auto_properties(auto).into_iter().zip(texts) {
@@ -656,11 +658,12 @@ fn add_auto_person_properties(
     }
 }
 
-/// The text of an object of `entries`' values under new names (names that need no escaping),
-/// each value's text copied as the event gave it; `None` if one has no text of its own.
+/// The text of an object of the listed event properties under new names (names that need no
+/// escaping), each value's text (`raw`, by place in the list) copied as the event gave it;
+/// `None` if one has no text of its own.
 fn object_text(
-    entries: &EventProperties<'_>,
-    list: &[(&'static str, &'static str, &Value)],
+    raw: &[Option<&RawValue>],
+    list: &[(&'static str, usize, &Value)],
 ) -> Option<String> {
     let mut out = String::with_capacity(list.len() * 48 + 2);
     out.push('{');
@@ -671,7 +674,7 @@ fn object_text(
         out.push('"');
         out.push_str(name);
         out.push_str("\":");
-        out.push_str(entries.raw(source)?.get());
+        out.push_str(raw.get(*source).copied().flatten()?.get());
     }
     out.push('}');
     Some(out)
