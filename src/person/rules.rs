@@ -202,8 +202,11 @@ pub fn auto_person_properties<'m>(
     let (own_set, own_set_once) = (own("$set"), own("$set_once"));
     let given =
         |own: Option<&Map<String, Value>>, key: &str| own.is_some_and(|m| m.contains_key(key));
-    // The first source of a name wins: `$os` before `$os_name`.
-    let has = |list: &[(&str, usize, &Value)], key: &str| list.iter().any(|(k, _, _)| *k == key);
+    // `$os_name` is another name for `$os`, the one name two sources share: the first given
+    // (`$os`) wins.
+    let (mut os_set, mut os_set_once) = (false, false);
+    auto.set.reserve(EVENT_TO_PERSON_PROPERTIES.len());
+    auto.set_once.reserve(EVENT_TO_PERSON_PROPERTIES.len());
     for (index, ((key, initial), value)) in EVENT_TO_PERSON_PROPERTIES
         .into_iter()
         .zip(INITIAL_PERSON_PROPERTIES)
@@ -217,11 +220,14 @@ pub fn auto_person_properties<'m>(
         if is_server && matches!(person_key, "$os" | "$os_version") {
             continue;
         }
-        if !has(&auto.set, person_key) && !given(own_set, person_key) {
+        let is_os = person_key == "$os";
+        if !(is_os && os_set) && !given(own_set, person_key) {
             auto.set.push((person_key, index, value));
+            os_set |= is_os;
         }
-        if !value.is_null() && !has(&auto.set_once, initial) && !given(own_set_once, initial) {
+        if !value.is_null() && !(is_os && os_set_once) && !given(own_set_once, initial) {
             auto.set_once.push((initial, index, value));
+            os_set_once |= is_os;
         }
     }
     auto

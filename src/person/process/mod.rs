@@ -568,6 +568,10 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
     // Reads through this step's own changes first.
 
     fn distinct_id(&mut self, team: TeamId, id: &str) -> Result<Option<DistinctId>, S::Error> {
+        // Most steps change no distinct id: no key is made to look in an empty map.
+        if self.updates.distinct_ids.is_empty() {
+            return self.state.distinct_id(team, id);
+        }
         match self.updates.distinct_ids.get(&(team, id.to_owned())) {
             Some(found) => Ok(found.clone()),
             None => self.state.distinct_id(team, id),
@@ -590,6 +594,9 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
     }
 
     fn personless(&mut self, team: TeamId, id: &str) -> Result<Option<bool>, S::Error> {
+        if self.updates.personless.is_empty() {
+            return self.state.personless(team, id);
+        }
         match self.updates.personless.get(&(team, id.to_owned())) {
             Some(merged) => Ok(Some(*merged)),
             None => self.state.personless(team, id),
