@@ -221,11 +221,12 @@ pub fn auto_person_properties<'m>(
             continue;
         }
         let is_os = person_key == "$os";
-        if !(is_os && os_set) && !given(own_set, person_key) {
+        let (set_has_it, set_once_has_it) = (is_os && os_set, is_os && os_set_once);
+        if !set_has_it && !given(own_set, person_key) {
             auto.set.push((person_key, index, value));
             os_set |= is_os;
         }
-        if !value.is_null() && !(is_os && os_set_once) && !given(own_set_once, initial) {
+        if !value.is_null() && !set_once_has_it && !given(own_set_once, initial) {
             auto.set_once.push((initial, index, value));
             os_set_once |= is_os;
         }
