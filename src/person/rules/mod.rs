@@ -4,7 +4,7 @@
 //! of `person-merge-service.ts`, the property update of `person-update.ts`
 //! (`computeEventPropertyUpdates`), the automatic person properties of
 //! `person-property-utils.ts` (in [`auto`]) and the newest `FILTERED_PERSON_UPDATE_PROPERTIES`.
-//! An update is judged and written by walking sorted maps side by side ([`SortedLookup`]).
+//! An update is judged and written by walking sorted maps side by side (`SortedLookup`).
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
