@@ -58,7 +58,8 @@ struct Args {
     /// carries, for an identified user, so the person step does its full work) or `personless`
     /// (`trimmed` with `$process_person_profile: false`, as posthog-js sends it for an
     /// anonymous user under `person_profiles: 'identified_only'`: no person is processed, so
-    /// the same build measures what person processing costs)
+    /// the same build measures what person processing costs) or `browsing` (`trimmed`, each
+    /// event on another page, so the person's page properties differ from every event's)
     #[arg(long, value_enum, default_value_t = Events::Trimmed)]
     events: Events,
 }

@@ -39,7 +39,7 @@ struct Args {
     /// Rounds per shape; the best is printed, as the machine is shared.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Only these shapes (default all three).
+    /// Only these shapes (default all four).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Events>,
 }
@@ -55,6 +55,7 @@ fn main() -> Result<(), String> {
     for (label, shape) in [
         ("trimmed $pageview (loadgen's default)", Events::Trimmed),
         ("personless", Events::Personless),
+        ("browsing, a new page each event", Events::Browsing),
         ("posthog-js $pageview in full", Events::PosthogJs),
     ] {
         if !args.only.is_empty() && !args.only.contains(&shape) {

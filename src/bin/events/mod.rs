@@ -1,5 +1,5 @@
 //! The events the benchmarks send: a posthog-js `$pageview` in the shapes a user's events
-//! come in (trimmed, in full, personless), the same for the load generator (over HTTP) and the
+//! come in (trimmed, in full, personless, browsing from page to page), the same for the load generator (over HTTP) and the
 //! person-step benchmark (in process).
 
 use serde_json::{json, Value};
@@ -10,6 +10,7 @@ pub enum Events {
     Trimmed,
     PosthogJs,
     Personless,
+    Browsing,
 }
 
 /// Stands for an event's uuid in a pre-built body; each send puts a fresh one in its place.
@@ -77,6 +78,14 @@ pub fn event(n: u64, events: Events) -> Value {
     if let Some(properties) = event["properties"].as_object_mut() {
         match events {
             Events::Trimmed => {}
+            Events::Browsing => {
+                // Each event on its own page: the person's `$current_url` and `$pathname` (set
+                // by every pageview) differ from the event's, as they do for a user browsing.
+                let page = format!("/products/{n}");
+                let url = format!("https://shop.example.com{page}?utm_source=newsletter");
+                properties.insert("$current_url".into(), Value::String(url));
+                properties.insert("$pathname".into(), Value::String(page));
+            }
             Events::Personless => {
                 properties.insert("$process_person_profile".into(), Value::Bool(false));
             }
