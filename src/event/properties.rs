@@ -33,9 +33,6 @@ pub struct EventProperties<'t> {
     entries: Option<Vec<(Key<'t>, &'t RawValue)>>,
     /// Some key is given more than once.
     repeated: bool,
-    /// The keys the reader named, in key order, each with its value's text (empty if some key
-    /// is repeated: [`EventProperties::raw`] then finds nothing, and callers write values).
-    read_raw: Vec<(&'t str, &'t RawValue)>,
 }
 
 impl<'t> EventProperties<'t> {
@@ -66,27 +63,18 @@ impl<'t> EventProperties<'t> {
         check_repeats: bool,
     ) -> (EventProperties<'t>, Map<String, Value>) {
         let mut read = Map::new();
-        let mut read_raw = Vec::new();
-        for (key, raw) in entries.iter().flatten() {
-            if is_read(&key.0) {
+        for (Key(key), raw) in entries.iter().flatten() {
+            if is_read(key) {
                 // The text was read as JSON already, so its values parse.
                 let value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
-                read.insert(key.0.as_ref().to_owned(), value);
-                if let Cow::Borrowed(name) = key.0 {
-                    read_raw.push((name, *raw));
-                }
+                read.insert(key.as_ref().to_owned(), value);
             }
         }
         let repeated = check_repeats && entries.as_deref().is_some_and(has_repeated_key);
-        if repeated {
-            read_raw.clear();
-        }
-        read_raw.sort_unstable_by_key(|(name, _)| *name);
         let properties = EventProperties {
             text,
             entries,
             repeated,
-            read_raw,
         };
         (properties, read)
     }
@@ -96,11 +84,24 @@ impl<'t> EventProperties<'t> {
         self.text
     }
 
-    /// The keys the reader named, in key order, each with the text of its value as it came
-    /// (so it can be copied into other JSON instead of being written again). Empty if some key
-    /// is repeated.
-    pub fn read_raw(&self) -> impl Iterator<Item = (&'t str, &'t RawValue)> + '_ {
-        self.read_raw.iter().copied()
+    /// The keys `wanted` names, in key order, each with the text of its value as it came (so
+    /// it can be copied into other JSON instead of being written again). Empty if some key is
+    /// repeated; a key written with escapes is left out.
+    pub fn raw_values(&self, wanted: impl Fn(&str) -> bool) -> Vec<(&'t str, &'t RawValue)> {
+        if self.repeated {
+            return Vec::new();
+        }
+        let mut raw: Vec<(&'t str, &'t RawValue)> = self
+            .entries
+            .iter()
+            .flatten()
+            .filter_map(|(key, value)| match key.0 {
+                Cow::Borrowed(name) if wanted(name) => Some((name, *value)),
+                _ => None,
+            })
+            .collect();
+        raw.sort_unstable_by_key(|(name, _)| *name);
+        raw
     }
 }
 
@@ -489,7 +490,11 @@ mod tests {
     fn a_value_text_the_step_wrote_is_used_until_the_key_is_written_again() {
         let text = r#"{"$os": "Linux", "$pp": 1.50, "$set": {"a": 1}}"#;
         let (properties, mut read) = EventProperties::read(text, is_read);
-        let raw: Vec<(&str, &str)> = properties.read_raw().map(|(k, v)| (k, v.get())).collect();
+        let raw: Vec<(&str, &str)> = properties
+            .raw_values(is_read)
+            .into_iter()
+            .map(|(k, v)| (k, v.get()))
+            .collect();
         assert_eq!(
             raw,
             [
@@ -514,7 +519,7 @@ mod tests {
         // Repeated keys: no value text is lent.
         let object: RawObject<'_> = serde_json::from_str(r#"{"$os": 1, "$os": 2}"#).unwrap();
         let (properties, _) = EventProperties::of_object(object, is_read);
-        assert_eq!(properties.read_raw().count(), 0);
+        assert!(properties.raw_values(is_read).is_empty());
     }
 
     #[test]

@@ -647,7 +647,7 @@ fn add_auto_person_properties(
     edit: &mut Edit,
 ) {
     let auto = rules::auto_person_properties(&row.event, properties);
-    let raw = rules::find_listed(entries.read_raw());
+    let raw = rules::find_listed(entries.raw_values(is_read_key).into_iter());
     let texts = [("$set", &auto.set), ("$set_once", &auto.set_once)].map(|(name, list)| {
         match properties.get(name) {
             Some(Value::Object(_)) => None,
