@@ -82,6 +82,9 @@ fn run(args: &Args, shape: Events) -> Result<Duration, String> {
     let store = Store::open(dir.path()).map_err(|e| e.to_string())?;
     let mut engine = PersonEngine::new(store, args.users as usize);
     let received_at = Utc::now();
+    let timestamp: DateTime<Utc> = "2026-11-26T02:25:24.349Z"
+        .parse()
+        .map_err(|e: chrono::ParseError| e.to_string())?;
     let mut took = Duration::ZERO;
     let mut position = 0;
     let mut n = 0;
@@ -90,7 +93,15 @@ fn run(args: &Args, shape: Events) -> Result<Duration, String> {
         while step.len() < args.batches_per_step && n < args.events {
             let count = EVENTS_PER_BATCH.min(args.events - n);
             position += 1;
-            step.push(batch(position, received_at, shape, n, count, args.users)?);
+            step.push(batch(
+                position,
+                received_at,
+                timestamp,
+                shape,
+                n,
+                count,
+                args.users,
+            ));
             n += count;
         }
         let started = Instant::now();
@@ -109,14 +120,12 @@ fn run(args: &Args, shape: Events) -> Result<Duration, String> {
 fn batch(
     seq: u64,
     received_at: DateTime<Utc>,
+    timestamp: DateTime<Utc>,
     shape: Events,
     first: u64,
     count: u64,
     users: u64,
-) -> Result<QueuedBatch, String> {
-    let timestamp: DateTime<Utc> = "2026-11-26T02:25:24.349Z"
-        .parse()
-        .map_err(|e: chrono::ParseError| e.to_string())?;
+) -> QueuedBatch {
     let events = (first..first + count)
         .map(|n| {
             let mut sent = event(n, shape);
@@ -136,7 +145,7 @@ fn batch(
             }
         })
         .collect();
-    Ok(QueuedBatch {
+    QueuedBatch {
         seq,
         batch: IngestBatch {
             team_id: 1,
@@ -145,5 +154,5 @@ fn batch(
             ip: None,
             events,
         },
-    })
+    }
 }

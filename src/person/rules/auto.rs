@@ -180,7 +180,10 @@ pub fn add_to_object(
 }
 
 /// Adds PostHog's automatic person properties of `event` to its `$set` and `$set_once`;
-/// answers whether that changed anything.
+/// answers whether that changed anything. The whole rule on parsed properties, for tests to
+/// check against: the person step does the same and also writes the objects' text
+/// (`process::add_auto_person_properties`).
+#[cfg(test)]
 pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Value>) -> bool {
     let extra = owned_auto_properties(auto_person_properties(event, properties));
     let mut changed = false;
@@ -192,12 +195,9 @@ pub fn add_auto_person_properties(event: &str, properties: &mut Map<String, Valu
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::map;
     use super::*;
     use serde_json::json;
-
-    fn map(v: Value) -> Map<String, Value> {
-        v.as_object().cloned().unwrap()
-    }
 
     #[test]
     fn auto_properties_fill_set_and_initial_set_once() {

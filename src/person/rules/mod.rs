@@ -10,9 +10,11 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 pub mod auto;
+#[cfg(test)]
+pub use auto::add_auto_person_properties;
 pub use auto::{
-    add_auto_person_properties, add_to_object, auto_person_properties, find_listed,
-    owned_auto_properties, AutoProperties, EVENT_TO_PERSON_PROPERTIES,
+    add_to_object, auto_person_properties, find_listed, owned_auto_properties, AutoProperties,
+    EVENT_TO_PERSON_PROPERTIES,
 };
 
 /// Ids that never merge, whatever their case.
@@ -344,7 +346,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn map(v: Value) -> Map<String, Value> {
+    pub(super) fn map(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap()
     }
 
