@@ -523,12 +523,13 @@ mod tests {
         assert_eq!(pragma(&conn, "wal_autocheckpoint"), 65536);
     }
 
-    /// Two thousand events of 1 KiB: a few MiB of log, far below the writer's own limit.
-    fn events_of_a_kib() -> SinkWrite {
+    /// Two thousand events of 1 KiB at queue position `seq`: a few MiB of log, far below the
+    /// writer's own limit.
+    fn events_of_a_kib(seq: u64) -> SinkWrite {
         let properties = format!("{{\"padding\":\"{}\"}}", "x".repeat(1024));
         let events = (0..2_000u128)
             .map(|n| EventRow {
-                uuid: uuid::Uuid::from_u128(n + 1),
+                uuid: uuid::Uuid::from_u128(u128::from(seq) * 10_000 + n),
                 event: "$pageview".into(),
                 distinct_id: format!("user-{n}"),
                 properties: properties.clone(),
@@ -538,7 +539,7 @@ mod tests {
             .collect();
         SinkWrite {
             batches: Arc::new(vec![QueuedBatch {
-                seq: 1,
+                seq,
                 batch: crate::event::IngestBatch {
                     team_id: 1,
                     received_at: Utc::now(),
@@ -558,7 +559,7 @@ mod tests {
         let path = dir.path().join("events.sqlite3");
         let sink = SqliteSink::open(&path).unwrap();
         let before = std::fs::metadata(&path).unwrap().len();
-        let written = sink.write(events_of_a_kib(), 1).await.unwrap();
+        let written = sink.write(events_of_a_kib(1), 1).await.unwrap();
         assert_eq!(written.count(), 2_000);
         // The rows went to the log; the writer leaves a log this small to the checkpointer,
         // which copies it within its interval (the file grows by the rows' pages).
@@ -575,17 +576,8 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // And the writer goes on after it: the next batch is stored as well.
-        let mut next = events_of_a_kib();
-        Arc::make_mut(&mut next.batches)[0].seq = 2;
-        for (n, event) in Arc::make_mut(&mut next.batches)[0]
-            .batch
-            .events
-            .iter_mut()
-            .enumerate()
-        {
-            event.uuid = uuid::Uuid::from_u128(10_000 + n as u128);
-        }
-        assert_eq!(sink.write(next, 2).await.unwrap().count(), 2_000);
+        let next = sink.write(events_of_a_kib(2), 2).await.unwrap();
+        assert_eq!(next.count(), 2_000);
         assert_eq!(sink.position().await.unwrap(), 2);
     }
 }
