@@ -1,6 +1,6 @@
 //! The events the benchmarks send: a posthog-js `$pageview` in the shapes a user's events
-//! come in (trimmed, in full, personless, browsing from page to page), the same for the load generator (over HTTP) and the
-//! person-step benchmark (in process).
+//! come in (trimmed, in full, personless, browsing from page to page), the same for the load
+//! generator (over HTTP) and the person-step benchmark (in process).
 
 use serde_json::{json, Value};
 

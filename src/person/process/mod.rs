@@ -647,11 +647,22 @@ fn add_auto_person_properties(
     edit: &mut Edit,
 ) {
     let auto = rules::auto_person_properties(&row.event, properties);
-    let raw = rules::find_listed(entries.raw_values(is_read_key).into_iter());
-    let texts = [("$set", &auto.set), ("$set_once", &auto.set_once)].map(|(name, list)| {
-        match properties.get(name) {
-            Some(Value::Object(_)) => None,
-            _ => object_text(&raw, list),
+    // Only a new object is written from the values' text; an object of the event's own is
+    // added to, and nothing is written for an empty list.
+    let new_object = |name: &str, list: &[(&str, usize, &Value)]| {
+        !list.is_empty() && !matches!(properties.get(name), Some(Value::Object(_)))
+    };
+    let wanted = [("$set", &auto.set), ("$set_once", &auto.set_once)];
+    let raw = if wanted.iter().any(|(name, list)| new_object(name, list)) {
+        rules::find_listed(entries.raw_values(is_read_key).into_iter())
+    } else {
+        [None; rules::EVENT_TO_PERSON_PROPERTIES.len()]
+    };
+    let texts = wanted.map(|(name, list)| {
+        if new_object(name, list) {
+            object_text(&raw, list)
+        } else {
+            None
         }
     });
     for ((name, extra), text) in rules::owned_auto_properties(auto).into_iter().zip(texts) {
