@@ -336,10 +336,10 @@ async fn migrate_applies_the_postgres_schema_once() {
     let pg = PgServer::start();
     let url = pg.create_database("events").await;
     let dir = tempfile::tempdir().unwrap();
-    let migrate = || {
+    let migrate = |url: &str| {
         let out = command(dir.path())
             .arg("--migrate")
-            .env("DATABASE_URL", &url)
+            .env("DATABASE_URL", url)
             .output()
             .unwrap();
         assert!(
@@ -349,8 +349,11 @@ async fn migrate_applies_the_postgres_schema_once() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(migrate().contains("2 Postgres migration(s) applied"));
-    assert!(migrate().contains("0 Postgres migration(s) applied"));
+    assert!(migrate(&url).contains("2 Postgres migration(s) applied"));
+    assert!(migrate(&url).contains("0 Postgres migration(s) applied"));
+    // The same database through the server's Unix-domain socket, with libpq's default
+    // `sslmode=prefer`: no TLS is tried there, as libpq tries none.
+    assert!(migrate(&pg.socket_url("events")).contains("0 Postgres migration(s) applied"));
     let db = pg.client("events").await;
     let tables = texts(
         &db,

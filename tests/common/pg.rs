@@ -296,6 +296,13 @@ impl PgServer {
         format!("postgres://appliance@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// The URL of database `name` through the server's Unix-domain socket (its directory as the
+    /// host, percent-encoded, as libpq and tokio-postgres read it).
+    pub fn socket_url(&self, name: &str) -> String {
+        let dir = self.dir.path().display().to_string().replace('/', "%2F");
+        format!("postgres://appliance@{dir}:{}/{name}", self.port)
+    }
+
     /// Creates database `name`; returns its URL.
     pub async fn create_database(&self, name: &str) -> String {
         let admin = self.client("postgres").await;
