@@ -354,6 +354,13 @@ async fn migrate_applies_the_postgres_schema_once() {
     // The same database through the server's Unix-domain socket, with libpq's default
     // `sslmode=prefer`: no TLS is tried there, as libpq tries none.
     assert!(migrate(&pg.socket_url("events")).contains("0 Postgres migration(s) applied"));
+    // libpq's form of the same: no host in the URL, the socket directory as a parameter.
+    let libpq_form = format!(
+        "postgresql:///events?user=appliance&host={}&port={}",
+        pg.path().display(),
+        pg.port
+    );
+    assert!(migrate(&libpq_form).contains("0 Postgres migration(s) applied"));
     let db = pg.client("events").await;
     let tables = texts(
         &db,

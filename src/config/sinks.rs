@@ -95,17 +95,43 @@ pub struct SplitUrl {
     pub sslrootcert: Option<String>,
 }
 
-/// Splits `sslmode` and `sslrootcert` out of a `postgres://` URL or a libpq key=value string.
+/// Where libpq looks for the server's socket when a URL names no host (Debian's build).
+const DEFAULT_SOCKET_DIR: &str = "/var/run/postgresql";
+
+/// Splits `sslmode` and `sslrootcert` out of a `postgres://` URL or a libpq key=value string;
+/// a URL without a host gets its socket directory as the host, as libpq reads it.
 pub fn split_tls_params(url: &str) -> Result<SplitUrl, String> {
     let (mut sslmode, mut sslrootcert) = (None, None);
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let mut parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
+        let no_host = parsed.host_str().is_none_or(str::is_empty);
         let mut kept = Vec::new();
+        let (mut socket_dirs, mut socket_port) = (None, None);
         for (key, value) in parsed.query_pairs() {
             match &*key {
                 "sslmode" => sslmode = Some(value.into_owned()),
                 "sslrootcert" => sslrootcert = Some(value.into_owned()),
+                "host" if no_host => socket_dirs = Some(value.into_owned()),
+                "port" if no_host => socket_port = Some(value.into_owned()),
                 _ => kept.push((key.into_owned(), value.into_owned())),
+            }
+        }
+        if no_host {
+            // libpq's `postgresql:///db` and `postgresql:///db?host=/run/postgresql`: the host
+            // is a socket directory, which tokio-postgres takes only in the URL's host part.
+            let dirs = socket_dirs.unwrap_or_else(|| DEFAULT_SOCKET_DIR.to_owned());
+            parsed
+                .set_host(Some(&dirs.replace('/', "%2F")))
+                .map_err(|e| format!("host {dirs:?}: {e}"))?;
+            // With the host in the URL, so must the port be: tokio-postgres counts a `port`
+            // parameter as a second one.
+            if let Some(port) = socket_port {
+                let port = port
+                    .parse()
+                    .map_err(|_| format!("port {port:?} is no port"))?;
+                parsed
+                    .set_port(Some(port))
+                    .map_err(|()| format!("port {port} cannot be set"))?;
             }
         }
         if kept.is_empty() {
@@ -267,6 +293,23 @@ mod tests {
             ("host=db dbname=x", Some("require"))
         );
         assert!(resolve(None, Some("postgres://db/x?sslmode=verify-full"), None).is_ok());
+        for (url, host) in [
+            (
+                "postgresql:///x",
+                "postgresql://%2Fvar%2Frun%2Fpostgresql/x",
+            ),
+            (
+                "postgres:///x?user=u&host=/tmp&port=5433",
+                "postgres://%2Ftmp:5433/x?user=u",
+            ),
+            (
+                "postgres:///x?host=/tmp&sslmode=disable",
+                "postgres://%2Ftmp/x",
+            ),
+        ] {
+            assert_eq!(split_tls_params(url).unwrap().rest, host, "{url}");
+            assert!(resolve(None, Some(url), None).is_ok(), "{url}");
+        }
         let err = resolve(
             None,
             Some("postgres://u:secret@db/x?sslmode=sometimes"),
