@@ -252,4 +252,29 @@ fn unreachable_services_that_settings_name_are_each_a_problem() {
     }
     // The reachable broker is not a problem.
     assert!(!found.iter().any(|l| l.contains(&format!(":{open_port}"))));
+
+    // A server on a Unix-domain socket (libpq's `<dir>/.s.PGSQL.<port>`) is reached there.
+    let sockets = tempfile::tempdir().unwrap();
+    let _server =
+        std::os::unix::net::UnixListener::bind(sockets.path().join(".s.PGSQL.5433")).unwrap();
+    let on_socket = |port: u16| {
+        let url = format!(
+            "postgresql:///posthog?host={}&port={port}",
+            sockets.path().display()
+        );
+        check(dir.path(), &[("DATABASE_URL", &url)]).1
+    };
+    let lines = on_socket(5433);
+    assert!(problems(&lines).is_empty(), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains(".s.PGSQL.5433")),
+        "{lines:?}"
+    );
+    let lines = on_socket(5434);
+    assert!(
+        problems(&lines)
+            .iter()
+            .any(|l| l.contains("DATABASE_URL") && l.contains(".s.PGSQL.5434")),
+        "{lines:?}"
+    );
 }

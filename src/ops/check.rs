@@ -10,6 +10,7 @@
 //! applied), or wait on a service past [`CONNECT_TIMEOUT`].
 
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -274,11 +275,23 @@ fn check_services(config: &Config, report: &mut CheckReport) {
     let explicit = |name: &str| config.source(name) != Source::Default;
     let mut targets: Vec<(&str, String)> = Vec::new();
     if explicit("DATABASE_URL") {
-        if let Some(addr) = config
+        for server in config
             .value("DATABASE_URL")
-            .and_then(|u| url_address(u, 5432))
+            .map(postgres_servers)
+            .unwrap_or_default()
         {
-            targets.push(("DATABASE_URL", addr));
+            match server {
+                PostgresServer::Tcp(addr) => targets.push(("DATABASE_URL", addr)),
+                PostgresServer::Socket(path) => match UnixStream::connect(&path) {
+                    Ok(_) => report
+                        .passed
+                        .push(format!("DATABASE_URL ({})", path.display())),
+                    Err(e) => report.problem(format!(
+                        "DATABASE_URL: cannot connect to the socket {}: {e}",
+                        path.display()
+                    )),
+                },
+            }
         }
     }
     if explicit("REDIS_URL") {
@@ -313,6 +326,42 @@ fn check_services(config: &Config, report: &mut CheckReport) {
             Err(e) => report.problem(format!("{setting}: cannot connect to {addr}: {e}")),
         }
     }
+}
+
+/// Where a Postgres server listens, as `DATABASE_URL` names it.
+#[derive(Debug, PartialEq, Eq)]
+enum PostgresServer {
+    Tcp(String),
+    /// A Unix-domain socket: libpq's `<directory>/.s.PGSQL.<port>`.
+    Socket(std::path::PathBuf),
+}
+
+/// Each server of a `DATABASE_URL` (a URL or libpq's key=value form, read as the sink reads
+/// it), with each host's port (5432 when none is named); none if it does not parse.
+fn postgres_servers(url: &str) -> Vec<PostgresServer> {
+    let Ok(split) = crate::config::split_tls_params(url) else {
+        return Vec::new();
+    };
+    let Ok(config) = split.rest.parse::<tokio_postgres::Config>() else {
+        return Vec::new();
+    };
+    let ports = config.get_ports();
+    config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(at, host)| {
+            let port = ports.get(at).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                tokio_postgres::config::Host::Tcp(name) => {
+                    PostgresServer::Tcp(with_port(name, port))
+                }
+                tokio_postgres::config::Host::Unix(dir) => {
+                    PostgresServer::Socket(dir.join(format!(".s.PGSQL.{port}")))
+                }
+            }
+        })
+        .collect()
 }
 
 /// `host:port` of a URL, the scheme's usual port when it names none.
@@ -367,6 +416,23 @@ mod tests {
         assert_eq!(
             url_address("redis://cache", 6379).as_deref(),
             Some("cache:6379")
+        );
+        assert_eq!(
+            postgres_servers("postgres://u:p@db.example/posthog"),
+            [PostgresServer::Tcp("db.example:5432".into())]
+        );
+        assert_eq!(
+            postgres_servers("postgresql:///posthog?host=/run/postgresql&port=5433"),
+            [PostgresServer::Socket(
+                "/run/postgresql/.s.PGSQL.5433".into()
+            )]
+        );
+        assert_eq!(
+            postgres_servers("host=/tmp,db port=5999 dbname=x"),
+            [
+                PostgresServer::Socket("/tmp/.s.PGSQL.5999".into()),
+                PostgresServer::Tcp("db:5999".into())
+            ]
         );
         assert_eq!(with_port("kafka1", 9092), "kafka1:9092");
         assert_eq!(with_port("kafka1:19092", 9092), "kafka1:19092");
