@@ -269,34 +269,23 @@ fn check_named_files(config: &Config, report: &mut CheckReport) {
     }
 }
 
-/// A TCP connection to each external service a setting names explicitly (a default such as
+/// A connection to each external service a setting names explicitly (a default such as
 /// `DATABASE_URL=postgres://localhost:5432/posthog` is the seed's, not a request to use one).
 fn check_services(config: &Config, report: &mut CheckReport) {
     let explicit = |name: &str| config.source(name) != Source::Default;
-    let mut targets: Vec<(&str, String)> = Vec::new();
+    let mut targets: Vec<(&str, Endpoint)> = Vec::new();
     if explicit("DATABASE_URL") {
         for server in config
             .value("DATABASE_URL")
             .map(postgres_servers)
             .unwrap_or_default()
         {
-            match server {
-                PostgresServer::Tcp(addr) => targets.push(("DATABASE_URL", addr)),
-                PostgresServer::Socket(path) => match UnixStream::connect(&path) {
-                    Ok(_) => report
-                        .passed
-                        .push(format!("DATABASE_URL ({})", path.display())),
-                    Err(e) => report.problem(format!(
-                        "DATABASE_URL: cannot connect to the socket {}: {e}",
-                        path.display()
-                    )),
-                },
-            }
+            targets.push(("DATABASE_URL", server));
         }
     }
     if explicit("REDIS_URL") {
         if let Some(addr) = config.value("REDIS_URL").and_then(|u| url_address(u, 6379)) {
-            targets.push(("REDIS_URL", addr));
+            targets.push(("REDIS_URL", Endpoint::Tcp(addr)));
         }
     }
     if explicit("CLICKHOUSE_HOST") {
@@ -306,7 +295,7 @@ fn check_services(config: &Config, report: &mut CheckReport) {
                 .and_then(crate::config::parse_bool)
                 .unwrap_or(false);
             let port = if secure { 8443 } else { 8123 };
-            targets.push(("CLICKHOUSE_HOST", with_port(host, port)));
+            targets.push(("CLICKHOUSE_HOST", Endpoint::Tcp(with_port(host, port))));
         }
     }
     if explicit("KAFKA_HOSTS") {
@@ -317,28 +306,49 @@ fn check_services(config: &Config, report: &mut CheckReport) {
             .map(str::trim)
             .filter(|h| !h.is_empty())
         {
-            targets.push(("KAFKA_HOSTS", with_port(host, 9092)));
+            targets.push(("KAFKA_HOSTS", Endpoint::Tcp(with_port(host, 9092))));
         }
     }
-    for (setting, addr) in targets {
-        match connect(&addr) {
-            Ok(()) => report.passed.push(format!("{setting} ({addr})")),
-            Err(e) => report.problem(format!("{setting}: cannot connect to {addr}: {e}")),
+    for (setting, endpoint) in targets {
+        match endpoint.connect() {
+            Ok(()) => report.passed.push(format!("{setting} ({endpoint})")),
+            Err(e) => report.problem(format!("{setting}: cannot connect to {endpoint}: {e}")),
         }
     }
 }
 
-/// Where a Postgres server listens, as `DATABASE_URL` names it.
+/// Where a service listens.
 #[derive(Debug, PartialEq, Eq)]
-enum PostgresServer {
+enum Endpoint {
+    /// `host:port`.
     Tcp(String),
-    /// A Unix-domain socket: libpq's `<directory>/.s.PGSQL.<port>`.
+    /// A Unix-domain socket (a Postgres server's is `<directory>/.s.PGSQL.<port>`).
     Socket(std::path::PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => f.write_str(addr),
+            Endpoint::Socket(path) => write!(f, "the socket {}", path.display()),
+        }
+    }
+}
+
+impl Endpoint {
+    fn connect(&self) -> Result<(), String> {
+        match self {
+            Endpoint::Tcp(addr) => connect(addr),
+            Endpoint::Socket(path) => UnixStream::connect(path)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
 /// Each server of a `DATABASE_URL` (a URL or libpq's key=value form, read as the sink reads
 /// it), with each host's port (5432 when none is named); none if it does not parse.
-fn postgres_servers(url: &str) -> Vec<PostgresServer> {
+fn postgres_servers(url: &str) -> Vec<Endpoint> {
     let Ok(split) = crate::config::split_tls_params(url) else {
         return Vec::new();
     };
@@ -353,11 +363,9 @@ fn postgres_servers(url: &str) -> Vec<PostgresServer> {
         .map(|(at, host)| {
             let port = ports.get(at).or(ports.first()).copied().unwrap_or(5432);
             match host {
-                tokio_postgres::config::Host::Tcp(name) => {
-                    PostgresServer::Tcp(with_port(name, port))
-                }
+                tokio_postgres::config::Host::Tcp(name) => Endpoint::Tcp(with_port(name, port)),
                 tokio_postgres::config::Host::Unix(dir) => {
-                    PostgresServer::Socket(dir.join(format!(".s.PGSQL.{port}")))
+                    Endpoint::Socket(dir.join(format!(".s.PGSQL.{port}")))
                 }
             }
         })
@@ -419,19 +427,17 @@ mod tests {
         );
         assert_eq!(
             postgres_servers("postgres://u:p@db.example/posthog"),
-            [PostgresServer::Tcp("db.example:5432".into())]
+            [Endpoint::Tcp("db.example:5432".into())]
         );
         assert_eq!(
             postgres_servers("postgresql:///posthog?host=/run/postgresql&port=5433"),
-            [PostgresServer::Socket(
-                "/run/postgresql/.s.PGSQL.5433".into()
-            )]
+            [Endpoint::Socket("/run/postgresql/.s.PGSQL.5433".into())]
         );
         assert_eq!(
             postgres_servers("host=/tmp,db port=5999 dbname=x"),
             [
-                PostgresServer::Socket("/tmp/.s.PGSQL.5999".into()),
-                PostgresServer::Tcp("db:5999".into())
+                Endpoint::Socket("/tmp/.s.PGSQL.5999".into()),
+                Endpoint::Tcp("db:5999".into())
             ]
         );
         assert_eq!(with_port("kafka1", 9092), "kafka1:9092");

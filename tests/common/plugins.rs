@@ -163,30 +163,24 @@ impl Api {
 
     /// Waits until job `id` has saved `checkpoint` (a running job's durable sign of progress).
     pub async fn wait_checkpoint(&self, id: &str, checkpoint: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let job = self.job(id).await;
-            if job["checkpoint"] == checkpoint {
-                return job;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "job {id} never saved checkpoint {checkpoint:?}: {job}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait_job_field(id, "checkpoint", checkpoint).await
     }
 
     pub async fn wait_job_state(&self, id: &str, state: &str) -> Value {
+        self.wait_job_field(id, "state", state).await
+    }
+
+    /// Polls job `id` until its `field` is `want` (60 s at most); answers the job.
+    async fn wait_job_field(&self, id: &str, field: &str, want: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let job = self.job(id).await;
-            if job["state"] == state {
+            if job[field] == want {
                 return job;
             }
             assert!(
                 Instant::now() < deadline,
-                "job {id} never became {state}: {job}"
+                "job {id} never had {field} {want:?}: {job}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
