@@ -68,6 +68,15 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 async fn ready(State(state): State<Arc<AdminState>>) -> Response {
+    // The sinks' reports first, the store after: a lead write commits its follow-log record
+    // before its report moves, so a report read first can only be behind the store, and a lag
+    // computed from the two is never 0 while a follower still has a record to copy.
+    let sink = state.pipeline.report(state.sink_name);
+    let followers: Vec<_> = state
+        .followers
+        .iter()
+        .map(|(name, status)| status.report(name))
+        .collect();
     let store = state.store.clone();
     let stats = tokio::task::spawn_blocking(move || {
         (
@@ -89,12 +98,10 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
             0,
         ),
     };
-    let sink = state.pipeline.report(state.sink_name);
     let last_seq = queue["last_seq"].as_u64().unwrap_or(sink.position);
     let mut sinks = vec![sink_entry("lead", &sink, last_seq)];
-    for (name, status) in &state.followers {
-        let report = status.report(name);
-        sinks.push(sink_entry("follower", &report, follow_last));
+    for report in &followers {
+        sinks.push(sink_entry("follower", report, follow_last));
     }
     let room = state.store.room();
     let capture = if room.queued_bytes >= state.max_queue_bytes {
@@ -119,7 +126,7 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
         "min_free_disk_bytes": state.min_free_bytes,
     });
     let stopping = state.stopping.load(Ordering::Relaxed);
-    let healthy = sink.healthy && state.followers.iter().all(|(_, s)| s.report("").healthy);
+    let healthy = sink.healthy && followers.iter().all(|r| r.healthy);
     let status = match (stopping, healthy) {
         (true, _) => "stopping",
         (false, true) => "ready",
