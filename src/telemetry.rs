@@ -40,6 +40,7 @@ pub mod names {
     pub const FREE_DISK_BYTES: &str = "appliance_free_disk_bytes";
     pub const INGESTION_WARNINGS_DROPPED: &str = "appliance_ingestion_warnings_dropped_total";
     pub const PERSON_STEP_SECONDS: &str = "appliance_person_step_seconds";
+    pub const PERSONS_IMPORTED: &str = "appliance_persons_imported_total";
 }
 
 /// Buckets of the latency histograms, in seconds: from a group commit to a slow plugin job.
@@ -227,6 +228,10 @@ fn describe() {
         PERSON_STEP_SECONDS,
         Unit::Seconds,
         "Time the person step took over one read of the queue"
+    );
+    describe_counter!(
+        PERSONS_IMPORTED,
+        "Persons taken from the shared person store because another box had moved them on"
     );
     describe_counter!(
         INGESTION_WARNINGS_DROPPED,

@@ -2,7 +2,8 @@
 //! Postgres, with rebalances in the middle of a load (a box joins, a box is killed and comes
 //! back), store every message once; a box given another box's name is refused by the shared
 //! sink instead of skipping events; and the schedule lease in a real Redis lets one box run the
-//! schedules, another taking over the next slot (once) when the holder is killed.
+//! schedules, another taking over the next slot (once) when the holder is killed; with
+//! `SHARED_PERSONS`, a merge of two ids whose persons live on two boxes holds on both.
 
 mod common;
 
@@ -13,8 +14,11 @@ use std::time::{Duration, Instant};
 use common::kafka::{borrowed, capture_message_of, env, producer, send};
 use common::pg::PgServer;
 use common::redis::RedisServer;
-use common::{command, create_team, enable_plugin, install_plugin, storage, Appliance, TOKEN};
+use common::{
+    cli, command, create_team, enable_plugin, install_plugin, send_batch, storage, Appliance, TOKEN,
+};
 use rdkafka::mocking::MockCluster;
+use serde_json::{json, Value};
 
 const MESSAGES: usize = 3_000;
 
@@ -274,4 +278,155 @@ async fn the_schedule_lease_runs_each_slot_on_one_box_and_passes_on_when_its_hol
         .query(&mut con)
         .unwrap();
     assert_eq!(holder, None);
+}
+
+/// PostHog's person uuid for a distinct id of team `team`.
+fn person_uuid(team: u64, distinct_id: &str) -> uuid::Uuid {
+    let namespace = uuid::Uuid::parse_str("932979b4-65c3-4424-8467-0b66ec27bc22").unwrap();
+    uuid::Uuid::new_v5(&namespace, format!("{team}:{distinct_id}").as_bytes())
+}
+
+fn event(name: &str, distinct_id: &str, properties: Value) -> Value {
+    json!({"event": name, "distinct_id": distinct_id, "properties": properties,
+           "uuid": uuid::Uuid::now_v7().to_string()})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_shared_persons_a_merge_made_on_one_box_holds_on_the_other() {
+    let pg = PgServer::start();
+    let url = pg.create_database("persons").await;
+    let db = pg.client("persons").await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let team = create_team(dir_a.path(), "t", TOKEN);
+    assert_eq!(create_team(dir_b.path(), "t", TOKEN), team);
+    let box_env = |node: &'static str| {
+        [
+            ("SINKS", "postgres"),
+            ("DATABASE_URL", url.as_str()),
+            ("NODE_ID", node),
+            ("SHARED_PERSONS", "true"),
+            ("SINK_LINGER_MS", "0"),
+        ]
+    };
+    let (env_a, env_b) = (box_env("a"), box_env("b"));
+    let box_a = Appliance::start(dir_a.path(), &env_a);
+    let box_b = Appliance::start(dir_b.path(), &env_b);
+
+    // Each id's person is made on a box of its own (Kafka would put the two ids on partitions
+    // of different boxes).
+    let on_b = event("$pageview", "anon-1", json!({"$set": {"device": "phone"}}));
+    send_batch(&box_b, TOKEN, vec![on_b]).await;
+    let on_a = event("$pageview", "user-1", json!({"$set": {"plan": "pro"}}));
+    send_batch(&box_a, TOKEN, vec![on_a]).await;
+    // Box A merges them: it takes anon-1's person from the shared store, so the merged person
+    // has both boxes' properties and anon-1's person is gone.
+    let identify = event(
+        "$identify",
+        "user-1",
+        json!({"$anon_distinct_id": "anon-1", "$set": {"email": "one@example.com"}}),
+    );
+    send_batch(&box_a, TOKEN, vec![identify]).await;
+    // Box B sees anon-1 again: it must follow the merge made on A, not its own old person.
+    let again = event("$pageview", "anon-1", json!({"$set": {"seen_again": true}}));
+    let again_uuid = again["uuid"]
+        .as_str()
+        .unwrap()
+        .parse::<uuid::Uuid>()
+        .unwrap();
+    send_batch(&box_b, TOKEN, vec![again]).await;
+
+    let survivor = person_uuid(team, "user-1");
+    let row = db
+        .query_one(
+            "SELECT person_id, person_properties::text FROM posthog_event WHERE uuid = $1",
+            &[&again_uuid],
+        )
+        .await
+        .expect("box B's event stored");
+    let (person_id, person_properties): (Option<uuid::Uuid>, String) = (row.get(0), row.get(1));
+    let person_properties: Value = serde_json::from_str(&person_properties).unwrap();
+    assert_eq!(
+        person_id,
+        Some(survivor),
+        "box B's event is the merged person's"
+    );
+    for key in ["device", "plan", "email", "seen_again"] {
+        assert!(
+            person_properties.get(key).is_some(),
+            "{key} in {person_properties}"
+        );
+    }
+    let persons = db
+        .query(
+            "SELECT uuid, properties::text, version FROM posthog_person WHERE team_id = $1",
+            &[&(team as i64)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        persons.len(),
+        1,
+        "one person for the two ids, on both boxes"
+    );
+    assert_eq!(persons[0].get::<_, uuid::Uuid>(0), survivor);
+    let properties: Value = serde_json::from_str(persons[0].get(1)).unwrap();
+    assert_eq!(
+        (
+            &properties["device"],
+            &properties["plan"],
+            &properties["email"],
+            &properties["seen_again"]
+        ),
+        (
+            &json!("phone"),
+            &json!("pro"),
+            &json!("one@example.com"),
+            &json!(true)
+        )
+    );
+    let ids = db
+        .query(
+            "SELECT d.distinct_id, p.uuid FROM posthog_persondistinctid d
+             JOIN posthog_person p ON p.id = d.person_id WHERE d.team_id = $1
+             ORDER BY d.distinct_id",
+            &[&(team as i64)],
+        )
+        .await
+        .unwrap();
+    let ids: Vec<(String, uuid::Uuid)> = ids.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        ids,
+        vec![
+            ("anon-1".to_owned(), survivor),
+            ("user-1".to_owned(), survivor)
+        ]
+    );
+    // Box B's own state follows too: its old person of anon-1 is gone, as on A.
+    let shown = cli(
+        dir_b.path(),
+        &[
+            "persons",
+            "show",
+            "--team",
+            &team.to_string(),
+            "anon-1",
+            "--json",
+        ],
+    );
+    let shown: Value = serde_json::from_str(&shown).unwrap_or_else(|e| panic!("{e}: {shown}"));
+    assert_eq!(shown["person"]["uuid"], survivor.to_string());
+    let metrics = reqwest::get(box_b.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("appliance_persons_imported_total") && !l.ends_with(" 0")),
+        "box B counts its import"
+    );
+    assert!(box_b.terminate().success());
+    assert!(box_a.terminate().success());
 }

@@ -230,6 +230,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 store.clone(),
                 config.distinct_id_lru_size,
             ))),
+            shared_persons: config.cluster.shared_persons,
             followers: follow_wake,
         }
         .run(shutdown.clone()),

@@ -1,9 +1,10 @@
-//! More than one box: this box's name in a group (`NODE_ID`), and the lease that lets one box
-//! of the group run the schedules (`SCHEDULE_LEASE`, `SCHEDULE_LOCK_TTL`).
+//! More than one box: this box's name in a group (`NODE_ID`), the lease that lets one box of
+//! the group run the schedules (`SCHEDULE_LEASE`, `SCHEDULE_LOCK_TTL`), and whether the boxes
+//! share their persons through the Postgres sink (`SHARED_PERSONS`).
 
 use std::time::Duration;
 
-use super::ConfigError;
+use super::{parse_bool, ConfigError, SinkKind};
 
 /// The shortest schedule lease: it is renewed every second.
 const MIN_LEASE_SECS: u64 = 2;
@@ -17,6 +18,9 @@ pub struct ClusterSettings {
     pub node: Option<String>,
     /// The schedule lease, when `SCHEDULE_LEASE` names a store.
     pub schedule_lease: Option<LeaseSettings>,
+    /// `SHARED_PERSONS`: before each person step, persons other boxes moved on are read from
+    /// the leading Postgres sink.
+    pub shared_persons: bool,
 }
 
 /// Where the schedule lease is held, by whom and for how long.
@@ -28,10 +32,12 @@ pub struct LeaseSettings {
     pub ttl: Duration,
 }
 
-/// Reads `NODE_ID`, `SCHEDULE_LEASE` and `SCHEDULE_LOCK_TTL`.
+/// Reads `NODE_ID`, `SCHEDULE_LEASE`, `SCHEDULE_LOCK_TTL` and `SHARED_PERSONS` (which needs
+/// `lead`, the first sink, to be Postgres).
 pub(super) fn cluster_settings(
     get: &dyn Fn(&str) -> String,
     explicit: &dyn Fn(&str) -> Option<String>,
+    lead: Option<SinkKind>,
 ) -> Result<ClusterSettings, ConfigError> {
     let node = explicit("NODE_ID").map(|n| n.trim().to_owned());
     if let Some(node) = &node {
@@ -80,9 +86,20 @@ pub(super) fn cluster_settings(
         }
         _ => None,
     };
+    let shared_persons = parse_bool(&get("SHARED_PERSONS")).unwrap_or(false);
+    if shared_persons && lead != Some(SinkKind::Postgres) {
+        return Err(ConfigError {
+            name: "SHARED_PERSONS",
+            value: get("SHARED_PERSONS"),
+            allowed: "true only when postgres is the first sink in SINKS (the boxes' shared \
+                      person store is PostHog's posthog_person in DATABASE_URL)"
+                .into(),
+        });
+    }
     Ok(ClusterSettings {
         node,
         schedule_lease,
+        shared_persons,
     })
 }
 
@@ -113,5 +130,17 @@ mod tests {
             .unwrap_err()
             .contains("NODE_ID"));
         assert!(config(&[]).unwrap().cluster.schedule_lease.is_none());
+    }
+
+    #[test]
+    fn shared_persons_need_postgres_to_lead() {
+        let shared = ("SHARED_PERSONS", "true");
+        let url = ("DATABASE_URL", "postgres://u@db/analytics");
+        assert!(config(&[shared]).unwrap_err().contains("SHARED_PERSONS"));
+        let following = [shared, url, ("SINKS", "sqlite,postgres")];
+        assert!(config(&following).unwrap_err().contains("first sink"));
+        let leading = [shared, url, ("SINKS", "postgres")];
+        assert!(config(&leading).unwrap().cluster.shared_persons);
+        assert!(!config(&[url]).unwrap().cluster.shared_persons);
     }
 }

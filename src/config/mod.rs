@@ -285,7 +285,8 @@ impl Config {
         } else {
             kafka.is_none()
         };
-        let cluster = cluster::cluster_settings(&get, &explicit_value)?;
+        let cluster =
+            cluster::cluster_settings(&get, &explicit_value, sinks.kinds.first().copied())?;
         sinks.node = cluster.node.clone();
         let config = Config {
             data_dir,

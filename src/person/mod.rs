@@ -117,6 +117,15 @@ pub struct DistinctId {
     pub version: u64,
 }
 
+/// A person as a store shared by several boxes holds it (PostHog's `posthog_person`), with the
+/// distinct ids pointing at it there: what a box imports when another box has moved on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SharedPerson {
+    pub team: TeamId,
+    pub person: Person,
+    pub distinct_ids: Vec<(String, DistinctId)>,
+}
+
 /// A group, as `posthog_group` holds it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Group {

@@ -62,6 +62,9 @@ pub struct Pipeline {
     pub deliveries: Option<Deliveries>,
     /// The person step, run on each batch after the plugins.
     pub persons: Arc<Mutex<PersonEngine>>,
+    /// Whether the sink is a person store shared with other boxes (`SHARED_PERSONS`): persons
+    /// other boxes moved on are read from it before each step.
+    pub shared_persons: bool,
     /// Set when other sinks follow this one: each write is then also kept in the follow log,
     /// and this is notified after it.
     pub followers: Option<Arc<Notify>>,

@@ -155,7 +155,7 @@ impl Pipeline {
             .collect();
         let engine = self.persons.clone();
         let started = std::time::Instant::now();
-        let step = tokio::task::spawn_blocking(move || {
+        let (mut updates, stored_columns) = tokio::task::spawn_blocking(move || {
             let mut engine = engine
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -167,6 +167,31 @@ impl Pipeline {
             };
             if !deletions.is_empty() {
                 updates.extend(engine.delete(&deletions, last)?);
+            }
+            Ok::<_, StoreError>((updates, stored_columns))
+        })
+        .await??;
+        // Read after the replayed steps are pending, so that what they changed is not imported
+        // over.
+        let shared = if self.shared_persons && !process.is_empty() {
+            let wanted = self
+                .persons
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .wanted(&process);
+            self.sink.shared_persons(Arc::new(wanted)).await?
+        } else {
+            Vec::new()
+        };
+        let engine = self.persons.clone();
+        let step = tokio::task::spawn_blocking(move || {
+            let mut engine = engine
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let imported = engine.import(shared)?;
+            if imported > 0 {
+                metrics::counter!(crate::telemetry::names::PERSONS_IMPORTED)
+                    .increment(imported as u64);
             }
             let step = engine.process(&mut process, last)?;
             updates.extend(step.updates);

@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use crate::config::{SinkKind, SinkSettings};
 use crate::event::EventRow;
-use crate::person::{PersonColumns, PersonUpdates};
+use crate::ids::TeamId;
+use crate::person::{PersonColumns, PersonUpdates, SharedPerson};
 use crate::store::{QueuedBatch, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,17 @@ pub trait Sink: Send + Sync {
     /// must end there. `None` for a transactional sink.
     fn unfinished_write(&self) -> SinkFuture<'_, Option<u64>> {
         Box::pin(async { Ok(None) })
+    }
+
+    /// The persons this sink holds for `wanted` distinct ids, each with every distinct id
+    /// pointing at it, when boxes share it as their person store (`SHARED_PERSONS`); a sink
+    /// that cannot be one holds none.
+    fn shared_persons(
+        &self,
+        wanted: Arc<Vec<(TeamId, String)>>,
+    ) -> SinkFuture<'_, Vec<SharedPerson>> {
+        let _ = wanted;
+        Box::pin(async { Ok(Vec::new()) })
     }
 
     /// Whether writing events it already holds stores nothing twice (its rows are unique by

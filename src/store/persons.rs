@@ -2,7 +2,9 @@
 //!
 //! Written only by [`apply`], inside the pipeline's delivery transaction (so the persons always
 //! stand exactly at the delivery mark: a batch's person changes and the pipeline's progress
-//! past it commit together), and by the deletion an operator asks for.
+//! past it commit together), by the deletion an operator asks for, and by [`Store::import_persons`]
+//! (persons another box moved on in a shared store, committed before the step that reads them,
+//! so a replay after a crash reads them too).
 
 use redb::{
     ReadOnlyTable, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -350,6 +352,17 @@ impl Store {
     ) -> Result<(), StoreError> {
         let txn = self.write()?;
         add_warnings(&txn, warnings)?;
+        self.commit(txn)
+    }
+
+    /// Commits persons and distinct ids taken from a store shared with other boxes, before the
+    /// person step that reads them: the journal that keeps a replay of that step exact.
+    pub fn import_persons(&self, imported: &PersonUpdates) -> Result<(), StoreError> {
+        if imported.is_empty() {
+            return Ok(());
+        }
+        let txn = self.write()?;
+        apply(&txn, imported)?;
         self.commit(txn)
     }
 

@@ -238,14 +238,7 @@ impl<'s, S: PersonState> PersonProcessor<'s, S> {
         properties: &Map<String, Value>,
     ) -> Result<PersonColumns, S::Error> {
         let update = PropertyUpdate::of(properties);
-        let other = match row.event.as_str() {
-            "$identify" => properties.get("$anon_distinct_id").map(id_text),
-            "$create_alias" | "$merge_dangerously" => properties
-                .get("alias")
-                .filter(|v| crate::event::truthy(v))
-                .map(id_text),
-            _ => None,
-        };
+        let other = merge_other(&row.event, properties);
         let mut working = match other {
             Some(other) if other != row.distinct_id => self.merge(team, row, &other, &update)?,
             _ => None,
@@ -556,6 +549,23 @@ fn object_text(
 }
 
 /// JavaScript's `String(value)` for an id: strings as they are, other values as JSON text.
+/// The events that name a second distinct id to merge with the event's own.
+pub fn is_merge_event(event: &str) -> bool {
+    matches!(event, "$identify" | "$create_alias" | "$merge_dangerously")
+}
+
+/// The second distinct id a merge event names (`$anon_distinct_id`, or a truthy `alias`).
+pub fn merge_other(event: &str, properties: &Map<String, Value>) -> Option<String> {
+    match event {
+        "$identify" => properties.get("$anon_distinct_id").map(id_text),
+        "$create_alias" | "$merge_dangerously" => properties
+            .get("alias")
+            .filter(|v| crate::event::truthy(v))
+            .map(id_text),
+        _ => None,
+    }
+}
+
 fn id_text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),

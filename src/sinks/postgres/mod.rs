@@ -28,6 +28,8 @@ use uuid::Uuid;
 
 use super::{Role, Sink, SinkError, SinkFuture, SinkWrite, StoredRows, Written};
 use crate::event::EventRow;
+use crate::ids::TeamId;
+use crate::person::SharedPerson;
 use crate::store::QueuedBatch;
 pub use connect::{pool, PostgresTarget};
 use text::{json_safe, text_safe};
@@ -532,5 +534,15 @@ impl Sink for PostgresSink {
 
     fn stored_rows(&self, batches: Arc<Vec<QueuedBatch>>) -> SinkFuture<'_, StoredRows> {
         self.deadline(self.stored_rows_now(batches))
+    }
+
+    fn shared_persons(
+        &self,
+        wanted: Arc<Vec<(TeamId, String)>>,
+    ) -> SinkFuture<'_, Vec<SharedPerson>> {
+        self.deadline(async move {
+            let client = self.client().await?;
+            persons::read_shared(&client, &wanted).await
+        })
     }
 }

@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use super::statement_error;
 use super::text::{json_safe, text_safe};
-use crate::person::{PersonChange, PersonUpdates};
+use crate::ids::TeamId;
+use crate::person::{DistinctId, Person, PersonChange, PersonUpdates, SharedPerson};
 use crate::sinks::{SinkError, PERSON_UPSERT};
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
@@ -233,4 +234,90 @@ async fn write_groups(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkEr
         ],
     )
     .await
+}
+
+/// The most distinct ids read with one shared person: a merge of the person on this box moves
+/// (or, past this many, frees) the rest, as the write does for ids it does not know.
+pub(super) const MAX_SHARED_DISTINCT_IDS: i64 = 10_000;
+
+/// The persons that `wanted` distinct ids point at in PostHog's tables, each with its distinct
+/// ids (oldest first), in one query.
+pub(super) async fn read_shared(
+    client: &deadpool_postgres::Object,
+    wanted: &[(TeamId, String)],
+) -> Result<Vec<SharedPerson>, SinkError> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let teams: Vec<i64> = wanted.iter().map(|(team, _)| *team as i64).collect();
+    let ids: Vec<String> = wanted
+        .iter()
+        .map(|(_, id)| text_safe(id).into_owned())
+        .collect();
+    let statement = client
+        .prepare_cached(
+            "WITH found AS (
+                SELECT DISTINCT d.person_id FROM posthog_persondistinctid d
+                JOIN unnest($1::int8[], $2::text[]) AS w(team_id, distinct_id)
+                    ON d.team_id = w.team_id AND d.distinct_id = w.distinct_id
+             )
+             SELECT p.team_id, p.uuid, p.created_at, p.properties::text,
+                coalesce(p.properties_last_updated_at, '{}')::text,
+                coalesce(p.properties_last_operation, '{}')::text, p.is_identified,
+                coalesce(p.version, 0), ids.distinct_ids, ids.versions
+             FROM found JOIN posthog_person p ON p.id = found.person_id
+             CROSS JOIN LATERAL (
+                SELECT array_agg(d.distinct_id ORDER BY d.id) AS distinct_ids,
+                    array_agg(coalesce(d.version, 0) ORDER BY d.id) AS versions
+                FROM (SELECT * FROM posthog_persondistinctid d
+                      WHERE d.person_id = p.id ORDER BY d.id LIMIT $3) d
+             ) ids",
+        )
+        .await
+        .map_err(super::read_error)?;
+    let rows = client
+        .query(&statement, &[&teams, &ids, &MAX_SHARED_DISTINCT_IDS])
+        .await
+        .map_err(super::read_error)?;
+    rows.iter().map(shared_person).collect()
+}
+
+fn shared_person(row: &tokio_postgres::Row) -> Result<SharedPerson, SinkError> {
+    let map = |at: usize, what: &str| -> Result<Map<String, Value>, SinkError> {
+        let text: String = row.get(at);
+        serde_json::from_str(&text).map_err(|e| SinkError::Read {
+            sink: super::NAME,
+            detail: format!("posthog_person.{what} is not a JSON object: {e}"),
+        })
+    };
+    let uuid: Uuid = row.get(1);
+    let ids: Vec<String> = row.get::<_, Option<Vec<String>>>(8).unwrap_or_default();
+    let versions: Vec<i64> = row.get::<_, Option<Vec<i64>>>(9).unwrap_or_default();
+    Ok(SharedPerson {
+        team: row.get::<_, i64>(0) as TeamId,
+        person: Person {
+            uuid,
+            properties: map(3, "properties")?,
+            properties_last_updated_at: map(4, "properties_last_updated_at")?,
+            properties_last_operation: map(5, "properties_last_operation")?,
+            created_at: row.get(2),
+            version: row.get::<_, i64>(7).max(0) as u64,
+            is_identified: row.get(6),
+            text: Default::default(),
+        },
+        distinct_ids: ids
+            .into_iter()
+            .zip(versions)
+            .map(|(id, version)| {
+                let version = version.max(0) as u64;
+                (
+                    id,
+                    DistinctId {
+                        person: uuid,
+                        version,
+                    },
+                )
+            })
+            .collect(),
+    })
 }

@@ -9,6 +9,8 @@
 //! from the rows the sink stored (the rows already carry the step's rewriting, and the rules give
 //! the same changes over them).
 
+mod shared;
+
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::sync::Arc;

@@ -1,0 +1,145 @@
+//! Persons shared by several boxes (`SHARED_PERSONS`): before each step, the persons its events
+//! name are read from the shared Postgres, and those another box has moved on (a newer version,
+//! a distinct id merged elsewhere, an id this box has never seen) are imported.
+//!
+//! An import is committed to the state file before the step reads it, so a replay of the step
+//! after a crash reads the same persons. Nothing a step not yet committed changed is imported
+//! over: this box is the one moving those on, and what the shared store holds of them is older.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::PersonEngine;
+use crate::event::properties::EventProperties;
+use crate::ids::TeamId;
+use crate::person::process::{is_merge_event, merge_other};
+use crate::person::{PersonChange, PersonUpdates, SharedPerson};
+use crate::store::{PersonsReader, QueuedBatch, StoreError};
+
+impl PersonEngine {
+    /// The distinct ids `batches` name (each event's own, and the second id of a merge) that no
+    /// step waiting for its commit touches: the ones to look up in the shared store.
+    pub fn wanted(&self, batches: &[QueuedBatch]) -> Vec<(TeamId, String)> {
+        let mut wanted = BTreeSet::new();
+        for queued in batches {
+            let team = queued.batch.team_id;
+            for row in &queued.batch.events {
+                wanted.insert((team, row.distinct_id.clone()));
+                if is_merge_event(&row.event) {
+                    let (_, read) = EventProperties::read(&row.properties, |key| {
+                        key == "$anon_distinct_id" || key == "alias"
+                    });
+                    if let Some(other) = merge_other(&row.event, &read) {
+                        wanted.insert((team, other));
+                    }
+                }
+            }
+        }
+        wanted
+            .into_iter()
+            .filter(|key| !self.pending_touches_id(key))
+            .collect()
+    }
+
+    /// Imports what `shared` holds newer than this box's committed persons; returns how many
+    /// persons were taken.
+    pub fn import(&mut self, shared: Vec<SharedPerson>) -> Result<usize, StoreError> {
+        if shared.is_empty() {
+            return Ok(0);
+        }
+        let reader = self.store.persons_reader()?;
+        let mut imported = PersonUpdates::default();
+        // Persons whose ids moved to an imported one: gone here too once none is left.
+        let mut left: BTreeMap<(TeamId, Uuid), BTreeSet<String>> = BTreeMap::new();
+        for found in shared {
+            let team = found.team;
+            let key = (team, found.person.uuid);
+            if self.pending_touches_person(&key) || !self.is_newer(&reader, &found)? {
+                continue;
+            }
+            let local = reader.person(team, found.person.uuid)?;
+            if local.is_none_or(|l| l.version < found.person.version) {
+                imported
+                    .persons
+                    .insert(key, PersonChange::Upsert(Arc::new(found.person.clone())));
+            }
+            for (id, now) in found.distinct_ids {
+                let id_key = (team, id);
+                if self.pending_touches_id(&id_key) {
+                    continue;
+                }
+                let before = reader.distinct_id(team, &id_key.1)?;
+                match before {
+                    Some(before)
+                        if before.version > now.version
+                            || self.pending_touches_person(&(team, before.person)) =>
+                    {
+                        continue
+                    }
+                    Some(before) if before.person != now.person => {
+                        left.entry((team, before.person))
+                            .or_default()
+                            .insert(id_key.1.clone());
+                    }
+                    _ => {}
+                }
+                imported.distinct_ids.insert(id_key, Some(now));
+            }
+        }
+        for ((team, uuid), moved) in left {
+            let key = (team, uuid);
+            if imported.persons.contains_key(&key) || self.pending_touches_person(&key) {
+                continue;
+            }
+            let remaining = reader.distinct_ids_of(team, uuid)?;
+            if remaining.iter().all(|id| moved.contains(id)) {
+                let version = reader.person(team, uuid)?.map_or(0, |p| p.version);
+                imported
+                    .persons
+                    .insert(key, PersonChange::Deleted { version });
+            }
+        }
+        drop(reader);
+        let count = imported
+            .persons
+            .values()
+            .filter(|c| matches!(c, PersonChange::Upsert(_)))
+            .count();
+        self.store.import_persons(&imported)?;
+        self.cache(imported);
+        Ok(count)
+    }
+
+    /// Whether the shared store holds `found` newer than this box: its person at a higher
+    /// version, or one of the ids it was looked up by unknown here or moved since.
+    fn is_newer(&self, reader: &PersonsReader, found: &SharedPerson) -> Result<bool, StoreError> {
+        let local = reader.person(found.team, found.person.uuid)?;
+        if local.is_none_or(|l| l.version < found.person.version) {
+            return Ok(true);
+        }
+        for (id, now) in &found.distinct_ids {
+            match reader.distinct_id(found.team, id)? {
+                None => return Ok(true),
+                Some(before) if before.person != now.person && before.version < now.version => {
+                    return Ok(true)
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(false)
+    }
+
+    fn pending_touches_id(&self, key: &(TeamId, String)) -> bool {
+        self.pending
+            .iter()
+            .any(|(_, layer)| layer.distinct_ids.contains_key(key))
+    }
+
+    fn pending_touches_person(&self, key: &(TeamId, Uuid)) -> bool {
+        self.pending
+            .iter()
+            .any(|(_, layer)| layer.persons.contains_key(key))
+    }
+}
