@@ -143,3 +143,152 @@ impl PersonEngine {
             .any(|(_, layer)| layer.persons.contains_key(key))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::event::{EventRow, IngestBatch};
+    use crate::person::{person_uuid, DistinctId, Person};
+    use crate::store::Store;
+
+    const TEAM: TeamId = 1;
+
+    fn batch(seq: u64, events: &[(&str, &str, Value)]) -> QueuedBatch {
+        QueuedBatch {
+            seq,
+            batch: IngestBatch {
+                team_id: TEAM,
+                received_at: Utc::now(),
+                sent_at: None,
+                ip: None,
+                events: events
+                    .iter()
+                    .map(|(event, distinct_id, properties)| EventRow {
+                        uuid: Uuid::now_v7(),
+                        event: (*event).into(),
+                        distinct_id: (*distinct_id).into(),
+                        properties: properties.to_string(),
+                        timestamp: Utc::now(),
+                        elements_chain: String::new(),
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    /// Runs one step at `seq` and commits it, as the write stage does after the sink write.
+    fn step_and_commit(engine: &mut PersonEngine, store: &Store, queued: QueuedBatch) {
+        let seq = queued.seq;
+        let step = engine.process(&mut [queued], seq).unwrap();
+        store.import_persons(&step.updates).unwrap();
+        engine.committed(seq);
+    }
+
+    fn props(value: Value) -> serde_json::Map<String, Value> {
+        value.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn a_person_another_box_merged_is_imported_and_the_next_event_is_its() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut engine = PersonEngine::new(store.clone(), 100);
+        let anon_set = json!({"$set": {"device": "phone"}});
+        step_and_commit(&mut engine, &store, batch(1, &[("e", "anon", anon_set)]));
+        let (anon, user) = (person_uuid(TEAM, "anon"), person_uuid(TEAM, "user"));
+
+        // Another box merged anon into user's person.
+        let merged = SharedPerson {
+            team: TEAM,
+            person: Person {
+                uuid: user,
+                properties: props(json!({"device": "phone", "plan": "pro"})),
+                properties_last_operation: props(json!({})),
+                properties_last_updated_at: props(json!({})),
+                created_at: Utc::now(),
+                version: 3,
+                is_identified: true,
+                text: Default::default(),
+            },
+            distinct_ids: vec![
+                (
+                    "user".into(),
+                    DistinctId {
+                        person: user,
+                        version: 0,
+                    },
+                ),
+                (
+                    "anon".into(),
+                    DistinctId {
+                        person: user,
+                        version: 1,
+                    },
+                ),
+            ],
+        };
+        let next = batch(2, &[("e", "anon", json!({"$set": {"seen": true}}))]);
+        assert_eq!(
+            engine.wanted(&[next.clone()]),
+            vec![(TEAM, "anon".to_owned())]
+        );
+        assert_eq!(engine.import(vec![merged.clone()]).unwrap(), 1);
+        // Imported already: a second look finds nothing newer.
+        assert_eq!(engine.import(vec![merged]).unwrap(), 0);
+
+        let step = engine.process(&mut [next], 2).unwrap();
+        assert_eq!(step.columns[0][0].person_id, user);
+        let Some(PersonChange::Upsert(now)) = step.updates.persons.get(&(TEAM, user)) else {
+            panic!("user's person changed: {:?}", step.updates.persons)
+        };
+        assert_eq!(now.version, 4);
+        assert_eq!(now.properties["plan"], "pro");
+        assert_eq!(now.properties["seen"], true);
+        let reader = store.persons_reader().unwrap();
+        assert!(
+            reader.person(TEAM, anon).unwrap().is_none(),
+            "anon's own person is gone"
+        );
+    }
+
+    #[test]
+    fn nothing_a_pending_step_changed_is_imported_so_its_replay_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut engine = PersonEngine::new(store.clone(), 100);
+        let mut pending = [batch(1, &[("e", "u", json!({"$set": {"a": 1}}))])];
+        let step = engine.process(&mut pending, 1).unwrap();
+        let written = step.updates.clone();
+
+        // The sink holds the pending step's person (its own write) before the step commits.
+        let uuid = person_uuid(TEAM, "u");
+        let Some(PersonChange::Upsert(person)) = written.persons.get(&(TEAM, uuid)) else {
+            panic!("u's person made")
+        };
+        let own = SharedPerson {
+            team: TEAM,
+            person: (**person).clone(),
+            distinct_ids: vec![(
+                "u".into(),
+                DistinctId {
+                    person: uuid,
+                    version: 0,
+                },
+            )],
+        };
+        let next = batch(2, &[("e", "u", json!({}))]);
+        assert!(engine.wanted(&[next]).is_empty());
+        assert_eq!(engine.import(vec![own]).unwrap(), 0);
+
+        // A crash before the commit: the step is recomputed from the stored rows, over the
+        // committed state, and gives the same changes.
+        let rows = pending[0].batch.events.clone();
+        let mut after_crash = PersonEngine::new(store, 100);
+        let replayed = after_crash.recompute(vec![(TEAM, rows)], 1).unwrap();
+        assert_eq!(replayed.updates.persons, written.persons);
+        assert_eq!(replayed.updates.distinct_ids, written.distinct_ids);
+    }
+}
