@@ -232,7 +232,7 @@ mod tests {
         };
         let next = batch(2, &[("e", "anon", json!({"$set": {"seen": true}}))]);
         assert_eq!(
-            engine.wanted(&[next.clone()]),
+            engine.wanted(std::slice::from_ref(&next)),
             vec![(TEAM, "anon".to_owned())]
         );
         assert_eq!(engine.import(vec![merged.clone()]).unwrap(), 1);
