@@ -41,6 +41,7 @@ pub mod names {
     pub const INGESTION_WARNINGS_DROPPED: &str = "appliance_ingestion_warnings_dropped_total";
     pub const PERSON_STEP_SECONDS: &str = "appliance_person_step_seconds";
     pub const PERSONS_IMPORTED: &str = "appliance_persons_imported_total";
+    pub const PERSON_CONFLICTS: &str = "appliance_person_conflicts_total";
 }
 
 /// Buckets of the latency histograms, in seconds: from a group commit to a slow plugin job.
@@ -232,6 +233,10 @@ fn describe() {
     describe_counter!(
         PERSONS_IMPORTED,
         "Persons taken from the shared person store because another box had moved them on"
+    );
+    describe_counter!(
+        PERSON_CONFLICTS,
+        "Writes the shared person store turned down because another box had changed their persons since the step (each step made again)"
     );
     describe_counter!(
         INGESTION_WARNINGS_DROPPED,

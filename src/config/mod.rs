@@ -288,6 +288,7 @@ impl Config {
         let cluster =
             cluster::cluster_settings(&get, &explicit_value, sinks.kinds.first().copied())?;
         sinks.node = cluster.node.clone();
+        sinks.shared_persons = cluster.shared_persons;
         let config = Config {
             data_dir,
             cluster,

@@ -37,6 +37,9 @@ pub struct SinkSettings {
     pub clickhouse: ClickHouseSettings,
     /// `NODE_ID`: a sink shared by several boxes keeps this box's position under it.
     pub node: Option<String>,
+    /// `SHARED_PERSONS`: the leading Postgres sink is the boxes' shared person store, and
+    /// writes persons only over the versions their step read.
+    pub shared_persons: bool,
 }
 
 /// The ClickHouse server's HTTP interface and account (`CLICKHOUSE_*`).
@@ -238,6 +241,7 @@ pub(super) fn resolve(
         postgres_url: database_url.map(str::to_owned),
         clickhouse: clickhouse.unwrap_or_else(|| ClickHouseSettings::new("localhost", None, false)),
         node: None,
+        shared_persons: false,
     })
 }
 

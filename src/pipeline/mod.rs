@@ -27,7 +27,7 @@ use crate::jobs::JobQueue;
 use crate::person::{PersonColumns, PersonUpdates};
 use crate::plugins::{Catalog, Chains};
 use crate::shutdown::Shutdown;
-use crate::sinks::{Sink, SinkWrite, StoredRows, Written};
+use crate::sinks::{Sink, SinkError, SinkWrite, StoredRows, Written};
 use crate::store::{QueuedBatch, ReadLimits, Store, StoreError};
 use backoff::Backoff;
 pub use follow::{FollowMarks, Follower};
@@ -43,6 +43,8 @@ const TRIM_INTERVAL: Duration = Duration::from_millis(500);
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How many prepared batches may wait for the sink: enough to keep both stages busy.
 const PREPARED_AHEAD: usize = 2;
+/// The least time between two starts of the stages after a conflict in a shared person store.
+const RESTART_PAUSE: Duration = Duration::from_millis(50);
 /// While deferred batches wait for their team's plugins, the queue is looked at this often.
 const BACKLOG_POLL: Duration = Duration::from_millis(200);
 
@@ -70,6 +72,15 @@ pub struct Pipeline {
     pub followers: Option<Arc<Notify>>,
 }
 
+/// Why the write stage stopped.
+enum StageEnd {
+    /// Shutdown, or its deadline: the rest stays queued for the next start.
+    Stopped,
+    /// A person store shared with other boxes holds persons another box changed after a step
+    /// read them: both stages start again from the committed positions.
+    Restart,
+}
+
 /// After-write deliveries: written events become jobs of the plugins that export them.
 pub struct Deliveries {
     pub catalog: Arc<Catalog>,
@@ -81,7 +92,7 @@ enum StepError {
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
-    Sink(#[from] crate::sinks::SinkError),
+    Sink(#[from] SinkError),
     #[error("{0}")]
     Plugin(#[from] crate::plugins::PluginError),
     #[error("blocking task failed: {0}")]
@@ -117,19 +128,35 @@ impl Pipeline {
     /// previous batch is written.
     pub async fn run(self, shutdown: Shutdown) {
         let this = Arc::new(self);
-        let mut start_shutdown = shutdown.clone();
-        let Some(start) = this.initial_positions(&mut start_shutdown).await else {
-            return;
-        };
-        tracing::debug!(?start, "pipeline positions at start");
-        let (prepared_tx, prepared_rx) = mpsc::channel(PREPARED_AHEAD);
-        let reader = tokio::spawn(
-            this.clone()
-                .read_stage(start, prepared_tx, shutdown.clone()),
-        );
-        this.write_stage(start, prepared_rx, shutdown).await;
-        if let Err(e) = reader.await {
-            tracing::error!(error = %e, "the pipeline's read stage failed");
+        loop {
+            let mut start_shutdown = shutdown.clone();
+            let Some(start) = this.initial_positions(&mut start_shutdown).await else {
+                return;
+            };
+            tracing::debug!(?start, "pipeline positions at start");
+            let (prepared_tx, prepared_rx) = mpsc::channel(PREPARED_AHEAD);
+            let reader = tokio::spawn(this.clone().read_stage(
+                start,
+                prepared_tx,
+                shutdown.clone(),
+            ));
+            // The write stage's end closes the channel, which stops the read stage.
+            let end = this.write_stage(start, prepared_rx, shutdown.clone()).await;
+            if let Err(e) = reader.await {
+                tracing::error!(error = %e, "the pipeline's read stage failed");
+            }
+            match end {
+                StageEnd::Stopped => return,
+                StageEnd::Restart => {
+                    // As after a crash, but without one: the steps not committed are made
+                    // again from the queue, over what the shared store holds now.
+                    this.persons
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .abandon();
+                    tokio::time::sleep(RESTART_PAUSE).await;
+                }
+            }
         }
     }
 
@@ -195,7 +222,7 @@ impl Pipeline {
             }
         };
         loop {
-            if shutdown.deadline_passed() {
+            if shutdown.deadline_passed() || out.is_closed() {
                 break;
             }
             self.status.beat();
@@ -214,6 +241,7 @@ impl Pipeline {
                         tokio::select! {
                             _ = tokio::time::sleep(self.linger) => {}
                             _ = shutdown.changed() => {}
+                            _ = out.closed() => {}
                         }
                     }
                 }
@@ -235,6 +263,7 @@ impl Pipeline {
                         _ = self.wake.notified() => {}
                         _ = shutdown.changed() => {}
                         _ = tokio::time::sleep(poll) => {}
+                        _ = out.closed() => {}
                     }
                 }
                 Err(e) => {
@@ -253,13 +282,18 @@ impl Pipeline {
         mut positions: Positions,
         mut input: mpsc::Receiver<Prepared>,
         mut shutdown: Shutdown,
-    ) {
+    ) -> StageEnd {
         let mut trimmed = 0u64;
         let mut last_trim = Instant::now();
+        let mut end = StageEnd::Stopped;
         while let Some(prepared) = input.recv().await {
             self.status.beat();
-            let Some(written) = self.write(&positions, &prepared, &mut shutdown).await else {
-                break;
+            let written = match self.write(&positions, &prepared, &mut shutdown).await {
+                Ok(written) => written,
+                Err(stop) => {
+                    end = stop;
+                    break;
+                }
             };
             positions.stored(prepared.last);
             if written.count() > 0 {
@@ -286,21 +320,23 @@ impl Pipeline {
             }
         }
         self.trim(positions.trimmable(), trimmed).await;
+        end
     }
 
     /// Writes the batches the sink does not hold (and moves its position past unreadable
-    /// records); `None` if the shutdown deadline passed first.
+    /// records); stops if the shutdown deadline passed first, or for a restart if a shared
+    /// person store holds persons changed since the step.
     async fn write(
         &self,
         positions: &Positions,
         prepared: &Prepared,
         shutdown: &mut Shutdown,
-    ) -> Option<Written> {
+    ) -> Result<Written, StageEnd> {
         if prepared.process.is_empty()
             && prepared.last <= positions.sink
             && !prepared.persons.touches_sinks()
         {
-            return Some(Written::default());
+            return Ok(Written::default());
         }
         let mut backoff = Backoff::default();
         let sink = self.sink.name();
@@ -310,7 +346,7 @@ impl Pipeline {
                     position = positions.sink,
                     "shutdown deadline reached; the rest stays queued for the next start"
                 );
-                return None;
+                return Err(StageEnd::Stopped);
             }
             let started = Instant::now();
             let write = SinkWrite {
@@ -326,7 +362,12 @@ impl Pipeline {
                 .record_write(sink, started.elapsed(), total, stored);
             match result {
                 Ok(written) => {
-                    return Some(written);
+                    return Ok(written);
+                }
+                Err(isolate::StepFailure::Sink(SinkError::Conflict { detail, .. })) => {
+                    tracing::info!(%detail, "persons changed on another box");
+                    metrics::counter!(crate::telemetry::names::PERSON_CONFLICTS).increment(1);
+                    return Err(StageEnd::Restart);
                 }
                 Err(e) => {
                     backoff

@@ -43,6 +43,11 @@ pub enum SinkError {
     /// writing would skip the other's events, so nothing is written.
     #[error("{sink}: {detail}")]
     Taken { sink: &'static str, detail: String },
+    /// A person store shared by several boxes holds persons another box changed after this
+    /// write's person step read them: nothing was written, and the step is to be made again over
+    /// what the store holds now.
+    #[error("{sink}: {detail}")]
+    Conflict { sink: &'static str, detail: String },
 }
 
 /// How both SQL sinks upsert a person: a row already at a newer version (a replay) is left
@@ -267,12 +272,10 @@ fn open_one(
                 target: target.redacted(),
                 detail: format!("the state file's id: {e}"),
             })?;
-            let sink = Arc::new(postgres::PostgresSink::open(
-                &target,
-                role,
-                settings.node.as_deref(),
-                state,
-            )?);
+            let sink = Arc::new(
+                postgres::PostgresSink::open(&target, role, settings.node.as_deref(), state)?
+                    .with_shared_persons(role == Role::Lead && settings.shared_persons),
+            );
             Ok(OpenedSink {
                 target: sink.target().to_owned(),
                 sink: sink.clone(),

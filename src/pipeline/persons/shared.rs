@@ -60,7 +60,7 @@ impl PersonEngine {
                 continue;
             }
             let local = reader.person(team, found.person.uuid)?;
-            if local.is_none_or(|l| l.version < found.person.version) {
+            if local.is_none_or(|l| l.version <= found.person.version) {
                 imported
                     .persons
                     .insert(key, PersonChange::Upsert(Arc::new(found.person.clone())));
@@ -112,17 +112,24 @@ impl PersonEngine {
         Ok(count)
     }
 
-    /// Whether the shared store holds `found` newer than this box: its person at a higher
-    /// version, or one of the ids it was looked up by unknown here or moved since.
+    /// Whether the shared store holds `found` otherwise than this box: its person unknown here,
+    /// at a higher version, or at the same version with other properties (written over by hand,
+    /// or by a box that lost a race before conflicts were checked); or one of its ids unknown
+    /// here or on another person at no higher version. The shared store is the truth: this box
+    /// only ever commits what the store took.
     fn is_newer(&self, reader: &PersonsReader, found: &SharedPerson) -> Result<bool, StoreError> {
         let local = reader.person(found.team, found.person.uuid)?;
-        if local.is_none_or(|l| l.version < found.person.version) {
+        let person_differs = local.is_none_or(|l| {
+            l.version < found.person.version
+                || (l.version == found.person.version && l.properties != found.person.properties)
+        });
+        if person_differs {
             return Ok(true);
         }
         for (id, now) in &found.distinct_ids {
             match reader.distinct_id(found.team, id)? {
                 None => return Ok(true),
-                Some(before) if before.person != now.person && before.version < now.version => {
+                Some(before) if before.person != now.person && before.version <= now.version => {
                     return Ok(true)
                 }
                 Some(_) => {}

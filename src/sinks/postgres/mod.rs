@@ -57,6 +57,9 @@ pub struct PostgresSink {
     position_key: String,
     /// The state file whose queue the position counts in ([`crate::store::Store::state_id`]).
     state: Uuid,
+    /// Whether boxes share their persons here (`SHARED_PERSONS`): a person, distinct id or
+    /// deletion is then written only over the version its step read ([`SinkError::Conflict`]).
+    shared_persons: bool,
 }
 
 /// An error with its causes: tokio-postgres and the pool put the server's words ("duplicate
@@ -129,7 +132,14 @@ impl PostgresSink {
                 None => key.to_owned(),
             },
             state,
+            shared_persons: false,
         })
+    }
+
+    /// Makes this sink the boxes' shared person store.
+    pub fn with_shared_persons(mut self, shared: bool) -> Self {
+        self.shared_persons = shared;
+        self
     }
 
     /// The error of a position row another state file moves: two boxes share this database
@@ -203,8 +213,12 @@ impl PostgresSink {
             .collect();
         let created_at = Utc::now();
         let mut client = self.client().await?;
+        let mut tx = client.transaction().await.map_err(statement_error)?;
+        // The persons first: a conflict in a shared person store then stops the write before
+        // any row is stored, whichever way the rows go in.
+        persons::write(&tx, &write.persons, self.shared_persons).await?;
         let new = if first.len() >= PARALLEL_FROM_EVENTS {
-            // Two connections insert half each, committed on their own; the transaction below
+            // Two more connections insert half each, committed on their own; the transaction
             // then moves the position. A crash in between leaves rows without the position:
             // the replay finds them by their queue position and counts them as its own.
             let half = first.len() / 2;
@@ -216,24 +230,18 @@ impl PostgresSink {
                     (*keep && seen <= half, *keep && seen > half)
                 })
                 .unzip();
-            let mut other = self.client().await?;
+            let (mut one, mut other) = (self.client().await?, self.client().await?);
             let (left, right) = (
                 EventColumns::of(&write, &left),
                 EventColumns::of(&write, &right),
             );
             let (a, b) = tokio::join!(
-                insert_events(&mut client, &left, &created_at),
+                insert_events(&mut one, &left, &created_at),
                 insert_events(&mut other, &right, &created_at)
             );
             let mut new = a?;
             new.extend(b?);
             crate::failpoint::hit("postgres.before_position");
-            new
-        } else {
-            HashSet::new()
-        };
-        let mut tx = client.transaction().await.map_err(statement_error)?;
-        let new = if first.len() >= PARALLEL_FROM_EVENTS {
             new
         } else {
             insert_events(&mut tx, &EventColumns::of(&write, &include), &created_at).await?
@@ -250,7 +258,6 @@ impl PostgresSink {
                 })
                 .collect(),
         };
-        persons::write(&tx, &write.persons).await?;
         let record = tx
             .prepare_cached(
                 "INSERT INTO appliance_sink_position (sink, position, state) VALUES ($1, $2, $3)

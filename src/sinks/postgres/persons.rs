@@ -31,89 +31,183 @@ async fn run(
     Ok(())
 }
 
-/// Writes `updates`. A row already newer than the change (a replay) is left alone.
-pub(super) async fn write(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkError> {
+/// Writes `updates`. A row already newer than the change (a replay) is left alone. When boxes
+/// share their persons here (`shared`), every change must also be made over the version its
+/// step read: a person or distinct id another box has moved to the same or a higher version
+/// (unless it is this very change, replayed), or a person to delete that another box changed
+/// or gave an id this box does not know, fails the whole write with [`SinkError::Conflict`].
+pub(super) async fn write(
+    tx: &Tx<'_>,
+    updates: &PersonUpdates,
+    shared: bool,
+) -> Result<(), SinkError> {
     if !updates.touches_sinks() {
         return Ok(());
     }
-    write_persons(tx, updates).await?;
-    write_distinct_ids(tx, updates).await?;
+    // Survivors first, then the ids moved to them, so that a merged person is deleted only
+    // once nothing this write knows points at it.
+    write_persons(tx, updates, shared).await?;
+    write_distinct_ids(tx, updates, shared).await?;
+    delete_persons(tx, updates, shared).await?;
     write_groups(tx, updates).await
 }
 
-async fn write_persons(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkError> {
-    let mut upserts = PersonColumns::default();
-    let (mut gone_teams, mut gone_uuids) = (Vec::new(), Vec::new());
-    for ((team, uuid), change) in &updates.persons {
-        match change {
-            PersonChange::Upsert(person) => {
-                upserts.created_at.push(person.created_at);
-                upserts
-                    .last_updated_at
-                    .push(json(&person.properties_last_updated_at));
-                upserts
-                    .last_operation
-                    .push(json(&person.properties_last_operation));
-                upserts.team.push(*team as i64);
-                upserts.properties.push(json(&person.properties));
-                upserts.is_identified.push(person.is_identified);
-                upserts.uuid.push(person.uuid);
-                upserts.version.push(person.version as i64);
-            }
-            PersonChange::Deleted { .. } => {
-                gone_teams.push(*team as i64);
-                gone_uuids.push(*uuid);
-            }
-        }
+fn conflict(what: &str, keys: impl IntoIterator<Item = String>) -> SinkError {
+    let keys: Vec<String> = keys.into_iter().take(5).collect();
+    SinkError::Conflict {
+        sink: super::NAME,
+        detail: format!(
+            "{what} changed by another box since this step read them ({}): the step is made again",
+            keys.join(", ")
+        ),
     }
-    if !upserts.uuid.is_empty() {
-        run(
-            tx,
-            &format!(
-                "INSERT INTO posthog_person (created_at, properties_last_updated_at,
-                    properties_last_operation, team_id, properties, is_identified, uuid, version)
-                 SELECT u.created_at, u.updated::jsonb, u.operation::jsonb, u.team_id,
-                    u.properties::jsonb, u.identified, u.uuid, u.version
-                 FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::text[],
-                    $6::bool[], $7::uuid[], $8::int8[])
-                    AS u(created_at, updated, operation, team_id, properties, identified, uuid,
-                    version)
-                 {PERSON_UPSERT}"
-            ),
-            &[
-                &upserts.created_at,
-                &upserts.last_updated_at,
-                &upserts.last_operation,
-                &upserts.team,
-                &upserts.properties,
-                &upserts.is_identified,
-                &upserts.uuid,
-                &upserts.version,
-            ],
-        )
-        .await?;
-    }
-    if !gone_uuids.is_empty() {
-        // Ids moved to another person in this write are re-pointed below; the rest are freed
-        // with the person, as PostHog's delete does.
-        let gone: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&gone_teams, &gone_uuids];
-        run(
-            tx,
-            "DELETE FROM posthog_persondistinctid d USING posthog_person p,
-                unnest($1::int8[], $2::uuid[]) AS u(team_id, uuid)
-             WHERE p.team_id = u.team_id AND p.uuid = u.uuid AND d.person_id = p.id",
-            &gone,
-        )
-        .await?;
-        run(
-            tx,
-            "DELETE FROM posthog_person p USING unnest($1::int8[], $2::uuid[]) AS u(team_id, uuid)
-             WHERE p.team_id = u.team_id AND p.uuid = u.uuid",
-            &gone,
-        )
-        .await?;
+}
+
+/// Runs `sql` (ending in `RETURNING` a key) and, when `shared`, fails with a conflict unless
+/// every one of `keys` came back.
+async fn run_checked(
+    tx: &Tx<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    shared: bool,
+    what: &str,
+    keys: &[String],
+) -> Result<(), SinkError> {
+    let statement = tx.prepare_cached(sql).await.map_err(statement_error)?;
+    let rows = tx
+        .query(&statement, params)
+        .await
+        .map_err(statement_error)?;
+    if shared && rows.len() < keys.len() {
+        let back: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        return Err(conflict(
+            what,
+            keys.iter().filter(|k| !back.contains(*k)).cloned(),
+        ));
     }
     Ok(())
+}
+
+async fn write_persons(
+    tx: &Tx<'_>,
+    updates: &PersonUpdates,
+    shared: bool,
+) -> Result<(), SinkError> {
+    let mut upserts = PersonColumns::default();
+    for ((team, _), change) in &updates.persons {
+        if let PersonChange::Upsert(person) = change {
+            upserts.created_at.push(person.created_at);
+            upserts
+                .last_updated_at
+                .push(json(&person.properties_last_updated_at));
+            upserts
+                .last_operation
+                .push(json(&person.properties_last_operation));
+            upserts.team.push(*team as i64);
+            upserts.properties.push(json(&person.properties));
+            upserts.is_identified.push(person.is_identified);
+            upserts.uuid.push(person.uuid);
+            upserts.version.push(person.version as i64);
+        }
+    }
+    if upserts.uuid.is_empty() {
+        return Ok(());
+    }
+    let condition = if shared { SHARED_PERSON_CONDITION } else { "" };
+    let keys: Vec<String> = upserts.uuid.iter().map(Uuid::to_string).collect();
+    run_checked(
+        tx,
+        &format!(
+            "INSERT INTO posthog_person (created_at, properties_last_updated_at,
+                properties_last_operation, team_id, properties, is_identified, uuid, version)
+             SELECT u.created_at, u.updated::jsonb, u.operation::jsonb, u.team_id,
+                u.properties::jsonb, u.identified, u.uuid, u.version
+             FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::text[],
+                $6::bool[], $7::uuid[], $8::int8[])
+                AS u(created_at, updated, operation, team_id, properties, identified, uuid,
+                version)
+             {PERSON_UPSERT}{condition}
+             RETURNING uuid::text"
+        ),
+        &[
+            &upserts.created_at,
+            &upserts.last_updated_at,
+            &upserts.last_operation,
+            &upserts.team,
+            &upserts.properties,
+            &upserts.is_identified,
+            &upserts.uuid,
+            &upserts.version,
+        ],
+        shared,
+        "persons",
+        &keys,
+    )
+    .await
+}
+
+/// In a shared person store, a person is written over a lower version only, or over the same
+/// version with the same properties (this write again, after a crash).
+const SHARED_PERSON_CONDITION: &str = "
+    AND (excluded.version > coalesce(posthog_person.version, 0)
+         OR excluded.properties = posthog_person.properties)";
+
+async fn delete_persons(
+    tx: &Tx<'_>,
+    updates: &PersonUpdates,
+    shared: bool,
+) -> Result<(), SinkError> {
+    let (mut teams, mut uuids, mut versions) = (Vec::new(), Vec::new(), Vec::new());
+    for ((team, uuid), change) in &updates.persons {
+        if let PersonChange::Deleted { version } = change {
+            teams.push(*team as i64);
+            uuids.push(*uuid);
+            versions.push(*version as i64);
+        }
+    }
+    if uuids.is_empty() {
+        return Ok(());
+    }
+    let gone: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&teams, &uuids, &versions];
+    if shared {
+        // Locked, so no other box changes them between this look and the delete.
+        let statement = tx
+            .prepare_cached(
+                "SELECT p.uuid::text FROM posthog_person p
+                 JOIN unnest($1::int8[], $2::uuid[], $3::int8[]) AS u(team_id, uuid, version)
+                   ON p.team_id = u.team_id AND p.uuid = u.uuid
+                 WHERE coalesce(p.version, 0) > u.version
+                    OR EXISTS (SELECT 1 FROM posthog_persondistinctid d WHERE d.person_id = p.id)
+                 FOR UPDATE OF p",
+            )
+            .await
+            .map_err(statement_error)?;
+        let moved = tx.query(&statement, &gone).await.map_err(statement_error)?;
+        if !moved.is_empty() {
+            return Err(conflict(
+                "persons to delete",
+                moved.iter().map(|r| r.get::<_, String>(0)),
+            ));
+        }
+    }
+    // Ids this write moved are pointed elsewhere already; the rest are freed with the person,
+    // as PostHog's delete does (in a shared store there are none left: see above).
+    run(
+        tx,
+        "DELETE FROM posthog_persondistinctid d USING posthog_person p,
+            unnest($1::int8[], $2::uuid[], $3::int8[]) AS u(team_id, uuid, version)
+         WHERE p.team_id = u.team_id AND p.uuid = u.uuid AND d.person_id = p.id",
+        &gone,
+    )
+    .await?;
+    run(
+        tx,
+        "DELETE FROM posthog_person p
+         USING unnest($1::int8[], $2::uuid[], $3::int8[]) AS u(team_id, uuid, version)
+         WHERE p.team_id = u.team_id AND p.uuid = u.uuid",
+        &gone,
+    )
+    .await
 }
 
 /// The columns of the persons one write upserts.
@@ -129,7 +223,11 @@ struct PersonColumns {
     version: Vec<i64>,
 }
 
-async fn write_distinct_ids(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkError> {
+async fn write_distinct_ids(
+    tx: &Tx<'_>,
+    updates: &PersonUpdates,
+    shared: bool,
+) -> Result<(), SinkError> {
     let (mut teams, mut persons, mut ids, mut versions) = (vec![], vec![], vec![], vec![]);
     let (mut freed_teams, mut freed_ids) = (vec![], vec![]);
     for ((team, id), now) in &updates.distinct_ids {
@@ -148,17 +246,31 @@ async fn write_distinct_ids(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), 
         }
     }
     if !ids.is_empty() {
-        run(
+        // Shared: over a lower version only, or the same version on the same person (a replay).
+        let condition = if shared {
+            "excluded.version > coalesce(posthog_persondistinctid.version, 0)
+             OR (excluded.version = coalesce(posthog_persondistinctid.version, 0)
+                 AND excluded.person_id = posthog_persondistinctid.person_id)"
+        } else {
+            "excluded.version >= coalesce(posthog_persondistinctid.version, 0)"
+        };
+        run_checked(
             tx,
-            "INSERT INTO posthog_persondistinctid (team_id, person_id, distinct_id, version)
-             SELECT u.team_id, p.id, u.distinct_id, u.version
-             FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::int8[])
-                AS u(team_id, person, distinct_id, version)
-             JOIN posthog_person p ON p.team_id = u.team_id AND p.uuid = u.person
-             ON CONFLICT (team_id, distinct_id) DO UPDATE SET
-                person_id = excluded.person_id, version = excluded.version
-             WHERE excluded.version >= coalesce(posthog_persondistinctid.version, 0)",
+            &format!(
+                "INSERT INTO posthog_persondistinctid (team_id, person_id, distinct_id, version)
+                 SELECT u.team_id, p.id, u.distinct_id, u.version
+                 FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::int8[])
+                    AS u(team_id, person, distinct_id, version)
+                 JOIN posthog_person p ON p.team_id = u.team_id AND p.uuid = u.person
+                 ON CONFLICT (team_id, distinct_id) DO UPDATE SET
+                    person_id = excluded.person_id, version = excluded.version
+                 WHERE {condition}
+                 RETURNING distinct_id"
+            ),
             &[&teams, &persons, &ids, &versions],
+            shared,
+            "distinct ids",
+            &ids,
         )
         .await?;
     }
