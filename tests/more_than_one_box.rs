@@ -3,7 +3,8 @@
 //! back), store every message once; a box given another box's name is refused by the shared
 //! sink instead of skipping events; and the schedule lease in a real Redis lets one box run the
 //! schedules, another taking over the next slot (once) when the holder is killed; with
-//! `SHARED_PERSONS`, a merge of two ids whose persons live on two boxes holds on both.
+//! `SHARED_PERSONS`, a merge of two ids whose persons live on two boxes holds on both, and two
+//! boxes changing one person at the same moment both keep their change.
 
 mod common;
 
@@ -15,7 +16,8 @@ use common::kafka::{borrowed, capture_message_of, env, producer, send};
 use common::pg::PgServer;
 use common::redis::RedisServer;
 use common::{
-    cli, command, create_team, enable_plugin, install_plugin, send_batch, storage, Appliance, TOKEN,
+    cli, command, create_team, enable_plugin, install_plugin, post_batch, send_batch, storage,
+    Appliance, TOKEN,
 };
 use rdkafka::mocking::MockCluster;
 use serde_json::{json, Value};
@@ -426,6 +428,101 @@ async fn with_shared_persons_a_merge_made_on_one_box_holds_on_the_other() {
             .lines()
             .any(|l| l.starts_with("appliance_persons_imported_total") && !l.ends_with(" 0")),
         "box B counts its import"
+    );
+    assert!(box_b.terminate().success());
+    assert!(box_a.terminate().success());
+}
+
+/// The value of counter `name` on `app`'s `/metrics` (0 if it is not there yet).
+async fn counter(app: &Appliance, name: &str) -> f64 {
+    let text = reqwest::get(app.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_shared_persons_two_boxes_changing_one_person_at_once_both_keep_their_change() {
+    let pg = PgServer::start();
+    let url = pg.create_database("race").await;
+    let db = pg.client("race").await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let team = create_team(dir_a.path(), "t", TOKEN);
+    create_team(dir_b.path(), "t", TOKEN);
+    let shared = |node: &'static str| {
+        vec![
+            ("SINKS", "postgres"),
+            ("DATABASE_URL", url.as_str()),
+            ("NODE_ID", node),
+            ("SHARED_PERSONS", "true"),
+            ("SINK_LINGER_MS", "0"),
+        ]
+    };
+    // Box A holds each of its writes for 4 s after its person step: box B writes in between.
+    let mut env_a = shared("a");
+    env_a.push((
+        "APPLIANCE_FAILPOINTS",
+        "pipeline.before_sink_write=pause:4000",
+    ));
+    let box_a = Appliance::start(dir_a.path(), &env_a);
+    let box_b = Appliance::start(dir_b.path(), &shared("b"));
+
+    let first = event("$pageview", "u", json!({"$set": {"first": true}}));
+    send_batch(&box_b, TOKEN, vec![first]).await;
+    // A reads the person (version 0) and makes version 1 with its change, then holds the write.
+    let on_a = event("$pageview", "u", json!({"$set": {"from_a": true}}));
+    let on_a_uuid = on_a["uuid"]
+        .as_str()
+        .unwrap()
+        .parse::<uuid::Uuid>()
+        .unwrap();
+    assert_eq!(post_batch(&box_a, TOKEN, vec![on_a]).await, 200);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Meanwhile B makes its own version 1 of the same person, and writes it first.
+    let on_b = event("$pageview", "u", json!({"$set": {"from_b": true}}));
+    send_batch(&box_b, TOKEN, vec![on_b]).await;
+    // A's write over version 1 is turned down; A makes its step again over B's version.
+    box_a.wait_drained().await;
+
+    let person = db
+        .query_one(
+            "SELECT properties::text, version FROM posthog_person WHERE team_id = $1 AND uuid = $2",
+            &[&(team as i64), &person_uuid(team, "u")],
+        )
+        .await
+        .expect("u's person");
+    let properties: Value = serde_json::from_str(person.get(0)).unwrap();
+    assert_eq!(
+        (
+            &properties["first"],
+            &properties["from_a"],
+            &properties["from_b"]
+        ),
+        (&json!(true), &json!(true), &json!(true)),
+        "both boxes' changes kept: {properties}"
+    );
+    assert_eq!(person.get::<_, i64>(1), 2, "one version per change");
+    let row = db
+        .query_one(
+            "SELECT person_properties::text FROM posthog_event WHERE uuid = $1",
+            &[&on_a_uuid],
+        )
+        .await
+        .expect("A's event stored once");
+    let on_row: Value = serde_json::from_str(row.get(0)).unwrap();
+    assert_eq!(
+        on_row["from_b"], true,
+        "A's event was made again over B's change"
+    );
+    assert!(
+        counter(&box_a, "appliance_person_conflicts_total").await >= 1.0,
+        "box A's write was turned down"
     );
     assert!(box_b.terminate().success());
     assert!(box_a.terminate().success());

@@ -159,7 +159,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("JOB_IDLE_POLL_MS", Some("5000"), int(10, 3_600_000), "how often idle job workers look at the queue without a wake-up (the CLI wakes them through a socket in the data directory; this bounds a lost wake-up)"),
     setting("JOB_KEY_RETENTION_HOURS", Some("24"), int(1, 8_760), "how long a job's idempotency key keeps deduplicating"),
     setting("PLUGIN_TASK_TIMEOUT_SECS", Some("30"), int(1, 86_400), "deadline of plugin setup, scheduled tasks, jobs and exports"),
-    setting("APPLIANCE_FAILPOINTS", None, Kind::Text, "for crash tests only: comma-separated failure points at which the process aborts (pipeline.after_sink_write, postgres.before_position, clickhouse.before_position, celery.before_ack, kafka.before_commit)"),
+    setting("APPLIANCE_FAILPOINTS", None, Kind::Text, "for crash tests only: comma-separated failure points at which the process aborts (pipeline.after_sink_write, postgres.before_position, clickhouse.before_position, celery.before_ack, kafka.before_commit), or, given as NAME=pause:MS, pauses each time (pipeline.before_sink_write)"),
     setting("PLUGIN_ALLOWED_HOSTS", None, Kind::Text, "comma-separated hosts plugins may fetch from; unset: any host a plugin declares in its plugin.json"),
     setting("PLUGIN_ALLOWED_NETWORKS", None, Kind::Networks, "comma-separated networks (CIDR) plugins may reach although they are loopback, link-local or private, such as 10.0.0.0/8; unset: only public addresses"),
     setting("PLUGIN_SETUP_TIMEOUT_MS", Some("5000"), int(1, 600_000), "deadline of a plugin's setup; it runs off the pipeline's path, the team's events waiting for it"),

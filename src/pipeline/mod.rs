@@ -348,6 +348,9 @@ impl Pipeline {
                 );
                 return Err(StageEnd::Stopped);
             }
+            if let Some(pause) = crate::failpoint::pause("pipeline.before_sink_write") {
+                tokio::time::sleep(pause).await;
+            }
             let started = Instant::now();
             let write = SinkWrite {
                 batches: prepared.process.clone(),
