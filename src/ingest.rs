@@ -39,6 +39,12 @@ impl IngestHandle {
     /// Queues one encoded batch and waits for the commit that makes it durable; returns its
     /// sequence number.
     pub async fn submit(&self, encoded: Vec<u8>) -> Result<u64, IngestError> {
+        self.enqueue(encoded)?.durable().await
+    }
+
+    /// Queues one encoded batch now, behind every batch queued before it (batches enqueued one
+    /// after another get rising sequence numbers); the answer waits for its commit.
+    pub fn enqueue(&self, encoded: Vec<u8>) -> Result<Enqueued, IngestError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .try_send(Pending { encoded, reply })
@@ -46,7 +52,17 @@ impl IngestHandle {
                 mpsc::error::TrySendError::Full(_) => IngestError::Busy,
                 mpsc::error::TrySendError::Closed(_) => IngestError::Closed,
             })?;
-        answer.await.map_err(|_| IngestError::Closed)?
+        Ok(Enqueued(answer))
+    }
+}
+
+/// A batch in the writer's queue, waiting for the commit that makes it durable.
+pub struct Enqueued(oneshot::Receiver<Result<u64, IngestError>>);
+
+impl Enqueued {
+    /// Waits for the commit; returns the batch's sequence number.
+    pub async fn durable(self) -> Result<u64, IngestError> {
+        self.0.await.map_err(|_| IngestError::Closed)?
     }
 }
 

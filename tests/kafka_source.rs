@@ -2,14 +2,15 @@
 //! port), fed by a real producer with the message shapes PostHog's capture writes: every
 //! message becomes one stored event, a message that cannot be read goes to the dead-letter
 //! topic with its partition, offset and reason, and a kill between durability and the offset
-//! commit re-reads the round without storing anything twice.
+//! commit re-reads the round without storing anything twice; one distinct id's messages reach
+//! its person in the order of their partition.
 
 mod common;
 
 use std::time::Duration;
 
 use common::kafka::{borrowed, capture_message, env, producer, send, TOPIC};
-use common::{create_team, read_events, wait_stored, Appliance, TOKEN};
+use common::{create_team, read_events, read_persons, wait_stored, Appliance, TOKEN};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
@@ -114,4 +115,46 @@ async fn a_kill_before_the_offset_commit_re_reads_the_round_and_stores_each_mess
         (0..600).collect::<Vec<_>>(),
         "each message once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_messages_change_its_person_in_partition_order() {
+    let cluster = MockCluster::new(1).expect("a mock cluster");
+    cluster.create_topic(TOPIC, 1, 1).expect("the topic");
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    create_team(dir.path(), "t", TOKEN);
+    // The messages wait in the topic before the appliance starts, so one round reads them all.
+    const SETS: usize = 300;
+    let producer = producer(&bootstrap);
+    let messages = (0..SETS).map(|i| {
+        let uuid = uuid::Uuid::from_u128(i as u128 + 1).to_string();
+        let data = json!({"event": "plan changed", "distinct_id": "u", "uuid": uuid,
+                          "properties": {"i": i, "$set": {"plan": i}},
+                          "timestamp": "2026-11-02T10:00:00Z"});
+        json!({"uuid": uuid, "distinct_id": "u", "ip": "1.2.3.4", "data": data.to_string(),
+               "now": "2026-12-02T00:00:00Z", "token": TOKEN})
+        .to_string()
+    });
+    send(&producer, messages).await;
+    let env = env(&bootstrap);
+    let app = Appliance::start(dir.path(), &borrowed(&env));
+    wait_stored(&app, SETS).await;
+    app.wait_drained().await;
+    let persons = read_persons(&app.sqlite_path());
+    assert_eq!(persons.len(), 1);
+    let person = persons.values().next().unwrap();
+    // PostHog applies a partition's messages in order: the last $set wins, and the person was
+    // made by the first.
+    assert_eq!(
+        person.properties["plan"],
+        SETS - 1,
+        "{:?}",
+        person.properties
+    );
+    assert_eq!(
+        person.properties["$creator_event_uuid"],
+        uuid::Uuid::from_u128(1).to_string()
+    );
+    assert_eq!(person.version, SETS as i64 - 1, "one version per change");
 }

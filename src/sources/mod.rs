@@ -180,49 +180,46 @@ pub async fn wait_for_room(store: &Store, limits: RoomLimits, shutdown: &mut Shu
 /// The longest wait between two tries of a full ingest queue.
 const FULL_QUEUE_WAIT_MAX: Duration = Duration::from_secs(5);
 
-/// Submits every encoded batch and returns once each is durable. A full queue is waited out
-/// (the messages stay in their source, not in memory); fails when the writer has closed, or
-/// when shutdown's deadline passes while the queue is still full.
+/// Submits every encoded batch, in the order given, and returns once each is durable. The
+/// order is the source's (a Kafka partition's, a Redis list's): one distinct id's events reach
+/// the person step in the order PostHog would apply them. A full queue is waited out (the
+/// messages stay in their source, not in memory); fails when the writer has closed, or when
+/// shutdown's deadline passes while the queue is still full.
 pub async fn submit_durably(
     ingest: &IngestHandle,
-    mut pending: Vec<Vec<u8>>,
+    pending: Vec<Vec<u8>>,
     shutdown: &mut Shutdown,
 ) -> Result<(), IngestError> {
     let mut wait = Duration::from_millis(50);
-    while !pending.is_empty() {
-        let mut set = tokio::task::JoinSet::new();
-        for (index, encoded) in pending.iter().enumerate() {
-            let (ingest, encoded) = (ingest.clone(), encoded.clone());
-            set.spawn(async move { (index, ingest.submit(encoded).await) });
-        }
-        let mut busy = Vec::new();
-        while let Some(joined) = set.join_next().await {
-            let (index, result) = joined.map_err(|e| IngestError::Storage(e.to_string()))?;
-            match result {
-                Ok(_) => {}
-                Err(IngestError::Busy) => busy.push(index),
-                Err(e) => return Err(e),
+    let mut queued = Vec::with_capacity(pending.len());
+    let mut next = pending.into_iter().peekable();
+    while let Some(encoded) = next.peek() {
+        match ingest.enqueue(encoded.clone()) {
+            Ok(enqueued) => {
+                queued.push(enqueued);
+                next.next();
+                wait = Duration::from_millis(50);
             }
-        }
-        busy.sort_unstable();
-        pending = busy
-            .into_iter()
-            .filter_map(|i| pending.get(i).cloned())
-            .collect();
-        if !pending.is_empty() {
-            if shutdown.is_draining() {
-                tokio::time::sleep(wait).await;
-            } else {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
+            // The same batch is tried again: none after it may go first.
+            Err(IngestError::Busy) => {
+                if shutdown.is_draining() {
+                    tokio::time::sleep(wait).await;
+                } else {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => {}
+                    }
                 }
+                if shutdown.deadline_passed() {
+                    return Err(IngestError::Closed);
+                }
+                wait = (wait * 2).min(FULL_QUEUE_WAIT_MAX);
             }
-            if shutdown.deadline_passed() {
-                return Err(IngestError::Closed);
-            }
-            wait = (wait * 2).min(FULL_QUEUE_WAIT_MAX);
+            Err(e) => return Err(e),
         }
+    }
+    for enqueued in queued {
+        enqueued.durable().await?;
     }
     Ok(())
 }
