@@ -1,6 +1,6 @@
 //! More than one box: two appliance processes in one Kafka consumer group writing to one shared
 //! Postgres, with rebalances in the middle of a load (a box joins, a box is killed and comes
-//! back), store every message once; a box given another box's name is refused by the shared
+//! back), store every message once and share their persons; a box given another box's name is refused by the shared
 //! sink instead of skipping events; and the schedule lease in a real Redis lets one box run the
 //! schedules, another taking over the next slot (once) when the holder is killed; with
 //! `SHARED_PERSONS`, a merge of two ids whose persons live on two boxes holds on both, and two
@@ -79,6 +79,7 @@ async fn two_boxes_in_one_group_store_every_message_once_through_rebalances() {
             ("SINKS", "postgres".to_owned()),
             ("DATABASE_URL", url.clone()),
             ("NODE_ID", node.to_owned()),
+            ("SHARED_PERSONS", "true".to_owned()),
         ]);
         env
     };
@@ -146,6 +147,29 @@ async fn two_boxes_in_one_group_store_every_message_once_through_rebalances() {
         positions.get("postgres@a") > Some(&0) && positions.get("postgres@b") > Some(&0),
         "each box keeps its own position: {positions:?}"
     );
+    // One person per user, the same on both boxes: a box that took a user's partition over read
+    // the person from the shared store instead of making its own, so every event of the user
+    // shows the person made by its first box (its `$creator_event_uuid`).
+    let users = db
+        .query(
+            "SELECT d.distinct_id, p.properties->>'$creator_event_uuid',
+                (SELECT array_agg(DISTINCT e.person_properties->>'$creator_event_uuid')
+                 FROM posthog_event e WHERE e.distinct_id = d.distinct_id)
+             FROM posthog_persondistinctid d JOIN posthog_person p ON p.id = d.person_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(users.len(), 101, "one person per user");
+    for row in &users {
+        let (user, creator): (String, Option<String>) = (row.get(0), row.get(1));
+        let seen: Vec<Option<String>> = row.get(2);
+        assert_eq!(
+            seen,
+            vec![creator],
+            "{user}'s events all show its one person"
+        );
+    }
 
     // A third box given the second's name would move its position (and skip the second's
     // events): it stops at start with one line naming NODE_ID, and stores nothing.
