@@ -3,8 +3,9 @@
 //! back), store every message once and share their persons; a box given another box's name is refused by the shared
 //! sink instead of skipping events; and the schedule lease in a real Redis lets one box run the
 //! schedules, another taking over the next slot (once) when the holder is killed; with
-//! `SHARED_PERSONS`, a merge of two ids whose persons live on two boxes holds on both, and two
-//! boxes changing one person at the same moment both keep their change.
+//! `SHARED_PERSONS`, a merge of two ids whose persons live on two boxes holds on both, two
+//! boxes changing one person at the same moment both keep their change, and group types and
+//! groups are one set across boxes.
 
 mod common;
 
@@ -548,6 +549,83 @@ async fn with_shared_persons_two_boxes_changing_one_person_at_once_both_keep_the
         counter(&box_a, "appliance_person_conflicts_total").await >= 1.0,
         "box A's write was turned down"
     );
+    assert!(box_b.terminate().success());
+    assert!(box_a.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_shared_persons_group_types_and_groups_are_one_set_across_boxes() {
+    let pg = PgServer::start();
+    let url = pg.create_database("groups").await;
+    let db = pg.client("groups").await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let team = create_team(dir_a.path(), "t", TOKEN);
+    create_team(dir_b.path(), "t", TOKEN);
+    let shared = |node: &'static str| {
+        vec![
+            ("SINKS", "postgres"),
+            ("DATABASE_URL", url.as_str()),
+            ("NODE_ID", node),
+            ("SHARED_PERSONS", "true"),
+            ("SINK_LINGER_MS", "0"),
+        ]
+    };
+    let box_a = Appliance::start(dir_a.path(), &shared("a"));
+    let box_b = Appliance::start(dir_b.path(), &shared("b"));
+
+    // A gives index 0 to "company" and sets the group's plan.
+    let on_a = vec![event(
+        "$groupidentify",
+        "admin-a",
+        json!({"$group_type": "company", "$group_key": "acme", "$group_set": {"plan": "pro"}}),
+    )];
+    send_batch(&box_a, TOKEN, on_a).await;
+    // B's first group type is "project": index 1, since A took 0; and B's change to acme keeps
+    // A's plan.
+    let in_project = event("$pageview", "user-b", json!({"$groups": {"project": "p1"}}));
+    let in_project_uuid = in_project["uuid"]
+        .as_str()
+        .unwrap()
+        .parse::<uuid::Uuid>()
+        .unwrap();
+    let seats = event(
+        "$groupidentify",
+        "admin-b",
+        json!({"$group_type": "company", "$group_key": "acme", "$group_set": {"seats": 10}}),
+    );
+    send_batch(&box_b, TOKEN, vec![in_project, seats]).await;
+
+    let types = db
+        .query(
+            "SELECT group_type, group_type_index FROM posthog_grouptypemapping
+             WHERE team_id = $1 ORDER BY group_type_index",
+            &[&(team as i64)],
+        )
+        .await
+        .unwrap();
+    let types: Vec<(String, i32)> = types.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(types, vec![("company".into(), 0), ("project".into(), 1)]);
+    let row = db
+        .query_one(
+            "SELECT properties::text FROM posthog_event WHERE uuid = $1",
+            &[&in_project_uuid],
+        )
+        .await
+        .unwrap();
+    let properties: Value = serde_json::from_str(row.get(0)).unwrap();
+    assert_eq!(properties["$group_1"], "p1", "{properties}");
+    assert!(properties.get("$group_0").is_none(), "{properties}");
+    let acme = db
+        .query_one(
+            "SELECT group_properties::text, version FROM posthog_group
+             WHERE team_id = $1 AND group_key = 'acme' AND group_type_index = 0",
+            &[&(team as i64)],
+        )
+        .await
+        .unwrap();
+    let acme_properties: Value = serde_json::from_str(acme.get(0)).unwrap();
+    assert_eq!(acme_properties, json!({"plan": "pro", "seats": 10}));
+    assert_eq!(acme.get::<_, i64>(1), 2);
     assert!(box_b.terminate().success());
     assert!(box_a.terminate().success());
 }

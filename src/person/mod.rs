@@ -126,6 +126,32 @@ pub struct SharedPerson {
     pub distinct_ids: Vec<(String, DistinctId)>,
 }
 
+/// What one step names that a store shared by several boxes may hold newer: distinct ids
+/// (each event's own, a merge's second), the teams (for their group types), and the groups
+/// `$groupidentify` events change, by type name and key.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SharedWanted {
+    pub ids: Vec<(TeamId, String)>,
+    pub teams: Vec<TeamId>,
+    pub groups: Vec<(TeamId, String, String)>,
+}
+
+impl SharedWanted {
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty() && self.teams.is_empty() && self.groups.is_empty()
+    }
+}
+
+/// What the shared store holds of a [`SharedWanted`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SharedState {
+    pub persons: Vec<SharedPerson>,
+    /// The teams' group types and their indexes.
+    pub group_types: Vec<(TeamId, String, u8)>,
+    /// The groups found, by team, type index and key.
+    pub groups: Vec<(TeamId, u8, String, Group)>,
+}
+
 /// A group, as `posthog_group` holds it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Group {

@@ -77,8 +77,8 @@ enum StageEnd {
     /// Shutdown, or its deadline: the rest stays queued for the next start.
     Stopped,
     /// A person store shared with other boxes holds persons another box changed after a step
-    /// read them: both stages start again from the committed positions.
-    Restart,
+    /// read them (what it said): both stages start again from the committed positions.
+    Restart(String),
 }
 
 /// After-write deliveries: written events become jobs of the plugins that export them.
@@ -128,11 +128,18 @@ impl Pipeline {
     /// previous batch is written.
     pub async fn run(self, shutdown: Shutdown) {
         let this = Arc::new(self);
+        // Restarts one after another without the delivered mark moving: a conflict the import
+        // does not resolve, waited out ever longer and reported, not spun on.
+        let mut stuck = Backoff::default();
+        let mut restarted_at: Option<u64> = None;
         loop {
             let mut start_shutdown = shutdown.clone();
             let Some(start) = this.initial_positions(&mut start_shutdown).await else {
                 return;
             };
+            if restarted_at.is_some_and(|at| start.delivered > at) {
+                stuck.reset();
+            }
             tracing::debug!(?start, "pipeline positions at start");
             let (prepared_tx, prepared_rx) = mpsc::channel(PREPARED_AHEAD);
             let reader = tokio::spawn(this.clone().read_stage(
@@ -147,14 +154,22 @@ impl Pipeline {
             }
             match end {
                 StageEnd::Stopped => return,
-                StageEnd::Restart => {
+                StageEnd::Restart(conflict) => {
                     // As after a crash, but without one: the steps not committed are made
                     // again from the queue, over what the shared store holds now.
                     this.persons
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .abandon();
-                    tokio::time::sleep(RESTART_PAUSE).await;
+                    if restarted_at == Some(start.delivered) {
+                        let mut shutdown = shutdown.clone();
+                        stuck
+                            .wait(&this.status, "writing persons", conflict, &mut shutdown)
+                            .await;
+                    } else {
+                        tokio::time::sleep(RESTART_PAUSE).await;
+                    }
+                    restarted_at = Some(start.delivered);
                 }
             }
         }
@@ -370,7 +385,7 @@ impl Pipeline {
                 Err(isolate::StepFailure::Sink(SinkError::Conflict { detail, .. })) => {
                     tracing::info!(%detail, "persons changed on another box");
                     metrics::counter!(crate::telemetry::names::PERSON_CONFLICTS).increment(1);
-                    return Err(StageEnd::Restart);
+                    return Err(StageEnd::Restart(detail));
                 }
                 Err(e) => {
                     backoff

@@ -13,7 +13,7 @@ use super::positions::{Plan, Positions};
 use super::{Pipeline, Prepared, StepError};
 use crate::event::{EventRow, IngestBatch};
 use crate::ids::TeamId;
-use crate::person::{PersonColumns, PersonUpdates};
+use crate::person::{PersonColumns, PersonUpdates, SharedState};
 use crate::plugins::Readiness;
 use crate::sinks::StoredRows;
 use crate::store::{QueuedBatch, StoreError};
@@ -179,9 +179,9 @@ impl Pipeline {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .wanted(&process);
-            self.sink.shared_persons(Arc::new(wanted)).await?
+            self.sink.shared_state(Arc::new(wanted)).await?
         } else {
-            Vec::new()
+            SharedState::default()
         };
         let engine = self.persons.clone();
         let step = tokio::task::spawn_blocking(move || {

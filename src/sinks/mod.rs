@@ -17,8 +17,7 @@ use std::sync::Arc;
 
 use crate::config::{SinkKind, SinkSettings};
 use crate::event::EventRow;
-use crate::ids::TeamId;
-use crate::person::{PersonColumns, PersonUpdates, SharedPerson};
+use crate::person::{PersonColumns, PersonUpdates, SharedState, SharedWanted};
 use crate::store::{QueuedBatch, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -118,15 +117,12 @@ pub trait Sink: Send + Sync {
         Box::pin(async { Ok(None) })
     }
 
-    /// The persons this sink holds for `wanted` distinct ids, each with every distinct id
-    /// pointing at it, when boxes share it as their person store (`SHARED_PERSONS`); a sink
-    /// that cannot be one holds none.
-    fn shared_persons(
-        &self,
-        wanted: Arc<Vec<(TeamId, String)>>,
-    ) -> SinkFuture<'_, Vec<SharedPerson>> {
+    /// What this sink holds of `wanted` (persons with every distinct id pointing at them, the
+    /// teams' group types, groups), when boxes share it as their person store
+    /// (`SHARED_PERSONS`); a sink that cannot be one holds nothing.
+    fn shared_state(&self, wanted: Arc<SharedWanted>) -> SinkFuture<'_, SharedState> {
         let _ = wanted;
-        Box::pin(async { Ok(Vec::new()) })
+        Box::pin(async { Ok(SharedState::default()) })
     }
 
     /// Whether writing events it already holds stores nothing twice (its rows are unique by

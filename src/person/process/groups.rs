@@ -10,6 +10,19 @@ use crate::ids::TeamId;
 use crate::person::rules::{self, Properties, PropertyUpdate};
 use crate::person::{Group, MAX_GROUP_TYPES, MAX_PROPERTIES_BYTES};
 
+/// The group (type name and key) a `$groupidentify` event sets properties of.
+pub fn identified_group(event: &str, properties: &Map<String, Value>) -> Option<(String, String)> {
+    if event != "$groupidentify" {
+        return None;
+    }
+    let group_type = properties.get("$group_type").map(id_text)?;
+    let key = properties
+        .get("$group_key")
+        .filter(|v| !v.is_null())
+        .map(id_text)?;
+    Some((group_type, key))
+}
+
 impl<S: PersonState> PersonProcessor<'_, S> {
     /// `$groups` to `$group_N`, and `$groupidentify` to a group; records in `edit` which
     /// properties it added or changed.
@@ -20,20 +33,13 @@ impl<S: PersonState> PersonProcessor<'_, S> {
         properties: &mut Map<String, Value>,
         edit: &mut Edit,
     ) -> Result<(), S::Error> {
-        if row.event == "$groupidentify" {
-            let group_type = properties.get("$group_type").map(id_text);
-            let key = properties
-                .get("$group_key")
-                .filter(|v| !v.is_null())
-                .map(id_text);
-            if let (Some(group_type), Some(key)) = (group_type, key) {
-                if let Some(index) = self.group_type_index(team, &group_type, row)? {
-                    let set = match properties.get("$group_set") {
-                        Some(Value::Object(set)) => set.clone(),
-                        _ => Map::new(),
-                    };
-                    self.upsert_group(team, index, key, set, row)?;
-                }
+        if let Some((group_type, key)) = identified_group(&row.event, properties) {
+            if let Some(index) = self.group_type_index(team, &group_type, row)? {
+                let set = match properties.get("$group_set") {
+                    Some(Value::Object(set)) => set.clone(),
+                    _ => Map::new(),
+                };
+                self.upsert_group(team, index, key, set, row)?;
             }
         }
         let Some(Value::Object(groups)) = properties.get("$groups").cloned() else {

@@ -25,6 +25,8 @@ use crate::event::EventRow;
 use crate::ids::TeamId;
 
 mod groups;
+
+pub use groups::identified_group;
 mod merge;
 
 /// Whether the person step reads (and may change) `key` of an event's properties: the keys

@@ -1,6 +1,7 @@
 //! Persons shared by several boxes (`SHARED_PERSONS`): before each step, the persons its events
-//! name are read from the shared Postgres, and those another box has moved on (a newer version,
-//! a distinct id merged elsewhere, an id this box has never seen) are imported.
+//! name (and the teams' group types, and the groups `$groupidentify` events change) are read
+//! from the shared Postgres, and those another box has moved on (a newer version, a distinct
+//! id merged elsewhere, an id or a group type this box has never seen) are imported.
 //!
 //! An import is committed to the state file before the step reads it, so a replay of the step
 //! after a crash reads the same persons. Nothing a step not yet committed changed is imported
@@ -14,49 +15,81 @@ use uuid::Uuid;
 use super::PersonEngine;
 use crate::event::properties::EventProperties;
 use crate::ids::TeamId;
-use crate::person::process::{is_merge_event, merge_other};
-use crate::person::{PersonChange, PersonUpdates, SharedPerson};
+use crate::person::process::{identified_group, is_merge_event, merge_other};
+use crate::person::{Group, PersonChange, PersonUpdates, SharedPerson, SharedState, SharedWanted};
 use crate::store::{PersonsReader, QueuedBatch, StoreError};
 
 impl PersonEngine {
-    /// The distinct ids `batches` name (each event's own, and the second id of a merge) that no
-    /// step waiting for its commit touches: the ones to look up in the shared store.
-    pub fn wanted(&self, batches: &[QueuedBatch]) -> Vec<(TeamId, String)> {
-        let mut wanted = BTreeSet::new();
+    /// What `batches` name that the shared store may hold newer: the distinct ids (each event's
+    /// own, and the second id of a merge) that no step waiting for its commit touches, the
+    /// teams, and the groups of `$groupidentify` events.
+    pub fn wanted(&self, batches: &[QueuedBatch]) -> SharedWanted {
+        let (mut ids, mut teams, mut groups) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
         for queued in batches {
             let team = queued.batch.team_id;
+            teams.insert(team);
             for row in &queued.batch.events {
-                wanted.insert((team, row.distinct_id.clone()));
-                if is_merge_event(&row.event) {
+                ids.insert((team, row.distinct_id.clone()));
+                if is_merge_event(&row.event) || row.event == "$groupidentify" {
                     let (_, read) = EventProperties::read(&row.properties, |key| {
-                        key == "$anon_distinct_id" || key == "alias"
+                        matches!(
+                            key,
+                            "$anon_distinct_id" | "alias" | "$group_type" | "$group_key"
+                        )
                     });
                     if let Some(other) = merge_other(&row.event, &read) {
-                        wanted.insert((team, other));
+                        ids.insert((team, other));
+                    }
+                    if let Some((group_type, key)) = identified_group(&row.event, &read) {
+                        groups.insert((team, group_type, key));
                     }
                 }
             }
         }
-        wanted
-            .into_iter()
-            .filter(|key| !self.pending_touches_id(key))
-            .collect()
+        SharedWanted {
+            ids: ids
+                .into_iter()
+                .filter(|key| !self.pending_touches_id(key))
+                .collect(),
+            teams: teams.into_iter().collect(),
+            groups: groups.into_iter().collect(),
+        }
     }
 
-    /// Imports what `shared` holds newer than this box's committed persons; returns how many
-    /// persons were taken.
-    pub fn import(&mut self, shared: Vec<SharedPerson>) -> Result<usize, StoreError> {
-        if shared.is_empty() {
+    /// Imports what `shared` holds otherwise than this box's committed state; returns how many
+    /// persons and groups were taken.
+    pub fn import(&mut self, shared: SharedState) -> Result<usize, StoreError> {
+        if shared == SharedState::default() {
             return Ok(0);
         }
         let reader = self.store.persons_reader()?;
         let mut imported = PersonUpdates::default();
+        self.import_persons(&reader, shared.persons, &mut imported)?;
+        self.import_groups(&reader, shared.group_types, shared.groups, &mut imported)?;
+        drop(reader);
+        let count = imported
+            .persons
+            .values()
+            .filter(|c| matches!(c, PersonChange::Upsert(_)))
+            .count()
+            + imported.groups.len();
+        self.store.import_persons(&imported)?;
+        self.cache(imported);
+        Ok(count)
+    }
+
+    fn import_persons(
+        &self,
+        reader: &PersonsReader,
+        shared: Vec<SharedPerson>,
+        imported: &mut PersonUpdates,
+    ) -> Result<(), StoreError> {
         // Persons whose ids moved to an imported one: gone here too once none is left.
         let mut left: BTreeMap<(TeamId, Uuid), BTreeSet<String>> = BTreeMap::new();
         for found in shared {
             let team = found.team;
             let key = (team, found.person.uuid);
-            if self.pending_touches_person(&key) || !self.is_newer(&reader, &found)? {
+            if self.pending_touches_person(&key) || !self.is_newer(reader, &found)? {
                 continue;
             }
             let local = reader.person(team, found.person.uuid)?;
@@ -101,15 +134,58 @@ impl PersonEngine {
                     .insert(key, PersonChange::Deleted { version });
             }
         }
-        drop(reader);
-        let count = imported
-            .persons
-            .values()
-            .filter(|c| matches!(c, PersonChange::Upsert(_)))
-            .count();
-        self.store.import_persons(&imported)?;
-        self.cache(imported);
-        Ok(count)
+        Ok(())
+    }
+
+    /// Group types this box does not have as the store has them, and groups the store holds
+    /// at a higher version (or the same one with other properties), unless a pending step
+    /// changed them.
+    fn import_groups(
+        &self,
+        reader: &PersonsReader,
+        group_types: Vec<(TeamId, String, u8)>,
+        groups: Vec<(TeamId, u8, String, Group)>,
+        imported: &mut PersonUpdates,
+    ) -> Result<(), StoreError> {
+        let mut known: BTreeMap<TeamId, Vec<(String, u8)>> = BTreeMap::new();
+        for (team, name, index) in group_types {
+            let pending = self
+                .pending
+                .iter()
+                .any(|(_, layer)| layer.group_types.contains_key(&(team, name.clone())));
+            if pending {
+                continue;
+            }
+            let types = match known.entry(team) {
+                std::collections::btree_map::Entry::Occupied(found) => found.into_mut(),
+                std::collections::btree_map::Entry::Vacant(empty) => {
+                    empty.insert(reader.group_types(team)?)
+                }
+            };
+            let here = types.iter().any(|(n, i)| *n == name && *i == index);
+            if !here {
+                imported.group_types.insert((team, name), index);
+            }
+        }
+        for (team, index, key, group) in groups {
+            let at = (team, index, key);
+            if self
+                .pending
+                .iter()
+                .any(|(_, layer)| layer.groups.contains_key(&at))
+            {
+                continue;
+            }
+            let local = reader.group(team, index, &at.2)?;
+            let differs = local.is_none_or(|l| {
+                l.version < group.version
+                    || (l.version == group.version && l.properties != group.properties)
+            });
+            if differs {
+                imported.groups.insert(at, group);
+            }
+        }
+        Ok(())
     }
 
     /// Whether the shared store holds `found` otherwise than this box: its person unknown here,
@@ -194,6 +270,13 @@ mod tests {
         engine.committed(seq);
     }
 
+    fn found(persons: Vec<SharedPerson>) -> SharedState {
+        SharedState {
+            persons,
+            ..SharedState::default()
+        }
+    }
+
     fn props(value: Value) -> serde_json::Map<String, Value> {
         value.as_object().cloned().unwrap_or_default()
     }
@@ -239,12 +322,12 @@ mod tests {
         };
         let next = batch(2, &[("e", "anon", json!({"$set": {"seen": true}}))]);
         assert_eq!(
-            engine.wanted(std::slice::from_ref(&next)),
+            engine.wanted(std::slice::from_ref(&next)).ids,
             vec![(TEAM, "anon".to_owned())]
         );
-        assert_eq!(engine.import(vec![merged.clone()]).unwrap(), 1);
+        assert_eq!(engine.import(found(vec![merged.clone()])).unwrap(), 1);
         // Imported already: a second look finds nothing newer.
-        assert_eq!(engine.import(vec![merged]).unwrap(), 0);
+        assert_eq!(engine.import(found(vec![merged])).unwrap(), 0);
 
         let step = engine.process(&mut [next], 2).unwrap();
         assert_eq!(step.columns[0][0].person_id, user);
@@ -287,8 +370,8 @@ mod tests {
             )],
         };
         let next = batch(2, &[("e", "u", json!({}))]);
-        assert!(engine.wanted(&[next]).is_empty());
-        assert_eq!(engine.import(vec![own]).unwrap(), 0);
+        assert!(engine.wanted(&[next]).ids.is_empty());
+        assert_eq!(engine.import(found(vec![own])).unwrap(), 0);
 
         // A crash before the commit: the step is recomputed from the stored rows, over the
         // committed state, and gives the same changes.

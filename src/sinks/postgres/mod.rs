@@ -12,6 +12,7 @@
 mod connect;
 mod persons;
 mod read;
+mod shared;
 mod text;
 mod tls;
 
@@ -28,8 +29,7 @@ use uuid::Uuid;
 
 use super::{Role, Sink, SinkError, SinkFuture, SinkWrite, StoredRows, Written};
 use crate::event::EventRow;
-use crate::ids::TeamId;
-use crate::person::SharedPerson;
+use crate::person::{SharedState, SharedWanted};
 use crate::store::QueuedBatch;
 pub use connect::{pool, PostgresTarget};
 use text::{json_safe, text_safe};
@@ -543,13 +543,10 @@ impl Sink for PostgresSink {
         self.deadline(self.stored_rows_now(batches))
     }
 
-    fn shared_persons(
-        &self,
-        wanted: Arc<Vec<(TeamId, String)>>,
-    ) -> SinkFuture<'_, Vec<SharedPerson>> {
+    fn shared_state(&self, wanted: Arc<SharedWanted>) -> SinkFuture<'_, SharedState> {
         self.deadline(async move {
             let client = self.client().await?;
-            persons::read_shared(&client, &wanted).await
+            shared::read_shared(&client, &wanted).await
         })
     }
 }

@@ -8,8 +8,7 @@ use uuid::Uuid;
 
 use super::statement_error;
 use super::text::{json_safe, text_safe};
-use crate::ids::TeamId;
-use crate::person::{DistinctId, Person, PersonChange, PersonUpdates, SharedPerson};
+use crate::person::{PersonChange, PersonUpdates};
 use crate::sinks::{SinkError, PERSON_UPSERT};
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
@@ -33,9 +32,10 @@ async fn run(
 
 /// Writes `updates`. A row already newer than the change (a replay) is left alone. When boxes
 /// share their persons here (`shared`), every change must also be made over the version its
-/// step read: a person or distinct id another box has moved to the same or a higher version
-/// (unless it is this very change, replayed), or a person to delete that another box changed
-/// or gave an id this box does not know, fails the whole write with [`SinkError::Conflict`].
+/// step read: a person, distinct id or group another box has moved to the same or a higher
+/// version (unless it is this very change, replayed), a person to delete that another box
+/// changed or gave an id this box does not know, or a group type index another box gave to
+/// another type, fails the whole write with [`SinkError::Conflict`].
 pub(super) async fn write(
     tx: &Tx<'_>,
     updates: &PersonUpdates,
@@ -49,7 +49,7 @@ pub(super) async fn write(
     write_persons(tx, updates, shared).await?;
     write_distinct_ids(tx, updates, shared).await?;
     delete_persons(tx, updates, shared).await?;
-    write_groups(tx, updates).await
+    write_groups(tx, updates, shared).await
 }
 
 fn conflict(what: &str, keys: impl IntoIterator<Item = String>) -> SinkError {
@@ -287,7 +287,7 @@ async fn write_distinct_ids(
     Ok(())
 }
 
-async fn write_groups(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkError> {
+async fn write_groups(tx: &Tx<'_>, updates: &PersonUpdates, shared: bool) -> Result<(), SinkError> {
     if !updates.group_types.is_empty() {
         let (mut teams, mut names, mut indexes) = (vec![], vec![], vec![]);
         for ((team, name), index) in &updates.group_types {
@@ -295,14 +295,30 @@ async fn write_groups(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkEr
             names.push(text_safe(name).into_owned());
             indexes.push(i32::from(*index));
         }
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&teams, &names, &indexes];
         run(
             tx,
             "INSERT INTO posthog_grouptypemapping (team_id, group_type, group_type_index)
              SELECT * FROM unnest($1::int8[], $2::text[], $3::int4[])
              ON CONFLICT DO NOTHING",
-            &[&teams, &names, &indexes],
+            &params,
         )
         .await?;
+        if shared {
+            // Another box may have given the index to another type, or the type another index.
+            run_checked(
+                tx,
+                "SELECT m.group_type FROM unnest($1::int8[], $2::text[], $3::int4[])
+                    AS u(team_id, group_type, group_type_index)
+                 JOIN posthog_grouptypemapping m ON m.team_id = u.team_id
+                    AND m.group_type = u.group_type AND m.group_type_index = u.group_type_index",
+                &params,
+                true,
+                "group types",
+                &names,
+            )
+            .await?;
+        }
     }
     if updates.groups.is_empty() {
         return Ok(());
@@ -319,21 +335,32 @@ async fn write_groups(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkEr
         operations.push(json(&group.properties_last_operation));
         versions.push(group.version as i64);
     }
-    run(
+    // Shared: over a lower version only, or the same one with the same properties (a replay).
+    let condition = if shared {
+        "AND (excluded.version > posthog_group.version
+              OR excluded.group_properties = posthog_group.group_properties)"
+    } else {
+        ""
+    };
+    run_checked(
         tx,
-        "INSERT INTO posthog_group (team_id, group_key, group_type_index, group_properties,
-            created_at, properties_last_updated_at, properties_last_operation, version)
-         SELECT u.team_id, u.group_key, u.type_index, u.properties::jsonb, u.created_at,
-            u.updated::jsonb, u.operation::jsonb, u.version
-         FROM unnest($1::int8[], $2::text[], $3::int4[], $4::text[], $5::timestamptz[],
-            $6::text[], $7::text[], $8::int8[])
-            AS u(team_id, group_key, type_index, properties, created_at, updated, operation, version)
-         ON CONFLICT (team_id, group_key, group_type_index) DO UPDATE SET
-            group_properties = excluded.group_properties,
-            properties_last_updated_at = excluded.properties_last_updated_at,
-            properties_last_operation = excluded.properties_last_operation,
-            version = excluded.version
-         WHERE excluded.version >= posthog_group.version",
+        &format!(
+            "INSERT INTO posthog_group (team_id, group_key, group_type_index, group_properties,
+                created_at, properties_last_updated_at, properties_last_operation, version)
+             SELECT u.team_id, u.group_key, u.type_index, u.properties::jsonb, u.created_at,
+                u.updated::jsonb, u.operation::jsonb, u.version
+             FROM unnest($1::int8[], $2::text[], $3::int4[], $4::text[], $5::timestamptz[],
+                $6::text[], $7::text[], $8::int8[])
+                AS u(team_id, group_key, type_index, properties, created_at, updated, operation,
+                version)
+             ON CONFLICT (team_id, group_key, group_type_index) DO UPDATE SET
+                group_properties = excluded.group_properties,
+                properties_last_updated_at = excluded.properties_last_updated_at,
+                properties_last_operation = excluded.properties_last_operation,
+                version = excluded.version
+             WHERE excluded.version >= posthog_group.version {condition}
+             RETURNING group_key"
+        ),
         &[
             &teams,
             &keys,
@@ -344,92 +371,9 @@ async fn write_groups(tx: &Tx<'_>, updates: &PersonUpdates) -> Result<(), SinkEr
             &operations,
             &versions,
         ],
+        shared,
+        "groups",
+        &keys,
     )
     .await
-}
-
-/// The most distinct ids read with one shared person: a merge of the person on this box moves
-/// (or, past this many, frees) the rest, as the write does for ids it does not know.
-pub(super) const MAX_SHARED_DISTINCT_IDS: i64 = 10_000;
-
-/// The persons that `wanted` distinct ids point at in PostHog's tables, each with its distinct
-/// ids (oldest first), in one query.
-pub(super) async fn read_shared(
-    client: &deadpool_postgres::Object,
-    wanted: &[(TeamId, String)],
-) -> Result<Vec<SharedPerson>, SinkError> {
-    if wanted.is_empty() {
-        return Ok(Vec::new());
-    }
-    let teams: Vec<i64> = wanted.iter().map(|(team, _)| *team as i64).collect();
-    let ids: Vec<String> = wanted
-        .iter()
-        .map(|(_, id)| text_safe(id).into_owned())
-        .collect();
-    let statement = client
-        .prepare_cached(
-            "WITH found AS (
-                SELECT DISTINCT d.person_id FROM posthog_persondistinctid d
-                JOIN unnest($1::int8[], $2::text[]) AS w(team_id, distinct_id)
-                    ON d.team_id = w.team_id AND d.distinct_id = w.distinct_id
-             )
-             SELECT p.team_id, p.uuid, p.created_at, p.properties::text,
-                coalesce(p.properties_last_updated_at, '{}')::text,
-                coalesce(p.properties_last_operation, '{}')::text, p.is_identified,
-                coalesce(p.version, 0), ids.distinct_ids, ids.versions
-             FROM found JOIN posthog_person p ON p.id = found.person_id
-             CROSS JOIN LATERAL (
-                SELECT array_agg(d.distinct_id ORDER BY d.id) AS distinct_ids,
-                    array_agg(coalesce(d.version, 0) ORDER BY d.id) AS versions
-                FROM (SELECT * FROM posthog_persondistinctid d
-                      WHERE d.person_id = p.id ORDER BY d.id LIMIT $3) d
-             ) ids",
-        )
-        .await
-        .map_err(super::read_error)?;
-    let rows = client
-        .query(&statement, &[&teams, &ids, &MAX_SHARED_DISTINCT_IDS])
-        .await
-        .map_err(super::read_error)?;
-    rows.iter().map(shared_person).collect()
-}
-
-fn shared_person(row: &tokio_postgres::Row) -> Result<SharedPerson, SinkError> {
-    let map = |at: usize, what: &str| -> Result<Map<String, Value>, SinkError> {
-        let text: String = row.get(at);
-        serde_json::from_str(&text).map_err(|e| SinkError::Read {
-            sink: super::NAME,
-            detail: format!("posthog_person.{what} is not a JSON object: {e}"),
-        })
-    };
-    let uuid: Uuid = row.get(1);
-    let ids: Vec<String> = row.get::<_, Option<Vec<String>>>(8).unwrap_or_default();
-    let versions: Vec<i64> = row.get::<_, Option<Vec<i64>>>(9).unwrap_or_default();
-    Ok(SharedPerson {
-        team: row.get::<_, i64>(0) as TeamId,
-        person: Person {
-            uuid,
-            properties: map(3, "properties")?,
-            properties_last_updated_at: map(4, "properties_last_updated_at")?,
-            properties_last_operation: map(5, "properties_last_operation")?,
-            created_at: row.get(2),
-            version: row.get::<_, i64>(7).max(0) as u64,
-            is_identified: row.get(6),
-            text: Default::default(),
-        },
-        distinct_ids: ids
-            .into_iter()
-            .zip(versions)
-            .map(|(id, version)| {
-                let version = version.max(0) as u64;
-                (
-                    id,
-                    DistinctId {
-                        person: uuid,
-                        version,
-                    },
-                )
-            })
-            .collect(),
-    })
 }
