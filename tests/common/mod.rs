@@ -203,6 +203,21 @@ impl Appliance {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// The sum of the samples of metric `name` on `/metrics` (0 when it is not there yet).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.admin_url("/metrics"))
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("/metrics text");
+        text.lines()
+            .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub fn sqlite_path(&self) -> PathBuf {
         self.data_dir.join("events.sqlite3")
     }
