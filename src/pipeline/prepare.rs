@@ -142,7 +142,7 @@ impl Pipeline {
     /// the stored rows.
     async fn person_step(
         &self,
-        mut process: Vec<QueuedBatch>,
+        process: Vec<QueuedBatch>,
         redeliver: &[QueuedBatch],
         redeliver_rows: &StoredRows,
         deletions: Vec<(TeamId, String)>,
@@ -155,33 +155,30 @@ impl Pipeline {
             .collect();
         let engine = self.persons.clone();
         let started = std::time::Instant::now();
-        let (mut updates, stored_columns) = tokio::task::spawn_blocking(move || {
-            let mut engine = engine
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let (mut updates, stored_columns) = if stored.is_empty() {
-                (PersonUpdates::default(), Vec::new())
-            } else {
-                let step = engine.recompute(stored, last)?;
-                (step.updates, step.columns)
-            };
-            if !deletions.is_empty() {
-                updates.extend(engine.delete(&deletions, last)?);
-            }
-            Ok::<_, StoreError>((updates, stored_columns))
-        })
-        .await??;
-        // Read after the replayed steps are pending, so that what they changed is not imported
-        // over.
-        let shared = if self.shared_persons && !process.is_empty() {
-            let wanted = self
-                .persons
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .wanted(&process);
-            self.sink.shared_state(Arc::new(wanted)).await?
-        } else {
-            SharedState::default()
+        let shared = self.shared_persons;
+        let (mut updates, stored_columns, mut process, wanted) =
+            tokio::task::spawn_blocking(move || {
+                let mut engine = engine
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let (mut updates, stored_columns) = if stored.is_empty() {
+                    (PersonUpdates::default(), Vec::new())
+                } else {
+                    let step = engine.recompute(stored, last)?;
+                    (step.updates, step.columns)
+                };
+                if !deletions.is_empty() {
+                    updates.extend(engine.delete(&deletions, last)?);
+                }
+                // Named after the replayed steps are pending, so that what they changed is
+                // not imported over.
+                let wanted = (shared && !process.is_empty()).then(|| engine.wanted(&process));
+                Ok::<_, StoreError>((updates, stored_columns, process, wanted))
+            })
+            .await??;
+        let shared = match wanted {
+            Some(wanted) => self.sink.shared_state(Arc::new(wanted)).await?,
+            None => SharedState::default(),
         };
         let engine = self.persons.clone();
         let step = tokio::task::spawn_blocking(move || {
