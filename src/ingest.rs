@@ -39,21 +39,37 @@ impl IngestHandle {
     /// Queues one encoded batch and waits for the commit that makes it durable; returns its
     /// sequence number.
     pub async fn submit(&self, encoded: Vec<u8>) -> Result<u64, IngestError> {
-        self.enqueue(encoded)?.durable().await
+        self.enqueue(encoded)
+            .map_err(|refused| refused.error)?
+            .durable()
+            .await
     }
 
     /// Queues one encoded batch now, behind every batch queued before it (batches enqueued one
-    /// after another get rising sequence numbers); the answer waits for its commit.
-    pub fn enqueue(&self, encoded: Vec<u8>) -> Result<Enqueued, IngestError> {
+    /// after another get rising sequence numbers); the answer waits for its commit. A batch
+    /// the queue cannot take comes back with the reason, to be tried again without a copy.
+    pub fn enqueue(&self, encoded: Vec<u8>) -> Result<Enqueued, NotQueued> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .try_send(Pending { encoded, reply })
             .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => IngestError::Busy,
-                mpsc::error::TrySendError::Closed(_) => IngestError::Closed,
+                mpsc::error::TrySendError::Full(p) => NotQueued {
+                    error: IngestError::Busy,
+                    encoded: p.encoded,
+                },
+                mpsc::error::TrySendError::Closed(p) => NotQueued {
+                    error: IngestError::Closed,
+                    encoded: p.encoded,
+                },
             })?;
         Ok(Enqueued(answer))
     }
+}
+
+/// A batch [`IngestHandle::enqueue`] could not queue, and why.
+pub struct NotQueued {
+    pub error: IngestError,
+    pub encoded: Vec<u8>,
 }
 
 /// A batch in the writer's queue, waiting for the commit that makes it durable.

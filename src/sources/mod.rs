@@ -20,7 +20,7 @@ use crate::capture::DailySalts;
 use crate::event::normalize::{normalize_tree, RequestContext};
 use crate::event::IngestBatch;
 use crate::geoip::GeoIp;
-use crate::ingest::{IngestError, IngestHandle};
+use crate::ingest::{IngestError, IngestHandle, NotQueued};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, Team};
 
@@ -192,16 +192,21 @@ pub async fn submit_durably(
 ) -> Result<(), IngestError> {
     let mut wait = Duration::from_millis(50);
     let mut queued = Vec::with_capacity(pending.len());
-    let mut next = pending.into_iter().peekable();
-    while let Some(encoded) = next.peek() {
-        match ingest.enqueue(encoded.clone()) {
+    let mut rest = pending.into_iter();
+    let mut next = rest.next();
+    while let Some(encoded) = next.take() {
+        match ingest.enqueue(encoded) {
             Ok(enqueued) => {
                 queued.push(enqueued);
-                next.next();
+                next = rest.next();
                 wait = Duration::from_millis(50);
             }
             // The same batch is tried again: none after it may go first.
-            Err(IngestError::Busy) => {
+            Err(NotQueued {
+                error: IngestError::Busy,
+                encoded,
+            }) => {
+                next = Some(encoded);
                 if shutdown.is_draining() {
                     tokio::time::sleep(wait).await;
                 } else {
@@ -215,7 +220,7 @@ pub async fn submit_durably(
                 }
                 wait = (wait * 2).min(FULL_QUEUE_WAIT_MAX);
             }
-            Err(e) => return Err(e),
+            Err(refused) => return Err(refused.error),
         }
     }
     for enqueued in queued {
