@@ -63,29 +63,42 @@ fn conflict(what: &str, keys: impl IntoIterator<Item = String>) -> SinkError {
     }
 }
 
-/// Runs `sql` (ending in `RETURNING` a key) and, when `shared`, fails with a conflict unless
-/// every one of `keys` came back.
+/// Runs `sql`, an upsert. When `shared`, it runs with `RETURNING key`, and fails with a
+/// conflict unless every one of `keys` came back (a row left alone by the upsert's condition was
+/// changed by another box); otherwise nothing is sent back.
 async fn run_checked(
     tx: &Tx<'_>,
     sql: &str,
+    key: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     shared: bool,
     what: &str,
     keys: &[String],
 ) -> Result<(), SinkError> {
-    let statement = tx.prepare_cached(sql).await.map_err(statement_error)?;
+    if !shared {
+        return run(tx, sql, params).await;
+    }
+    let statement = tx
+        .prepare_cached(&format!("{sql} RETURNING {key}"))
+        .await
+        .map_err(statement_error)?;
     let rows = tx
         .query(&statement, params)
         .await
         .map_err(statement_error)?;
-    if shared && rows.len() < keys.len() {
-        let back: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
-        return Err(conflict(
-            what,
-            keys.iter().filter(|k| !back.contains(*k)).cloned(),
-        ));
+    all_back(&rows, what, keys)
+}
+
+/// A conflict unless the first column of `rows` holds every one of `keys`.
+fn all_back(rows: &[tokio_postgres::Row], what: &str, keys: &[String]) -> Result<(), SinkError> {
+    if rows.len() >= keys.len() {
+        return Ok(());
     }
-    Ok(())
+    let back: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+    Err(conflict(
+        what,
+        keys.iter().filter(|k| !back.contains(*k)).cloned(),
+    ))
 }
 
 async fn write_persons(
@@ -126,9 +139,9 @@ async fn write_persons(
                 $6::bool[], $7::uuid[], $8::int8[])
                 AS u(created_at, updated, operation, team_id, properties, identified, uuid,
                 version)
-             {PERSON_UPSERT}{condition}
-             RETURNING uuid::text"
+             {PERSON_UPSERT}{condition}"
         ),
+        "uuid::text",
         &[
             &upserts.created_at,
             &upserts.last_updated_at,
@@ -170,15 +183,25 @@ async fn delete_persons(
     }
     let gone: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&teams, &uuids, &versions];
     if shared {
-        // Locked, so no other box changes them between this look and the delete.
+        // Every row to delete is locked first: an id another box adds takes a share lock on its
+        // person and waits. Then, in a statement of its own (which sees all that committed
+        // before the lock), each is judged: changed since the step, or still named by an id.
+        run(
+            tx,
+            "SELECT 1 FROM posthog_person p
+             JOIN unnest($1::int8[], $2::uuid[], $3::int8[]) AS u(team_id, uuid, version)
+               ON p.team_id = u.team_id AND p.uuid = u.uuid
+             FOR UPDATE OF p",
+            &gone,
+        )
+        .await?;
         let statement = tx
             .prepare_cached(
                 "SELECT p.uuid::text FROM posthog_person p
                  JOIN unnest($1::int8[], $2::uuid[], $3::int8[]) AS u(team_id, uuid, version)
                    ON p.team_id = u.team_id AND p.uuid = u.uuid
                  WHERE coalesce(p.version, 0) > u.version
-                    OR EXISTS (SELECT 1 FROM posthog_persondistinctid d WHERE d.person_id = p.id)
-                 FOR UPDATE OF p",
+                    OR EXISTS (SELECT 1 FROM posthog_persondistinctid d WHERE d.person_id = p.id)",
             )
             .await
             .map_err(statement_error)?;
@@ -264,9 +287,9 @@ async fn write_distinct_ids(
                  JOIN posthog_person p ON p.team_id = u.team_id AND p.uuid = u.person
                  ON CONFLICT (team_id, distinct_id) DO UPDATE SET
                     person_id = excluded.person_id, version = excluded.version
-                 WHERE {condition}
-                 RETURNING distinct_id"
+                 WHERE {condition}"
             ),
+            "distinct_id",
             &[&teams, &persons, &ids, &versions],
             shared,
             "distinct ids",
@@ -306,18 +329,21 @@ async fn write_groups(tx: &Tx<'_>, updates: &PersonUpdates, shared: bool) -> Res
         .await?;
         if shared {
             // Another box may have given the index to another type, or the type another index.
-            run_checked(
-                tx,
-                "SELECT m.group_type FROM unnest($1::int8[], $2::text[], $3::int4[])
-                    AS u(team_id, group_type, group_type_index)
-                 JOIN posthog_grouptypemapping m ON m.team_id = u.team_id
-                    AND m.group_type = u.group_type AND m.group_type_index = u.group_type_index",
-                &params,
-                true,
-                "group types",
-                &names,
-            )
-            .await?;
+            let statement = tx
+                .prepare_cached(
+                    "SELECT m.group_type FROM unnest($1::int8[], $2::text[], $3::int4[])
+                        AS u(team_id, group_type, group_type_index)
+                     JOIN posthog_grouptypemapping m ON m.team_id = u.team_id
+                        AND m.group_type = u.group_type
+                        AND m.group_type_index = u.group_type_index",
+                )
+                .await
+                .map_err(statement_error)?;
+            let rows = tx
+                .query(&statement, &params)
+                .await
+                .map_err(statement_error)?;
+            all_back(&rows, "group types", &names)?;
         }
     }
     if updates.groups.is_empty() {
@@ -358,9 +384,9 @@ async fn write_groups(tx: &Tx<'_>, updates: &PersonUpdates, shared: bool) -> Res
                 properties_last_updated_at = excluded.properties_last_updated_at,
                 properties_last_operation = excluded.properties_last_operation,
                 version = excluded.version
-             WHERE excluded.version >= posthog_group.version {condition}
-             RETURNING group_key"
+             WHERE excluded.version >= posthog_group.version {condition}"
         ),
+        "group_key",
         &[
             &teams,
             &keys,
