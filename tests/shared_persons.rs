@@ -319,3 +319,53 @@ async fn with_shared_persons_group_types_and_groups_are_one_set_across_boxes() {
     assert!(box_b.terminate().success());
     assert!(box_a.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_shared_persons_a_person_with_more_ids_than_are_read_is_still_found_by_each() {
+    let two = TwoBoxes::new().await;
+    let (db, team) = (&two.db, two.team);
+    let box_a = two.start("a", &[]);
+    // The tables exist once the box has written.
+    send_batch(&box_a, TOKEN, vec![event("$pageview", "first", json!({}))]).await;
+    // Another box's person with 10,050 ids: more than one person's ids are read.
+    let big = person_uuid(team, "id-0");
+    db.batch_execute(&format!(
+        "INSERT INTO posthog_person (created_at, properties, team_id, is_identified, uuid, version)
+         VALUES (now(), '{{\"plan\": \"pro\"}}', {team}, true, '{big}', 7);
+         INSERT INTO posthog_persondistinctid (team_id, person_id, distinct_id, version)
+         SELECT {team}, p.id, 'id-' || n, 0 FROM posthog_person p, generate_series(0, 10049) n
+         WHERE p.uuid = '{big}';"
+    ))
+    .await
+    .unwrap();
+    // An event of its last id is that person's, as any of its ids would be.
+    let last = event("$pageview", "id-10049", json!({"$set": {"seen": true}}));
+    let last_uuid = last["uuid"]
+        .as_str()
+        .unwrap()
+        .parse::<uuid::Uuid>()
+        .unwrap();
+    send_batch(&box_a, TOKEN, vec![last]).await;
+    let row = db
+        .query_one(
+            "SELECT person_id FROM posthog_event WHERE uuid = $1",
+            &[&last_uuid],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<uuid::Uuid>>(0), Some(big));
+    let person = db
+        .query_one(
+            "SELECT properties::text, version FROM posthog_person WHERE uuid = $1",
+            &[&big],
+        )
+        .await
+        .unwrap();
+    let properties: Value = serde_json::from_str(person.get(0)).unwrap();
+    assert_eq!(
+        (&properties["plan"], &properties["seen"]),
+        (&json!("pro"), &json!(true))
+    );
+    assert_eq!(person.get::<_, i64>(1), 8);
+    assert!(box_a.terminate().success());
+}

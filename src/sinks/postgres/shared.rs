@@ -12,14 +12,24 @@ use crate::ids::TeamId;
 use crate::person::{DistinctId, Group, Person, SharedPerson, SharedState, SharedWanted};
 use crate::sinks::SinkError;
 
-/// The most distinct ids read with one shared person: a merge of the person on this box moves
-/// the ids it knows; a person with more is left for the version check to protect.
-const MAX_SHARED_DISTINCT_IDS: i64 = 10_000;
+/// The most distinct ids read with one shared person besides the ones the step names, and with
+/// all the step's persons together: a person's ids are what a merge of it moves, and a step
+/// naming many persons with many ids must not read them all. A merge of a person beyond these
+/// is left for the version check to protect (its write is turned down, and shows on `/_ready`).
+const MAX_IDS_PER_PERSON: i64 = 10_000;
+const MAX_IDS_PER_STEP: i64 = 200_000;
 
-const PERSONS: &str = "WITH found AS (
-        SELECT DISTINCT d.person_id FROM posthog_persondistinctid d
+/// The persons the step's ids point at, with those ids always, and the persons' other ids up
+/// to an even share of [`MAX_IDS_PER_STEP`] (at most [`MAX_IDS_PER_PERSON`] each).
+const PERSONS: &str = "WITH hit AS (
+        SELECT d.person_id, d.distinct_id, coalesce(d.version, 0) AS version, d.id
+        FROM posthog_persondistinctid d
         JOIN unnest($1::int8[], $2::text[]) AS w(team_id, distinct_id)
             ON d.team_id = w.team_id AND d.distinct_id = w.distinct_id
+     ),
+     found AS (SELECT DISTINCT person_id FROM hit),
+     share AS (
+        SELECT least($3::int8, greatest(1, $4::int8 / greatest(1, count(*)))) AS n FROM found
      )
      SELECT p.team_id, p.uuid, p.created_at, p.properties::text,
         coalesce(p.properties_last_updated_at, '{}')::text,
@@ -27,10 +37,15 @@ const PERSONS: &str = "WITH found AS (
         coalesce(p.version, 0), ids.distinct_ids, ids.versions
      FROM found JOIN posthog_person p ON p.id = found.person_id
      CROSS JOIN LATERAL (
-        SELECT array_agg(d.distinct_id ORDER BY d.id) AS distinct_ids,
-            array_agg(coalesce(d.version, 0) ORDER BY d.id) AS versions
-        FROM (SELECT * FROM posthog_persondistinctid d
-              WHERE d.person_id = p.id ORDER BY d.id LIMIT $3) d
+        SELECT array_agg(x.distinct_id ORDER BY x.id) AS distinct_ids,
+            array_agg(x.version ORDER BY x.id) AS versions
+        FROM (
+            SELECT h.distinct_id, h.version, h.id FROM hit h WHERE h.person_id = p.id
+            UNION
+            (SELECT d.distinct_id, coalesce(d.version, 0), d.id
+             FROM posthog_persondistinctid d WHERE d.person_id = p.id
+             ORDER BY d.id LIMIT (SELECT n FROM share))
+        ) x
      ) ids";
 
 const GROUP_TYPES: &str = "SELECT team_id, group_type, group_type_index
@@ -77,7 +92,7 @@ pub(super) async fn read_shared(
     );
     let (persons, types, groups) = tokio::try_join!(persons, types, groups).map_err(read_error)?;
     type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
-    let person_params: &Params = &[&id_teams, &ids, &MAX_SHARED_DISTINCT_IDS];
+    let person_params: &Params = &[&id_teams, &ids, &MAX_IDS_PER_PERSON, &MAX_IDS_PER_STEP];
     let type_params: &Params = &[&teams];
     let group_params: &Params = &[&group_teams, &group_types, &group_keys];
     let (persons, types, groups) = tokio::try_join!(
