@@ -3,19 +3,22 @@
 //! events (`/e/`) and batches (`/batch/`), then the end-to-end rate at which events reach the
 //! sink. With no `--url` it starts `appliance` from its own directory on a temporary data dir.
 //!
-//! `cargo run --release --bin loadgen` runs every scenario with the defaults.
+//! `cargo run --release --bin loadgen` runs every scenario with the defaults; `--ceiling` also
+//! drives a bare parse-only server ([`ceiling`]) with the same load, for the share of it the
+//! appliance reaches.
 
+mod ceiling;
+mod drive;
 mod events;
 mod shared;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use events::{event, Events, UUID_SLOT};
-use hdrhistogram::Histogram;
+use drive::{run, Shape};
+use events::Events;
 use serde_json::{json, Value};
 use shared::{events_stored, ready, Server};
 
@@ -62,180 +65,18 @@ struct Args {
     /// event on another page, so the person's page properties differ from every event's)
     #[arg(long, value_enum, default_value_t = Events::Trimmed)]
     events: Events,
+    /// Before each scenario's full load, run the same load against a bare axum server that only
+    /// parses each body with serde_json (nothing durable), and print the appliance's share of it
+    #[arg(long)]
+    ceiling: bool,
+    /// Serve as that bare server (how `--ceiling` starts it)
+    #[arg(long, hide = true)]
+    bare_server: bool,
 }
 
 /// The targets on a 2-core machine; latency is also measured at half of each.
 const TARGET_SINGLE_REQUESTS: f64 = 15_000.0;
 const TARGET_BATCH_EVENTS: f64 = 50_000.0;
-
-#[derive(Clone, Copy)]
-enum Shape {
-    Single,
-    Batch(usize),
-}
-
-struct Outcome {
-    requests: u64,
-    events: u64,
-    errors: u64,
-    elapsed: Duration,
-    latency_us: Histogram<u64>,
-}
-
-impl Outcome {
-    fn print(&self, label: &str) {
-        let secs = self.elapsed.as_secs_f64();
-        let q = |p: f64| self.latency_us.value_at_quantile(p) as f64 / 1000.0;
-        println!(
-            "{label:<58} {:>9.0} req/s {:>10.0} events/s   p50 {:>6.2} ms   p99 {:>6.2} ms   max {:>7.2} ms   errors {}",
-            self.requests as f64 / secs,
-            self.events as f64 / secs,
-            q(0.50),
-            q(0.99),
-            self.latency_us.max() as f64 / 1000.0,
-            self.errors
-        );
-    }
-}
-
-fn body(shape: Shape, events: Events, token: &str, n: u64) -> (String, u64, &'static str) {
-    match shape {
-        Shape::Single => {
-            let mut e = event(n, events);
-            e["properties"]["token"] = json!(token);
-            (e.to_string(), 1, "/e/")
-        }
-        Shape::Batch(size) => {
-            let batch: Vec<Value> = (0..size as u64)
-                .map(|i| event(n * size as u64 + i, events))
-                .collect();
-            let sent_at = chrono::Utc::now().to_rfc3339();
-            (
-                json!({"api_key": token, "batch": batch, "sent_at": sent_at}).to_string(),
-                size as u64,
-                "/batch/",
-            )
-        }
-    }
-}
-
-/// A request body with the places of its events' uuids.
-struct Template {
-    text: Vec<u8>,
-    slots: Vec<usize>,
-}
-
-impl Template {
-    fn new(text: String) -> Template {
-        let slots = text.match_indices(UUID_SLOT).map(|(at, _)| at).collect();
-        Template {
-            text: text.into_bytes(),
-            slots,
-        }
-    }
-
-    /// The body with a fresh uuid for each event.
-    fn fill(&self) -> bytes::Bytes {
-        let mut text = self.text.clone();
-        let mut buffer = uuid::Uuid::encode_buffer();
-        for &at in &self.slots {
-            let fresh = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buffer);
-            text[at..at + UUID_SLOT.len()].copy_from_slice(fresh.as_bytes());
-        }
-        bytes::Bytes::from(text)
-    }
-}
-
-/// Runs one scenario. With `rate` (requests/s), requests are paced on a schedule and latency is
-/// measured from each request's scheduled time, so a stalled server cannot hide its queueing.
-async fn run(
-    base: &str,
-    token: &str,
-    shape: Shape,
-    events: Events,
-    connections: usize,
-    duration: Duration,
-    rate: Option<f64>,
-) -> Outcome {
-    // Pre-built bodies: the generator should spend its CPU on HTTP, not on JSON. Each send
-    // writes fresh uuids (v7, as posthog-js makes them) into its copy, as an SDK would.
-    let bodies: Arc<Vec<(Template, u64)>> = Arc::new(
-        (0..64)
-            .map(|n| {
-                let (text, count, _) = body(shape, events, token, n);
-                (Template::new(text), count)
-            })
-            .collect(),
-    );
-    let path = body(shape, events, token, 0).2;
-    let url = format!("{base}{path}");
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..connections {
-        let (url, bodies) = (url.clone(), bodies.clone());
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .build()
-                .expect("HTTP client");
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-            let (mut requests, mut events, mut errors) = (0u64, 0u64, 0u64);
-            let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
-            let mut next = start
-                + interval
-                    .map(|i| i.mul_f64(c as f64 / connections as f64))
-                    .unwrap_or_default();
-            let mut i = c;
-            while start.elapsed() < duration {
-                let scheduled = if let Some(interval) = interval {
-                    tokio::time::sleep_until(next.into()).await;
-                    let s = next;
-                    next += interval;
-                    s
-                } else {
-                    Instant::now()
-                };
-                let (template, count) = &bodies[i % bodies.len()];
-                let (payload, count) = (template.fill(), *count);
-                i += 1;
-                let ok = match client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(payload)
-                    .send()
-                    .await
-                {
-                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                };
-                let _ = hist.record(scheduled.elapsed().as_micros().max(1) as u64);
-                requests += 1;
-                if ok {
-                    events += count;
-                } else {
-                    errors += 1;
-                }
-            }
-            (requests, events, errors, hist)
-        }));
-    }
-    let mut outcome = Outcome {
-        requests: 0,
-        events: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
-    };
-    for t in tasks {
-        let (r, e, err, h) = t.await.expect("load task");
-        outcome.requests += r;
-        outcome.events += e;
-        outcome.errors += err;
-        let _ = outcome.latency_us.add(h);
-    }
-    outcome.elapsed = start.elapsed();
-    outcome
-}
 
 /// Waits until the sink has everything the queue holds; returns when that happened.
 async fn wait_drained(client: &reqwest::Client, base: &str) -> Instant {
@@ -348,6 +189,24 @@ fn start_server(plugins: usize) -> Result<(Server, String), String> {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if args.bare_server {
+        if let Err(e) = ceiling::serve().await {
+            eprintln!("loadgen: the bare server: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let bare = if args.ceiling {
+        match ceiling::spawn() {
+            Ok(bare) => Some(bare),
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        None
+    };
     let (_server, base) = match &args.url {
         Some(url) => (None, url.trim_end_matches('/').to_owned()),
         None => match start_server(if args.memory {
@@ -417,8 +276,6 @@ async fn main() {
                 .unwrap_or_default()
         };
         let sinks_before = stored_by(&before);
-        let cpu_before = pid.map(cpu_seconds);
-        let load_start = Instant::now();
         // The scenario's load, at full speed (`None`) or paced at `rate` requests/s.
         let load = |rate: Option<f64>| {
             run(
@@ -431,8 +288,34 @@ async fn main() {
                 rate,
             )
         };
+        let ceiling = match &bare {
+            Some((_, bare_url)) => {
+                let bare = run(
+                    bare_url,
+                    &args.token,
+                    shape,
+                    args.events,
+                    args.connections,
+                    duration,
+                    None,
+                )
+                .await;
+                bare.print(&format!("{label}, ceiling (bare parse, nothing durable)"));
+                Some(bare.request_rate())
+            }
+            None => None,
+        };
+        let cpu_before = pid.map(cpu_seconds);
+        let load_start = Instant::now();
         let full = load(None).await;
         full.print(&format!("{label}, max load"));
+        if let Some(ceiling) = ceiling {
+            println!(
+                "{:<58} {:>9.1} % of the ceiling's requests/s",
+                format!("{label}, share of the ceiling"),
+                full.request_rate() * 100.0 / ceiling.max(1.0),
+            );
+        }
         let capture_ended = Instant::now();
         let at_capture_end = events_stored(&ready(&client, &base).await);
         let drained_at = wait_drained(&client, &base).await;
@@ -487,7 +370,7 @@ async fn main() {
                 );
             }
         }
-        let half_measured = full.requests as f64 / full.elapsed.as_secs_f64() / 2.0;
+        let half_measured = full.request_rate() / 2.0;
         let half_target = match shape {
             Shape::Single => TARGET_SINGLE_REQUESTS / 2.0,
             Shape::Batch(size) => TARGET_BATCH_EVENTS / 2.0 / size as f64,

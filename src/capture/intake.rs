@@ -77,7 +77,12 @@ pub(super) async fn capture_classic(
     let (accepted, _) = intake(&state, peer, request, None, &mut charge).await?;
     let (stored, rejected, rejected_count) = commit(&state, accepted, &mut charge).await?;
     if rejected_count == 0 {
-        Ok(Json(json!({"status": 1})).into_response())
+        // PostHog's answer, as serde_json writes it; made once, not per request.
+        Ok((
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"status":1}"#,
+        )
+            .into_response())
     } else if stored == 0 {
         Err(CaptureError::NoValidEvents {
             rejected,
@@ -147,11 +152,11 @@ async fn intake(
             state.teams.resolve(token).await?;
         }
     }
-    let headers = request.headers().clone();
+    let encodings = Encodings::of(request.headers());
     // PostHog's `/engage/` carries person updates; one without an event name is `$identify`.
     let engage = request.uri().path().starts_with("/engage");
     let body = read_body(request, state, charge).await?;
-    let split = decode_and_split(state, &headers, &query, body, charge).await?;
+    let split = decode_and_split(state, encodings, &query, body, charge).await?;
     let limits = state.limits;
     let token = find_token(&split, extra_token.as_deref(), limits.max_event_bytes)?;
     let team = state.teams.resolve(&token).await?;
@@ -266,23 +271,40 @@ async fn on_decode_slot<T: Send + 'static>(
     result
 }
 
+/// The headers that say how a body is encoded, taken before the request is consumed.
+struct Encodings {
+    content_type: Option<String>,
+    content_encoding: Option<String>,
+}
+
+impl Encodings {
+    fn of(headers: &HeaderMap) -> Encodings {
+        let text = |name: header::HeaderName| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Encodings {
+            content_type: text(header::CONTENT_TYPE),
+            content_encoding: text(header::CONTENT_ENCODING),
+        }
+    }
+}
+
 /// Undoes the encodings and finds the events' spans; compressed or large payloads are handled on
 /// the blocking pool, charging what they unpack to as it grows.
 async fn decode_and_split(
     state: &CaptureState,
-    headers: &HeaderMap,
+    encodings: Encodings,
     query: &CaptureQuery,
     body: Bytes,
     charge: &mut Charge,
 ) -> Result<SplitPayload, CaptureError> {
-    let header_text = |name: header::HeaderName| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let content_type = header_text(header::CONTENT_TYPE);
-    let content_encoding = header_text(header::CONTENT_ENCODING);
+    let Encodings {
+        content_type,
+        content_encoding,
+    } = encodings;
     let data = query.data.clone();
     let compression = query.compression.clone();
     let limits = state.limits;

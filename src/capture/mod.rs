@@ -326,23 +326,41 @@ async fn record_request(
 ) -> axum::response::Response {
     use crate::telemetry::names;
     let started = std::time::Instant::now();
-    // The matched route, not the URI: its values are a fixed set.
-    let endpoint = path.map_or_else(
-        || "unmatched".to_owned(),
-        |p| p.as_str().trim_end_matches('/').to_owned(),
-    );
+    let endpoint = path.map_or("unmatched", |p| endpoint_label(p.as_str()));
     let response = next.run(request).await;
     let status = response.status();
-    let outcome = if status.is_success() {
-        "ok".to_owned()
+    // Labels borrowed from fixed strings: a request allocates none for its metrics.
+    let outcome: metrics::SharedString = if status.is_success() {
+        "ok".into()
     } else {
-        status.as_str().to_owned()
+        status.as_str().to_owned().into()
     };
-    metrics::histogram!(names::CAPTURE_ACK_SECONDS, "endpoint" => endpoint.clone())
+    metrics::histogram!(names::CAPTURE_ACK_SECONDS, "endpoint" => endpoint)
         .record(started.elapsed().as_secs_f64());
     metrics::counter!(names::CAPTURE_REQUESTS, "endpoint" => endpoint, "outcome" => outcome)
         .increment(1);
     response
+}
+
+/// The routes besides [`EVENT_PATHS`], as metrics name them.
+const OTHER_ROUTES: &[&str] = &[
+    "/i/v1/analytics/events",
+    "/decide",
+    "/flags",
+    "/array/{token}/config",
+    "/array/{token}/config.js",
+];
+
+/// A matched route as metrics name it: without its trailing slash, and always one of a fixed
+/// set of strings (never the URI a client sent).
+fn endpoint_label(route: &str) -> &'static str {
+    let route = route.trim_end_matches('/');
+    EVENT_PATHS
+        .iter()
+        .chain(OTHER_ROUTES)
+        .find(|label| **label == route)
+        .copied()
+        .unwrap_or("other")
 }
 
 fn flag_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
@@ -424,6 +442,22 @@ fn parse_address(text: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_capture_route_has_its_own_metrics_label() {
+        for path in EVENT_PATHS {
+            assert_eq!(endpoint_label(path), *path);
+            assert_eq!(endpoint_label(&format!("{path}/")), *path);
+        }
+        for route in [
+            "/i/v1/analytics/events",
+            "/decide/",
+            "/flags",
+            "/array/{token}/config.js",
+        ] {
+            assert_eq!(endpoint_label(route), route.trim_end_matches('/'));
+        }
+    }
 
     #[test]
     fn behind_a_trusted_proxy_the_client_address_comes_from_its_headers() {
