@@ -6,13 +6,16 @@
 # back (so only capture, the group commit and their HTTP are counted), sends `requests`
 # posthog-js-shaped `$pageview`s to POST /e/ one after another on one keep-alive connection
 # (each its own group commit), and prints the instructions per request with the functions that
-# take the most of them (inclusive). Needs valgrind (apt-get install valgrind).
+# take the most of them (inclusive). Needs valgrind (apt-get install valgrind). APPLIANCE_EXE
+# measures another build instead of building this tree's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests="${1:-2000}"
 command -v valgrind >/dev/null || { echo "capture-cost: valgrind is not installed" >&2; exit 1; }
-cargo build --release --quiet --bin appliance
-exe="${CARGO_TARGET_DIR:-target}/release/appliance"
+if [ -z "${APPLIANCE_EXE:-}" ]; then
+  cargo build --release --quiet --bin appliance
+fi
+exe="${APPLIANCE_EXE:-${CARGO_TARGET_DIR:-target}/release/appliance}"
 dir=$(mktemp -d /tmp/appliance-capture-cost.XXXXXX)
 out="$dir/callgrind.out"
 token=phc_captureCostToken0000
@@ -23,7 +26,7 @@ cleanup() {
 trap cleanup EXIT
 DATA_DIR="$dir/data" "$exe" team create capture-cost --token "$token" >/dev/null
 DATA_DIR="$dir/data" WEB_HOSTNAME=127.0.0.1 WEB_PORT=0 ADMIN_PORT=0 APPLIANCE_ENV_FILE= \
-  LOG_LEVEL=warn SINK_LINGER_MS=600000 SINK_BATCH_EVENTS=1048576 SINK_BATCH_BYTES=1073741824 \
+  LOG_LEVEL=warn SINK_LINGER_MS=60000 SINK_BATCH_EVENTS=1048576 SINK_BATCH_BYTES=1073741824 \
   valgrind --tool=callgrind --callgrind-out-file="$out" "$exe" run >"$dir/stdout" 2>"$dir/stderr" &
 pid=$!
 for _ in $(seq 600); do

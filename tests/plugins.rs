@@ -816,3 +816,47 @@ async fn plugins_install_from_tar_gz_and_zip_archives_and_hostile_archives_are_r
         json!({"kept": 2, "$ip": "127.0.0.1"})
     );
 }
+
+/// The plugin instance pool reserves terabytes of address space up front; under a cap on the
+/// address space (`ulimit -v`, as some hosts and valgrind impose) the appliance still starts,
+/// says why, and runs plugins on instances allocated one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_run_when_the_address_space_is_capped() {
+    const ADDRESS_SPACE: u64 = 128 << 30;
+    let dir = tempfile::tempdir().unwrap();
+    let team = create_team(dir.path(), "shop", TOKEN).to_string();
+    install_plugin(
+        dir.path(),
+        "examples/property-filter",
+        "property_filter.wasm",
+    );
+    enable_plugin(dir.path(), &team, "Property Filter", &["properties=secret"]);
+    let app = Appliance::start_with(dir.path(), &[("SINK_LINGER_MS", "0")], |cmd| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                use nix::sys::resource::{setrlimit, Resource};
+                setrlimit(Resource::RLIMIT_AS, ADDRESS_SPACE, ADDRESS_SPACE)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    });
+    send(
+        &app,
+        TOKEN,
+        vec![
+            json!({"event": "capped", "distinct_id": "u", "properties": {"secret": 1, "keep": 2}}),
+        ],
+    )
+    .await;
+    let rows = read_events(&app.sqlite_path());
+    let stored = &by_event(&rows, "capped").properties;
+    assert!(stored.get("secret").is_none(), "the plugin ran: {stored}");
+    assert_eq!(stored["keep"], 2);
+    let log = app.stderr_lines().join("\n");
+    assert!(
+        log.contains("plugin instances are allocated one by one"),
+        "the operator is told why: {log}"
+    );
+}
