@@ -7,7 +7,8 @@
 # posthog-js-shaped `$pageview`s to POST /e/ one after another on one keep-alive connection
 # (each its own group commit), and prints the instructions per request with the functions that
 # take the most of them (inclusive). Needs valgrind (apt-get install valgrind). APPLIANCE_EXE
-# measures another build instead of building this tree's.
+# measures another build instead of building this tree's; CAPTURE_COST_OUT keeps the profile
+# (for callgrind_annotate) at that path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests="${1:-2000}"
@@ -43,6 +44,7 @@ python3 bench/capture_client.py "$url" "$token" "$requests"
 callgrind_control --dump=measured "$pid" >/dev/null
 sleep 1
 measured=$(ls "$out".* | sort | tail -1)
+[ -n "${CAPTURE_COST_OUT:-}" ] && cp "$measured" "$CAPTURE_COST_OUT"
 total=$(callgrind_annotate "$measured" 2>/dev/null | sed -n 's/^\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d ,)
 echo "capture cost: $requests single requests on one connection, sink held back"
 awk -v t="$total" -v n="$requests" 'BEGIN { printf "%.0f instructions per request (%d in all)\n", t / n, t }'

@@ -288,23 +288,29 @@ async fn main() {
                 rate,
             )
         };
-        let ceiling = match &bare {
-            Some((_, bare_url)) => {
-                let bare = run(
-                    bare_url,
-                    &args.token,
+        // The same load on the bare server (full speed, or paced at `rate`), when asked for.
+        let on_bare = |rate: Option<f64>| {
+            let bare_url = bare.as_ref().map(|(_, url)| url.clone());
+            let token = args.token.clone();
+            async move {
+                let url = bare_url?;
+                let outcome = run(
+                    &url,
+                    &token,
                     shape,
                     args.events,
                     args.connections,
                     duration,
-                    None,
+                    rate,
                 )
                 .await;
-                bare.print(&format!("{label}, ceiling (bare parse, nothing durable)"));
-                Some(bare.request_rate())
+                Some(outcome)
             }
-            None => None,
         };
+        let ceiling = on_bare(None).await.map(|bare| {
+            bare.print(&format!("{label}, ceiling (bare parse, nothing durable)"));
+            bare.request_rate()
+        });
         let cpu_before = pid.map(cpu_seconds);
         let load_start = Instant::now();
         let full = load(None).await;
@@ -379,6 +385,10 @@ async fn main() {
             ("half of measured max", half_measured),
             ("half of target", half_target),
         ] {
+            // The machine's own latency at this pace: what the bare server gives, beside it.
+            if let Some(bare) = on_bare(Some(rate)).await {
+                bare.print(&format!("{label}, {what}, ceiling"));
+            }
             let paced = load(Some(rate)).await;
             paced.print(&format!("{label}, {what} ({rate:.0} req/s)"));
             wait_drained(&client, &base).await;
