@@ -77,7 +77,7 @@ pub(super) async fn capture_classic(
     let (accepted, _) = intake(&state, peer, request, None, &mut charge).await?;
     let (stored, rejected, rejected_count) = commit(&state, accepted, &mut charge).await?;
     if rejected_count == 0 {
-        // PostHog's answer, as serde_json writes it; made once, not per request.
+        // PostHog's answer, as serde_json writes it, from a fixed string.
         Ok((
             [(header::CONTENT_TYPE, "application/json")],
             r#"{"status":1}"#,

@@ -87,33 +87,38 @@ pub struct Loaded {
     pub sha256: String,
 }
 
-/// The engine with the pooling allocator: instances made and dropped often (a kept instance
-/// per config, a fresh one after a trap) reuse slots reserved once.
-fn pooled_engine(memory_bytes: usize) -> wasmtime::Result<Engine> {
+/// The engine, its instances allocated by `strategy`.
+fn engine(strategy: InstanceAllocationStrategy) -> wasmtime::Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true).epoch_interruption(true);
+    config.allocation_strategy(strategy);
+    Engine::new(&config)
+}
+
+/// The pooling allocator: instances made and dropped often (a kept instance per config, a
+/// fresh one after a trap) reuse slots reserved once.
+fn pool(memory_bytes: usize) -> InstanceAllocationStrategy {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(1000)
         .total_core_instances(2000)
         .total_memories(1000)
         .total_tables(2000)
         .max_memory_size(memory_bytes);
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    Engine::new(&config)
+    InstanceAllocationStrategy::Pooling(pool)
 }
 
 impl Runtime {
     pub fn new(cache_dir: &Path, limits: Limits) -> Result<Runtime, PluginError> {
-        let engine = pooled_engine(limits.memory_bytes).or_else(|pool_error| {
-            // The pool reserves address space for every instance up front (terabytes of it,
-            // never touched); a process whose address space is capped (`ulimit -v`, valgrind)
-            // cannot have it, and allocates each instance's memory when it is made instead.
-            tracing::warn!(error = %pool_error, "the plugin instance pool cannot reserve its address space; plugin instances are allocated one by one");
-            let mut config = Config::new();
-            config.wasm_component_model(true).epoch_interruption(true);
-            config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
-            Engine::new(&config).map_err(|e| PluginError::Runtime(e.to_string()))
-        })?;
+        let engine = engine(pool(limits.memory_bytes))
+            .or_else(|pool_error| {
+                // The pool reserves address space for every instance up front (terabytes of it,
+                // never touched); a process whose address space is capped (`ulimit -v`,
+                // valgrind) cannot have it, and allocates each instance's memory when it is
+                // made instead, under the same limiter.
+                tracing::warn!(error = %pool_error, "the plugin instance pool cannot reserve its address space; plugin instances are allocated one by one");
+                engine(InstanceAllocationStrategy::OnDemand)
+            })
+            .map_err(|e| PluginError::Runtime(e.to_string()))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (ticking, stop) = (engine.clone(), ticker_stop.clone());

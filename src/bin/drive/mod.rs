@@ -32,12 +32,13 @@ impl Outcome {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
 
+    /// One line: the rates, the latency quantiles and the errors.
     pub fn print(&self, label: &str) {
         let secs = self.elapsed.as_secs_f64();
         let q = |p: f64| self.latency_us.value_at_quantile(p) as f64 / 1000.0;
         println!(
             "{label:<58} {:>9.0} req/s {:>10.0} events/s   p50 {:>6.2} ms   p99 {:>6.2} ms   max {:>7.2} ms   errors {}",
-            self.requests as f64 / secs,
+            self.request_rate(),
             self.events as f64 / secs,
             q(0.50),
             q(0.99),
