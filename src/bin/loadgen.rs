@@ -276,25 +276,12 @@ async fn main() {
                 .unwrap_or_default()
         };
         let sinks_before = stored_by(&before);
-        // The scenario's load, at full speed (`None`) or paced at `rate` requests/s.
-        let load = |rate: Option<f64>| {
-            run(
-                &base,
-                &args.token,
-                shape,
-                args.events,
-                args.connections,
-                duration,
-                rate,
-            )
-        };
-        // The same load on the bare server (full speed, or paced at `rate`), when asked for.
-        let on_bare = |rate: Option<f64>| {
-            let bare_url = bare.as_ref().map(|(_, url)| url.clone());
+        // The scenario's load on the server at `url`, at full speed (`None`) or paced at `rate`
+        // requests/s: on the appliance, and on the bare server when asked for.
+        let load_on = |url: String, rate: Option<f64>| {
             let token = args.token.clone();
             async move {
-                let url = bare_url?;
-                let outcome = run(
+                run(
                     &url,
                     &token,
                     shape,
@@ -303,8 +290,17 @@ async fn main() {
                     duration,
                     rate,
                 )
-                .await;
-                Some(outcome)
+                .await
+            }
+        };
+        let load = |rate: Option<f64>| load_on(base.clone(), rate);
+        let on_bare = |rate: Option<f64>| {
+            let bare_url = bare.as_ref().map(|(_, url)| url.clone());
+            async move {
+                match bare_url {
+                    Some(url) => Some(load_on(url, rate).await),
+                    None => None,
+                }
             }
         };
         let ceiling = on_bare(None).await.map(|bare| {
